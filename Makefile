@@ -1,0 +1,47 @@
+# cegraph: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KAFKA := $(BIN)/python ops/kafka/local_kafka.py
+
+.PHONY: setup test lint format kafka-up kafka-down clean readme-settings
+
+## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+## test: lint, then every test; Kafka tests run against a real broker (see tests/conftest.py)
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## lint: ruff over the whole tree
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address
+kafka-up: setup
+	@$(KAFKA) up --detach
+
+kafka-down: setup
+	@$(KAFKA) down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+
+## readme-settings: regenerate the configuration table in README.md from the settings model
+readme-settings: setup
+	$(BIN)/python -c "import re, pathlib; from cegraph.daemon.settings import settings_markdown as s; \
+	p = pathlib.Path('README.md'); t = p.read_text(); \
+	p.write_text(re.sub(r'(<!-- settings-table:[^\n]*-->\n).*?(\n<!-- /settings-table -->)', lambda m: m.group(1) + s() + m.group(2), t, flags=re.S))"

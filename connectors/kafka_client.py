@@ -1,0 +1,84 @@
+"""Kafka connection options from `KafkaSettings`, for faststream (aiokafka) and for kafka-python.
+
+One place turns the security settings into client options, so the daemon, the traffic generator and
+the admin calls all connect the same way.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from faststream.kafka import KafkaBroker
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
+from cegraph.daemon.settings import KafkaSettings
+
+_SASL = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
+
+
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    if not settings.security_protocol.endswith("SSL"):
+        return None
+    context = ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    if settings.ssl_certfile:
+        context.load_cert_chain(
+            str(settings.ssl_certfile),
+            str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+            settings.ssl_password.get_secret_value() if settings.ssl_password else None,
+        )
+    return context
+
+
+def faststream_security(settings: KafkaSettings) -> BaseSecurity | None:
+    context = ssl_context(settings)
+    if settings.security_protocol.startswith("SASL"):
+        assert settings.sasl_mechanism and settings.sasl_username and settings.sasl_password
+        return _SASL[settings.sasl_mechanism](
+            settings.sasl_username,
+            settings.sasl_password.get_secret_value(),
+            ssl_context=context,
+            use_ssl=context is not None,
+        )
+    if context is not None:
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    return None
+
+
+def make_broker(settings: KafkaSettings, **options: Any) -> KafkaBroker:
+    """A faststream broker for the configured cluster (not yet connected)."""
+    return KafkaBroker(
+        settings.bootstrap_servers.split(","),
+        client_id=settings.client_id,
+        security=faststream_security(settings),
+        **options,
+    )
+
+
+def kafka_python_options(settings: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments for kafka-python's clients (admin calls, the span exporter)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        options["ssl_context"] = context
+    if settings.security_protocol.startswith("SASL"):
+        assert settings.sasl_username and settings.sasl_password
+        options.update(
+            sasl_mechanism=settings.sasl_mechanism,
+            sasl_plain_username=settings.sasl_username,
+            sasl_plain_password=settings.sasl_password.get_secret_value(),
+        )
+    return options
+
+
+async def raw_body(message: Any) -> bytes:
+    """faststream decoder that hands handlers the message bytes untouched.
+
+    Without it faststream tries `json.loads` on a body with no content type, and an OTLP protobuf
+    can come out as garbage or an int.
+    """
+    return message.body

@@ -1,0 +1,250 @@
+"""Settings: every knob of the daemon, read from `CEGRAPH_*` variables and `.env`, validated at start.
+
+Nested groups use `__`: `CEGRAPH_KAFKA__BOOTSTRAP_SERVERS` sets `kafka.bootstrap_servers`.
+A bad value must stop the daemon before it touches Kafka or DuckDB, with a message that names the
+variable; `load_settings` turns pydantic's errors into that message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+ENV_PREFIX = "CEGRAPH_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Group(BaseModel):
+    """A settings group; a misspelt key in it is an error, not a silently ignored value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Group):
+    """Where the daemon reads traces and feedback and writes patches, decisions and dead letters."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    client_id: str = Field("cegraph", min_length=1, description="Kafka client id.")
+    group_id: str = Field("cegraph", min_length=1, description="Consumer group of the ingest stage.")
+    spans_topic: str = Field("otlp_spans", min_length=1, description="Topic the OTel Collector writes.")
+    feedback_topic: str = Field("cegraph.feedback", min_length=1, description="Late outcome signals.")
+    patches_topic: str = Field("cegraph.patches", min_length=1, description="Published workflow patches.")
+    rollouts_topic: str = Field("cegraph.rollouts", min_length=1, description="Canary decisions.")
+    dlq_topic: str = Field("cegraph.dlq", min_length=1, description="Messages that could not be decoded.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Passed to the Kafka clients as is."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism, with sasl_username / sasl_password."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (masked in `cegraph config`).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL / SASL_SSL.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+    ssl_password: SecretStr | None = Field(None, description="Password of the client key.")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_are_host_port(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("must list at least one host:port")
+        for server in servers:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port with a port from 1 to 65535")
+        return ",".join(servers)
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_is_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username "
+                "and sasl_password"
+            )
+        return self
+
+
+class StoreSettings(_Group):
+    """The DuckDB file that holds the event log and its projections."""
+
+    path: Path = Field(Path("cegraph.duckdb"), description="DuckDB file; its folder must exist.")
+
+    @field_validator("path")
+    @classmethod
+    def _folder_is_writable(cls, value: Path) -> Path:
+        folder = value.expanduser().absolute().parent
+        if not folder.is_dir():
+            raise ValueError(f"folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"folder {str(folder)!r} is not writable")
+        if value.exists() and value.is_dir():
+            raise ValueError(f"{str(value)!r} is a folder, not a file")
+        return value.expanduser()
+
+
+class IngestSettings(_Group):
+    """How spans become executions."""
+
+    encoding: Literal["otlp_proto", "otlp_json"] = Field(
+        "otlp_proto", description="Encoding of the spans topic, as set in the collector's kafkaexporter."
+    )
+    batch_size: int = Field(500, ge=1, le=100_000, description="Most messages taken in one batch.")
+    batch_timeout_ms: int = Field(200, ge=1, le=60_000, description="Longest wait to fill a batch.")
+    idle_timeout_s: float = Field(
+        5.0, gt=0, description="Quiet time after the root span ended before an execution completes."
+    )
+    max_trace_age_s: float = Field(300.0, gt=0, description="An execution completes at this age anyway.")
+    max_open_traces: int = Field(
+        100_000, ge=1, description="Open traces kept in memory; past it the oldest completes as incomplete."
+    )
+    max_text_chars: int = Field(4_000, ge=0, description="Input and output text kept per span.")
+    redact: bool = Field(True, description="Mask e-mail addresses, phone numbers and API keys in text.")
+
+
+class DetectorSettings(_Group):
+    """Failure modes and when their mass triggers a refinement."""
+
+    mass_threshold: float = Field(0.05, gt=0, lt=1, description="Mode mass that triggers a refinement.")
+    min_support: int = Field(20, ge=1, description="Failures a mode needs before it can trigger.")
+    hysteresis: float = Field(
+        0.8, gt=0, le=1, description="A triggered mode re-arms when mass < threshold * hysteresis."
+    )
+    cooldown_s: float = Field(600.0, ge=0, description="Quiet time after a trigger of the same workflow.")
+    half_life_executions: int = Field(
+        2_000, ge=1, description="Executions after which a failure's weight has halved."
+    )
+
+
+class RefinerSettings(_Group):
+    """Propose-and-Verify in shadow."""
+
+    max_llm_calls: int = Field(2_000, ge=1, description="Budget of shadow LLM calls per refinement job.")
+    replay_sample: int = Field(60, ge=2, description="Replayed inputs per candidate (mode + control).")
+    significance: float = Field(0.05, gt=0, lt=1, description="Significance level of verification tests.")
+
+
+class PublisherSettings(_Group):
+    """Signed workflow patches."""
+
+    signing_key: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key that signs published patches (masked in `cegraph config`)."
+    )
+
+
+class HttpSettings(_Group):
+    """The read-only HTTP API (health, metrics, modes, patches)."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8321, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    token: SecretStr | None = Field(None, description="Bearer token required by the read endpoints.")
+
+
+class MetricsSettings(_Group):
+    """Prometheus exposition."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics on the HTTP port.")
+
+
+class Settings(BaseSettings):
+    """The effective configuration of one cegraph process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    refiner: RefinerSettings = Field(default_factory=RefinerSettings)
+    publisher: PublisherSettings = Field(default_factory=PublisherSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each setting and the rule it broke."""
+
+
+def env_name(location: tuple[int | str, ...]) -> str:
+    """`('kafka', 'bootstrap_servers')` -> `CEGRAPH_KAFKA__BOOTSTRAP_SERVERS`."""
+    parts = [str(p) for p in location if not isinstance(p, int)]
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in parts)
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = tuple(item["loc"])
+        dotted = ".".join(str(p) for p in location) or "(settings)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "is not a known setting"
+        lines.append(f"  {env_name(location)} ({dotted}): {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the settings, raising `ConfigError` with one line per broken setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error)) from None
+    except SettingsError as error:  # e.g. a nested group given as broken JSON
+        raise ConfigError(f"invalid configuration:\n  {error}") from None
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, secrets shown as `**********`."""
+    return settings.model_dump(mode="json")
+
+
+def iter_fields(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()):
+    """Yield (path, field) for every leaf setting."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_fields(annotation, (*prefix, name))
+        else:
+            yield (*prefix, name), field
+
+
+def settings_markdown() -> str:
+    """The README's configuration table, generated from the model (a test keeps the two equal)."""
+    defaults = Settings.model_construct().model_dump(mode="json")
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for path, field in iter_fields():
+        value: Any = defaults
+        for part in path:
+            value = value[part]
+        shown = "" if value is None else f"`{value}`"
+        rows.append(f"| `{env_name(path)}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)

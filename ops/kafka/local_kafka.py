@@ -1,0 +1,359 @@
+"""A real single-node Apache Kafka broker (KRaft) from its Maven Central jars, for tests and local use.
+
+No Docker needed: the jars named in `pom.xml` beside this file are gathered once by Maven into a
+cache outside the repository (`$CEGRAPH_KAFKA_CACHE`, default `~/.cache/cegraph/kafka`), reused by every
+later run. Each broker gets a fresh temporary folder, free 127.0.0.1 ports and a bounded heap, and is
+ready only when it answers a metadata request.
+
+A broker started by a Python process dies with that process, even when the process is killed
+(Linux `PR_SET_PDEATHSIG`), so tests can't leave a JVM behind. `up --detach` is the exception,
+for manual use: it writes a state file that `down` reads to stop the broker by PID.
+
+    python ops/kafka/local_kafka.py up [--detach]   # prints the bootstrap address
+    python ops/kafka/local_kafka.py down
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+POM = HERE / "pom.xml"
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
+HEAP = os.environ.get("CEGRAPH_KAFKA_HEAP", "512m")
+STATE_FILE = Path(os.environ.get("CEGRAPH_KAFKA_STATE", Path(tempfile.gettempdir()) / "cegraph-kafka.json"))
+
+LOG4J = """\
+log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File={log}
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka=INFO
+log4j.logger.org.apache.kafka=INFO
+"""
+
+
+class KafkaStartError(RuntimeError):
+    """The local broker could not be started; the message says why and where its log is."""
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "cegraph" / "kafka"
+    return Path(os.environ.get("CEGRAPH_KAFKA_CACHE", default))
+
+
+def ensure_jars() -> Path:
+    """The folder of jars for the pinned broker, downloading them with Maven the first time."""
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / digest
+    if (target / ".complete").exists():
+        return target
+    if shutil.which("mvn") is None or shutil.which("java") is None:
+        raise KafkaStartError("the local Kafka broker needs `java` (17+) and `mvn` on PATH")
+    staging = Path(tempfile.mkdtemp(prefix="jars-", dir=target.parent if target.parent.exists() else None))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(POM),
+        f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={staging}",
+    ]
+    print(f"local_kafka: gathering the Kafka jars into {target} (once)", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise KafkaStartError(f"mvn could not gather the Kafka jars:\n{result.stdout[-3000:]}{result.stderr}")
+    (staging / ".complete").write_text(digest)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def random_cluster_id() -> str:
+    """Kafka's Uuid.toString: URL-safe base64 of 16 random bytes, without padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends SIGKILL when the parent process dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class LocalKafka:
+    """One broker+controller process; `start()` returns once it answers metadata requests."""
+
+    def __init__(self, *, detach: bool = False, startup_timeout_s: float = 90.0) -> None:
+        self.detach = detach
+        self.startup_timeout_s = startup_timeout_s
+        self.workdir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.bootstrap_servers = ""
+
+    def start(self) -> str:
+        jars = ensure_jars()
+        sweep_stale_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix="cegraph-kafka-"))
+        self.port, controller_port = free_port(), free_port()
+        self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        properties = self.workdir / "server.properties"
+        properties.write_text(self._server_properties(controller_port))
+        (self.workdir / "log4j.properties").write_text(LOG4J.format(log=self.workdir / "server.log"))
+        java = [
+            "java",
+            f"-Xmx{HEAP}",
+            f"-Xms{HEAP}",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
+            "-cp",
+            f"{jars}/*",
+        ]
+        fmt = subprocess.run(
+            [*java, "kafka.tools.StorageTool", "format", "-t", random_cluster_id(), "-c", str(properties)],
+            capture_output=True,
+            text=True,
+        )
+        if fmt.returncode != 0:
+            raise KafkaStartError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        stdout = (self.workdir / "stdout.log").open("wb")
+        self.process = subprocess.Popen(
+            [*java, "kafka.Kafka", str(properties)],
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=None if self.detach else _die_with_parent,
+            start_new_session=self.detach,
+        )
+        stdout.close()
+        (self.workdir / "broker.pid").write_text(str(self.process.pid))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(keep_logs=True)
+            raise
+        return self.bootstrap_servers
+
+    def _server_properties(self, controller_port: int) -> str:
+        assert self.workdir is not None
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={self.workdir / 'data'}",
+                "num.partitions=1",
+                "auto.create.topics.enable=true",
+                "offsets.topic.num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "log.flush.interval.messages=1000000",
+                "",
+            ]
+        )
+
+    def _wait_ready(self) -> None:
+        """Ready means a metadata request answered, not an open port."""
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaConfigurationError, KafkaError
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise KafkaStartError(
+                    f"the broker exited with code {self.process.returncode}; log:\n{self.log_tail()}"
+                )
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000)
+                try:
+                    brokers = admin.describe_cluster().get("brokers", [])
+                finally:
+                    admin.close()
+                if brokers:
+                    return
+            except KafkaConfigurationError:
+                raise
+            except (KafkaError, OSError) as error:
+                last_error = error
+            time.sleep(0.5)
+        raise KafkaStartError(
+            f"the broker did not answer a metadata request within {self.startup_timeout_s:.0f}s "
+            f"({last_error}); log:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.workdir is None:
+            return ""
+        text = ""
+        for name in ("stdout.log", "server.log"):
+            path = self.workdir / name
+            if path.exists():
+                text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+        return text
+
+    def stop(self, *, keep_logs: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop_pid(self.process.pid)
+            self.process.wait(timeout=30)
+        self.process = None
+        if self.workdir is not None and not keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalKafka:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sweep_stale_workdirs() -> None:
+    """Remove the folders of brokers that died with a killed parent (their JVM is gone, the files stay)."""
+    for folder in Path(tempfile.gettempdir()).glob("cegraph-kafka-*"):
+        pid_file = folder / "broker.pid"
+        if pid_file.exists() and not _alive(int(pid_file.read_text() or 0)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_pid(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM (a clean shutdown), then SIGKILL if the JVM is still there after the grace time."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def _up(detach: bool) -> int:
+    if STATE_FILE.exists():
+        state = json.loads(STATE_FILE.read_text())
+        if _alive(state["pid"]):
+            print(state["bootstrap_servers"])
+            print(f"local_kafka: already running (pid {state['pid']})", file=sys.stderr)
+            return 0
+    broker = LocalKafka(detach=detach)
+    broker.start()
+    assert broker.process is not None and broker.workdir is not None
+    STATE_FILE.write_text(
+        json.dumps(
+            {
+                "pid": broker.process.pid,
+                "bootstrap_servers": broker.bootstrap_servers,
+                "workdir": str(broker.workdir),
+            }
+        )
+    )
+    print(broker.bootstrap_servers, flush=True)
+    if detach:
+        print(
+            f"local_kafka: broker pid {broker.process.pid}, stop it with `make kafka-down`", file=sys.stderr
+        )
+        return 0
+    print("local_kafka: running in the foreground, Ctrl-C stops it", file=sys.stderr)
+    try:
+        broker.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+        STATE_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def _down() -> int:
+    if not STATE_FILE.exists():
+        print("local_kafka: no broker is running", file=sys.stderr)
+        return 0
+    state = json.loads(STATE_FILE.read_text())
+    stop_pid(state["pid"])
+    shutil.rmtree(state["workdir"], ignore_errors=True)
+    STATE_FILE.unlink(missing_ok=True)
+    print(f"local_kafka: stopped broker pid {state['pid']}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a broker and print its bootstrap address")
+    up.add_argument("--detach", action="store_true", help="leave it running; `down` stops it")
+    sub.add_parser("down", help="stop the broker that `up --detach` started")
+    sub.add_parser("jars", help="only gather the jars into the cache")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            return _up(args.detach)
+        if args.command == "down":
+            return _down()
+        print(ensure_jars())
+        return 0
+    except KafkaStartError as error:
+        print(f"local_kafka: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

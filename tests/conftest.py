@@ -1,0 +1,102 @@
+"""Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to.
+
+Which broker, in order: `KAFKA_BOOTSTRAP_SERVERS` if set; a testcontainers Kafka when a Docker engine
+really answers; otherwise Apache Kafka started from its Maven Central jars (ops/kafka/local_kafka.py).
+Under `CI=true` a Kafka test fails when no broker can be had; elsewhere it is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+BROKERS_USED: list[str] = []
+
+
+@dataclass(frozen=True)
+class KafkaBroker:
+    bootstrap_servers: str
+    kind: str  # "external", "testcontainers" or "apache-kafka-local"
+
+
+def docker_engine_answers() -> bool:
+    """The docker CLI may be installed with no engine behind it: ask the engine itself."""
+    try:
+        result = subprocess.run(["docker", "info"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"no Kafka broker under CI=true: {reason}", pytrace=False)
+    pytest.skip(f"no Kafka broker: {reason}")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        BROKERS_USED.append(f"external Kafka at {external} (KAFKA_BOOTSTRAP_SERVERS)")
+        yield KafkaBroker(external, "external")
+        return
+    if docker_engine_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        container = KafkaContainer().with_kraft()
+        try:
+            container.start()
+        except Exception as error:
+            _unavailable(f"testcontainers Kafka did not start: {error}")
+        request.addfinalizer(container.stop)
+        BROKERS_USED.append(f"testcontainers Kafka at {container.get_bootstrap_server()}")
+        yield KafkaBroker(container.get_bootstrap_server(), "testcontainers")
+        return
+    from local_kafka import KafkaStartError, LocalKafka
+
+    broker = LocalKafka()
+    try:
+        broker.start()
+    except KafkaStartError as error:
+        _unavailable(f"the local Apache Kafka did not start: {error}")
+    request.addfinalizer(broker.stop)
+    assert broker.process is not None
+    BROKERS_USED.append(
+        f"Apache Kafka started by the fixture (KRaft, pid {broker.process.pid}) at {broker.bootstrap_servers}"
+    )
+    yield KafkaBroker(broker.bootstrap_servers, "apache-kafka-local")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
+    return kafka_broker.bootstrap_servers
+
+
+@pytest.fixture
+def topic_name() -> str:
+    """A fresh topic per test, so tests never read each other's messages."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kafka_bootstrap" in getattr(item, "fixturenames", ()) or "kafka_broker" in getattr(
+            item, "fixturenames", ()
+        ):
+            item.add_marker(pytest.mark.kafka)
+
+
+def pytest_report_header() -> list[str]:
+    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka tests {'must run' if IN_CI else 'may skip'})"]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in BROKERS_USED:
+        terminalreporter.write_line(f"kafka: tests ran against {line}")
