@@ -1,0 +1,216 @@
+"""Decoders for what the OTel Collector's kafkaexporter writes: `otlp_proto` and `otlp_json`.
+
+Both produce `SpanRecord`s. A payload that is not a trace export (random bytes, a truncated message,
+broken JSON, another OTLP message type that happens to parse) raises `DecodeError` with a reason that
+goes into the dead-letter header. Protobuf parses almost anything, so structure is checked: 16-byte
+trace ids, 8-byte span ids, at least one span, end not before start.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from cegraph.daemon.spans import Attributes, SpanEvent, SpanRecord
+
+ENCODINGS = ("otlp_proto", "otlp_json")
+
+
+class DecodeError(ValueError):
+    """The payload is not a valid trace export; `str(error)` is the dead-letter reason."""
+
+
+# ---------------------------------------------------------------- protobuf
+
+
+def _any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind)
+
+
+def _attributes(pairs: Any) -> Attributes:
+    return {kv.key: _any_value(kv.value) for kv in pairs}
+
+
+def decode_proto(payload: bytes) -> list[SpanRecord]:
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(payload)
+    except (ProtobufDecodeError, RuntimeError, ValueError) as error:
+        raise DecodeError(f"not an OTLP ExportTraceServiceRequest: {error}") from None
+    records: list[SpanRecord] = []
+    for resource_spans in request.resource_spans:
+        resource = _attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                trace_id, span_id, parent = span.trace_id, span.span_id, span.parent_span_id
+                _check_ids(len(trace_id), len(span_id), len(parent), trace_id, span_id)
+                events = [
+                    SpanEvent(event.name, event.time_unix_nano, _attributes(event.attributes))
+                    for event in span.events
+                ]
+                records.append(
+                    SpanRecord(
+                        trace_id.hex(),
+                        span_id.hex(),
+                        parent.hex(),
+                        span.name,
+                        span.start_time_unix_nano,
+                        span.end_time_unix_nano,
+                        span.status.code,
+                        span.status.message,
+                        _attributes(span.attributes),
+                        events,
+                        resource,
+                    )
+                )
+    return _checked(records)
+
+
+def _check_ids(trace_len: int, span_len: int, parent_len: int, trace_id: bytes, span_id: bytes) -> None:
+    if trace_len != 16 or span_len != 8 or parent_len not in (0, 8):
+        raise DecodeError(
+            f"not a trace export: trace id of {trace_len} bytes, span id of {span_len} bytes, "
+            f"parent span id of {parent_len} bytes (expected 16, 8, 0 or 8)"
+        )
+    if not any(trace_id) or not any(span_id):
+        raise DecodeError("not a trace export: all-zero trace or span id")
+
+
+def _checked(records: list[SpanRecord]) -> list[SpanRecord]:
+    if not records:
+        raise DecodeError("the export holds no spans")
+    for record in records:
+        if record.end_ns and record.end_ns < record.start_ns:
+            raise DecodeError(f"span {record.span_id} ends before it starts")
+    return records
+
+
+# ---------------------------------------------------------------- OTLP/JSON
+
+
+def _field(data: dict[str, Any], camel: str, snake: str, default: Any = None) -> Any:
+    """OTLP/JSON uses lowerCamelCase; receivers also accept the proto field names."""
+    if camel in data:
+        return data[camel]
+    return data.get(snake, default)
+
+
+_JSON_SCALARS: dict[str, Callable[[Any], Any]] = {
+    "stringValue": str,
+    "string_value": str,
+    "boolValue": bool,
+    "bool_value": bool,
+    "intValue": int,
+    "int_value": int,
+    "doubleValue": float,
+    "double_value": float,
+    "bytesValue": base64.b64decode,
+    "bytes_value": base64.b64decode,
+}
+
+
+def _json_any_value(value: dict[str, Any]) -> Any:
+    for key, item in value.items():
+        convert = _JSON_SCALARS.get(key)
+        if convert is not None:
+            return convert(item)
+        if key in ("arrayValue", "array_value"):
+            return [_json_any_value(v) for v in item.get("values", [])]
+        if key in ("kvlistValue", "kvlist_value"):
+            return _json_attributes(item.get("values", []))
+    return None
+
+
+def _json_attributes(pairs: list[dict[str, Any]]) -> Attributes:
+    return {pair["key"]: _json_any_value(pair.get("value") or {}) for pair in pairs}
+
+
+def _hex_id(data: dict[str, Any], camel: str, snake: str, size: int) -> str:
+    """OTLP/JSON ids are hex strings (not base64 as protobuf's JSON mapping would have them)."""
+    text = _field(data, camel, snake, "") or ""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise DecodeError(f"{camel} {text[:40]!r} is not hex") from None
+    if len(raw) not in (size, 0):
+        raise DecodeError(f"{camel} has {len(raw)} bytes, expected {size}")
+    return raw.hex()
+
+
+_STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+
+
+def _status_code(status: dict[str, Any]) -> int:
+    code = status.get("code", 0)
+    return _STATUS_NAMES.get(code, 0) if isinstance(code, str) else int(code)
+
+
+def decode_json(payload: bytes) -> list[SpanRecord]:
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise DecodeError(f"not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise DecodeError("not an OTLP/JSON trace export: the document is not an object")
+    records: list[SpanRecord] = []
+    try:
+        for resource_spans in _field(document, "resourceSpans", "resource_spans", []):
+            resource = _json_attributes((resource_spans.get("resource") or {}).get("attributes", []))
+            for scope_spans in _field(resource_spans, "scopeSpans", "scope_spans", []):
+                for span in scope_spans.get("spans", []):
+                    trace_id = _hex_id(span, "traceId", "trace_id", 16)
+                    span_id = _hex_id(span, "spanId", "span_id", 8)
+                    if not trace_id or not span_id:
+                        raise DecodeError("a span has no traceId or spanId")
+                    status = span.get("status") or {}
+                    events = [
+                        SpanEvent(
+                            event.get("name", ""),
+                            int(_field(event, "timeUnixNano", "time_unix_nano", 0)),
+                            _json_attributes(event.get("attributes", [])),
+                        )
+                        for event in span.get("events", [])
+                    ]
+                    records.append(
+                        SpanRecord(
+                            trace_id,
+                            span_id,
+                            _hex_id(span, "parentSpanId", "parent_span_id", 8),
+                            span.get("name", ""),
+                            int(_field(span, "startTimeUnixNano", "start_time_unix_nano", 0)),
+                            int(_field(span, "endTimeUnixNano", "end_time_unix_nano", 0)),
+                            _status_code(status),
+                            status.get("message", ""),
+                            _json_attributes(span.get("attributes", [])),
+                            events,
+                            resource,
+                        )
+                    )
+    except DecodeError:
+        raise
+    except (AttributeError, TypeError, KeyError, ValueError, binascii.Error) as error:
+        raise DecodeError(f"not an OTLP/JSON trace export: {type(error).__name__}: {error}") from None
+    return _checked(records)
+
+
+DECODERS: dict[str, Callable[[bytes], list[SpanRecord]]] = {
+    "otlp_proto": decode_proto,
+    "otlp_json": decode_json,
+}
+
+
+def decoder_for(encoding: str) -> Callable[[bytes], list[SpanRecord]]:
+    return DECODERS[encoding]

@@ -1,0 +1,30 @@
+"""The event log's vocabulary: every state change of cegraph is one of these, appended, never edited.
+
+Payloads are plain JSON-able dicts, so the log stays readable with nothing but SQL and `jq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+EXECUTION_COMPLETED = "ExecutionCompleted"
+EXECUTION_AMENDED = "ExecutionAmended"
+FEEDBACK_RECEIVED = "FeedbackReceived"
+MESSAGE_DEAD_LETTERED = "MessageDeadLettered"
+
+
+@dataclass(slots=True)
+class Event:
+    type: str
+    key: str
+    payload: dict[str, Any]
+
+    def payload_json(self) -> str:
+        return orjson.dumps(self.payload).decode()
+
+
+def load_payload(text: str) -> dict[str, Any]:
+    return orjson.loads(text)

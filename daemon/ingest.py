@@ -1,0 +1,231 @@
+"""The ingest stage: messages in, executions and feedback out, exactly once in effect.
+
+Transport-neutral: the Kafka source and the embedded (in-process) transport both hand it `InMessage`s
+and publish the `DeadLetter`s it returns. Nothing is stored per message; `flush()` writes the events
+of everything that became final, together with the offsets that are safe to restart from, in one
+DuckDB transaction. After a crash the consumer re-reads from those offsets; spans that were already
+stored are recognised and dropped, so nothing is lost and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from cegraph.daemon.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
+from cegraph.daemon.events import (
+    EXECUTION_AMENDED,
+    EXECUTION_COMPLETED,
+    FEEDBACK_RECEIVED,
+    MESSAGE_DEAD_LETTERED,
+    Event,
+)
+from cegraph.daemon.metrics import IngestMetrics
+from cegraph.daemon.normalize import TextPolicy, normalize
+from cegraph.daemon.settings import IngestSettings
+from cegraph.daemon.spans import Node, SpanRecord
+from cegraph.daemon.store import EventStore
+from cegraph.schemas.feedback import Feedback
+
+Decoder = Callable[[bytes], list[SpanRecord]]
+RECENT_TRACES = 200_000
+
+
+@dataclass(slots=True)
+class InMessage:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = None
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> MessageRef:
+        return (self.topic, self.partition, self.offset)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    message: InMessage
+    reason: str
+
+
+@dataclass(slots=True)
+class FlushResult:
+    completed: int = 0
+    incomplete: int = 0
+    amended: int = 0
+    events: int = 0
+
+
+@dataclass(slots=True)
+class _Late:
+    nodes: dict[str, Node] = field(default_factory=dict)
+    messages: set[MessageRef] = field(default_factory=set)
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        store: EventStore,
+        decode: Decoder,
+        settings: IngestSettings,
+        *,
+        spans_topic: str,
+        feedback_topic: str,
+        metrics: IngestMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.decode = decode
+        self.spans_topic = spans_topic
+        self.feedback_topic = feedback_topic
+        self.metrics = metrics or IngestMetrics()
+        self.clock = clock
+        self.policy = TextPolicy(max_chars=settings.max_text_chars, redact=settings.redact)
+        self.assembler = TraceAssembler(
+            idle_timeout_s=settings.idle_timeout_s,
+            max_age_s=settings.max_trace_age_s,
+            max_open=settings.max_open_traces,
+        )
+        self.pending = PendingOffsets()
+        self._events: list[Event] = []
+        self._forced_out: list[Assembled] = []
+        self._late: dict[str, _Late] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()  # traces stored by this process
+
+    def stored_offsets(self) -> dict[tuple[str, int], int]:
+        """Where to seek on start: the offsets written with the last committed events."""
+        return self.store.offsets()
+
+    # ---------------------------------------------------------------- consume
+
+    def handle(self, messages: list[InMessage]) -> list[DeadLetter]:
+        """Take a batch of messages; returns those to send to the dead-letter topic."""
+        now = self.clock()
+        dead: list[DeadLetter] = []
+        for message in messages:
+            self.metrics.messages.labels(message.topic).inc()
+            if message.topic == self.feedback_topic:
+                reason = self._feedback(message)
+            else:
+                reason = self._spans(message, now)
+            if reason is not None:
+                dead.append(DeadLetter(message, reason))
+                self.pending.consumed(message.ref, 0)
+                self._events.append(
+                    Event(
+                        MESSAGE_DEAD_LETTERED,
+                        f"{message.topic}/{message.partition}/{message.offset}",
+                        {"topic": message.topic, "partition": message.partition, "offset": message.offset,
+                         "reason": reason},
+                    )
+                )  # fmt: skip
+                self.metrics.dead_letters.labels(message.topic).inc()
+        self.metrics.open_traces.set(len(self.assembler))
+        return dead
+
+    def _spans(self, message: InMessage, now: float) -> str | None:
+        try:
+            records = self.decode(message.value)
+        except ValueError as error:
+            return str(error)
+        self.metrics.spans.inc(len(records))
+        policy = self.policy
+        nodes = [normalize(record, policy) for record in records]
+        fresh: list[Node] = []
+        holds = 0
+        for node in nodes:
+            if node.trace_id in self._recent and not self.assembler.is_open(node.trace_id):
+                late = self._late.setdefault(node.trace_id, _Late())
+                late.nodes[node.span_id] = node
+                if message.ref not in late.messages:
+                    late.messages.add(message.ref)
+                    holds += 1
+            else:
+                fresh.append(node)
+        if fresh:
+            new_holds, evicted = self.assembler.add(fresh, message.ref, now)
+            holds += new_holds
+            self._forced_out.extend(evicted)
+            self.metrics.evicted.inc(len(evicted))
+        self.pending.consumed(message.ref, holds)
+        return None
+
+    def _feedback(self, message: InMessage) -> str | None:
+        try:
+            feedback = Feedback.model_validate_json(message.value)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in error.errors()[:5]
+            )
+            return f"invalid feedback: {problems}"
+        self._events.append(Event(FEEDBACK_RECEIVED, feedback.trace_id, feedback.model_dump(mode="json")))
+        self.pending.consumed(message.ref, 0)
+        self.metrics.feedback.labels(feedback.outcome).inc()
+        return None
+
+    # ---------------------------------------------------------------- persist
+
+    def flush(self, *, drain: bool = False) -> FlushResult:
+        """Persist what became final since the last flush, with the offsets it makes safe."""
+        done = self._forced_out + (self.assembler.drain() if drain else self.assembler.poll(self.clock()))
+        self._forced_out = []
+        late, self._late = self._late, {}
+        result = FlushResult()
+        if not done and not late and not self._events:
+            return result
+        stored = self.store.stored_spans([a.trace_id for a in done] + list(late))
+        events = self._events
+        self._events = []
+        for assembled in done:
+            known = stored.get(assembled.trace_id)
+            if known is None:
+                events.append(
+                    Event(
+                        EXECUTION_COMPLETED,
+                        assembled.trace_id,
+                        {"trace_id": assembled.trace_id, "complete": assembled.complete,
+                         "reason": assembled.reason, "nodes": assembled.nodes},
+                    )
+                )  # fmt: skip
+                if assembled.complete:
+                    result.completed += 1
+                else:
+                    result.incomplete += 1
+            else:
+                result.amended += self._amend(events, assembled.trace_id, assembled.nodes, known)
+            self.pending.released(assembled.messages)
+        for trace_id, pending in late.items():
+            result.amended += self._amend(
+                events, trace_id, list(pending.nodes.values()), stored.get(trace_id, set())
+            )
+            self.pending.released(pending.messages)
+        with self.metrics.commit_seconds.time():
+            self.store.append(events, self.pending.committable())
+        for assembled in done:
+            self._remember(assembled.trace_id)
+        result.events = len(events)
+        self.metrics.executions.labels("complete").inc(result.completed)
+        self.metrics.executions.labels("incomplete").inc(result.incomplete)
+        self.metrics.amendments.inc(result.amended)
+        self.metrics.open_traces.set(len(self.assembler))
+        return result
+
+    def _amend(self, events: list[Event], trace_id: str, nodes: list[Node], known: set[str]) -> int:
+        new = [node for node in nodes if node.span_id not in known]
+        self.metrics.duplicate_spans.inc(len(nodes) - len(new))
+        if not new:
+            return 0
+        events.append(Event(EXECUTION_AMENDED, trace_id, {"trace_id": trace_id, "nodes": new}))
+        return 1
+
+    def _remember(self, trace_id: str) -> None:
+        self._recent[trace_id] = None
+        if len(self._recent) > RECENT_TRACES:
+            self._recent.popitem(last=False)

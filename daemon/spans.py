@@ -1,0 +1,102 @@
+"""Spans as the daemon sees them, before and after normalization.
+
+`SpanRecord` is the wire-format-neutral span the codecs produce (OTLP protobuf or JSON); `Node` is the
+normalized execution-graph node that both instrumentation conventions (OpenTelemetry GenAI and
+OpenInference) map onto. Slotted dataclasses, not pydantic: tens of thousands are made per second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Attributes = dict[str, Any]
+
+STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
+
+
+@dataclass(slots=True)
+class SpanEvent:
+    name: str
+    time_ns: int
+    attributes: Attributes
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One decoded span: ids as lowercase hex, `parent_span_id` empty for a root span."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    start_ns: int
+    end_ns: int
+    status_code: int
+    status_message: str
+    attributes: Attributes
+    events: list[SpanEvent]
+    resource: Attributes
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """An evaluator's verdict on a span (GenAI `gen_ai.evaluation.result` or an OpenInference EVALUATOR)."""
+
+    name: str
+    score: float | None
+    label: str
+    explanation: str
+
+    @property
+    def failed(self) -> bool:
+        label = self.label.lower()
+        if label in FAILING_LABELS:
+            return True
+        if label in PASSING_LABELS:
+            return False
+        return self.score is not None and self.score < 0.5
+
+
+FAILING_LABELS = frozenset({"fail", "failed", "failure", "false", "incorrect", "wrong", "bad", "no", "error"})
+PASSING_LABELS = frozenset({"pass", "passed", "success", "true", "correct", "right", "good", "yes", "ok"})
+
+
+@dataclass(slots=True)
+class Node:
+    """A normalized node of one execution graph; what the `nodes` projection stores."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: str
+    node_id: str
+    workflow_id: str
+    workflow_version: str
+    track: str
+    operation: str
+    provider: str
+    model: str
+    start_ns: int
+    end_ns: int
+    status: str
+    status_message: str
+    error_type: str
+    exception_type: str
+    exception_message: str
+    finish_reasons: list[str]
+    input_tokens: int | None
+    output_tokens: int | None
+    tool_name: str
+    input_text: str
+    output_text: str
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+    @property
+    def hard_failed(self) -> bool:
+        return self.status == "error" or bool(self.exception_type) or bool(self.error_type)
+
+    @property
+    def eval_failed(self) -> bool:
+        return any(evaluation.failed for evaluation in self.evaluations)

@@ -1,0 +1,50 @@
+"""The `cegraph.feedback` message: a late outcome signal for one execution.
+
+User thumbs-down, an offline evaluator's verdict or a human annotation: it names the execution by its
+trace id and, optionally, the span where it went wrong (the point of failure).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
+SCHEMA_PATH = Path(__file__).with_name("feedback.schema.json")
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="cegraph feedback")
+
+    trace_id: str = Field(description="Hex trace id of the execution (32 hex digits, as in OTLP/JSON).")
+    span_id: str | None = Field(None, description="Hex span id of the point of failure, if known.")
+    outcome: Literal["failed", "passed"] = Field(description="Whether the execution failed.")
+    score: float | None = Field(None, description="Optional score, e.g. an evaluator's value in [0, 1].")
+    critique: str = Field("", max_length=20_000, description="Why it failed: a judge's or a user's words.")
+    source: str = Field(
+        "unknown", max_length=200, description="Who said so: user, evaluator, annotation, ..."
+    )
+    created_at: datetime | None = Field(None, description="When the signal was produced.")
+
+    @field_validator("trace_id")
+    @classmethod
+    def _trace_id_is_hex(cls, value: str) -> str:
+        value = value.lower().removeprefix("0x")
+        if not _TRACE_ID.match(value):
+            raise ValueError("must be 32 hex digits")
+        return value
+
+    @field_validator("span_id")
+    @classmethod
+    def _span_id_is_hex(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.lower().removeprefix("0x")
+        if not _SPAN_ID.match(value):
+            raise ValueError("must be 16 hex digits")
+        return value

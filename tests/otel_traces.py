@@ -1,0 +1,131 @@
+"""Test payloads made by the real OpenTelemetry SDK and encoded as the Collector's kafkaexporter does.
+
+`make_traces` records executions of a small agent-style workflow with the GenAI conventions (some
+failing: an exception, an ERROR status, a failed evaluation); `to_messages` packs their spans into
+`otlp_proto` or `otlp_json` messages, one trace per message (keyed by hex trace id) or many traces per
+message with a trace split across messages, spans shuffled within each trace.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import orjson
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+
+@dataclass
+class ExpectedTrace:
+    trace_id: str
+    span_count: int
+    edges: set[tuple[str, str]]  # (parent span id, child span id)
+    hard_failed: bool
+    eval_failed: bool
+    spans: list[ReadableSpan] = field(default_factory=list, repr=False)
+
+
+def make_traces(count: int, *, seed: int = 0, workflow: str = "support-bot", version: str = "1.0.0"):
+    rng = random.Random(seed)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": workflow, "service.version": version})
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("cegraph.tests")
+    expected: list[ExpectedTrace] = []
+    for index in range(count):
+        exporter.clear()
+        hard = eval_failed = False
+        common = {
+            "cegraph.workflow.id": workflow,
+            "cegraph.workflow.version": version,
+            "cegraph.track": "stable",
+        }
+        with tracer.start_as_current_span(
+            "invoke_workflow", attributes={**common, "gen_ai.operation.name": "invoke_workflow",
+                                           "input.value": f"question {index} from a@b.com"}
+        ) as root:  # fmt: skip
+            for step in range(rng.randint(3, 6)):
+                kind = rng.choice(["chat", "execute_tool", "retrieval"])
+                with tracer.start_as_current_span(
+                    f"{kind} step{step}",
+                    attributes={**common, "gen_ai.operation.name": kind, "cegraph.node.id": f"step{step}",
+                                "gen_ai.request.model": "sim-1", "gen_ai.usage.input_tokens": 10 + step,
+                                "gen_ai.usage.output_tokens": 5, "output.value": f"answer {index}.{step}"},
+                ) as span:  # fmt: skip
+                    if rng.random() < 0.05:
+                        span.record_exception(ValueError(f"bad tool arguments in {index}"))
+                        span.set_status(Status(StatusCode.ERROR, "tool failed"))
+                        hard = True
+            verdict = rng.random() < 0.2
+            eval_failed = verdict
+            root.add_event(
+                "gen_ai.evaluation.result",
+                {"gen_ai.evaluation.name": "exact_match",
+                 "gen_ai.evaluation.score.value": 0.0 if verdict else 1.0,
+                 "gen_ai.evaluation.score.label": "fail" if verdict else "pass",
+                 "gen_ai.evaluation.explanation": "wrong total" if verdict else "ok"},
+            )  # fmt: skip
+        spans = list(exporter.get_finished_spans())
+        trace_id = format(spans[0].context.trace_id, "032x")
+        edges = {
+            (format(s.parent.span_id, "016x"), format(s.context.span_id, "016x")) for s in spans if s.parent
+        }
+        expected.append(ExpectedTrace(trace_id, len(spans), edges, hard, eval_failed, spans))
+    return expected
+
+
+def _hex_ids(document: dict) -> dict:
+    """protobuf's JSON mapping writes ids as base64; OTLP/JSON wants hex."""
+    import base64
+
+    for resource_spans in document.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if span.get(key):
+                        span[key] = base64.b64decode(span[key]).hex()
+    return document
+
+
+def encode(spans: list[ReadableSpan], encoding: str) -> bytes:
+    request = encode_spans(spans)
+    if encoding == "otlp_proto":
+        return request.SerializeToString()
+    return orjson.dumps(_hex_ids(MessageToDict(request)))
+
+
+@dataclass
+class Message:
+    key: bytes | None
+    value: bytes
+
+
+def to_messages(
+    traces: list[ExpectedTrace], *, encoding: str = "otlp_proto", one_trace_per_message: bool = True,
+    spans_per_message: int = 7, seed: int = 0,
+) -> list[Message]:  # fmt: skip
+    rng = random.Random(seed)
+    if one_trace_per_message:
+        messages = []
+        for trace in traces:
+            spans = list(trace.spans)
+            rng.shuffle(spans)
+            messages.append(Message(trace.trace_id.encode(), encode(spans, encoding)))
+        return messages
+    pool: list[ReadableSpan] = []
+    for trace in traces:
+        spans = list(trace.spans)
+        rng.shuffle(spans)
+        pool.extend(spans)
+    return [
+        Message(None, encode(pool[i : i + spans_per_message], encoding))
+        for i in range(0, len(pool), spans_per_message)
+    ]
