@@ -6,6 +6,7 @@ the admin calls all connect the same way.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -82,3 +83,23 @@ async def raw_body(message: Any) -> bytes:
     can come out as garbage or an int.
     """
     return message.body
+
+
+def ensure_topics(settings: KafkaSettings, topics: list[str], partitions: int = 1) -> list[str]:
+    """Create the topics that don't exist yet (a fresh cluster may not auto-create); returns those created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka_python_options(settings))
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                )
+        return missing
+    finally:
+        admin.close()

@@ -2,37 +2,86 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
 
 from cegraph.connectors.http_api import create_app
-from cegraph.connectors.kafka_client import make_broker
+from cegraph.connectors.kafka_client import ensure_topics
+from cegraph.connectors.kafka_source import KafkaIngestSource
+from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.daemon.ingest import IngestPipeline
+from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import Settings
+from cegraph.daemon.store import EventStore
 
 log = logging.getLogger("cegraph")
 
 
+def build_pipeline(settings: Settings, store: EventStore, metrics: IngestMetrics) -> IngestPipeline:
+    return IngestPipeline(
+        store,
+        decoder_for(settings.ingest.encoding),
+        settings.ingest,
+        spans_topic=settings.kafka.spans_topic,
+        feedback_topic=settings.kafka.feedback_topic,
+        metrics=metrics,
+    )
+
+
 def build(settings: Settings) -> Starlette:
-    broker = make_broker(settings.kafka)
+    store = EventStore(settings.store.path)
+    metrics = IngestMetrics()
+    source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics))
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        await broker.start()
-        log.info("connected to Kafka at %s", settings.kafka.bootstrap_servers)
+        kafka = settings.kafka
+        topics = [
+            kafka.spans_topic,
+            kafka.feedback_topic,
+            kafka.dlq_topic,
+            kafka.patches_topic,
+            kafka.rollouts_topic,
+        ]
+        await asyncio.to_thread(ensure_topics, kafka, topics)
+        await source.start()
+        log.info(
+            "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
+        )
         try:
             yield
         finally:
-            await broker.stop()
+            await source.stop()
+            store.close()
 
     async def ready() -> dict[str, bool]:
-        return {"kafka": bool(await broker.ping(timeout=2.0))}
+        kafka_ok = bool(await source.broker.ping(timeout=2.0))
+        try:
+            await asyncio.to_thread(store.query, "SELECT 1")
+            store_ok = True
+        except Exception:
+            store_ok = False
+        return {"kafka": kafka_ok, "store": store_ok}
+
+    async def stats(_: Request) -> dict[str, Any]:
+        return await asyncio.to_thread(store.stats)
 
     token = settings.http.token.get_secret_value() if settings.http.token else None
-    return create_app(ready=ready, token=token, metrics=settings.metrics.enabled, lifespan=lifespan)
+    return create_app(
+        ready=ready,
+        read_routes=[("/stats", stats)],
+        token=token,
+        metrics=settings.metrics.enabled,
+        registry=metrics.registry,
+        lifespan=lifespan,
+    )
 
 
 def serve(settings: Settings) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from importlib.metadata import version as package_version
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,6 +75,79 @@ def run() -> None:
     from cegraph.daemon.app import serve
 
     serve(settings)
+
+
+def _from_daemon(settings: Settings, path: str) -> Any | None:
+    """GET a read endpoint of the running daemon; None when no daemon answers."""
+    import httpx
+
+    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
+    headers = (
+        {"Authorization": f"Bearer {settings.http.token.get_secret_value()}"} if settings.http.token else {}
+    )
+    try:
+        response = httpx.get(f"http://{host}:{settings.http.port}{path}", headers=headers, timeout=10)
+    except httpx.TransportError:
+        return None
+    if response.status_code != 200:
+        err.print(
+            f"[bold red]cegraph:[/] the daemon answered {response.status_code} to {path}: {response.text}"
+        )
+        raise typer.Exit(1)
+    return response.json()
+
+
+def _open_store(settings: Settings, *, read_only: bool):
+    from cegraph.daemon.store import EventStore, StoreError
+
+    if read_only and not settings.store.path.exists():
+        err.print(f"[bold red]cegraph:[/] no store at {settings.store.path} (CEGRAPH_STORE__PATH)")
+        raise typer.Exit(1)
+    try:
+        return EventStore(settings.store.path, read_only=read_only)
+    except StoreError as error:
+        err.print(f"[bold red]cegraph:[/] {error}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def stats(as_json: JsonFlag = False) -> None:
+    """Counts of spans, executions, failures, feedback, amendments, dead letters, and stored offsets.
+
+    Reads through the daemon's HTTP API while it runs, else the DuckDB file.
+    """
+    settings = settings_or_exit()
+    data = _from_daemon(settings, "/stats")
+    if data is None:
+        store = _open_store(settings, read_only=True)
+        try:
+            data = store.stats()
+        finally:
+            store.close()
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table("count", "value", title="cegraph stats")
+    for name, value in _flatten(data):
+        table.add_row(name, value)
+    out.print(table)
+
+
+@app.command()
+def rebuild() -> None:
+    """Recompute every projection from the event log (stop the daemon first: DuckDB has one writer)."""
+    settings = settings_or_exit()
+    store = _open_store(settings, read_only=False)
+    try:
+        before = store.projection_digest()
+        replayed = store.rebuild()
+        after = store.projection_digest()
+    finally:
+        store.close()
+    out.print(f"replayed {replayed} events into {', '.join(after)}")
+    for table, digest in after.items():
+        same = "unchanged" if before.get(table) == digest else "changed"
+        out.print(f"  {table}: {digest.split(':')[-1]} rows, {same}")
 
 
 def main() -> None:

@@ -87,11 +87,16 @@ class IngestPipeline:
         self.feedback_topic = feedback_topic
         self.metrics = metrics or IngestMetrics()
         self.clock = clock
+        self.settings = settings
         self.policy = TextPolicy(max_chars=settings.max_text_chars, redact=settings.redact)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything not yet stored; the consumer must then seek to `stored_offsets()`."""
         self.assembler = TraceAssembler(
-            idle_timeout_s=settings.idle_timeout_s,
-            max_age_s=settings.max_trace_age_s,
-            max_open=settings.max_open_traces,
+            idle_timeout_s=self.settings.idle_timeout_s,
+            max_age_s=self.settings.max_trace_age_s,
+            max_open=self.settings.max_open_traces,
         )
         self.pending = PendingOffsets()
         self._events: list[Event] = []

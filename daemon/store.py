@@ -8,6 +8,7 @@ and counts nothing twice. Bulk writes go through Arrow tables, never `executeman
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -160,14 +161,24 @@ class EventStore:
         self.path = str(path)
         self.read_only = read_only
         self._lock = threading.RLock()
+        self._open()
+
+    def _open(self) -> None:
         try:
-            self._con = duckdb.connect(self.path, read_only=read_only)
+            self._con = duckdb.connect(self.path, read_only=self.read_only)
         except duckdb.IOException as error:
             raise StoreError(f"cannot open {self.path}: {error}") from None
-        if not read_only:
+        if not self.read_only:
             self._run(SCHEMA)
             self._run(PROJECTIONS)
         self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
+
+    def reopen(self) -> None:
+        """After a fatal DuckDB error the connection is unusable: open the file again."""
+        with self._lock:
+            with contextlib.suppress(duckdb.Error):
+                self._con.close()
+            self._open()
 
     def close(self) -> None:
         with self._lock:
@@ -211,7 +222,8 @@ class EventStore:
                     self._store_offsets(offsets)
                 self._run("COMMIT")
             except BaseException:
-                self._run("ROLLBACK")
+                with contextlib.suppress(duckdb.Error):
+                    self._run("ROLLBACK")
                 raise
             self._next_seq = first + len(events)
             return self._next_seq - 1

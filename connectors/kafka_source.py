@@ -1,0 +1,164 @@
+"""The Kafka edge of the ingest stage: a faststream batch subscriber on the spans and feedback topics.
+
+Commit semantics (as in arroyo): the source of truth for offsets is DuckDB, written by the pipeline's
+`flush()` together with the events. On partition assignment the consumer seeks to those offsets;
+afterwards the same offsets are committed to Kafka too, best effort, so that lag tooling sees them.
+Dead letters are published (and acknowledged by the broker) before the flush that moves past them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+
+from cegraph.connectors.kafka_client import make_broker, raw_body
+from cegraph.daemon.ingest import DeadLetter, FlushResult, IngestPipeline, InMessage
+from cegraph.daemon.settings import Settings
+
+log = logging.getLogger("cegraph.ingest")
+
+DLQ_REASON = "cegraph.dlq.reason"
+
+
+def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
+    message = letter.message
+    headers = {k: v.decode(errors="replace") for k, v in message.headers.items()}
+    return {
+        **headers,
+        DLQ_REASON: letter.reason[:1000],
+        "cegraph.dlq.topic": message.topic,
+        "cegraph.dlq.partition": str(message.partition),
+        "cegraph.dlq.offset": str(message.offset),
+    }
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaIngestSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.source.seek_to_stored(assigned)
+
+
+class KafkaIngestSource:
+    def __init__(
+        self, settings: Settings, pipeline: IngestPipeline, broker: KafkaBroker | None = None
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.broker = broker or make_broker(settings.kafka)
+        self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        kafka, ingest = settings.kafka, settings.ingest
+        self.subscriber = self.broker.subscriber(
+            kafka.spans_topic,
+            kafka.feedback_topic,
+            batch=True,
+            group_id=kafka.group_id,
+            auto_offset_reset="earliest",
+            max_records=ingest.batch_size,
+            batch_timeout_ms=ingest.batch_timeout_ms,
+            listener=_SeekToStoredOffsets(self),
+            decoder=raw_body,
+            ack_policy=AckPolicy.MANUAL,
+        )
+        self.subscriber(self._handle)
+
+    async def seek_to_stored(self, assigned: Any) -> None:
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        consumer = self.subscriber.consumer
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is not None and consumer is not None:
+                consumer.seek(tp, offset)
+                log.info("seek %s[%d] to stored offset %d", tp.topic, tp.partition, offset)
+
+    async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
+        records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+        batch = [
+            InMessage(r.topic, r.partition, r.offset, r.value or b"", r.key, dict(r.headers or ()))
+            for r in records
+        ]
+        async with self._lock:
+            dead = self.pipeline.handle(batch)
+            for letter in dead:
+                await self.broker.publish(
+                    letter.message.value,
+                    topic=self.settings.kafka.dlq_topic,
+                    key=letter.message.key,
+                    headers=dead_letter_headers(letter),
+                )
+            await self._flush_locked()
+
+    async def flush(self) -> FlushResult:
+        async with self._lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> FlushResult:
+        try:
+            result = await asyncio.to_thread(self.pipeline.flush)
+        except Exception:
+            log.exception("storing a batch failed: reopening the store and re-reading from its offsets")
+            await self._recover()
+            return FlushResult()
+        if result.events:
+            await self._commit_to_kafka()
+        return result
+
+    async def _recover(self) -> None:
+        """What was not stored is forgotten and read again from the offsets DuckDB holds."""
+        await asyncio.to_thread(self.pipeline.store.reopen)
+        self.pipeline.reset()
+        consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        unstored = [tp for tp in assigned if (tp.topic, tp.partition) not in stored]
+        if unstored:
+            await consumer.seek_to_beginning(*unstored)
+        await self.seek_to_stored(assigned)
+
+    async def _commit_to_kafka(self) -> None:
+        consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        offsets = {
+            TopicPartition(topic, partition): offset
+            for (topic, partition), offset in self.pipeline.pending.committable().items()
+            if TopicPartition(topic, partition) in assigned
+        }
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except Exception as error:  # best effort: DuckDB holds the offsets that matter
+                log.debug("kafka offset commit skipped: %s", error)
+
+    async def start(self) -> None:
+        await self.broker.start()
+        self._flusher = asyncio.create_task(self._flush_periodically())
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.broker.stop()
+        await self.flush()
+
+    async def _flush_periodically(self) -> None:
+        """Idle traces complete on time even when no message arrives."""
+        interval = self.settings.ingest.batch_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
