@@ -70,6 +70,8 @@ class KafkaIngestSource:
             listener=_SeekToStoredOffsets(self),
             decoder=raw_body,
             ack_policy=AckPolicy.MANUAL,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=max(kafka.session_timeout_ms // 3, 100),
         )
         self.subscriber(self._handle)
 

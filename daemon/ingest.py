@@ -102,7 +102,10 @@ class IngestPipeline:
         self._events: list[Event] = []
         self._forced_out: list[Assembled] = []
         self._late: dict[str, _Late] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()  # traces stored by this process
+        # traces already stored: their re-read spans go straight to the duplicate check
+        self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(
+            self.store.recent_trace_ids(RECENT_TRACES)
+        )
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         """Where to seek on start: the offsets written with the last committed events."""

@@ -43,6 +43,12 @@ class KafkaSettings(_Group):
     patches_topic: str = Field("cegraph.patches", min_length=1, description="Published workflow patches.")
     rollouts_topic: str = Field("cegraph.rollouts", min_length=1, description="Canary decisions.")
     dlq_topic: str = Field("cegraph.dlq", min_length=1, description="Messages that could not be decoded.")
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1_000,
+        le=300_000,
+        description="Consumer group session timeout: how soon a dead member is replaced.",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Passed to the Kafka clients as is."
     )

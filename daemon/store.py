@@ -335,6 +335,11 @@ class EventStore:
             found.setdefault(trace_id, set()).add(span_id)
         return found
 
+    def recent_trace_ids(self, limit: int) -> list[str]:
+        """The most recently stored executions, oldest first."""
+        rows = self.query("SELECT trace_id FROM executions ORDER BY seq DESC LIMIT ?", limit)
+        return [trace_id for (trace_id,) in reversed(rows)]
+
     def iter_events(self, batch: int = 10_000) -> Iterator[tuple[int, Event]]:
         last = 0
         while True:

@@ -129,7 +129,28 @@ class LocalKafka:
         properties = self.workdir / "server.properties"
         properties.write_text(self._server_properties(controller_port))
         (self.workdir / "log4j.properties").write_text(LOG4J.format(log=self.workdir / "server.log"))
-        java = [
+        cluster_id = random_cluster_id()
+        fmt = subprocess.run(
+            [*self._java(jars), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)],
+            capture_output=True,
+            text=True,
+        )
+        if fmt.returncode != 0:
+            raise KafkaStartError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        self._launch(jars)
+        return self.bootstrap_servers
+
+    def restart(self) -> None:
+        """Stop the broker and start it again on the same ports and data (a broker outage)."""
+        assert self.workdir is not None, "start() first"
+        if self.process is not None and self.process.poll() is None:
+            stop_pid(self.process.pid)
+            self.process.wait(timeout=30)
+        self._launch(ensure_jars())
+
+    def _java(self, jars: Path) -> list[str]:
+        assert self.workdir is not None
+        return [
             "java",
             f"-Xmx{HEAP}",
             f"-Xms{HEAP}",
@@ -139,30 +160,24 @@ class LocalKafka:
             "-cp",
             f"{jars}/*",
         ]
-        fmt = subprocess.run(
-            [*java, "kafka.tools.StorageTool", "format", "-t", random_cluster_id(), "-c", str(properties)],
-            capture_output=True,
-            text=True,
-        )
-        if fmt.returncode != 0:
-            raise KafkaStartError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
-        stdout = (self.workdir / "stdout.log").open("wb")
-        self.process = subprocess.Popen(
-            [*java, "kafka.Kafka", str(properties)],
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=None if self.detach else _die_with_parent,
-            start_new_session=self.detach,
-        )
-        stdout.close()
+
+    def _launch(self, jars: Path) -> None:
+        assert self.workdir is not None
+        with (self.workdir / "stdout.log").open("ab") as stdout:
+            self.process = subprocess.Popen(
+                [*self._java(jars), "kafka.Kafka", str(self.workdir / "server.properties")],
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=None if self.detach else _die_with_parent,
+                start_new_session=self.detach,
+            )
         (self.workdir / "broker.pid").write_text(str(self.process.pid))
         try:
             self._wait_ready()
         except BaseException:
             self.stop(keep_logs=True)
             raise
-        return self.bootstrap_servers
 
     def _server_properties(self, controller_port: int) -> str:
         assert self.workdir is not None
@@ -186,6 +201,7 @@ class LocalKafka:
                 "share.coordinator.state.topic.replication.factor=1",
                 "share.coordinator.state.topic.min.isr=1",
                 "group.initial.rebalance.delay.ms=0",
+                "group.min.session.timeout.ms=1000",
                 "log.flush.interval.messages=1000000",
                 "",
             ]

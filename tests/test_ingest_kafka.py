@@ -1,0 +1,326 @@
+"""Ingest acceptance against a real Kafka broker, with `cegraph run` as a real child process.
+
+Payloads come from the OpenTelemetry SDK (tests/otel_traces.py), encoded as the Collector's
+kafkaexporter writes them. After each scenario the DuckDB file is read back and every execution is
+checked: exactly once, right span count, right parent/child edges, right failure flags.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import pytest
+from daemon_proc import Daemon
+from kafka import KafkaConsumer, KafkaProducer
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    Gauge,
+    Metric,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from otel_traces import ExpectedTrace, Message, make_traces, to_messages
+
+from cegraph.connectors.kafka_client import ensure_topics
+from cegraph.connectors.otlp_codec import DecodeError, decoder_for
+from cegraph.daemon.settings import KafkaSettings
+from cegraph.daemon.store import EventStore
+
+PARTITIONS = 4
+
+
+class Scenario:
+    """Unique topics, group and store for one test, and the daemon that consumes them."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        tmp_path,
+        *,
+        encoding: str = "otlp_proto",
+        local_broker: bool = True,
+        **extra: str,
+    ) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.bootstrap = bootstrap
+        self.spans_topic = f"spans-{suffix}"
+        self.feedback_topic = f"feedback-{suffix}"
+        self.dlq_topic = f"dlq-{suffix}"
+        self.store_path = tmp_path / "cegraph.duckdb"
+        ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), [self.spans_topic], partitions=PARTITIONS)
+        env = {
+            "CEGRAPH_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "CEGRAPH_KAFKA__SPANS_TOPIC": self.spans_topic,
+            "CEGRAPH_KAFKA__FEEDBACK_TOPIC": self.feedback_topic,
+            "CEGRAPH_KAFKA__DLQ_TOPIC": self.dlq_topic,
+            "CEGRAPH_KAFKA__PATCHES_TOPIC": f"patches-{suffix}",
+            "CEGRAPH_KAFKA__ROLLOUTS_TOPIC": f"rollouts-{suffix}",
+            "CEGRAPH_KAFKA__GROUP_ID": f"group-{suffix}",
+            "CEGRAPH_STORE__PATH": str(self.store_path),
+            "CEGRAPH_INGEST__ENCODING": encoding,
+            "CEGRAPH_INGEST__IDLE_TIMEOUT_S": "0.5",
+            "CEGRAPH_INGEST__MAX_TRACE_AGE_S": "30",
+            # the fixture's broker allows short sessions, so a killed daemon's partitions come back fast
+            "CEGRAPH_KAFKA__SESSION_TIMEOUT_MS": "2000" if local_broker else "6000",
+            **extra,
+        }
+        self.daemon = Daemon(env, tmp_path / "daemon.log")
+        self.produced: dict[int, int] = {}  # partition -> messages
+
+    def produce(self, messages: list[Message], *, producer: KafkaProducer | None = None) -> None:
+        own = producer is None
+        producer = producer or KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+        for index, message in enumerate(messages):
+            partition = None if message.key is not None else index % PARTITIONS
+            metadata = producer.send(
+                self.spans_topic, key=message.key, value=message.value, partition=partition
+            )
+            metadata.add_callback(self.record)
+        producer.flush()
+        if own:
+            producer.close()
+
+    def record(self, metadata) -> None:
+        """Producer callback (arrives in any order): remember the end offset of each partition."""
+        self.produced[metadata.partition] = max(self.produced.get(metadata.partition, 0), metadata.offset + 1)
+
+    def all_consumed(self, stats: dict) -> bool:
+        stored = {
+            int(k.rsplit("/", 1)[1]): v for k, v in stats["offsets"].items() if k.startswith(self.spans_topic)
+        }
+        return all(stored.get(partition, 0) >= end for partition, end in self.produced.items())
+
+
+def assert_landed_exactly_once(
+    store_path, traces: list[ExpectedTrace], *, amendments: int | None = None
+) -> None:
+    """Late spans (a partition lagging past the idle timeout) may arrive as amendments; the totals
+    must be exact either way. `amendments` pins their number where the scenario allows none."""
+    store = EventStore(store_path, read_only=True)
+    try:
+        rows = store.query(
+            "SELECT trace_id, span_count, complete, hard_failed, eval_failed, amendments FROM executions"
+        )
+        edges: dict[str, set[tuple[str, str]]] = {}
+        for trace_id, parent, span in store.query(
+            "SELECT trace_id, parent_span_id, span_id FROM nodes WHERE parent_span_id <> ''"
+        ):
+            edges.setdefault(trace_id, set()).add((parent, span))
+        node_rows = store.query("SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM nodes")[0]
+    finally:
+        store.close()
+    by_id = {row[0]: row for row in rows}
+    assert len(rows) == len(by_id) == len(traces), "an execution is missing or stored twice"
+    assert node_rows[0] == node_rows[1] == sum(t.span_count for t in traces), "a span is missing or doubled"
+    for trace in traces:
+        _, span_count, complete, hard, evaluated, amended = by_id[trace.trace_id]
+        assert (span_count, complete) == (trace.span_count, True), trace.trace_id
+        assert amendments is None or amended == amendments, trace.trace_id
+        assert (hard, evaluated) == (trace.hard_failed, trace.eval_failed), trace.trace_id
+        assert edges.get(trace.trace_id, set()) == trace.edges, trace.trace_id
+
+
+@pytest.fixture(scope="module")
+def ten_thousand() -> list[ExpectedTrace]:
+    traces = make_traces(10_000, seed=7)
+    assert sum(t.span_count for t in traces) >= 50_000
+    return traces
+
+
+@pytest.mark.parametrize("one_trace_per_message", [True, False], ids=["trace-per-message", "mixed-messages"])
+def test_ten_thousand_executions_land_exactly_once(
+    kafka_bootstrap, tmp_path, ten_thousand, one_trace_per_message
+):
+    scenario = Scenario(kafka_bootstrap, tmp_path)
+    messages = to_messages(
+        ten_thousand, one_trace_per_message=one_trace_per_message, spans_per_message=9, seed=3
+    )
+    scenario.produce(messages)
+    scenario.daemon.start()
+    try:
+        stats = scenario.daemon.wait_for(
+            lambda s: scenario.all_consumed(s) and s["executions"]["total"] >= len(ten_thousand)
+        )
+        assert stats["dead_letters"] == 0
+    finally:
+        scenario.daemon.stop()
+    assert_landed_exactly_once(scenario.store_path, ten_thousand)
+
+
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(kafka_broker, tmp_path, ten_thousand):
+    kafka_bootstrap = kafka_broker.bootstrap_servers
+    scenario = Scenario(kafka_bootstrap, tmp_path, local_broker=kafka_broker.kind == "apache-kafka-local")
+    messages = to_messages(ten_thousand, one_trace_per_message=False, spans_per_message=9, seed=5)
+    rng = random.Random(11)
+    chunks = [messages[i : i + 250] for i in range(0, len(messages), 250)]
+
+    def produce_slowly() -> None:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        for chunk in chunks:
+            scenario.produce(chunk, producer=producer)
+            time.sleep(0.15)
+        producer.close()
+
+    scenario.daemon.start()
+    producer = threading.Thread(target=produce_slowly)
+    producer.start()
+    kills = 0
+    try:
+        while kills < 5:
+            time.sleep(rng.uniform(0.3, 2.0))
+            scenario.daemon.kill()
+            kills += 1
+            scenario.daemon.start()
+        producer.join()
+        scenario.daemon.wait_for(
+            lambda s: scenario.all_consumed(s) and s["executions"]["total"] >= len(ten_thousand), timeout=180
+        )
+    finally:
+        producer.join()
+        scenario.daemon.stop()
+    assert scenario.daemon.starts == 6
+    assert_landed_exactly_once(scenario.store_path, ten_thousand)
+
+
+def test_broker_restart_mid_stream(tmp_path):
+    from conftest import IN_CI
+
+    from local_kafka import KafkaStartError, LocalKafka
+
+    broker = LocalKafka()
+    try:
+        broker.start()
+    except KafkaStartError as error:
+        if IN_CI:
+            pytest.fail(f"a broker of its own is needed: {error}", pytrace=False)
+        pytest.skip(str(error))
+    try:
+        traces = make_traces(1_000, seed=21)
+        messages = to_messages(traces, one_trace_per_message=True, seed=2)
+        scenario = Scenario(broker.bootstrap_servers, tmp_path)
+        scenario.daemon.start()
+        scenario.produce(messages[:500])
+        scenario.daemon.wait_for(lambda s: s["executions"]["total"] >= 500)
+        broker.restart()
+        scenario.produce(messages[500:])
+        scenario.daemon.wait_for(lambda s: s["executions"]["total"] >= 1_000 and scenario.all_consumed(s))
+        assert scenario.daemon.alive()
+        scenario.daemon.stop()
+        assert_landed_exactly_once(scenario.store_path, traces)
+    finally:
+        broker.stop()
+
+
+def test_the_same_message_delivered_twice_changes_nothing(kafka_bootstrap, tmp_path):
+    traces = make_traces(300, seed=31)
+    messages = to_messages(traces, one_trace_per_message=False, spans_per_message=4, seed=4)
+    scenario = Scenario(kafka_bootstrap, tmp_path)
+    scenario.daemon.start()
+    try:
+        scenario.produce(messages + messages[:40])  # a redelivery while the traces are still open
+        first = scenario.daemon.wait_for(
+            lambda s: scenario.all_consumed(s) and s["executions"]["total"] >= 300
+        )
+        scenario.produce(messages)  # and again, long after they were stored
+        second = scenario.daemon.wait_for(scenario.all_consumed)
+        time.sleep(1.5)  # past the idle timeout: anything the redelivery started would be stored by now
+        final = scenario.daemon.stats()
+    finally:
+        scenario.daemon.stop()
+    for stats in (second, final):
+        assert stats["spans"] == first["spans"] == sum(t.span_count for t in traces)
+        assert stats["executions"] == first["executions"]
+        assert stats["amendments"] == 0
+    assert_landed_exactly_once(scenario.store_path, traces, amendments=0)
+
+
+def _wrong_type_payloads() -> list[bytes]:
+    metric = ExportMetricsServiceRequest(
+        resource_metrics=[
+            ResourceMetrics(
+                scope_metrics=[
+                    ScopeMetrics(
+                        metrics=[
+                            Metric(name="latency", gauge=Gauge(data_points=[NumberDataPoint(as_double=1.0)]))
+                        ]
+                    )
+                ]
+            )
+        ]
+    ).SerializeToString()
+    logs = ExportLogsServiceRequest(
+        resource_logs=[ResourceLogs(scope_logs=[ScopeLogs(log_records=[LogRecord(severity_text="ERROR")])])]
+    ).SerializeToString()
+    return [metric, logs]
+
+
+def malformed_payloads(good: list[bytes], encoding: str, count: int, seed: int) -> list[bytes]:
+    """Bad payloads of every kind, each checked to really fail decoding (protobuf has no framing)."""
+    rng = random.Random(seed)
+    decode = decoder_for(encoding)
+    makers = [
+        lambda: rng.randbytes(rng.randint(1, 400)),
+        lambda: (lambda p: p[: rng.randint(1, len(p) - 1)])(rng.choice(good)),
+        lambda: b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "ab' + rng.randbytes(8),
+        lambda: rng.choice(_wrong_type_payloads()),
+        lambda: b"",
+    ]
+    bad: list[bytes] = []
+    while len(bad) < count:
+        payload = rng.choice(makers)()
+        try:
+            decode(payload)
+        except DecodeError:
+            bad.append(payload)
+    return bad
+
+
+@pytest.mark.parametrize("encoding", ["otlp_proto", "otlp_json"])
+def test_malformed_payloads_go_to_the_dead_letter_topic(kafka_bootstrap, tmp_path, encoding):
+    traces = make_traces(500, seed=41)
+    good = to_messages(traces, encoding=encoding, one_trace_per_message=True, seed=6)
+    bad = malformed_payloads([m.value for m in good], encoding, 1_000, seed=encoding == "otlp_json")
+    stream = [(m, True) for m in good] + [(Message(None, payload), False) for payload in bad]
+    random.Random(8).shuffle(stream)
+    scenario = Scenario(kafka_bootstrap, tmp_path, encoding=encoding)
+    scenario.daemon.start()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+    bad_refs: set[tuple[int, int]] = set()
+    try:
+        for index, (message, is_good) in enumerate(stream):
+            future = producer.send(
+                scenario.spans_topic, key=message.key, value=message.value, partition=index % 4
+            )
+            if not is_good:
+                future.add_callback(lambda md: bad_refs.add((md.partition, md.offset)))
+            future.add_callback(scenario.record)
+        producer.flush()
+        stats = scenario.daemon.wait_for(
+            lambda s: scenario.all_consumed(s) and s["executions"]["total"] >= 500
+        )
+        assert scenario.daemon.alive()
+    finally:
+        producer.close()
+        scenario.daemon.stop()
+    assert stats["dead_letters"] == 1_000
+    consumer = KafkaConsumer(
+        scenario.dlq_topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000, group_id=None,
+    )  # fmt: skip
+    letters = []
+    for record in consumer:
+        letters.append(record)
+        if len(letters) >= 1_000:
+            break
+    consumer.close()
+    headers = [dict(record.headers) for record in letters]
+    assert len(letters) == 1_000
+    assert all(h["cegraph.dlq.reason"] for h in headers)
+    assert {(int(h["cegraph.dlq.partition"]), int(h["cegraph.dlq.offset"])) for h in headers} == bad_refs
+    assert_landed_exactly_once(scenario.store_path, traces)
