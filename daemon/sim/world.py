@@ -1,0 +1,64 @@
+"""SimWorld: the seeded simulated world: its task families, knowledge base, tools and evaluators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cegraph.daemon.runtime import EvaluationResult, ExecutionResult
+from cegraph.daemon.sandbox import Sandbox
+from cegraph.daemon.sim.arithmetic import Arithmetic
+from cegraph.daemon.sim.coding import Coding
+from cegraph.daemon.sim.core import Family, Rates, Task, rng_for
+from cegraph.daemon.sim.extraction import Extraction
+from cegraph.daemon.sim.llm import SimLLM
+from cegraph.daemon.sim.qa import QA, KnowledgeBase
+from cegraph.daemon.tools import Retriever, Tool
+
+
+@dataclass(frozen=True)
+class TaskEvaluator:
+    """The ground-truth evaluator of one task (the runtime's `Evaluator`)."""
+
+    family: Family
+    task: Task
+
+    async def evaluate(self, result: ExecutionResult) -> EvaluationResult:
+        return await self.family.evaluate(self.task, result)
+
+
+class SimWorld:
+    """Everything in the world derives from `seed`: the knowledge base and every generated task."""
+
+    def __init__(self, seed: int = 0, *, rates: Rates | None = None, sandbox: Sandbox | None = None) -> None:
+        self.seed = seed
+        self.rates = rates or Rates()
+        self.sandbox = sandbox or Sandbox()
+        self.kb = KnowledgeBase.generate(rng_for("kb", seed), self.rates.popularity)
+        families: list[Family] = [Arithmetic(self), Extraction(self), QA(self), Coding(self)]
+        self.families = {family.name: family for family in families}
+
+    def task(self, family: str, index: int, **options: Any) -> Task:
+        """Task `index` of a family; `options` narrow it (digits, steps, distractors, hops, difficulty)."""
+        rng = rng_for("task", self.seed, family, index, sorted(options.items()))
+        return self.families[family].generate(rng, index, **options)
+
+    def tasks(self, family: str, count: int, *, start: int = 0, **options: Any) -> list[Task]:
+        return [self.task(family, index, **options) for index in range(start, start + count)]
+
+    def recognize(self, text: str) -> tuple[Family, Any] | None:
+        """The family and problem a prompt is about, if any."""
+        for family in self.families.values():
+            problem = family.find(text)
+            if problem is not None:
+                return family, problem
+        return None
+
+    def tools(self) -> dict[str, Tool | Retriever]:
+        return {tool.name: tool for family in self.families.values() for tool in family.tools()}
+
+    def evaluator(self, task: Task) -> TaskEvaluator:
+        return TaskEvaluator(self.families[task.family], task)
+
+    def llm(self) -> SimLLM:
+        return SimLLM(self)
