@@ -89,10 +89,19 @@ def _check_ids(trace_len: int, span_len: int, parent_len: int, trace_id: bytes, 
         raise DecodeError("not a trace export: all-zero trace or span id")
 
 
+INT64_MAX = 2**63 - 1  # the store keeps times as BIGINT: a larger value would fail every later commit
+
+
 def _checked(records: list[SpanRecord]) -> list[SpanRecord]:
     if not records:
         raise DecodeError("the export holds no spans")
     for record in records:
+        if not 0 < record.start_ns <= INT64_MAX:
+            raise DecodeError(
+                f"not a trace export: span {record.span_id} has no valid start time ({record.start_ns})"
+            )
+        if not 0 <= record.end_ns <= INT64_MAX:
+            raise DecodeError(f"span {record.span_id} has an end time out of range ({record.end_ns})")
         if record.end_ns and record.end_ns < record.start_ns:
             raise DecodeError(f"span {record.span_id} ends before it starts")
     return records
@@ -108,13 +117,20 @@ def _field(data: dict[str, Any], camel: str, snake: str, default: Any = None) ->
     return data.get(snake, default)
 
 
+def _int64(value: Any) -> int:
+    number = int(value)
+    if not -INT64_MAX - 1 <= number <= INT64_MAX:
+        raise DecodeError(f"intValue {number} is outside int64")
+    return number
+
+
 _JSON_SCALARS: dict[str, Callable[[Any], Any]] = {
     "stringValue": str,
     "string_value": str,
     "boolValue": bool,
     "bool_value": bool,
-    "intValue": int,
-    "int_value": int,
+    "intValue": _int64,
+    "int_value": _int64,
     "doubleValue": float,
     "double_value": float,
     "bytesValue": base64.b64decode,
@@ -175,6 +191,8 @@ def decode_json(payload: bytes) -> list[SpanRecord]:
                     span_id = _hex_id(span, "spanId", "span_id", 8)
                     if not trace_id or not span_id:
                         raise DecodeError("a span has no traceId or spanId")
+                    if not trace_id.strip("0") or not span_id.strip("0"):
+                        raise DecodeError("not a trace export: all-zero trace or span id")
                     status = span.get("status") or {}
                     events = [
                         SpanEvent(

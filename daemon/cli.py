@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -148,6 +149,54 @@ def rebuild() -> None:
     for table, digest in after.items():
         same = "unchanged" if before.get(table) == digest else "changed"
         out.print(f"  {table}: {digest.split(':')[-1]} rows, {same}")
+
+
+@app.command("import-trail")
+def import_trail(
+    dataset: Annotated[Path, typer.Option(help="TRAIL split: the .tar.gz or its extracted folder.")],
+    split: Annotated[str, typer.Option(help="Which split of the dataset.")] = "GAIA",
+    one_trace_per_message: Annotated[
+        bool,
+        typer.Option("--one-trace-per-message/--batched", help="As the collector's partition_traces_by_id."),
+    ] = True,
+    max_message_bytes: Annotated[int, typer.Option(help="Largest Kafka message written.")] = 921_600,
+    feedback: Annotated[
+        bool, typer.Option(help="Also send each annotated error as feedback naming its span.")
+    ] = True,
+    with_critique: Annotated[
+        bool, typer.Option(help="Put the annotation's description in the critique.")
+    ] = False,
+) -> None:
+    """Send a TRAIL trace set to the spans topic as OTLP (and its annotations to the feedback topic)."""
+    settings = settings_or_exit()
+    from cegraph.connectors.kafka_client import kafka_python_options
+    from cegraph.connectors.trail import TrailFormatError, publish_trail
+
+    if not dataset.exists():
+        err.print(f"[bold red]cegraph:[/] no dataset at {dataset}")
+        raise typer.Exit(1)
+    try:
+        report = publish_trail(
+            dataset,
+            kafka_python_options(settings.kafka),
+            settings.kafka.spans_topic,
+            one_trace_per_message,
+            max_message_bytes=max_message_bytes,
+            feedback_topic=settings.kafka.feedback_topic if feedback else None,
+            with_critique=with_critique,
+            split=split,
+        )
+    except TrailFormatError as error:
+        err.print(f"[bold red]cegraph:[/] {error}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    out.print(
+        f"sent {report.traces} traces ({report.spans} spans) in {report.messages} messages to "
+        f"{settings.kafka.spans_topic}; {report.feedback} feedback records"
+    )
+    if report.missing_span_trees:
+        out.print(
+            f"{len(report.missing_span_trees)} traces have no span tree in the dataset and were skipped"
+        )
 
 
 def main() -> None:

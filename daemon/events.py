@@ -22,8 +22,9 @@ class Event:
     key: str
     payload: dict[str, Any]
 
-    def payload_json(self) -> str:
-        return orjson.dumps(self.payload).decode()
+    def payload_json(self, omit: str | None = None) -> str:
+        payload = self.payload if omit is None else {k: v for k, v in self.payload.items() if k != omit}
+        return orjson.dumps(payload).decode()
 
 
 def load_payload(text: str) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class IngestPipeline:
             max_open=self.settings.max_open_traces,
         )
         self.pending = PendingOffsets()
+        self._stored = self.store.offsets()  # below these, every message is already fully stored
         self._events: list[Event] = []
         self._forced_out: list[Assembled] = []
         self._late: dict[str, _Late] = {}
@@ -114,29 +115,62 @@ class IngestPipeline:
     # ---------------------------------------------------------------- consume
 
     def handle(self, messages: list[InMessage]) -> list[DeadLetter]:
-        """Take a batch of messages; returns those to send to the dead-letter topic."""
+        """Take a batch of messages; returns those to send to the dead-letter topic.
+
+        Feedback and dead letters are one event per message, keyed by the message's coordinates: a
+        message delivered again (a replay after a crash, a re-read from offset 0) whose event is
+        already recorded adds nothing, and is not dead-lettered again.
+        """
         now = self.clock()
         dead: list[DeadLetter] = []
+        per_message: list[tuple[InMessage, Event, str | None]] = []
         for message in messages:
+            if message.offset < self._stored.get((message.topic, message.partition), 0):
+                continue  # a redelivery of something already stored (e.g. after a rebalance)
             self.metrics.messages.labels(message.topic).inc()
+            key = f"{message.topic}/{message.partition}/{message.offset}"
             if message.topic == self.feedback_topic:
-                reason = self._feedback(message)
+                event, reason = self._feedback(message, key)
             else:
-                reason = self._spans(message, now)
+                event, reason = None, self._spans(message, now)
             if reason is not None:
-                dead.append(DeadLetter(message, reason))
-                self.pending.consumed(message.ref, 0)
-                self._events.append(
-                    Event(
-                        MESSAGE_DEAD_LETTERED,
-                        f"{message.topic}/{message.partition}/{message.offset}",
-                        {"topic": message.topic, "partition": message.partition, "offset": message.offset,
-                         "reason": reason},
-                    )
+                event = Event(
+                    MESSAGE_DEAD_LETTERED, key,
+                    {"topic": message.topic, "partition": message.partition, "offset": message.offset,
+                     "reason": reason},
                 )  # fmt: skip
+            if event is not None:
+                per_message.append((message, event, reason))
+        recorded = self._recorded([event for _, event, _ in per_message]) if per_message else set()
+        for message, event, reason in per_message:
+            self.pending.consumed(message.ref, 0)
+            identity = (event.type, event.key, event.payload_json())
+            if identity in recorded:
+                self.metrics.duplicate_messages.labels(message.topic).inc()
+                continue
+            recorded.add(identity)
+            self._events.append(event)
+            if reason is None:
+                self.metrics.feedback.labels(event.payload["outcome"]).inc()
+            else:
+                dead.append(DeadLetter(message, reason))
                 self.metrics.dead_letters.labels(message.topic).inc()
         self.metrics.open_traces.set(len(self.assembler))
         return dead
+
+    def _recorded(self, events: list[Event]) -> set[tuple[str, str, str]]:
+        """(type, key, payload) of those events already stored or waiting for the next flush.
+
+        The payload is part of the identity so that a recreated topic, whose offsets start again,
+        is not mistaken for a replay.
+        """
+        rows = self.store.query(
+            "SELECT type, key, payload FROM events WHERE key IN (SELECT unnest(?::VARCHAR[]))",
+            sorted({event.key for event in events}),
+        )
+        recorded = {(kind, key, payload) for kind, key, payload in rows}
+        recorded.update((event.type, event.key, event.payload_json()) for event in self._events)
+        return recorded
 
     def _spans(self, message: InMessage, now: float) -> str | None:
         try:
@@ -165,18 +199,15 @@ class IngestPipeline:
         self.pending.consumed(message.ref, holds)
         return None
 
-    def _feedback(self, message: InMessage) -> str | None:
+    def _feedback(self, message: InMessage, key: str) -> tuple[Event | None, str | None]:
         try:
             feedback = Feedback.model_validate_json(message.value)
         except ValidationError as error:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in error.errors()[:5]
             )
-            return f"invalid feedback: {problems}"
-        self._events.append(Event(FEEDBACK_RECEIVED, feedback.trace_id, feedback.model_dump(mode="json")))
-        self.pending.consumed(message.ref, 0)
-        self.metrics.feedback.labels(feedback.outcome).inc()
-        return None
+            return None, f"invalid feedback: {problems}"
+        return Event(FEEDBACK_RECEIVED, key, feedback.model_dump(mode="json")), None
 
     # ---------------------------------------------------------------- persist
 
@@ -194,6 +225,9 @@ class IngestPipeline:
         for assembled in done:
             known = stored.get(assembled.trace_id)
             if known is None:
+                # Evicted, reopened by later spans and out again before this flush: the second
+                # one must amend the first, not become a second execution.
+                stored[assembled.trace_id] = {node.span_id for node in assembled.nodes}
                 events.append(
                     Event(
                         EXECUTION_COMPLETED,
@@ -211,11 +245,13 @@ class IngestPipeline:
             self.pending.released(assembled.messages)
         for trace_id, pending in late.items():
             result.amended += self._amend(
-                events, trace_id, list(pending.nodes.values()), stored.get(trace_id, set())
+                events, trace_id, list(pending.nodes.values()), stored.setdefault(trace_id, set())
             )
             self.pending.released(pending.messages)
+        offsets = self.pending.committable()
         with self.metrics.commit_seconds.time():
-            self.store.append(events, self.pending.committable())
+            self.store.append(events, offsets)
+        self._stored.update(offsets)
         for assembled in done:
             self._remember(assembled.trace_id)
         result.events = len(events)
@@ -226,10 +262,12 @@ class IngestPipeline:
         return result
 
     def _amend(self, events: list[Event], trace_id: str, nodes: list[Node], known: set[str]) -> int:
+        """Append the spans not `known` yet as an amendment; they are `known` afterwards."""
         new = [node for node in nodes if node.span_id not in known]
         self.metrics.duplicate_spans.inc(len(nodes) - len(new))
         if not new:
             return 0
+        known.update(node.span_id for node in new)
         events.append(Event(EXECUTION_AMENDED, trace_id, {"trace_id": trace_id, "nodes": new}))
         return 1
 

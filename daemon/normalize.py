@@ -6,6 +6,7 @@ Text is cut and, when asked, redacted here, before anything is stored.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,9 @@ GENAI_OPERATION_KINDS = {
 }  # fmt: skip
 
 _REDACTIONS = re.compile(
-    r"(?P<email>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})"
+    # The look-behind starts an e-mail only where a run of its characters starts: without it a long
+    # run with no "@" (a base64 blob) is rescanned from every position, quadratic in its length.
+    r"(?P<email>(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})"
     r"|(?P<key>\b(?:sk-[A-Za-z0-9_-]{16,}|sk_(?:live|test)_[A-Za-z0-9]{16,}|AKIA[0-9A-Z]{16}"
     r"|gh[pousr]_[A-Za-z0-9]{30,}|xox[abprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})\b"
     r"|\bBearer\s+[A-Za-z0-9._~+/-]{16,}=*)"
@@ -40,17 +43,30 @@ def redact(text: str) -> str:
     return _REDACTIONS.sub(lambda match: _PLACEHOLDERS[match.lastgroup or "key"], text)
 
 
+REDACTION_MARGIN = 512  # longer than any e-mail address, phone number or key the patterns mask
+
+
 @dataclass(frozen=True, slots=True)
 class TextPolicy:
     max_chars: int = 4_000
     redact: bool = True
 
     def apply(self, text: str) -> str:
+        """Redact, then cut to `max_chars`: cutting first could split a secret into an unmatched prefix."""
         if not text:
             return ""
+        if self.redact:
+            # Only the head is redacted (long inputs are common); it must still fill `max_chars`
+            # plus the margin after masking, so that nothing unredacted slides into what is kept.
+            window = self.max_chars + REDACTION_MARGIN
+            head = redact(text[:window])
+            while window < len(text) and len(head) < self.max_chars + REDACTION_MARGIN:
+                window *= 2
+                head = redact(text[:window])
+            text = head + text[window:]
         if len(text) > self.max_chars:
             text = f"{text[: self.max_chars]}…[+{len(text) - self.max_chars} chars]"
-        return redact(text) if self.redact else text
+        return text
 
 
 def _text(value: Any) -> str:
@@ -70,27 +86,32 @@ def _first(attributes: Attributes, *keys: str) -> Any:
 
 
 def _int_or_none(value: Any) -> int | None:
+    """An int64 or None: the store keeps BIGINTs, and a value it can't hold would fail every commit."""
     try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
+        number = None if value is None else int(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is not None and -(2**63) <= number < 2**63 else None
 
 
 def _float_or_none(value: Any) -> float | None:
+    """A finite float or None: NaN and infinities don't survive the JSON of the event log."""
     try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
+        number = None if value is None else float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _indexed_messages(attributes: Attributes, prefix: str) -> str:
     """OpenInference flattens messages as `llm.input_messages.<i>.message.content`."""
-    parts = [
-        (key, value)
-        for key, value in attributes.items()
-        if key.startswith(prefix) and key.endswith(".message.content")
-    ]
-    return "\n".join(_text(value) for _, value in sorted(parts))
+    parts = []
+    for key, value in attributes.items():
+        if key.startswith(prefix) and key.endswith(".message.content"):
+            index = key[len(prefix) : -len(".message.content")]
+            number = int(index) if index.isascii() and index.isdigit() and len(index) < 19 else -1
+            parts.append((number, key, value))
+    return "\n".join(_text(value) for _, _, value in sorted(parts, key=lambda part: part[:2]))
 
 
 def kind_of(attributes: Attributes) -> str:
@@ -146,6 +167,9 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
     finish_reasons = (
         [str(f) for f in finish] if isinstance(finish, list) else ([str(finish)] if finish else [])
     )
+    status = {STATUS_ERROR: "error", STATUS_OK: "ok"}.get(span.status_code, "unset")
+    error_type = _text(attributes.get("error.type"))
+    evaluations = evaluations_of(span, kind)
     input_text = _first(attributes, "gen_ai.input.messages", "input.value", "gen_ai.prompt")
     output_text = _first(attributes, "gen_ai.output.messages", "output.value", "gen_ai.completion")
     return Node(
@@ -181,7 +205,7 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
         if span.status_code == STATUS_OK
         else "unset",
         status_message=policy.apply(span.status_message),
-        error_type=_text(attributes.get("error.type")),
+        error_type=error_type,
         exception_type=exception_type,
         exception_message=policy.apply(exception_message),
         finish_reasons=finish_reasons,
@@ -212,5 +236,7 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
             if output_text is not None
             else _indexed_messages(attributes, "llm.output_messages.")
         ),
-        evaluations=evaluations_of(span, kind),
+        evaluations=evaluations,
+        hard_failed=status == "error" or bool(exception_type) or bool(error_type),
+        eval_failed=any(evaluation.failed for evaluation in evaluations),
     )

@@ -58,8 +58,15 @@ class Evaluation:
         return self.score is not None and self.score < 0.5
 
 
-FAILING_LABELS = frozenset({"fail", "failed", "failure", "false", "incorrect", "wrong", "bad", "no", "error"})
-PASSING_LABELS = frozenset({"pass", "passed", "success", "true", "correct", "right", "good", "yes", "ok"})
+# Besides the generic verdicts, the rails of the Phoenix evaluators (OpenInference EVALUATOR spans).
+FAILING_LABELS = frozenset(
+    {"fail", "failed", "failure", "false", "incorrect", "wrong", "bad", "no", "error",
+     "hallucinated", "unrelated", "toxic"}
+)  # fmt: skip
+PASSING_LABELS = frozenset(
+    {"pass", "passed", "success", "true", "correct", "right", "good", "yes", "ok",
+     "factual", "relevant", "non-toxic"}
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -92,11 +99,5 @@ class Node:
     input_text: str
     output_text: str
     evaluations: list[Evaluation] = field(default_factory=list)
-
-    @property
-    def hard_failed(self) -> bool:
-        return self.status == "error" or bool(self.exception_type) or bool(self.error_type)
-
-    @property
-    def eval_failed(self) -> bool:
-        return any(evaluation.failed for evaluation in self.evaluations)
+    hard_failed: bool = False  # ERROR status, an exception event or `error.type`
+    eval_failed: bool = False  # an evaluator's verdict on this span was a failure

@@ -1,7 +1,8 @@
 """The event store: an append-only `events` table in DuckDB, its projections, and consumer offsets.
 
-Events are the truth; `executions`, `nodes` and `feedback` are projections computed by `project()`,
-the same code live and in `rebuild()`, so a rebuild equals the live tables. The consumer offsets are
+Events are the truth; `executions`, `nodes` and `feedback` are projections computed by SQL over the
+event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a rebuild equals the live
+tables. The consumer offsets are
 written in the same transaction as the events they produced: a crash at any instant loses nothing
 and counts nothing twice. Bulk writes go through Arrow tables, never `executemany`.
 """
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,8 @@ from cegraph.daemon.events import (
     FEEDBACK_RECEIVED,
     MESSAGE_DEAD_LETTERED,
     Event,
-    load_payload,
 )
-from cegraph.daemon.spans import Evaluation, Node
+from cegraph.daemon.spans import Node
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -45,6 +44,19 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
 );
 """
 
+SPAN_LOG = """
+CREATE TABLE IF NOT EXISTS event_spans (
+    seq BIGINT, amended BOOLEAN,
+    trace_id VARCHAR, span_id VARCHAR, parent_span_id VARCHAR, name VARCHAR, kind VARCHAR,
+    node_id VARCHAR, workflow_id VARCHAR, workflow_version VARCHAR, track VARCHAR, operation VARCHAR,
+    provider VARCHAR, model VARCHAR, start_ns BIGINT, end_ns BIGINT, status VARCHAR,
+    status_message VARCHAR, error_type VARCHAR, exception_type VARCHAR, exception_message VARCHAR,
+    finish_reasons VARCHAR[], input_tokens BIGINT, output_tokens BIGINT, tool_name VARCHAR,
+    input_text VARCHAR, output_text VARCHAR, evaluations JSON, hard_failed BOOLEAN, eval_failed BOOLEAN
+);
+CREATE OR REPLACE VIEW nodes AS SELECT * FROM event_spans;
+"""
+
 PROJECTIONS = """
 CREATE TABLE IF NOT EXISTS executions (
     trace_id VARCHAR, workflow_id VARCHAR, workflow_version VARCHAR, track VARCHAR,
@@ -52,102 +64,85 @@ CREATE TABLE IF NOT EXISTS executions (
     complete BOOLEAN, reason VARCHAR, hard_failed BOOLEAN, eval_failed BOOLEAN, failed_nodes INTEGER,
     input_tokens BIGINT, output_tokens BIGINT, amendments INTEGER, seq BIGINT
 );
-CREATE TABLE IF NOT EXISTS nodes (
-    trace_id VARCHAR, span_id VARCHAR, parent_span_id VARCHAR, name VARCHAR, kind VARCHAR,
-    node_id VARCHAR, workflow_id VARCHAR, workflow_version VARCHAR, track VARCHAR, operation VARCHAR,
-    provider VARCHAR, model VARCHAR, start_ns BIGINT, end_ns BIGINT, status VARCHAR,
-    status_message VARCHAR, error_type VARCHAR, exception_type VARCHAR, exception_message VARCHAR,
-    finish_reasons VARCHAR[], input_tokens BIGINT, output_tokens BIGINT, tool_name VARCHAR,
-    input_text VARCHAR, output_text VARCHAR, evaluations VARCHAR, amended BOOLEAN, seq BIGINT
-);
 CREATE TABLE IF NOT EXISTS feedback (
     seq BIGINT, trace_id VARCHAR, span_id VARCHAR, outcome VARCHAR, score DOUBLE, critique VARCHAR,
     source VARCHAR, created_at VARCHAR
 );
 """
 
-PROJECTION_TABLES = ("executions", "nodes", "feedback")
+PROJECTION_TABLES = ("executions", "feedback")
+SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED)
 NODE_FIELDS = [f.name for f in fields(Node)]
 
+# The projections are SQL over a range of events ($1..$2), run live on each appended batch and by
+# rebuild() over the whole log: one definition, so rebuilt tables equal the live ones by construction.
+# Completed executions are inserted before amendments are applied, which is also their order in time.
+PROJECT = f"""
+INSERT INTO executions BY NAME
+SELECT n.trace_id,
+       coalesce(max(n.workflow_id) FILTER (WHERE n.parent_span_id = '' AND n.workflow_id <> ''),
+                min(n.workflow_id) FILTER (WHERE n.workflow_id <> ''), '') AS workflow_id,
+       coalesce(max(n.workflow_version) FILTER (WHERE n.parent_span_id = '' AND n.workflow_id <> ''),
+                min(n.workflow_version) FILTER (WHERE n.workflow_id <> ''), '') AS workflow_version,
+       coalesce(max(n.track) FILTER (WHERE n.parent_span_id = '' AND n.track <> ''),
+                min(n.track) FILTER (WHERE n.track <> ''), '') AS track,
+       coalesce(min(n.span_id) FILTER (WHERE n.parent_span_id = ''), '') AS root_span_id,
+       coalesce(min(n.name) FILTER (WHERE n.parent_span_id = ''), '') AS root_name,
+       min(n.start_ns) AS start_ns, max(n.end_ns) AS end_ns, count(*) AS span_count,
+       any_value(e.payload->>'complete')::BOOLEAN AS complete, any_value(e.payload->>'reason') AS reason,
+       bool_or(n.hard_failed) AS hard_failed, bool_or(n.eval_failed) AS eval_failed,
+       count(*) FILTER (WHERE n.hard_failed OR n.eval_failed) AS failed_nodes,
+       coalesce(sum(n.input_tokens), 0) AS input_tokens, coalesce(sum(n.output_tokens), 0) AS output_tokens,
+       0 AS amendments, n.seq
+FROM event_spans n JOIN events e ON e.seq = n.seq
+WHERE n.seq BETWEEN $1 AND $2 AND e.seq BETWEEN $1 AND $2 AND NOT n.amended
+GROUP BY n.trace_id, n.seq;
 
-def node_from_dict(data: dict[str, Any]) -> Node:
-    data = dict(data)
-    data["evaluations"] = [Evaluation(**e) for e in data.get("evaluations", [])]
-    return Node(**data)
+UPDATE executions SET
+    span_count = span_count + a.added,
+    hard_failed = hard_failed OR a.hard,
+    eval_failed = eval_failed OR a.evaluated,
+    failed_nodes = failed_nodes + a.failed,
+    end_ns = greatest(executions.end_ns, a.end_ns),
+    input_tokens = input_tokens + a.tokens_in,
+    output_tokens = output_tokens + a.tokens_out,
+    amendments = amendments + a.events
+FROM (
+    SELECT trace_id, count(*) AS added, bool_or(hard_failed) AS hard, bool_or(eval_failed) AS evaluated,
+           count(*) FILTER (WHERE hard_failed OR eval_failed) AS failed, max(end_ns) AS end_ns,
+           coalesce(sum(input_tokens), 0) AS tokens_in, coalesce(sum(output_tokens), 0) AS tokens_out,
+           count(DISTINCT seq) AS events
+    FROM event_spans WHERE amended AND seq BETWEEN $1 AND $2 GROUP BY trace_id
+) a WHERE executions.trace_id = a.trace_id;
 
-
-def summarize(trace_id: str, nodes: list[Node], complete: bool, reason: str, seq: int) -> dict[str, Any]:
-    """One `executions` row from the nodes of a trace (pure, so live and rebuild agree)."""
-    root = next((n for n in nodes if not n.parent_span_id), None)
-    identified = (
-        root if root is not None and root.workflow_id else next((n for n in nodes if n.workflow_id), None)
-    )
-    tracked = next((n for n in ([root] if root else []) + nodes if n.track), None)
-    return {
-        "trace_id": trace_id,
-        "workflow_id": identified.workflow_id if identified else "",
-        "workflow_version": identified.workflow_version if identified else "",
-        "track": tracked.track if tracked else "",
-        "root_span_id": root.span_id if root else "",
-        "root_name": root.name if root else "",
-        "start_ns": min((n.start_ns for n in nodes), default=0),
-        "end_ns": max((n.end_ns for n in nodes), default=0),
-        "span_count": len(nodes),
-        "complete": complete,
-        "reason": reason,
-        "hard_failed": any(n.hard_failed for n in nodes),
-        "eval_failed": any(n.eval_failed for n in nodes),
-        "failed_nodes": sum(1 for n in nodes if n.hard_failed or n.eval_failed),
-        "input_tokens": sum(n.input_tokens or 0 for n in nodes),
-        "output_tokens": sum(n.output_tokens or 0 for n in nodes),
-        "amendments": 0,
-        "seq": seq,
-    }
-
-
-@dataclass
-class Projection:
-    """Rows that a batch of events adds to the projections, plus the amendments to apply."""
-
-    executions: list[dict[str, Any]] = field(default_factory=list)
-    nodes: list[tuple[Node, bool, int]] = field(default_factory=list)  # node, amended, seq
-    amended: dict[str, list[Node]] = field(default_factory=dict)
-    amendment_events: dict[str, int] = field(default_factory=dict)
-    feedback: list[dict[str, Any]] = field(default_factory=list)
-
-
-def project(events: Iterable[tuple[int, Event]]) -> Projection:
-    projection = Projection()
-    for seq, event in events:
-        payload = event.payload
-        if event.type == EXECUTION_COMPLETED:
-            nodes = payload["nodes"]
-            projection.executions.append(
-                summarize(payload["trace_id"], nodes, payload["complete"], payload["reason"], seq)
-            )
-            projection.nodes.extend((node, False, seq) for node in nodes)
-        elif event.type == EXECUTION_AMENDED:
-            projection.nodes.extend((node, True, seq) for node in payload["nodes"])
-            trace_id = payload["trace_id"]
-            projection.amended.setdefault(trace_id, []).extend(payload["nodes"])
-            projection.amendment_events[trace_id] = projection.amendment_events.get(trace_id, 0) + 1
-        elif event.type == FEEDBACK_RECEIVED:
-            projection.feedback.append({"seq": seq, **payload})
-    return projection
+INSERT INTO feedback BY NAME
+SELECT seq, payload->>'trace_id' AS trace_id, payload->>'span_id' AS span_id, payload->>'outcome' AS outcome,
+       (payload->>'score')::DOUBLE AS score, payload->>'critique' AS critique, payload->>'source' AS source,
+       payload->>'created_at' AS created_at
+FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{FEEDBACK_RECEIVED}';
+"""
 
 
-def _node_table(rows: list[tuple[Node, bool, int]]) -> pa.Table:
-    columns: dict[str, list[Any]] = {name: [getattr(n, name) for n, _, _ in rows] for name in NODE_FIELDS}
-    columns["evaluations"] = [
-        orjson.dumps(n.evaluations).decode() if n.evaluations else "[]" for n, _, _ in rows
+def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
+    """The span rows of the span-carrying events, columnar: the event log's bulk part."""
+    rows = [
+        (seq, event.type == EXECUTION_AMENDED, node)
+        for seq, event in numbered
+        if event.type in SPAN_EVENTS
+        for node in event.payload["nodes"]
     ]
-    columns["amended"] = [amended for _, amended, _ in rows]
-    columns["seq"] = [seq for _, _, seq in rows]
+    if not rows:
+        return None
+    columns: dict[str, Any] = {
+        "seq": [seq for seq, _, _ in rows],
+        "amended": [amended for _, amended, _ in rows],
+    }
+    nodes = [node for _, _, node in rows]
+    for name in NODE_FIELDS:
+        columns[name] = [getattr(node, name) for node in nodes]
+    columns["evaluations"] = [orjson.dumps(n.evaluations).decode() if n.evaluations else "[]" for n in nodes]
+    columns["finish_reasons"] = pa.array(columns["finish_reasons"], pa.list_(pa.string()))
     return pa.table(columns)
-
-
-def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows)
 
 
 class StoreError(RuntimeError):
@@ -170,6 +165,7 @@ class EventStore:
             raise StoreError(f"cannot open {self.path}: {error}") from None
         if not self.read_only:
             self._run(SCHEMA)
+            self._run(SPAN_LOG)
             self._run(PROJECTIONS)
         self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
 
@@ -217,7 +213,7 @@ class EventStore:
             try:
                 if numbered:
                     self._insert_events(numbered)
-                    self._apply(project(numbered))
+                    self._project(first, first + len(events) - 1)
                 if offsets:
                     self._store_offsets(offsets)
                 self._run("COMMIT")
@@ -229,15 +225,19 @@ class EventStore:
             return self._next_seq - 1
 
     def _insert_events(self, numbered: list[tuple[int, Event]]) -> None:
+        """Span-carrying events keep their spans in `event_spans`; the JSON payload holds the rest."""
         table = pa.table(
             {
                 "seq": [seq for seq, _ in numbered],
                 "type": [event.type for _, event in numbered],
                 "key": [event.key for _, event in numbered],
-                "payload": [event.payload_json() for _, event in numbered],
+                "payload": [event.payload_json(omit="nodes") for _, event in numbered],
             }
         )
         self._insert("events", table)
+        spans = _span_table(numbered)
+        if spans is not None:
+            self._insert("event_spans", spans)
 
     def _insert(self, name: str, table: pa.Table) -> None:
         self._con.register("_batch", table)
@@ -246,52 +246,10 @@ class EventStore:
         finally:
             self._con.unregister("_batch")
 
-    def _apply(self, projection: Projection) -> None:
-        if projection.executions:
-            self._insert("executions", _rows_table(projection.executions))
-        if projection.nodes:
-            self._insert("nodes", _node_table(projection.nodes))
-        if projection.feedback:
-            self._insert("feedback", _rows_table(projection.feedback))
-        if projection.amended:
-            changes = pa.table(
-                {
-                    "trace_id": list(projection.amended),
-                    "events": [projection.amendment_events[t] for t in projection.amended],
-                    "added": [len(nodes) for nodes in projection.amended.values()],
-                    "hard": [any(n.hard_failed for n in nodes) for nodes in projection.amended.values()],
-                    "eval": [any(n.eval_failed for n in nodes) for nodes in projection.amended.values()],
-                    "failed": [
-                        sum(1 for n in nodes if n.hard_failed or n.eval_failed)
-                        for nodes in projection.amended.values()
-                    ],
-                    "end_ns": [max(n.end_ns for n in nodes) for nodes in projection.amended.values()],
-                    "tokens_in": [
-                        sum(n.input_tokens or 0 for n in nodes) for nodes in projection.amended.values()
-                    ],
-                    "tokens_out": [
-                        sum(n.output_tokens or 0 for n in nodes) for nodes in projection.amended.values()
-                    ],
-                }
-            )
-            self._con.register("_amend", changes)
-            try:
-                self._run(
-                    """
-                    UPDATE executions SET
-                        span_count = span_count + a.added,
-                        hard_failed = hard_failed OR a.hard,
-                        eval_failed = eval_failed OR a.eval,
-                        failed_nodes = failed_nodes + a.failed,
-                        end_ns = greatest(executions.end_ns, a.end_ns),
-                        input_tokens = input_tokens + a.tokens_in,
-                        output_tokens = output_tokens + a.tokens_out,
-                        amendments = amendments + a.events
-                    FROM _amend a WHERE executions.trace_id = a.trace_id
-                    """
-                )
-            finally:
-                self._con.unregister("_amend")
+    def _project(self, first: int, last: int) -> None:
+        for statement in PROJECT.split(";\n"):
+            if statement.strip():
+                self._con.execute(statement, [first, last]).fetchall()
 
     def _store_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
         table = pa.table(
@@ -340,18 +298,6 @@ class EventStore:
         rows = self.query("SELECT trace_id FROM executions ORDER BY seq DESC LIMIT ?", limit)
         return [trace_id for (trace_id,) in reversed(rows)]
 
-    def iter_events(self, batch: int = 10_000) -> Iterator[tuple[int, Event]]:
-        last = 0
-        while True:
-            rows = self.query(
-                "SELECT seq, type, key, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", last, batch
-            )
-            if not rows:
-                return
-            for seq, kind, key, payload in rows:
-                yield seq, decode_event(kind, key, payload)
-            last = rows[-1][0]
-
     def stats(self) -> dict[str, Any]:
         executions = self.query_dicts(
             """
@@ -394,27 +340,19 @@ class EventStore:
     def rebuild(self) -> int:
         """Recompute every projection from the event log; returns the number of events replayed."""
         with self._lock:
-            replayed = 0
             self._run("BEGIN TRANSACTION")
             try:
                 for table in PROJECTION_TABLES:
                     self._run(f"DROP TABLE IF EXISTS {table}")
                 self._run(PROJECTIONS)
-                chunk: list[tuple[int, Event]] = []
-                for item in self.iter_events():
-                    chunk.append(item)
-                    if len(chunk) >= 5_000:
-                        self._apply(project(chunk))
-                        replayed += len(chunk)
-                        chunk = []
-                if chunk:
-                    self._apply(project(chunk))
-                    replayed += len(chunk)
+                last = self._next_seq - 1
+                self._project(1, last)
                 self._run("COMMIT")
             except BaseException:
-                self._run("ROLLBACK")
+                with contextlib.suppress(duckdb.Error):
+                    self._run("ROLLBACK")
                 raise
-            return replayed
+            return last
 
     def projection_digest(self) -> dict[str, str]:
         """An order-independent digest of each projection, to compare live against rebuilt."""
@@ -424,10 +362,3 @@ class EventStore:
                 self._scalar(f"SELECT coalesce(sum(hash(t)::HUGEINT), 0) || ':' || count(*) FROM {table} t")
             )
         return digests
-
-
-def decode_event(kind: str, key: str, payload_text: str) -> Event:
-    payload = load_payload(payload_text)
-    if kind in (EXECUTION_COMPLETED, EXECUTION_AMENDED):
-        payload["nodes"] = [node_from_dict(n) for n in payload["nodes"]]
-    return Event(kind, key, payload)

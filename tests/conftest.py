@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,20 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
     return kafka_broker.bootstrap_servers
+
+
+TRAIL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "trail-gaia.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def trail_dataset() -> Path:
+    """The TRAIL GAIA split from ../shared/datasets; required under CI."""
+    if not TRAIL_DATASET.exists():
+        message = f"TRAIL dataset not found at {TRAIL_DATASET}"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return TRAIL_DATASET
 
 
 @pytest.fixture

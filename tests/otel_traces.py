@@ -9,7 +9,9 @@ message with a trace split across messages, spans shuffled within each trace.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from google.protobuf.json_format import MessageToDict
@@ -18,7 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Status, StatusCode, Tracer
 
 
 @dataclass
@@ -129,3 +131,59 @@ def to_messages(
         Message(None, encode(pool[i : i + spans_per_message], encoding))
         for i in range(0, len(pool), spans_per_message)
     ]
+
+
+def record_spans(
+    build: Callable[[Tracer], None], *, resource: dict[str, Any] | None = None
+) -> list[ReadableSpan]:
+    """Run `build(tracer)` against a fresh SDK provider and return the spans it finished, in end order."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create(resource or {}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    build(provider.get_tracer("cegraph.tests"))
+    provider.shutdown()
+    return list(exporter.get_finished_spans())
+
+
+def openinference_trace(
+    tracer: Tracer, *, messages: int = 3, evaluator_label: str = "correct", index: int = 0
+) -> None:
+    """One agent run instrumented the way the openinference-instrumentation-* packages do it.
+
+    A CHAIN root with an LLM call (flattened `llm.input_messages.<i>.message.*`), a TOOL call, a
+    RETRIEVER and an EVALUATOR span whose `output.value` is the verdict.
+    """
+    with tracer.start_as_current_span(
+        "AgentRun", attributes={"openinference.span.kind": "CHAIN", "input.value": f"task {index}",
+                                "output.value": f"result {index}"}
+    ):  # fmt: skip
+        llm_attributes: dict[str, Any] = {
+            "openinference.span.kind": "LLM",
+            "llm.model_name": "gpt-4o-mini",
+            "llm.provider": "openai",
+            "llm.token_count.prompt": 120 + index,
+            "llm.token_count.completion": 30,
+            "llm.token_count.total": 150 + index,
+            "graph.node.id": "planner",
+        }
+        for i in range(messages):
+            llm_attributes[f"llm.input_messages.{i}.message.role"] = "user" if i % 2 else "system"
+            llm_attributes[f"llm.input_messages.{i}.message.content"] = f"message number {i}"
+        llm_attributes["llm.output_messages.0.message.role"] = "assistant"
+        llm_attributes["llm.output_messages.0.message.content"] = "call the search tool"
+        with tracer.start_as_current_span("ChatCompletion", attributes=llm_attributes):
+            pass
+        with tracer.start_as_current_span(
+            "search", attributes={"openinference.span.kind": "TOOL", "tool.name": "web_search",
+                                  "input.value": '{"q": "capital of France"}', "output.value": "Paris"}
+        ):  # fmt: skip
+            pass
+        with tracer.start_as_current_span(
+            "retrieve", attributes={"openinference.span.kind": "RETRIEVER", "input.value": "France"}
+        ):  # fmt: skip
+            pass
+        with tracer.start_as_current_span(
+            "judge", attributes={"openinference.span.kind": "EVALUATOR", "output.value": evaluator_label,
+                                 "eval.explanation": "compared with the reference answer"}
+        ):  # fmt: skip
+            pass

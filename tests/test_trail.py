@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tarfile
 import time
 from collections import Counter
@@ -37,9 +36,6 @@ from cegraph.connectors.trail import (
 )
 from cegraph.schemas.feedback import Feedback
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-DATASET = Path(__file__).resolve().parents[2] / "shared/datasets/trail-gaia.tar.gz"
-
 # Facts of the GAIA split, checked below.
 MISSING_SPAN_TREES = {
     "6cc6dc35a28bbed6cfd873756094bc16",
@@ -66,13 +62,8 @@ SAMPLE = (
 
 
 @pytest.fixture(scope="session")
-def dataset_path() -> Path:
-    if not DATASET.exists():
-        message = f"TRAIL dataset not found at {DATASET}"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return DATASET
+def dataset_path(trail_dataset: Path) -> Path:
+    return trail_dataset
 
 
 @pytest.fixture(scope="session")
