@@ -29,6 +29,12 @@ class IngestMetrics:
             "Spans dropped because they were already stored.",
             registry=r,
         )
+        self.duplicate_messages = Counter(
+            "cegraph_ingest_duplicate_messages_total",
+            "Feedback or undecodable messages delivered again after their event was recorded.",
+            ["topic"],
+            registry=r,
+        )
         self.feedback = Counter(
             "cegraph_feedback_total", "Feedback messages stored.", ["outcome"], registry=r
         )
