@@ -125,6 +125,25 @@ class Evaluator(Protocol):
     async def evaluate(self, result: ExecutionResult) -> EvaluationResult: ...
 
 
+def exception_type(error: BaseException) -> str:
+    """The exception's type as OpenTelemetry's `exception.type` spells it (and so `error.type` too)."""
+    module, name = type(error).__module__, type(error).__qualname__
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def _span_name(node: Any, node_id: str, model: str) -> str:
+    """GenAI span names: `{operation} {model | tool | data source}`."""
+    if node.kind == "tool":
+        return f"execute_tool {node.tool}"
+    if node.kind == "retrieve":
+        return f"retrieval {node.retriever}"
+    if node.kind in ("code", "test"):
+        return "execute_tool python"
+    if node.kind == "route":
+        return f"route {node_id}"
+    return f"chat {model}"
+
+
 def derive_seed(seed: int, node_id: str, call_index: int) -> int:
     digest = hashlib.sha256(f"{seed}\x1f{node_id}\x1f{call_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
@@ -225,8 +244,9 @@ class _NodeCall:
         self.last_messages, self.last_completion = messages, completion
         return completion
 
-    def retry(self, error_type: str, reason: str) -> None:
-        self.retries.append((error_type, reason))
+    def retry(self, cause: str, reason: str) -> None:
+        """An attempt that was rejected and tried again (a span event; it fails nothing by itself)."""
+        self.retries.append((cause, reason))
 
 
 class WorkflowRuntime:
@@ -393,9 +413,8 @@ class WorkflowRuntime:
             }
             if node.params.max_tokens is not None:
                 attributes["gen_ai.request.max_tokens"] = node.params.max_tokens
-        target = getattr(node, "tool", None) or getattr(node, "retriever", None) or call.model
         span = self._tracer.start_span(
-            f"{operation or node.kind} {target if operation else node_id}",
+            _span_name(node, node_id, call.model if node.kind in LLM_KINDS else ""),
             context=set_span_in_context(root),
             kind=SpanKind.CLIENT if operation == "chat" else SpanKind.INTERNAL,
             attributes=attributes,
@@ -410,7 +429,7 @@ class WorkflowRuntime:
             run.output = await self._handlers[node.kind](call, inputs)
             span.set_attribute("output.value", run.output)
         except Exception as error:  # a failing node fails the execution, not the runtime
-            run.status, run.error_type, run.error_message = "error", type(error).__name__, str(error)
+            run.status, run.error_type, run.error_message = "error", exception_type(error), str(error)
             span.record_exception(error)
             span.set_attribute("error.type", run.error_type)
             span.set_status(Status(StatusCode.ERROR, str(error)[:500]))
@@ -421,12 +440,12 @@ class WorkflowRuntime:
 
     @staticmethod
     def _record_calls(span: Span, call: _NodeCall) -> None:
-        for attempt, (error_type, reason) in enumerate(call.retries, start=1):
+        for attempt, (cause, reason) in enumerate(call.retries, start=1):
             span.add_event(
                 "cegraph.retry",
                 {
                     "cegraph.retry.attempt": attempt,
-                    "error.type": error_type,
+                    "cegraph.retry.cause": cause,
                     "cegraph.retry.reason": reason[:500],
                 },
             )
@@ -494,7 +513,7 @@ class WorkflowRuntime:
                 return text
             if attempt == params.retries:
                 raise OutputValidationError(problem)
-            call.retry("OutputValidationError", problem)
+            call.retry("invalid_output", problem)
             messages = [
                 *messages,
                 Message(role="assistant", content=text),
@@ -529,7 +548,7 @@ class WorkflowRuntime:
             error = "{}: {}".format(*run.error)
             if attempt == params.retries:
                 raise CodeExecutionError(error)
-            call.retry("CodeExecutionError", error)
+            call.retry("program_failed", error)
             messages = [
                 *messages,
                 Message(role="assistant", content=text),
@@ -562,7 +581,7 @@ class WorkflowRuntime:
             passed, critique = await self._verdict(call, {**inputs, "answer": answer})
             if passed:
                 return answer
-            call.retry("VerificationFailed", critique)
+            call.retry("verification_failed", critique)
             revision = {**inputs, "answer": answer, "review": critique}
             answer = await self._generate(call, revision, _PROTOCOL["revise"], "revise")
         return answer
@@ -575,10 +594,11 @@ class WorkflowRuntime:
             report = await self.sandbox.run_tests(code, tests, timeout_s=params.timeout_s)
             if report.passed or round_ == params.rounds:
                 break
-            call.retry("TestsFailed", report.summary())
+            call.retry("tests_failed", report.summary())
             feedback = {**inputs, "code": f"```python\n{code}\n```", "test_results": report.summary()}
             code = extract_code(await self._generate(call, feedback, _PROTOCOL["fix"], "fix"))
         call.attributes |= {
+            "gen_ai.tool.name": "python",
             "cegraph.test.passed": report.passed,
             "cegraph.test.failures": len(report.failures),
         }
@@ -607,7 +627,7 @@ class WorkflowRuntime:
                 break
             if attempt == attempts - 1:
                 raise ToolArgumentError(f"{tool.name}: {problem}")
-            call.retry("ToolArgumentError", problem)
+            call.retry("invalid_arguments", problem)
             messages = [
                 *messages,
                 Message(role="assistant", content=text),
