@@ -1,0 +1,211 @@
+"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 that speaks the protocol."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cegraph.connectors.llm_openai import OpenAIChatBackend, retry_after_s
+from cegraph.daemon.llm import (
+    CallContext,
+    LLMBadResponseError,
+    LLMRequestError,
+    LLMRetriesExhaustedError,
+    LLMTimeoutError,
+    Message,
+)
+from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.schemas.workflow import parse_spec
+
+CONTEXT = CallContext(workflow_id="w", node_id="n", node_kind="llm", purpose="answer", call_index=0)
+MESSAGES = [Message(role="system", content="Be brief."), Message(role="user", content="What is 6 * 7?")]
+
+
+@dataclass
+class Reply:
+    """One scripted answer: status, extra headers, body; `delay_s` before answering."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+def completion(
+    text: str, *, prompt_tokens: int = 11, completion_tokens: int = 3, finish: str = "stop"
+) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "local-model-v2",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": 14},
+    }
+
+
+class ChatServer:
+    """A chat-completions endpoint answering from a script (the default answer once it runs out)."""
+
+    def __init__(self) -> None:
+        self.script: deque[Reply] = deque()
+        self.requests: list[tuple[str, dict[str, str], dict]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, dict(self.headers), body))
+                reply = server.script.popleft() if server.script else Reply(body=completion("42"))
+                time.sleep(reply.delay_s)
+                payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                try:
+                    self.send_response(reply.status)
+                    for name, value in {"Content-Type": "application/json", **reply.headers}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting: that is what a timeout test wants
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # don't wait for a handler still sleeping for a timeout test
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> ChatServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[ChatServer]:
+    with ChatServer() as running:
+        yield running
+
+
+async def complete(backend: OpenAIChatBackend, **overrides: Any):
+    options = {
+        "model": "local-model",
+        "temperature": 0.2,
+        "max_tokens": 50,
+        "seed": 2**40 + 5,
+        "context": CONTEXT,
+    }
+    try:
+        return await backend.complete(MESSAGES, **{**options, **overrides})
+    finally:
+        await backend.aclose()
+
+
+async def test_a_round_trip_sends_the_request_and_records_usage(server):
+    server.script.append(
+        Reply(body=completion("Answer: 42", prompt_tokens=17, completion_tokens=4, finish="length"))
+    )
+    result = await complete(OpenAIChatBackend(server.url, api_key="sk-test-key"))
+    assert (result.text, result.input_tokens, result.output_tokens) == ("Answer: 42", 17, 4)
+    assert result.finish_reason == "length" and result.model == "local-model-v2"
+    [(path, headers, body)] = server.requests
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == "Bearer sk-test-key"
+    assert body == {
+        "model": "local-model",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 6 * 7?"},
+        ],
+        "temperature": 0.2,
+        "seed": (2**40 + 5) % 2**31,
+        "max_tokens": 50,
+    }
+
+
+async def test_a_429_is_retried_after_retry_after_and_then_succeeds(server):
+    server.script.extend(
+        [
+            Reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"}),
+            Reply(body=completion("ok")),
+        ]
+    )
+    started = time.monotonic()
+    result = await complete(OpenAIChatBackend(server.url, backoff_s=0.01))
+    assert result.text == "ok" and len(server.requests) == 2
+    assert time.monotonic() - started >= 0.3, "Retry-After must be honoured"
+
+
+async def test_server_errors_back_off_and_then_give_up(server):
+    server.script.extend([Reply(503, {"error": "overloaded"}) for _ in range(3)])
+    with pytest.raises(LLMRetriesExhaustedError, match=r"failed on all 3 attempts; last: HTTP 503"):
+        await complete(OpenAIChatBackend(server.url, max_retries=2, backoff_s=0.01))
+    assert len(server.requests) == 3
+
+
+async def test_a_timeout_surfaces_as_a_clear_error(server):
+    server.script.extend([Reply(body=completion("late"), delay_s=1.5) for _ in range(2)])
+    started = time.monotonic()
+    with pytest.raises(LLMTimeoutError, match=r"timed out on all 2 attempts \(no answer within 0.3s\)"):
+        await complete(OpenAIChatBackend(server.url, timeout_s=0.3, max_retries=1, backoff_s=0.01))
+    assert time.monotonic() - started < 1.5
+    assert len(server.requests) == 2
+
+
+async def test_a_client_error_is_not_retried(server):
+    server.script.append(Reply(400, {"error": {"message": "unknown model"}}))
+    with pytest.raises(LLMRequestError, match="HTTP 400"):
+        await complete(OpenAIChatBackend(server.url))
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("body", [b"<html>gateway</html>", {"choices": []}, {"object": "error"}])
+async def test_a_200_without_a_completion_is_a_bad_response(server, body):
+    server.script.append(Reply(200, body))
+    with pytest.raises(LLMBadResponseError, match="without a usable chat completion"):
+        await complete(OpenAIChatBackend(server.url))
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    assert retry_after_s("2.5") == 2.5
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < (retry_after_s(future) or 0) <= 30
+
+
+async def test_the_runtime_runs_unchanged_against_the_endpoint(server):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    backend = OpenAIChatBackend(server.url, provider="vllm")
+    spec = parse_spec(
+        {"id": "echo", "version": "1.0.0", "model": "local-model", "input_schema": {"question": {}},
+         "entry": "ask", "output": "ask",
+         "nodes": {"ask": {"kind": "llm", "inputs": {"q": "input.question"}}}}
+    )  # fmt: skip
+    result = await WorkflowRuntime(backend, provider).execute(spec, {"question": "6 * 7?"}, seed=1)
+    await backend.aclose()
+    assert result.output == "42"
+    [span] = [span for span in exporter.get_finished_spans() if span.parent is not None]
+    assert span.attributes["gen_ai.provider.name"] == "vllm"
+    assert span.attributes["gen_ai.response.model"] == "local-model-v2"
+    assert (span.attributes["gen_ai.usage.input_tokens"], span.attributes["gen_ai.usage.output_tokens"]) == (
+        11,
+        3,
+    )
