@@ -1,0 +1,229 @@
+"""The Failure Signature Space: each failure becomes a point, where it failed and what it says.
+
+A signature is a dense vector of `DIM` floats in three blocks, each L2-normalised, then weighted
+(`BLOCK_WEIGHTS`):
+
+- structure (32 dims, signed feature hashing; feature weight in brackets): `node` workflow/node id
+  (1.0), `kind` node kind (0.5), `op` operation (0.3), `path` the last three node ids from the root
+  (0.5), `depth` (0.2), `sibling` position among siblings (0.1), `retries` earlier siblings of the
+  same node (0.3), `source` error / truncated / evaluation / feedback (0.5), `tool` tool name (0.5).
+- semantics (96 dims, signed feature hashing of log TF x online IDF): terms of the error type and
+  exception class (x2, plus an `err=` feature), the normalised error message (x1.5), the critique
+  (x1.5), the span's output (x1) and the part of its input that is new to it, not the shared prompt
+  (x0.5).
+- traits (8 dims): log input and output tokens, latency relative to the node's running norm
+  (z-score, clipped to +-3), finish reason length / content filter / stop / other, has-exception.
+
+Hashing uses blake2b, never Python's `hash()`, so signatures don't depend on `PYTHONHASHSEED`; the
+featurizer learns online (document frequencies, per-node latency norms) and is deterministic for the
+same stream. `SignatureFeaturizer` follows River's transformer API (`learn_one`, `transform_one`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from cegraph.daemon.failures import Failure
+
+STRUCTURE_DIM, TEXT_DIM, TRAITS_DIM = 32, 96, 8
+DIM = STRUCTURE_DIM + TEXT_DIM + TRAITS_DIM
+BLOCK_WEIGHTS = {"structure": 0.55, "text": 1.0, "traits": 0.25}
+DF_BUCKETS = 1 << 18
+MAX_NODE_NORMS = 10_000
+OUTPUT_CHARS = 1_500
+NEW_INPUT_CHARS = 1_000
+
+_TOKEN = re.compile(r"[a-z][a-z0-9_]{1,30}")
+_HEX = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_QUOTED = re.compile(r"'[^']{1,200}'|\"[^\"]{1,200}\"")
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def normalize_message(text: str) -> str:
+    """Lowercase, and mask what varies between occurrences of the same error: ids, numbers, quotes."""
+    text = text.lower()
+    text = _HEX.sub(" hexid ", text)
+    text = _QUOTED.sub(" quoted ", text)
+    return _NUMBER.sub(" num ", text)
+
+
+def terms(text: str) -> list[str]:
+    return _TOKEN.findall(normalize_message(text))
+
+
+def _message_text(value: str) -> str:
+    """The content of chat-message JSON (OpenInference / GenAI message lists), or the text itself."""
+    stripped = value.lstrip()
+    if not stripped.startswith(("{", "[")):
+        return value
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+    parts: list[str] = []
+
+    def walk(item: object) -> None:
+        if isinstance(item, dict):
+            for key in ("content", "text", "message", "messages", "parts"):
+                if key in item:
+                    walk(item[key])
+        elif isinstance(item, list):
+            for element in item:
+                walk(element)
+        elif isinstance(item, str):
+            parts.append(item)
+
+    walk(data)
+    return "\n".join(parts) if parts else value
+
+
+def new_input(value: str) -> str:
+    """What is new to this span's input: the last message, not the shared system prompt before it."""
+    text = _message_text(value)
+    return text[-NEW_INPUT_CHARS:]
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureParts:
+    """The named features of one failure, before hashing (kept for mode descriptions and tests)."""
+
+    structure: dict[str, float]
+    text_terms: dict[str, float]  # term -> weight of its field
+    traits: np.ndarray
+
+
+def describe(failure: Failure) -> SignatureParts:
+    node = failure.node
+    structure = {
+        f"node={node.workflow_id}/{node.node_id}": 1.0,
+        f"kind={node.kind}": 0.5,
+        f"op={node.operation}": 0.3,
+        f"path={'/'.join(failure.path[-3:])}": 0.5,
+        f"depth={min(failure.depth, 8)}": 0.2,
+        f"sibling={min(failure.sibling_index, 5)}": 0.1,
+        f"retries={min(failure.retries_before, 3)}": 0.3,
+        f"source={failure.source}": 0.5,
+    }
+    if node.tool_name:
+        structure[f"tool={node.tool_name}"] = 0.5
+    fields = [
+        (f"{node.error_type} {node.exception_type}", 2.0),
+        (failure.message, 1.5),
+        (failure.critique, 1.5),
+        (_message_text(node.output_text)[:OUTPUT_CHARS], 1.0),
+        (new_input(node.input_text), 0.5),
+    ]
+    text_terms: dict[str, float] = {}
+    for text, weight in fields:
+        for term in terms(text):
+            text_terms[term] = text_terms.get(term, 0.0) + weight
+    for name in (node.error_type, node.exception_type):
+        if name:
+            text_terms[f"err={name.lower()}"] = text_terms.get(f"err={name.lower()}", 0.0) + 3.0
+    finish = set(node.finish_reasons)
+    traits = np.array(
+        [
+            math.log1p(node.input_tokens or 0) / 10,
+            math.log1p(node.output_tokens or 0) / 10,
+            0.0,  # latency z-score, filled in by the featurizer
+            1.0 if "length" in finish or "max_tokens" in finish else 0.0,
+            1.0 if "content_filter" in finish else 0.0,
+            1.0 if "stop" in finish else 0.0,
+            1.0 if finish - {"length", "max_tokens", "content_filter", "stop"} else 0.0,
+            1.0 if node.exception_type else 0.0,
+        ],
+        dtype=np.float64,
+    )
+    return SignatureParts(structure, text_terms, traits)
+
+
+def _hashed(features: dict[str, float], dim: int, weights: dict[int, float] | None = None) -> np.ndarray:
+    vector = np.zeros(dim)
+    for name, value in features.items():
+        h = stable_hash(name)
+        scale = value * (weights.get(h % DF_BUCKETS, 1.0) if weights is not None else 1.0)
+        vector[h % dim] += scale if (h >> 32) & 1 else -scale
+    norm = np.linalg.norm(vector)
+    return vector / norm if norm > 0 else vector
+
+
+class _RunningNorm:
+    """Welford mean and variance of one node's latency."""
+
+    __slots__ = ("count", "m2", "mean")
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+
+    def zscore(self, value: float) -> float:
+        if self.count < 5:
+            return 0.0
+        std = math.sqrt(self.m2 / (self.count - 1))
+        return 0.0 if std == 0 else max(-3.0, min(3.0, (value - self.mean) / std)) / 3.0
+
+
+class SignatureFeaturizer:
+    """Failure -> point in the FSS. Learns document frequencies and latency norms online."""
+
+    def __init__(self) -> None:
+        self.documents = 0
+        self.document_frequency = np.zeros(DF_BUCKETS, dtype=np.int64)
+        self.latency: OrderedDict[str, _RunningNorm] = OrderedDict()
+
+    def learn_one(self, failure: Failure, parts: SignatureParts | None = None) -> None:
+        parts = parts or describe(failure)
+        self.documents += 1
+        buckets = {stable_hash(term) % DF_BUCKETS for term in parts.text_terms}
+        self.document_frequency[list(buckets)] += 1
+        node = failure.node
+        key = f"{node.workflow_id}/{node.node_id}"
+        norm = self.latency.get(key)
+        if norm is None:
+            norm = self.latency[key] = _RunningNorm()
+            if len(self.latency) > MAX_NODE_NORMS:
+                self.latency.popitem(last=False)
+        else:
+            self.latency.move_to_end(key)
+        norm.update(max(node.end_ns - node.start_ns, 0) / 1e6)
+
+    def idf(self, term: str) -> float:
+        df = int(self.document_frequency[stable_hash(term) % DF_BUCKETS])
+        return math.log((self.documents + 1) / (df + 1)) + 1.0
+
+    def transform_one(self, failure: Failure, parts: SignatureParts | None = None) -> np.ndarray:
+        parts = parts or describe(failure)
+        text = {term: math.log1p(weight) * self.idf(term) for term, weight in parts.text_terms.items()}
+        traits = parts.traits.copy()
+        node = failure.node
+        norm = self.latency.get(f"{node.workflow_id}/{node.node_id}")
+        if norm is not None:
+            traits[2] = norm.zscore(max(node.end_ns - node.start_ns, 0) / 1e6)
+        return np.concatenate(
+            [
+                BLOCK_WEIGHTS["structure"] * _hashed(parts.structure, STRUCTURE_DIM),
+                BLOCK_WEIGHTS["text"] * _hashed(text, TEXT_DIM),
+                BLOCK_WEIGHTS["traits"] * traits,
+            ]
+        )
+
+    def learn_transform_one(self, failure: Failure) -> tuple[np.ndarray, SignatureParts]:
+        parts = describe(failure)
+        self.learn_one(failure, parts)
+        return self.transform_one(failure, parts), parts

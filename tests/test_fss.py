@@ -1,0 +1,202 @@
+"""Failure labeling, the signature featurizer and the mode tracker, on hand-built and planted data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fss_fixtures import node, planted_stream, verdict
+from sklearn.metrics import adjusted_mutual_info_score
+
+from cegraph.daemon.density import NOISE, ModeTracker
+from cegraph.daemon.failures import FeedbackSignal, label_failures
+from cegraph.daemon.signature import DIM, STRUCTURE_DIM, SignatureFeaturizer, describe, normalize_message
+
+# ------------------------------------------------------------------ labeling
+
+
+def test_the_deepest_failing_span_is_the_point_of_a_propagated_error():
+    nodes = [
+        node(1, None, "root", "workflow", 0, status="error"),
+        node(2, 1, "plan", "llm", 1),
+        node(3, 1, "tool", "tool", 2, status="error", exception_type="ValueError", exception_message="bad"),
+        node(
+            4, 3, "parse", "code", 3, status="error", exception_type="ValueError", exception_message="bad x"
+        ),
+    ]
+    failures = label_failures(nodes)
+    assert [(f.node.node_id, f.source) for f in failures] == [("parse", "error")]
+    assert failures[0].path == ("root", "tool", "parse")
+    assert failures[0].depth == 2
+    assert failures[0].message == "bad x"
+
+
+def test_independent_errors_are_separate_counterexamples_in_execution_order():
+    nodes = [
+        node(1, None, "root", "workflow", 0),
+        node(3, 1, "b", "tool", 5, error_type="RateLimit"),
+        node(2, 1, "a", "tool", 1, status="error"),
+    ]
+    assert [f.node.node_id for f in label_failures(nodes)] == ["a", "b"]
+
+
+def test_truncation_is_a_hard_failure():
+    nodes = [node(1, None, "root", "workflow"), node(2, 1, "write", "llm", 1, finish_reasons=["length"])]
+    assert [(f.node.node_id, f.source) for f in label_failures(nodes)] == [("write", "truncated")]
+
+
+def test_a_verdict_on_the_whole_execution_points_at_the_last_llm_span():
+    nodes = [
+        node(1, None, "root", "workflow", 0, evaluations=[verdict(False, "wrong total")]),
+        node(2, 1, "draft", "llm", 1),
+        node(3, 1, "answer", "llm", 5),
+        node(4, 1, "log", "tool", 9),
+    ]
+    [failure] = label_failures(nodes)
+    assert (failure.node.node_id, failure.source, failure.critique) == ("answer", "evaluation", "wrong total")
+
+
+def test_a_verdict_on_a_span_points_at_that_span_and_a_pass_is_no_failure():
+    nodes = [
+        node(1, None, "root", "workflow", 0, evaluations=[verdict(True)]),
+        node(2, 1, "extract", "llm", 1, evaluations=[verdict(False, "missing field date")]),
+    ]
+    [failure] = label_failures(nodes)
+    assert failure.node.node_id == "extract" and failure.critique == "missing field date"
+
+
+def test_an_openinference_evaluator_judges_its_parent():
+    nodes = [
+        node(1, None, "root", "chain", 0),
+        node(2, 1, "retrieve", "retrieve", 1),
+        node(3, 2, "relevance", "evaluator", 2, evaluations=[verdict(False, "unrelated documents")]),
+    ]
+    [failure] = label_failures(nodes)
+    assert failure.node.node_id == "retrieve"
+
+
+def test_feedback_names_its_span_or_falls_back_to_the_answer():
+    nodes = [
+        node(1, None, "root", "workflow", 0),
+        node(2, 1, "search", "tool", 1),
+        node(3, 1, "answer", "llm", 2),
+    ]
+    named = FeedbackSignal("a" * 32, f"{2:016x}", "used the wrong tool", "annotation")
+    unnamed = FeedbackSignal("a" * 32, None, "thumbs down", "user")
+    failures = label_failures(nodes, [named, unnamed])
+    assert [(f.node.node_id, f.critique) for f in failures] == [
+        ("search", "used the wrong tool"), ("answer", "thumbs down"),
+    ]  # fmt: skip
+
+
+def test_retries_and_sibling_position():
+    nodes = [
+        node(1, None, "root", "workflow", 0),
+        node(2, 1, "call", "tool", 1, status="error"),
+        node(3, 1, "call", "tool", 2, status="error"),
+    ]
+    second = label_failures(nodes)[1]
+    assert (second.sibling_index, second.retries_before) == (1, 1)
+
+
+# ------------------------------------------------------------------ signatures
+
+
+def test_messages_are_normalised_so_occurrences_of_one_error_match():
+    one = normalize_message("Timeout after 30 s calling 'search' for trace 4bf92f3577b34da6a3ce929d0e0e4736")
+    two = normalize_message("Timeout after 5 s calling 'lookup' for trace 00f067aa0ba902b7ab12cd34ef567890")
+    assert one == two
+
+
+def test_signature_shape_blocks_and_determinism():
+    stream = planted_stream(200, seed=3, modes={"calc": 1, "search": 1, "format": 1})
+    first, second = SignatureFeaturizer(), SignatureFeaturizer()
+    a = [first.learn_transform_one(f)[0] for f, _ in stream]
+    b = [second.learn_transform_one(f)[0] for f, _ in stream]
+    assert all(v.shape == (DIM,) for v in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    structure = np.linalg.norm(a[0][:STRUCTURE_DIM])
+    assert structure == pytest.approx(0.55)
+
+
+def test_same_mode_is_closer_than_other_modes():
+    stream = planted_stream(300, seed=5, modes={"calc": 1, "search": 1, "format": 1})
+    featurizer = SignatureFeaturizer()
+    vectors = [(featurizer.learn_transform_one(f)[0], mode) for f, mode in stream]
+    by_mode: dict[str, list[np.ndarray]] = {}
+    for vector, mode in vectors[100:]:
+        by_mode.setdefault(mode, []).append(vector)
+    centres = {mode: np.mean(vs, axis=0) for mode, vs in by_mode.items()}
+    for mode, vs in by_mode.items():
+        within = np.mean([np.linalg.norm(v - centres[mode]) for v in vs])
+        across = min(np.linalg.norm(centres[mode] - centres[o]) for o in centres if o != mode)
+        assert within < across / 2, (mode, within, across)
+
+
+def test_describe_names_the_features():
+    failure = planted_stream(1, seed=1, modes={"calc": 1})[0][0]
+    parts = describe(failure)
+    assert "node=wf/calc" in parts.structure and "source=error" in parts.structure
+    assert "err=valueerror" in parts.text_terms and "convert" in parts.text_terms
+    assert parts.traits[7] == 1.0  # has an exception
+
+
+def test_idf_discounts_terms_every_failure_shares():
+    featurizer = SignatureFeaturizer()
+    for failure, _ in planted_stream(300, seed=2, modes={"calc": 1, "search": 1}):
+        featurizer.learn_one(failure)
+    assert featurizer.idf("convert") > featurizer.idf("to")  # "to" is in both modes' messages
+
+
+# ------------------------------------------------------------------ modes
+
+
+def run_tracker(stream, tracker: ModeTracker, batch: int = 50) -> list[str]:
+    featurizer = SignatureFeaturizer()
+    assigned: list[str] = []
+    for start in range(0, len(stream), batch):
+        for failure, _ in stream[start : start + batch]:
+            tracker.learn_one(featurizer.learn_transform_one(failure)[0])
+        assigned.extend(tracker.assign()[0])
+    return assigned
+
+
+def test_planted_modes_are_found():
+    stream = planted_stream(3_000, seed=11, modes={"calc": 0.3, "search": 0.3, "format": 0.3, "noise": 0.1})
+    assigned = run_tracker(stream, ModeTracker())
+    truth = [mode for _, mode in stream]
+    planted = [i for i in range(1_000, len(stream)) if truth[i] != "noise"]
+    score = adjusted_mutual_info_score([truth[i] for i in planted], [assigned[i] for i in planted])
+    assert score >= 0.9, score
+    found = {assigned[i] for i in planted} - {NOISE}
+    assert len(found) == 3
+
+
+def test_mode_ids_stay_stable_and_a_new_mode_gets_a_new_id():
+    early = planted_stream(1_500, seed=4, modes={"calc": 1, "search": 1})
+    late = planted_stream(1_500, seed=5, modes={"calc": 1, "search": 1, "format": 1})
+    tracker = ModeTracker()
+    assigned = run_tracker(early + late, tracker)
+    truth = [mode for _, mode in early + late]
+
+    def ids_of(mode: str, lo: int, hi: int) -> set[str]:
+        return {assigned[i] for i in range(lo, hi) if truth[i] == mode} - {NOISE}
+
+    for mode in ("calc", "search"):
+        assert len(ids_of(mode, 500, 3_000)) == 1, mode  # the same id before and after the new mode
+    new = ids_of("format", 2_000, 3_000)
+    assert len(new) == 1 and new.isdisjoint(ids_of("calc", 0, 3_000) | ids_of("search", 0, 3_000))
+
+
+def test_a_mode_whose_cause_stops_fades():
+    tracker = ModeTracker(half_life=300)
+    before = planted_stream(600, seed=6, modes={"calc": 1, "search": 1})
+    after = planted_stream(4_000, seed=7, modes={"search": 1})
+    featurizer = SignatureFeaturizer()
+    changes = []
+    for start in range(0, len(before + after), 50):
+        for failure, _ in (before + after)[start : start + 50]:
+            tracker.learn_one(featurizer.learn_transform_one(failure)[0])
+        changes.extend(tracker.assign()[1])
+    assert [c.kind for c in changes].count("emerged") >= 2
+    assert any(c.kind == "faded" for c in changes)
+    assert len(tracker.modes) == 1
