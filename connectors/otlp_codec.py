@@ -40,8 +40,17 @@ def _any_value(value: Any) -> Any:
     return getattr(value, kind)
 
 
+_SCALAR_KINDS = frozenset({"string_value", "bool_value", "int_value", "double_value", "bytes_value"})
+
+
 def _attributes(pairs: Any) -> Attributes:
-    return {kv.key: _any_value(kv.value) for kv in pairs}
+    """Hot path (every attribute of every span): scalars without a call per value."""
+    attributes = {}
+    for kv in pairs:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        attributes[kv.key] = getattr(value, kind) if kind in _SCALAR_KINDS else _any_value(value)
+    return attributes
 
 
 def decode_proto(payload: bytes) -> list[SpanRecord]:

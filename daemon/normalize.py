@@ -105,6 +105,8 @@ def _float_or_none(value: Any) -> float | None:
 
 def _indexed_messages(attributes: Attributes, prefix: str) -> str:
     """OpenInference flattens messages as `llm.input_messages.<i>.message.content`."""
+    if f"{prefix}0.message.content" not in attributes and f"{prefix}0.message.role" not in attributes:
+        return ""  # the common case, without a scan of every key
     parts = []
     for key, value in attributes.items():
         if key.startswith(prefix) and key.endswith(".message.content"):

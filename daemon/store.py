@@ -10,6 +10,7 @@ and counts nothing twice. Bulk writes go through Arrow tables, never `executeman
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -123,24 +124,25 @@ FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{FEEDBACK_RECEIVED}';
 """
 
 
+_NODE_ROW = operator.attrgetter(*NODE_FIELDS)
+
+
 def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
     """The span rows of the span-carrying events, columnar: the event log's bulk part."""
-    rows = [
-        (seq, event.type == EXECUTION_AMENDED, node)
-        for seq, event in numbered
-        if event.type in SPAN_EVENTS
-        for node in event.payload["nodes"]
-    ]
+    seqs: list[int] = []
+    amended: list[bool] = []
+    rows: list[tuple[Any, ...]] = []
+    for seq, event in numbered:
+        if event.type in SPAN_EVENTS:
+            nodes = event.payload["nodes"]
+            seqs.extend([seq] * len(nodes))
+            amended.extend([event.type == EXECUTION_AMENDED] * len(nodes))
+            rows.extend(map(_NODE_ROW, nodes))
     if not rows:
         return None
-    columns: dict[str, Any] = {
-        "seq": [seq for seq, _, _ in rows],
-        "amended": [amended for _, amended, _ in rows],
-    }
-    nodes = [node for _, _, node in rows]
-    for name in NODE_FIELDS:
-        columns[name] = [getattr(node, name) for node in nodes]
-    columns["evaluations"] = [orjson.dumps(n.evaluations).decode() if n.evaluations else "[]" for n in nodes]
+    columns: dict[str, Any] = {"seq": seqs, "amended": amended}
+    columns.update(zip(NODE_FIELDS, map(list, zip(*rows, strict=True)), strict=True))
+    columns["evaluations"] = [orjson.dumps(e).decode() if e else "[]" for e in columns["evaluations"]]
     columns["finish_reasons"] = pa.array(columns["finish_reasons"], pa.list_(pa.string()))
     return pa.table(columns)
 

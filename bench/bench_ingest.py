@@ -1,0 +1,187 @@
+"""Ingest throughput: spans/s end to end beside the raw ceiling, on the same payloads, in one run.
+
+- ceiling: protobuf decode and a walk over every span and attribute, nothing else;
+- end to end: decode, normalize, assemble, DuckDB commit (events, spans, projections, offsets),
+  flushed every batch of `--batch` messages as the Kafka source does.
+Both in-process, and with `--kafka` also from a real broker (the local Apache Kafka of ops/kafka):
+a plain consumer that decodes (ceiling) beside the daemon's own Kafka source (end to end).
+
+    python bench/bench_ingest.py [--traces N] [--kafka] [--out bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "ops" / "kafka")]
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
+from otel_traces import make_traces, to_messages  # noqa: E402
+
+from cegraph.connectors.otlp_codec import decode_proto  # noqa: E402
+from cegraph.daemon.ingest import IngestPipeline, InMessage  # noqa: E402
+from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
+from cegraph.daemon.store import EventStore  # noqa: E402
+
+
+def ceiling(payloads: list[bytes]) -> int:
+    """Decode and walk: the least any consumer of these payloads has to do."""
+    spans = 0
+    for payload in payloads:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(payload)
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    for kv in span.attributes:
+                        kv.value.WhichOneof("value")
+                    spans += 1
+    return spans
+
+
+def end_to_end(payloads: list[bytes], batch: int, store_path: Path) -> int:
+    store = EventStore(store_path)
+    clock = [0.0]
+    settings = IngestSettings(idle_timeout_s=0.05)
+    pipeline = IngestPipeline(
+        store, decode_proto, settings, spans_topic="spans", feedback_topic="feedback", clock=lambda: clock[0]
+    )
+    for start in range(0, len(payloads), batch):
+        pipeline.handle(
+            [InMessage("spans", 0, i, payloads[i]) for i in range(start, min(start + batch, len(payloads)))]
+        )
+        clock[0] += 0.1
+        pipeline.flush()
+    clock[0] += 1.0
+    pipeline.flush()
+    spans = store.stats()["spans"]
+    store.close()
+    return spans
+
+
+def timed(function, *args) -> tuple[int, float]:
+    started = time.perf_counter()
+    spans = function(*args)
+    return spans, time.perf_counter() - started
+
+
+def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from cegraph.connectors.kafka_source import KafkaIngestSource
+    from local_kafka import LocalKafka
+
+    broker = LocalKafka()
+    broker.start()
+    try:
+        topic = f"bench-{uuid.uuid4().hex[:6]}"
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=20, batch_size=1 << 20,
+                                 max_request_size=8 << 20)  # fmt: skip
+        for payload in payloads:
+            producer.send(topic, payload)
+        producer.flush()
+        producer.close()
+        expected = ceiling(payloads)
+
+        consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=broker.bootstrap_servers,
+            auto_offset_reset="earliest",
+            group_id=None,
+            consumer_timeout_ms=5_000,
+            max_partition_fetch_bytes=8 << 20,
+        )
+        started, seen = time.perf_counter(), 0
+        for record in consumer:
+            seen += ceiling([record.value])
+            if seen >= expected:
+                break
+        raw_seconds = time.perf_counter() - started
+        consumer.close()
+
+        settings = Settings(
+            kafka={"bootstrap_servers": broker.bootstrap_servers, "spans_topic": topic,
+                   "feedback_topic": f"{topic}-feedback", "group_id": topic},
+            store={"path": workdir / "kafka.duckdb"},
+            ingest={"idle_timeout_s": 0.05, "batch_size": batch},
+        )  # fmt: skip
+        store = EventStore(settings.store.path)
+        pipeline = IngestPipeline(store, decode_proto, settings.ingest, spans_topic=topic,
+                                  feedback_topic=f"{topic}-feedback")  # fmt: skip
+
+        async def run() -> float:
+            source = KafkaIngestSource(settings, pipeline)
+            await source.start()
+            started = time.perf_counter()
+            while store.stats()["spans"] < expected:
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            await source.stop()
+            return elapsed
+
+        e2e_seconds = asyncio.run(run())
+        store.close()
+        return {
+            "spans": expected,
+            "ceiling_spans_per_s": expected / raw_seconds,
+            "end_to_end_spans_per_s": expected / e2e_seconds,
+        }
+    finally:
+        broker.stop()
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--traces", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=500, help="messages per flush, as ingest.batch_size")
+    parser.add_argument("--kafka", action="store_true", help="also measure through a real local broker")
+    parser.add_argument("--out", type=Path, help="merge the figures into this JSON file")
+    args = parser.parse_args()
+
+    traces = make_traces(args.traces, seed=1)
+    payloads = [m.value for m in to_messages(traces, one_trace_per_message=True, seed=1)]
+    spans = sum(t.span_count for t in traces)
+    with tempfile.TemporaryDirectory() as tmp:
+        ceiling_spans, ceiling_s = timed(ceiling, payloads)
+        e2e_spans, e2e_s = timed(end_to_end, payloads, args.batch, Path(tmp) / "bench.duckdb")
+        assert ceiling_spans == e2e_spans == spans, (ceiling_spans, e2e_spans, spans)
+        result = {
+            "command": "make bench BENCH=ingest",
+            "machine": f"{platform.processor() or platform.machine()}, {platform.python_implementation()} "
+            f"{platform.python_version()}",
+            "in_process": {
+                "spans": spans,
+                "messages": len(payloads),
+                "ceiling_spans_per_s": ceiling_spans / ceiling_s,
+                "end_to_end_spans_per_s": e2e_spans / e2e_s,
+            },
+        }
+        result["in_process"]["ratio_to_ceiling"] = (
+            result["in_process"]["end_to_end_spans_per_s"] / result["in_process"]["ceiling_spans_per_s"]
+        )
+        if args.kafka:
+            result["kafka"] = kafka_part(payloads, args.batch, Path(tmp))
+            result["kafka"]["ratio_to_ceiling"] = (
+                result["kafka"]["end_to_end_spans_per_s"] / result["kafka"]["ceiling_spans_per_s"]
+            )
+    print(json.dumps(result, indent=2))
+    if args.out:
+        existing = json.loads(args.out.read_text()) if args.out.exists() else {}
+        existing["ingest"] = result
+        args.out.write_text(json.dumps(existing, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
