@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
 
-.PHONY: setup test lint format kafka-up kafka-down clean readme-settings
+.PHONY: setup test lint format kafka-up kafka-down clean readme-settings bench
 
 ## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
 setup: $(STAMP)
@@ -29,6 +29,12 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## bench: benchmarks (not tests); BENCH=ingest runs one part; figures go to bench/results.json
+BENCH ?= all
+bench: setup
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = ingest ]; then \
+		$(BIN)/python bench/bench_ingest.py --kafka --out bench/results.json; fi
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address
 kafka-up: setup
