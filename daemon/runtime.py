@@ -517,9 +517,12 @@ class WorkflowRuntime:
             messages = [
                 *messages,
                 Message(role="assistant", content=text),
-                Message(role="user", content=f"Your answer was rejected: {problem}. Answer again, in exactly "
-                        "the required format."),
-            ]  # fmt: skip
+                Message(
+                    role="user",
+                    content=f"Your answer was rejected: {problem}. Answer again, in exactly "
+                    "the required format.",
+                ),
+            ]
         raise AssertionError("unreachable")
 
     async def _llm(self, call: _NodeCall, inputs: dict[str, str]) -> str:
@@ -621,8 +624,9 @@ class WorkflowRuntime:
                 try:
                     tool.arguments.model_validate(arguments)
                 except ValidationError as error:
-                    problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(arguments)'}: {e['msg']}"
-                                        for e in error.errors())  # fmt: skip
+                    problem = "; ".join(
+                        f"{'.'.join(map(str, e['loc'])) or '(arguments)'}: {e['msg']}" for e in error.errors()
+                    )
             if problem is None:
                 break
             if attempt == attempts - 1:
@@ -631,9 +635,12 @@ class WorkflowRuntime:
             messages = [
                 *messages,
                 Message(role="assistant", content=text),
-                Message(role="user", content=f"The arguments were rejected: {problem}. Reply with corrected "
-                        "arguments as a JSON object."),
-            ]  # fmt: skip
+                Message(
+                    role="user",
+                    content=f"The arguments were rejected: {problem}. Reply with corrected "
+                    "arguments as a JSON object.",
+                ),
+            ]
         call.attributes |= {
             "gen_ai.tool.name": tool.name,
             "gen_ai.tool.call.arguments": json.dumps(arguments),

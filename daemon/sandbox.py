@@ -128,13 +128,20 @@ class Sandbox:
         async with self._slots:
             with tempfile.TemporaryDirectory(prefix="cegraph-sandbox-") as folder:
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-I", "-S", "-c", _BOOTSTRAP, str(cpu), str(self._memory), source,
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _BOOTSTRAP,
+                    str(cpu),
+                    str(self._memory),
+                    source,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
                     cwd=folder,
                     env={},
-                )  # fmt: skip
+                )
                 try:
                     stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), timeout_s)
                 except TimeoutError:
@@ -157,8 +164,12 @@ class Sandbox:
         results = json.loads(run.stdout[marker + len("\x1eRESULTS") :])
         return TestReport(
             outcomes=[
-                TestOutcome(test=test, passed=result is None, error_type=(result or ["", ""])[0],
-                            message=(result or ["", ""])[1])
+                TestOutcome(
+                    test=test,
+                    passed=result is None,
+                    error_type=(result or ["", ""])[0],
+                    message=(result or ["", ""])[1],
+                )
                 for test, result in zip(tests, results, strict=True)
             ]
-        )  # fmt: skip
+        )

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
+EXAMPLES_PATH = Path(__file__).with_name("examples")  # baseline specs of the simulated task families
 
 # semver.org's regular expression (2.0.0), anchored.
 SEMVER = re.compile(
@@ -346,8 +347,13 @@ class WorkflowSpec(_Strict):
     def input_model(self) -> type[BaseModel]:
         """A pydantic model of the task input, built from `input_schema`."""
         types: dict[str, Any] = {
-            "string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict,
-        }  # fmt: skip
+            "string": str,
+            "integer": int,
+            "number": float,
+            "boolean": bool,
+            "array": list,
+            "object": dict,
+        }
         fields: dict[str, Any] = {
             name: (types[f.type], ...) if f.required else (types[f.type] | None, None)
             for name, f in self.input_schema.items()
@@ -515,6 +521,11 @@ def parse_spec(data: Mapping[str, Any] | str | bytes, tools: Iterable[str] | Non
         return WorkflowSpec.model_validate(data, context=context)
     except ValidationError as error:
         raise WorkflowSpecError(describe(error)) from None
+
+
+def example_spec(name: str, tools: Iterable[str] | None = None) -> WorkflowSpec:
+    """One of the shipped example specs (`schemas/examples/<name>.json`)."""
+    return parse_spec((EXAMPLES_PATH / f"{name}.json").read_text(), tools=tools)
 
 
 def json_schema() -> dict[str, Any]:

@@ -195,10 +195,16 @@ async def test_the_runtime_runs_unchanged_against_the_endpoint(server):
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     backend = OpenAIChatBackend(server.url, provider="vllm")
     spec = parse_spec(
-        {"id": "echo", "version": "1.0.0", "model": "local-model", "input_schema": {"question": {}},
-         "entry": "ask", "output": "ask",
-         "nodes": {"ask": {"kind": "llm", "inputs": {"q": "input.question"}}}}
-    )  # fmt: skip
+        {
+            "id": "echo",
+            "version": "1.0.0",
+            "model": "local-model",
+            "input_schema": {"question": {}},
+            "entry": "ask",
+            "output": "ask",
+            "nodes": {"ask": {"kind": "llm", "inputs": {"q": "input.question"}}},
+        }
+    )
     result = await WorkflowRuntime(backend, provider).execute(spec, {"question": "6 * 7?"}, seed=1)
     await backend.aclose()
     assert result.output == "42"

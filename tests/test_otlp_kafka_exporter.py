@@ -71,15 +71,20 @@ async def run_through_kafka(
     assert provider.force_flush(30_000)
     provider.shutdown()
 
-    consumer = KafkaConsumer(topic, auto_offset_reset="earliest", consumer_timeout_ms=2_000,
-                             **kafka_python_options(settings))  # fmt: skip
+    consumer = KafkaConsumer(
+        topic, auto_offset_reset="earliest", consumer_timeout_ms=2_000, **kafka_python_options(settings)
+    )
     records, deadline = [], time.monotonic() + 60
     wanted = 4 * executions + executions  # node spans + roots
     try:
         while time.monotonic() < deadline:
             records += [record for batch in consumer.poll(timeout_ms=1_000).values() for record in batch]
-            spans = sum(len(ss.spans) for r in records for rs in _decode(r.value).resource_spans
-                        for ss in rs.scope_spans)  # fmt: skip
+            spans = sum(
+                len(ss.spans)
+                for r in records
+                for rs in _decode(r.value).resource_spans
+                for ss in rs.scope_spans
+            )
             if spans >= wanted:
                 break
     finally:
@@ -117,8 +122,11 @@ async def test_one_trace_per_message_keyed_by_trace_id_with_the_spec_node_graph(
         assert sorted(nodes) == sorted(executed) == sorted(SPEC["nodes"])
         assert all(span.parent_span_id == root.span_id for span in nodes.values())
         assert {n: attributes(s)["cegraph.node.kind"] for n, s in nodes.items()} == {
-            "search": "retrieve", "answer": "llm", "review": "review", "revise": "revise",
-        }  # fmt: skip
+            "search": "retrieve",
+            "answer": "llm",
+            "review": "review",
+            "revise": "revise",
+        }
         for node_id, span in nodes.items():
             assert span.span_id.hex() == result.node(node_id).span_id
         events = [e for s in spans for e in s.events if e.name == "gen_ai.evaluation.result"]
@@ -152,7 +160,14 @@ async def test_without_partitioning_a_message_carries_many_traces(kafka_bootstra
         kafka_bootstrap, topic_name, partition_by_trace=False, executions=4
     )
     assert all(record.key is None for record in records)
-    traces = [{span.trace_id.hex() for rs in _decode(r.value).resource_spans for ss in rs.scope_spans
-               for span in ss.spans} for r in records]  # fmt: skip
+    traces = [
+        {
+            span.trace_id.hex()
+            for rs in _decode(r.value).resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        }
+        for r in records
+    ]
     assert set().union(*traces) == {result.trace_id for result in results}
     assert max(len(t) for t in traces) > 1

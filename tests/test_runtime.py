@@ -22,7 +22,7 @@ from cegraph.daemon.runtime import WorkflowRuntime, answer_key
 from cegraph.daemon.sandbox import Sandbox
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.tools import ToolArgumentError
-from cegraph.schemas.workflow import WorkflowSpec, WorkflowSpecError, parse_spec
+from cegraph.schemas.workflow import WorkflowSpec, WorkflowSpecError, example_spec, parse_spec
 
 RETRIEVAL_QA = {
     "id": "qa-rag",
@@ -32,14 +32,21 @@ RETRIEVAL_QA = {
     "entry": "search",
     "output": "answer",
     "nodes": {
-        "search": {"kind": "retrieve", "retriever": "kb_search", "inputs": {"query": "input.question"},
-                   "params": {"hops": 3, "top_k": 10}},
-        "answer": {"kind": "llm", "prompt": "Answer from the context. End with 'Answer: <name>'.",
-                   "inputs": {"question": "input.question", "context": "search"},
-                   "params": {"temperature": 0.3}},
+        "search": {
+            "kind": "retrieve",
+            "retriever": "kb_search",
+            "inputs": {"query": "input.question"},
+            "params": {"hops": 3, "top_k": 10},
+        },
+        "answer": {
+            "kind": "llm",
+            "prompt": "Answer from the context. End with 'Answer: <name>'.",
+            "inputs": {"question": "input.question", "context": "search"},
+            "params": {"temperature": 0.3},
+        },
     },
     "edges": [{"source": "search", "target": "answer"}],
-}  # fmt: skip
+}
 
 
 def recorder() -> tuple[TracerProvider, InMemorySpanExporter]:
@@ -136,7 +143,7 @@ async def test_a_failed_evaluation_lands_on_the_node_it_blames():
     world = SimWorld(2)
     provider, exporter = recorder()
     runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
-    spec = parse_spec(__import__("pathlib").Path("schemas/examples/qa.json").read_text())
+    spec = example_spec("qa")
     for index, task in enumerate(world.tasks("qa", 40, hops=3)):
         result = await runtime.execute(spec, task.input, seed=index, evaluator=world.evaluator(task))
         if result.failed:
@@ -213,7 +220,7 @@ async def test_a_recovered_retry_is_an_event_not_an_error():
     world = SimWorld(0)
     provider, exporter = recorder()
     runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
-    data = json.loads(__import__("pathlib").Path("schemas/examples/arithmetic-calculator.json").read_text())
+    data = example_spec("arithmetic-calculator").canonical()
     data["nodes"]["calculate"]["params"] |= {"validate_arguments": True, "retries": 3}
     spec = parse_spec(data)
     for index, task in enumerate(world.tasks("arithmetic", 60, digits=5)):
@@ -240,14 +247,26 @@ ROUTED = {
     "entry": "route",
     "output": "done",
     "nodes": {
-        "route": {"kind": "route", "inputs": {"q": "input.question"},
-                  "params": {"routes": [{"label": "numbers", "pattern": r"\d"}], "default": "words"}},
-        "count": {"kind": "code", "source": "import json, sys\nq = json.load(sys.stdin)['q']\n"
-                  "print(sum(c.isdigit() for c in q))", "inputs": {"q": "input.question"}},
-        "shout": {"kind": "code", "source": "import json, sys\nprint(json.load(sys.stdin)['q'].upper())",
-                  "inputs": {"q": "input.question"}},
-        "done": {"kind": "code", "source": "import json, sys\nprint('result:', json.load(sys.stdin)['r'])",
-                 "inputs": {"r": ["count", "shout"]}},
+        "route": {
+            "kind": "route",
+            "inputs": {"q": "input.question"},
+            "params": {"routes": [{"label": "numbers", "pattern": r"\d"}], "default": "words"},
+        },
+        "count": {
+            "kind": "code",
+            "source": "import json, sys\nq = json.load(sys.stdin)['q']\nprint(sum(c.isdigit() for c in q))",
+            "inputs": {"q": "input.question"},
+        },
+        "shout": {
+            "kind": "code",
+            "source": "import json, sys\nprint(json.load(sys.stdin)['q'].upper())",
+            "inputs": {"q": "input.question"},
+        },
+        "done": {
+            "kind": "code",
+            "source": "import json, sys\nprint('result:', json.load(sys.stdin)['r'])",
+            "inputs": {"r": ["count", "shout"]},
+        },
     },
     "edges": [
         {"source": "route", "target": "count", "when": "numbers"},
@@ -255,7 +274,7 @@ ROUTED = {
         {"source": "count", "target": "done"},
         {"source": "shout", "target": "done"},
     ],
-}  # fmt: skip
+}
 
 
 async def test_a_route_runs_one_branch_and_the_join_takes_what_ran():
@@ -278,7 +297,7 @@ async def test_a_route_runs_one_branch_and_the_join_takes_what_ran():
 async def test_executions_are_reproducible_per_seed_whatever_runs_concurrently():
     world = SimWorld(4)
     runtime = WorkflowRuntime(world.llm(), TracerProvider(), tools=world.tools())
-    spec = parse_spec(__import__("pathlib").Path("schemas/examples/arithmetic.json").read_text())
+    spec = example_spec("arithmetic")
     tasks = world.tasks("arithmetic", 30)
     one_by_one = [await runtime.execute(spec, task.input, seed=index) for index, task in enumerate(tasks)]
     together = await asyncio.gather(
@@ -320,8 +339,9 @@ async def test_the_callback_exporter_hands_over_collector_format_messages():
     result = await runtime.execute(parse_spec(RETRIEVAL_QA), world.task("qa", 1).input, seed=3)
     assert {key for key, _ in received} == {result.trace_id.encode()}
     decoded = [ExportTraceServiceRequest.FromString(payload) for _, payload in received]
-    names = {span.name for request in decoded for rs in request.resource_spans for ss in rs.scope_spans
-             for span in ss.spans}  # fmt: skip
+    names = {
+        span.name for r in decoded for rs in r.resource_spans for ss in rs.scope_spans for span in ss.spans
+    }
     assert names == {"invoke_workflow qa-rag", "retrieval kb_search", "chat sim-1"}
 
 

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import jsonpatch
 import pytest
 
 from cegraph.daemon.sim import SimWorld
 from cegraph.schemas.workflow import (
+    EXAMPLES_PATH,
     SCHEMA_PATH,
     SEMVER,
     WorkflowSpecError,
     compute_hash,
+    example_spec,
     json_schema,
     parse_spec,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "schemas" / "examples"
 TOOLS = ["calculator", "kb_search"]
 
 
@@ -56,7 +56,9 @@ def problems(data: dict, tools: list[str] | None = TOOLS) -> list[str]:
 def test_the_example_specs_are_valid_against_the_simulated_tools():
     names = set(SimWorld(0).tools())
     assert names == set(TOOLS)
-    specs = {path.stem: parse_spec(path.read_text(), tools=names) for path in sorted(EXAMPLES.glob("*.json"))}
+    specs = {
+        path.stem: parse_spec(path.read_text(), tools=names) for path in sorted(EXAMPLES_PATH.glob("*.json"))
+    }
     assert set(specs) == {"arithmetic", "arithmetic-calculator", "extraction", "qa", "coding"}
     assert all(spec.content_hash and spec.content_hash.startswith("sha256:") for spec in specs.values())
 
@@ -192,7 +194,7 @@ def test_the_checked_in_json_schema_is_the_generated_one():
 
 def test_a_json_patch_inserts_a_node_and_rewires_edges():
     """Insert a format node between extract and the output, the way an operator's patch would."""
-    base = parse_spec((EXAMPLES / "extraction.json").read_text())
+    base = example_spec("extraction")
     node = {"kind": "format", "inputs": {"answer": "extract"}, "params": {"output_format": "json"}}
     patch = jsonpatch.JsonPatch(
         [
@@ -201,7 +203,7 @@ def test_a_json_patch_inserts_a_node_and_rewires_edges():
             {"op": "replace", "path": "/output", "value": "format"},
             {"op": "replace", "path": "/version", "value": "1.1.0"},
         ]
-    )  # fmt: skip
+    )
     patched = parse_spec(patch.apply(base.canonical()), tools=TOOLS)
     assert patched.output == "format" and patched.topological_levels() == [["extract"], ["format"]]
     assert patched.content_hash != base.content_hash
@@ -227,7 +229,7 @@ def test_a_guarded_patch_removes_an_edge_and_refuses_a_stale_base():
 
 
 def test_the_input_model_checks_task_inputs():
-    model = parse_spec((EXAMPLES / "coding.json").read_text()).input_model()
+    model = example_spec("coding").input_model()
     assert model.model_validate({"task": "t", "tests": ["assert True"]}).model_dump() == {
         "task": "t",
         "tests": ["assert True"],

@@ -166,7 +166,7 @@ class Arithmetic(Family):
             input={"question": text},
             truth={"answer": total},
             features={"digits": digits, "steps": count, "multiplies": steps[-1][0] == "*"},
-        )  # fmt: skip
+        )
 
     def find(self, text: str) -> Problem | None:
         start = _START.search(text)

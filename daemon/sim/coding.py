@@ -11,10 +11,13 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cegraph.daemon.sandbox import extract_code
+from cegraph.daemon.sandbox import TestReport, extract_code
 from cegraph.daemon.sim.core import Family, SimCall, Task
+
+if TYPE_CHECKING:
+    from cegraph.daemon.sim.world import SimWorld
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,12 @@ def _normalized(code: str) -> str:
 class Coding(Family):
     name = "coding"
     check = "hidden_tests"
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, world: SimWorld) -> None:
+        super().__init__(world)
+        # The model writes few distinct programs per task: judge each (program, tests) pair once.
+        self._reports: dict[tuple[str, tuple[str, ...]], TestReport] = {}
 
     def generate(self, rng: random.Random, index: int, **options: Any) -> Task:
         choices = [t for t in TEMPLATES if options.get("difficulty") in (None, t.difficulty)]
@@ -256,7 +265,13 @@ class Coding(Family):
 
     async def verdict(self, task: Task, output: str) -> tuple[bool, float, str]:
         tests = list(task.truth["tests"])
-        report = await self.world.sandbox.run_tests(extract_code(output), tests)
+        key = (extract_code(output), tuple(tests))
+        report = self._reports.get(key)
+        if report is None:
+            report = await self.world.sandbox.run_tests(key[0], tests)
+            if len(self._reports) >= self._CACHE_LIMIT:
+                self._reports.clear()
+            self._reports[key] = report
         if report.passed:
             return True, 1.0, f"all {len(tests)} hidden tests pass"
         passed = len(report.outcomes) - len(report.failures) if report.error is None else 0

@@ -68,7 +68,7 @@ _COMPANY = re.compile(
 )
 _ORDER = re.compile(r"(\d+) units of (.+?)(?= to [A-Z]| by | before |[.?])")
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})|([A-Z][a-z]+) (\d{1,2}), (\d{4})|(\d{1,2})/(\d{1,2})/(\d{4})")
-_JSON_ONLY = re.compile(r"\bonly\b[^.\n]*\bjson\b|\bjson\b[^.\n]*\bonly\b", re.I)  # fmt: skip
+_JSON_ONLY = re.compile(r"\bonly\b[^.\n]*\bjson\b|\bjson\b[^.\n]*\bonly\b", re.I)
 
 
 class Order(BaseModel):
@@ -113,24 +113,41 @@ class Extraction(Family):
         company, product = rng.choice(COMPANIES), rng.choice(PRODUCTS)
         quantity = rng.randint(2, 400)
         due = date.fromordinal(date(2025, 1, 1).toordinal() + rng.randrange(700))
-        written = rng.choice([due.isoformat(), f"{MONTHS[due.month - 1]} {due.day}, {due.year}",
-                              f"{due.day}/{due.month}/{due.year}"])  # fmt: skip
+        written = rng.choice(
+            [
+                due.isoformat(),
+                f"{MONTHS[due.month - 1]} {due.day}, {due.year}",
+                f"{due.day}/{due.month}/{due.year}",
+            ]
+        )
         template = rng.randrange(3)
         if template == 0:
-            body = [f"Hello, this is {customer} from {company}.",
-                    f"We would like to order {quantity} units of {product}.",
-                    f"Please deliver them by {written}."]  # fmt: skip
+            body = [
+                f"Hello, this is {customer} from {company}.",
+                f"We would like to order {quantity} units of {product}.",
+                f"Please deliver them by {written}.",
+            ]
         elif template == 1:
-            body = [f"Hi team, {customer} here ({company}).", f"Could you send {quantity} units of {product} "
-                    f"before {written}?", "Thanks!"]  # fmt: skip
+            body = [
+                f"Hi team, {customer} here ({company}).",
+                f"Could you send {quantity} units of {product} before {written}?",
+                "Thanks!",
+            ]
         else:
-            body = [f"Dear supplier, please ship {quantity} units of {product} to {company} by {written}.",
-                    f"Regards, {customer}"]  # fmt: skip
+            body = [
+                f"Dear supplier, please ship {quantity} units of {product} to {company} by {written}.",
+                f"Regards, {customer}",
+            ]
         count = int(options["distractors"]) if "distractors" in options else rng.randint(0, 4)
         for distractor in rng.sample(DISTRACTORS, count):
             body.insert(rng.randint(1, len(body) - 1), distractor)
-        truth = {"customer": customer, "company": company, "product": product, "quantity": quantity,
-                 "due_date": due.isoformat()}  # fmt: skip
+        truth = {
+            "customer": customer,
+            "company": company,
+            "product": product,
+            "quantity": quantity,
+            "due_date": due.isoformat(),
+        }
         return Task(
             family=self.name,
             id=f"{self.name}-{index}",
@@ -148,8 +165,13 @@ class Extraction(Family):
         customer, company = _first_group(_CUSTOMER, document), _first_group(_COMPANY, document)
         if not (order and when and customer and company):
             return None
-        fields = {"customer": customer, "company": company, "product": order.group(2),
-                  "quantity": int(order.group(1)), "due_date": _iso(when)}  # fmt: skip
+        fields = {
+            "customer": customer,
+            "company": company,
+            "product": order.group(2),
+            "quantity": int(order.group(1)),
+            "due_date": _iso(when),
+        }
         return Problem(document, sum(d in document for d in DISTRACTORS), fields)
 
     def _fields(self, problem: Problem, call: SimCall) -> dict[str, Any]:
