@@ -1,0 +1,259 @@
+"""The density stage: executions in, failure modes, their mass and triggers out (as events).
+
+Per batch of executions: label the failures, turn each into a signature, learn it into the mode
+tracker, then assign the batch to modes, update the mass per (workflow, version, mode), watch for
+drift and for mass crossings. Everything it decides is returned as events for the caller to store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cegraph.daemon.density import NOISE, ModeChange, ModeTracker
+from cegraph.daemon.events import Event
+from cegraph.daemon.failures import Failure, FeedbackSignal, label_failures
+from cegraph.daemon.mass import MassTracker
+from cegraph.daemon.settings import DetectorSettings
+from cegraph.daemon.signature import SignatureFeaturizer, SignatureParts
+from cegraph.daemon.spans import Node
+from cegraph.daemon.trigger import DriftWatch, MassTrigger
+
+FAILURE_OBSERVED = "FailureObserved"
+MODE_EMERGED = "ModeEmerged"
+MODE_MERGED = "ModeMerged"
+MODE_FADED = "ModeFaded"
+MODE_MASS_CROSSED = "ModeMassCrossed"
+MODE_DRIFTED = "ModeDrifted"
+MASS_OBSERVED = "MassObserved"
+
+EXEMPLARS = 5
+TOP_TERMS = 8
+
+# A failure category is guessed only from unambiguous evidence, and only when most of a mode agrees.
+CATEGORY_RULES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("Timeout Issues", frozenset({"timeout", "timeouterror", "timed"})),
+    ("Rate Limiting", frozenset({"ratelimit", "ratelimiterror", "429"})),
+    ("Authentication Errors", frozenset({"unauthorized", "authenticationerror", "forbidden", "401", "403"})),
+    ("Resource Not Found", frozenset({"filenotfounderror", "notfound", "404"})),
+    ("Formatting Errors", frozenset({"json", "jsondecodeerror", "format", "formatting", "schema"})),
+    ("Tool-related", frozenset({"tool", "arguments", "argument", "typeerror"})),
+    ("Resource Exhaustion", frozenset({"memoryerror", "length", "max_tokens", "exhausted"})),
+)
+CATEGORY_CONFIDENCE = 0.6
+
+
+@dataclass(slots=True)
+class ExecutionInput:
+    trace_id: str
+    workflow_id: str
+    workflow_version: str
+    nodes: list[Node]
+    feedback: list[FeedbackSignal] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Assignment:
+    failure: Failure
+    mode: str  # NOISE when the failure belongs to no mode yet
+    vector: np.ndarray
+
+
+@dataclass
+class ModeDescription:
+    """What a person needs to recognise a mode: where, what it says, and its most typical cases."""
+
+    mode: str
+    failures: int = 0
+    nodes: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    terms: Counter[str] = field(default_factory=Counter)
+    categories: Counter[str] = field(default_factory=Counter)
+    exemplars: list[tuple[float, str]] = field(default_factory=list)  # (distance to centre, failure id)
+
+    def add(self, assignment: Assignment, parts: SignatureParts, centroid: np.ndarray | None) -> None:
+        failure = assignment.failure
+        node = failure.node
+        self.failures += 1
+        self.nodes[f"{node.workflow_id}/{node.node_id}"] += 1
+        error = node.exception_type or node.error_type or failure.source
+        self.errors[error] += 1
+        for term, weight in sorted(parts.text_terms.items(), key=lambda item: -item[1])[:TOP_TERMS]:
+            self.terms[term] += weight
+        category = guess_category(parts)
+        if category:
+            self.categories[category] += 1
+        if centroid is not None:
+            size = min(len(centroid), len(assignment.vector))
+            distance = float(np.linalg.norm(assignment.vector[:size] - centroid[:size]))
+            self.exemplars.append((distance, failure.failure_id))
+            self.exemplars.sort()
+            del self.exemplars[EXEMPLARS:]
+        if len(self.terms) > 500:  # bounded: keep the heaviest terms
+            self.terms = Counter(dict(self.terms.most_common(200)))
+
+    def category(self) -> str | None:
+        if not self.categories or not self.failures:
+            return None
+        name, count = self.categories.most_common(1)[0]
+        return name if count / self.failures >= CATEGORY_CONFIDENCE else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "failures": self.failures,
+            "node": self.nodes.most_common(1)[0][0] if self.nodes else "",
+            "nodes": dict(self.nodes.most_common(3)),
+            "errors": dict(self.errors.most_common(3)),
+            "terms": [term for term, _ in self.terms.most_common(TOP_TERMS)],
+            "exemplars": [failure_id for _, failure_id in self.exemplars],
+            "category": self.category(),
+        }
+
+
+def guess_category(parts: SignatureParts) -> str | None:
+    words = {term.removeprefix("err=") for term in parts.text_terms}
+    for category, keys in CATEGORY_RULES:
+        if words & keys:
+            return category
+    return None
+
+
+class FailureDetector:
+    def __init__(
+        self,
+        settings: DetectorSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tracker: ModeTracker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.featurizer = SignatureFeaturizer()
+        self.tracker = tracker or ModeTracker()
+        self.mass = MassTracker(settings.half_life_executions)
+        self.trigger = MassTrigger(
+            threshold=settings.mass_threshold,
+            min_support=settings.min_support,
+            hysteresis=settings.hysteresis,
+            cooldown_s=settings.cooldown_s,
+        )
+        self.drift = DriftWatch()
+        self.descriptions: dict[str, ModeDescription] = {}
+
+    def observe(self, executions: list[ExecutionInput]) -> tuple[list[Event], list[Assignment]]:
+        learned: list[tuple[ExecutionInput, Failure, np.ndarray, SignatureParts]] = []
+        for execution in executions:
+            for failure in label_failures(execution.nodes, execution.feedback):
+                vector, parts = self.featurizer.learn_transform_one(failure)
+                self.tracker.learn_one(vector)
+                learned.append((execution, failure, vector, parts))
+        modes, changes = self.tracker.assign()
+        events = self._lifecycle(changes)
+        assignments: list[Assignment] = []
+        per_execution: dict[str, Counter[str]] = {}
+        for (execution, failure, vector, parts), mode in zip(learned, modes, strict=True):
+            assignment = Assignment(failure, mode, vector)
+            assignments.append(assignment)
+            per_execution.setdefault(execution.trace_id, Counter())[mode] += 1
+            if mode != NOISE:
+                description = self.descriptions.setdefault(mode, ModeDescription(mode))
+                description.add(assignment, parts, self.tracker.modes[mode].centroid)
+            observed = {
+                "failure_id": failure.failure_id,
+                "trace_id": failure.trace_id,
+                "span_id": failure.span_id,
+                "source": failure.source,
+                "node_id": failure.node.node_id,
+                "mode": mode,
+                "workflow_id": execution.workflow_id,
+                "workflow_version": execution.workflow_version,
+            }
+            events.append(Event(FAILURE_OBSERVED, failure.trace_id, observed))
+        touched: set[tuple[str, str, str]] = set()
+        for execution in executions:
+            key = (execution.workflow_id, execution.workflow_version)
+            self.mass.execution(key)
+            counts = per_execution.get(execution.trace_id, Counter())
+            for mode, count in counts.items():
+                self.mass.failure(key, mode or "noise", count)
+                if mode:
+                    touched.add((*key, mode))
+            known = {m for m in self.mass.masses(key) if m != "noise" and m in self.tracker.modes}
+            for found in self.drift.observe(*key, counts, known):
+                drifted = {
+                    "workflow_id": found.workflow,
+                    "workflow_version": found.version,
+                    "mode": found.mode,
+                    "rate": found.rate,
+                }
+                events.append(Event(MODE_DRIFTED, found.mode, drifted))
+        events.extend(self._mass_events(touched))
+        return events, assignments
+
+    def _lifecycle(self, changes: list[ModeChange]) -> list[Event]:
+        events = []
+        for change in changes:
+            if change.kind == "emerged":
+                events.append(Event(MODE_EMERGED, change.mode, {"mode": change.mode}))
+            elif change.kind == "merged":
+                assert change.into is not None
+                self.mass.rename(change.mode, change.into)
+                merged = self.descriptions.pop(change.mode, None)
+                if merged is not None:
+                    self.descriptions.setdefault(
+                        change.into, ModeDescription(change.into)
+                    ).failures += merged.failures
+                self.trigger.forget(change.mode)
+                self.drift.forget(change.mode)
+                events.append(Event(MODE_MERGED, change.mode, {"mode": change.mode, "into": change.into}))
+            else:
+                self.descriptions.pop(change.mode, None)
+                self.trigger.forget(change.mode)
+                self.drift.forget(change.mode)
+                events.append(Event(MODE_FADED, change.mode, {"mode": change.mode}))
+        return events
+
+    def _mass_events(self, touched: set[tuple[str, str, str]]) -> list[Event]:
+        events = []
+        now = self.clock()
+        for workflow, version, mode in sorted(touched):
+            if mode not in self.tracker.modes:
+                continue
+            mass = self.mass.mass((workflow, version), mode)
+            support = self.mass.support((workflow, version), mode)
+            observed = {
+                "workflow_id": workflow,
+                "workflow_version": version,
+                "mode": mode,
+                "mass": mass,
+                "support": support,
+                "efm": self.mass.expected_failure_mass((workflow, version)),
+            }
+            events.append(Event(MASS_OBSERVED, mode, observed))
+            if self.trigger.observe(workflow, version, mode, mass, support, now) is not None:
+                description = self.descriptions.get(mode)
+                crossed = {**observed, "description": description.as_dict() if description else {}}
+                events.append(Event(MODE_MASS_CROSSED, mode, crossed))
+        return events
+
+    def modes(self) -> list[dict[str, Any]]:
+        """Every live mode per workflow version: mass, support and description."""
+        rows = []
+        for (workflow, version), state in self.mass.versions.items():
+            for mode in state.modes:
+                if mode not in self.tracker.modes:
+                    continue
+                description = self.descriptions.get(mode, ModeDescription(mode))
+                rows.append({
+                    "mode": mode, "workflow_id": workflow, "workflow_version": version,
+                    "mass": self.mass.mass((workflow, version), mode),
+                    "support": self.mass.support((workflow, version), mode),
+                    "description": description.as_dict(),
+                })  # fmt: skip
+        return sorted(rows, key=lambda row: -row["mass"])
