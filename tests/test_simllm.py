@@ -168,6 +168,27 @@ async def test_random_slips_grow_with_temperature_and_self_consistency_removes_t
     assert all(run.llm_calls == 5 for result in voted for run in result.nodes)
 
 
+async def test_an_inserted_verifier_catches_random_slips_but_not_systematic_ones():
+    world = SimWorld(21)
+    tasks = world.tasks("arithmetic", 200, digits=3)
+    hot = spec(*MENTAL, param("solve", "temperature", 1.0))
+    verifier = {
+        "kind": "verify",
+        "inputs": {"question": "input.question", "answer": "solve"},
+        "params": {"rounds": 2},
+    }
+    checked_spec = spec(
+        *MENTAL, param("solve", "temperature", 1.0), *insert_after("solve", "verify", verifier)
+    )
+    baseline, checked = await run(world, hot, tasks), await run(world, checked_spec, tasks)
+    misread = explained("misread number")
+    assert p_fewer(baseline, checked, misread) < 0.001
+    # the verifier recomputes with the same blind spots, so it passes the model's own carry slips
+    slips = explained("calculation error")
+    assert count(checked, slips) >= count(baseline, slips) - 3
+    assert any(result.nodes[1].llm_calls > 1 for result in checked), "some answers were regenerated"
+
+
 def truncated(result: ExecutionResult) -> bool:
     return any("length" in run.finish_reasons for run in result.nodes)
 
