@@ -3,7 +3,9 @@
 `make_traces` records executions of a small agent-style workflow with the GenAI conventions (some
 failing: an exception, an ERROR status, a failed evaluation); `to_messages` packs their spans into
 `otlp_proto` or `otlp_json` messages, one trace per message (keyed by hex trace id) or many traces per
-message with a trace split across messages, spans shuffled within each trace.
+message with a trace split across messages, spans shuffled within each trace. `record_spans` runs any
+tracer code against a fresh SDK provider; `openinference_trace` records an agent run the way the
+openinference-instrumentation-* packages annotate it.
 """
 
 from __future__ import annotations
