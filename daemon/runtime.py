@@ -2,7 +2,7 @@
 
 The root span (`invoke_workflow`) carries the workflow identity, the track, the seed and the task
 input; each node execution is one child span that follows the GenAI conventions plus cegraph's own
-attributes (README, "Runtime span conventions"). The evaluator's verdict becomes a
+attributes (the table in README, "The runtime"). The evaluator's verdict becomes a
 `gen_ai.evaluation.result` event on the node it blames, or on the root. Spans go to the TracerProvider
 the caller passes (never the global one), so the same runtime feeds Kafka, the embedded daemon or a
 test. Node spans stay open until the verdict is known and are then ended at their recorded end times.
@@ -63,7 +63,7 @@ _FORMATS = {
     "number": "a single number and nothing else",
     "text": "plain text without any preamble",
 }
-_ANSWER_LINE = re.compile(r"(?im)^\s*answer\s*:\s*(.+?)\s*$")
+ANSWER_LINE = re.compile(r"(?im)^\s*answer\s*:\s*(.+?)\s*$")
 _JSON_OBJECT = re.compile(r"\{.*\}", re.S)
 
 
@@ -151,7 +151,7 @@ def derive_seed(seed: int, node_id: str, call_index: int) -> int:
 
 def answer_key(text: str) -> str:
     """What two answers must share to count as the same vote: the final answer, normalized."""
-    lines = _ANSWER_LINE.findall(text)
+    lines = ANSWER_LINE.findall(text)
     if lines:
         value = lines[-1]
     else:
@@ -316,47 +316,51 @@ class WorkflowRuntime:
         )
         runs: dict[str, NodeRun] = {}
         spans: dict[str, tuple[Span, int]] = {}
-        levels = spec.topological_levels()
-        for level in levels:
-            ready = [node_id for node_id in level if self._should_run(spec, node_id, runs)]
-            for node_id in level:
-                if node_id not in ready:
-                    runs[node_id] = NodeRun(node_id=node_id, kind=spec.nodes[node_id].kind, status="skipped")
-            done = await asyncio.gather(
-                *(self._run_node(spec, node_id, task, runs, seed, root, common) for node_id in ready)
-            )
-            for node_id, (run, span, end_ns) in zip(ready, done, strict=True):
-                runs[node_id] = run
-                spans[node_id] = (span, end_ns)
+        try:
+            levels = spec.topological_levels()
+            for level in levels:
+                ready = [node_id for node_id in level if self._should_run(spec, node_id, runs)]
+                for node_id in level:
+                    if node_id not in ready:
+                        runs[node_id] = NodeRun(
+                            node_id=node_id, kind=spec.nodes[node_id].kind, status="skipped"
+                        )
+                done = await asyncio.gather(
+                    *(self._run_node(spec, node_id, task, runs, seed, root, common) for node_id in ready)
+                )
+                for node_id, (run, span, end_ns) in zip(ready, done, strict=True):
+                    runs[node_id] = run
+                    spans[node_id] = (span, end_ns)
 
-        order = [node_id for level in levels for node_id in level]
-        failed = next((runs[n] for n in order if runs[n].status == "error"), None)
-        output_run = runs[spec.output]
-        result = ExecutionResult(
-            trace_id=format(root.get_span_context().trace_id, "032x"),
-            workflow_id=spec.id,
-            workflow_version=spec.version,
-            track=track,
-            seed=seed,
-            input=task,
-            output=output_run.output if output_run.status == "ok" else None,
-            nodes=[runs[n] for n in order],
-            error_type=failed.error_type if failed else None,
-        )
-        if evaluator is not None:
-            result.evaluation = await evaluator.evaluate(result)
-            self._record_evaluation(result.evaluation, root, spans)
-        for span, end_ns in spans.values():
-            span.end(end_time=end_ns)
-        if result.output is not None:
-            root.set_attribute("output.value", result.output)
-        if failed is not None:
-            root.set_attribute("error.type", failed.error_type or "")
-            root.set_status(
-                Status(StatusCode.ERROR, f"node {failed.node_id!r} failed: {failed.error_message}")
+            order = [node_id for level in levels for node_id in level]
+            failed = next((runs[n] for n in order if runs[n].status == "error"), None)
+            output_run = runs[spec.output]
+            result = ExecutionResult(
+                trace_id=format(root.get_span_context().trace_id, "032x"),
+                workflow_id=spec.id,
+                workflow_version=spec.version,
+                track=track,
+                seed=seed,
+                input=task,
+                output=output_run.output if output_run.status == "ok" else None,
+                nodes=[runs[n] for n in order],
+                error_type=failed.error_type if failed else None,
             )
-        root.end()
-        return result
+            if evaluator is not None:
+                result.evaluation = await evaluator.evaluate(result)
+                self._record_evaluation(result.evaluation, root, spans)
+            if result.output is not None:
+                root.set_attribute("output.value", result.output)
+            if failed is not None:
+                root.set_attribute("error.type", failed.error_type or "")
+                root.set_status(
+                    Status(StatusCode.ERROR, f"node {failed.node_id!r} failed: {failed.error_message}")
+                )
+            return result
+        finally:  # even when the evaluator or the caller's cancellation interrupts: no span left open
+            for span, end_ns in spans.values():
+                span.end(end_time=end_ns)
+            root.end()
 
     @staticmethod
     def _should_run(spec: WorkflowSpec, node_id: str, runs: Mapping[str, NodeRun]) -> bool:
@@ -428,6 +432,9 @@ class WorkflowRuntime:
         try:
             run.output = await self._handlers[node.kind](call, inputs)
             span.set_attribute("output.value", run.output)
+        except asyncio.CancelledError:
+            span.end()  # the caller gave up on the execution: close the span, don't record a failure
+            raise
         except Exception as error:  # a failing node fails the execution, not the runtime
             run.status, run.error_type, run.error_message = "error", exception_type(error), str(error)
             span.record_exception(error)
@@ -514,15 +521,8 @@ class WorkflowRuntime:
             if attempt == params.retries:
                 raise OutputValidationError(problem)
             call.retry("invalid_output", problem)
-            messages = [
-                *messages,
-                Message(role="assistant", content=text),
-                Message(
-                    role="user",
-                    content=f"Your answer was rejected: {problem}. Answer again, in exactly "
-                    "the required format.",
-                ),
-            ]
+            feedback = f"Your answer was rejected: {problem}. Answer again, in exactly the required format."
+            messages = _ask_again(messages, text, feedback)
         raise AssertionError("unreachable")
 
     async def _llm(self, call: _NodeCall, inputs: dict[str, str]) -> str:
@@ -530,15 +530,19 @@ class WorkflowRuntime:
 
     async def _ensemble(self, call: _NodeCall, inputs: dict[str, str]) -> str:
         messages = [call.system(inputs), call.user(inputs)]
-        samples = [(await call.complete(messages, "answer")).text for _ in range(call.node.params.samples)]
-        keys = [answer_key(sample) for sample in samples]
+        # Concurrent samples; call indexes (and so seeds) are taken in order before the first await.
+        samples = await asyncio.gather(
+            *(call.complete(messages, "answer") for _ in range(call.node.params.samples))
+        )
+        keys = [answer_key(sample.text) for sample in samples]
         votes = {key: keys.count(key) for key in keys}
-        winner = max(votes, key=lambda key: (votes[key], -keys.index(key)))
+        winner = keys.index(max(votes, key=lambda key: (votes[key], -keys.index(key))))
+        call.last_completion = samples[winner]
         call.attributes |= {
             "gen_ai.request.choice.count": len(samples),
-            "cegraph.ensemble.votes": votes[winner],
+            "cegraph.ensemble.votes": votes[keys[winner]],
         }
-        return samples[keys.index(winner)]
+        return samples[winner].text
 
     async def _programmer(self, call: _NodeCall, inputs: dict[str, str]) -> str:
         params = call.node.params
@@ -552,11 +556,9 @@ class WorkflowRuntime:
             if attempt == params.retries:
                 raise CodeExecutionError(error)
             call.retry("program_failed", error)
-            messages = [
-                *messages,
-                Message(role="assistant", content=text),
-                Message(role="user", content=f"The program failed: {error}. Reply with a corrected program."),
-            ]
+            messages = _ask_again(
+                messages, text, f"The program failed: {error}. Reply with a corrected program."
+            )
         raise AssertionError("unreachable")
 
     async def _verdict(self, call: _NodeCall, inputs: Mapping[str, str]) -> tuple[bool, str]:
@@ -632,15 +634,10 @@ class WorkflowRuntime:
             if attempt == attempts - 1:
                 raise ToolArgumentError(f"{tool.name}: {problem}")
             call.retry("invalid_arguments", problem)
-            messages = [
-                *messages,
-                Message(role="assistant", content=text),
-                Message(
-                    role="user",
-                    content=f"The arguments were rejected: {problem}. Reply with corrected "
-                    "arguments as a JSON object.",
-                ),
-            ]
+            feedback = (
+                f"The arguments were rejected: {problem}. Reply with corrected arguments as a JSON object."
+            )
+            messages = _ask_again(messages, text, feedback)
         call.attributes |= {
             "gen_ai.tool.name": tool.name,
             "gen_ai.tool.call.arguments": json.dumps(arguments),
@@ -673,6 +670,11 @@ class WorkflowRuntime:
         params = call.node.params
         text = "\n".join(inputs.values())
         return next((rule.label for rule in params.routes if re.search(rule.pattern, text)), params.default)
+
+
+def _ask_again(messages: list[Message], reply: str, feedback: str) -> list[Message]:
+    """The conversation continued: the rejected reply, then why it was rejected."""
+    return [*messages, Message(role="assistant", content=reply), Message(role="user", content=feedback)]
 
 
 def _tests_of(text: str) -> list[str]:

@@ -18,7 +18,7 @@ from opentelemetry.trace import StatusCode
 from pydantic import BaseModel, ValidationError
 
 from cegraph.connectors.span_export import CallbackSpanExporter, otlp_messages
-from cegraph.daemon.runtime import WorkflowRuntime, answer_key
+from cegraph.daemon.runtime import EvaluationResult, ExecutionResult, WorkflowRuntime, answer_key
 from cegraph.daemon.sandbox import Sandbox
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.tools import ToolArgumentError
@@ -319,6 +319,26 @@ async def test_bad_inputs_and_unregistered_tools_are_refused_before_any_span():
     with pytest.raises(ValidationError):
         await runtime.execute(parse_spec(ROUTED), {"query": "wrong field"}, seed=0)
     assert exporter.get_finished_spans() == ()
+
+
+class CrashingEvaluator:
+    async def evaluate(self, result: ExecutionResult) -> EvaluationResult:
+        raise RuntimeError("judge unavailable")
+
+
+async def test_a_crashing_evaluator_propagates_and_leaves_no_span_open():
+    world = SimWorld(0)
+    provider, exporter = recorder()
+    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
+    with pytest.raises(RuntimeError, match="judge unavailable"):
+        await runtime.execute(
+            parse_spec(RETRIEVAL_QA), world.task("qa", 2).input, seed=0, evaluator=CrashingEvaluator()
+        )
+    assert sorted(span.name for span in exporter.get_finished_spans()) == [
+        "chat sim-1",
+        "invoke_workflow qa-rag",
+        "retrieval kb_search",
+    ]
 
 
 def test_ensemble_votes_compare_final_answers():

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, Field
 
 from cegraph.daemon.llm import CallContext, Message
-from cegraph.daemon.runtime import EvaluationResult, ExecutionResult, answer_key
+from cegraph.daemon.runtime import ANSWER_LINE, EvaluationResult, ExecutionResult, answer_key
 from cegraph.daemon.tools import Retriever, Tool
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _SECTION = re.compile(r"^## (\w+)\n(.*?)(?=\n\n## \w+\n|\Z)", re.S | re.M)
-ANSWER_LINE = re.compile(r"(?im)^\s*answer\s*:\s*(.+?)\s*$")
 
 
 def unit(*parts: object) -> float:
