@@ -8,6 +8,7 @@ and max_tokens. Everything random comes from the call's seed, so results repeat 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -18,8 +19,6 @@ from cegraph.daemon.sim.core import Family, SimCall, answer_of, count_tokens, le
 
 if TYPE_CHECKING:
     from cegraph.daemon.sim.world import SimWorld
-
-import json
 
 _TARGET = re.compile(r"required output format: (json|number|text)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
