@@ -199,6 +199,60 @@ def import_trail(
         )
 
 
+@app.command("eval-modes")
+def eval_modes(
+    dataset: Annotated[
+        Path, typer.Option(help="Annotated trace set in the TRAIL format (.tar.gz or folder).")
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Score discovered failure modes against human categories (AMI, ARI, NMI, purity), beside baselines.
+
+    Runs the traces through the same online path as production; each annotated error arrives as
+    feedback naming its span, once without text from the annotation and once with its description
+    as the critique.
+    """
+    settings = settings_or_exit()
+    from cegraph.connectors.trail import TrailFormatError
+    from cegraph.daemon.eval_modes import evaluate
+
+    if not dataset.exists():
+        err.print(f"[bold red]cegraph:[/] no dataset at {dataset}")
+        raise typer.Exit(1)
+    results = {}
+    try:
+        for variant, with_critique in (("without critique", False), ("with critique", True)):
+            results[variant] = evaluate(dataset, with_critique=with_critique, settings=settings.detector)
+    except TrailFormatError as error:
+        err.print(f"[bold red]cegraph:[/] {error}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps({v: [s._asdict() for s in scores] for v, scores in results.items()}))
+        return
+    for variant, scores in results.items():
+        table = Table(
+            "method",
+            "AMI",
+            "ARI",
+            "NMI",
+            "purity",
+            "clusters",
+            "errors",
+            title=f"modes vs categories, {variant}",
+        )
+        for s in scores:
+            table.add_row(
+                s.method,
+                f"{s.ami:.3f}",
+                f"{s.ari:.3f}",
+                f"{s.nmi:.3f}",
+                f"{s.purity:.3f}",
+                str(s.clusters),
+                str(s.errors),
+            )
+        out.print(table)
+
+
 def main() -> None:
     try:
         app()

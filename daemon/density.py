@@ -52,7 +52,7 @@ class ModeTracker:
     def __init__(
         self,
         *,
-        clustering_threshold: float = 1.0,
+        clustering_threshold: float = 1.05,
         half_life: float = 5_000,
         intersection_factor: float = 0.3,
         minimum_weight: float = 2.0,

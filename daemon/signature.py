@@ -122,7 +122,7 @@ def describe(failure: Failure) -> SignatureParts:
         (failure.message, 1.5),
         (failure.critique, 1.5),
         (_message_text(node.output_text)[:OUTPUT_CHARS], 1.0),
-        (new_input(node.input_text), 0.5),
+        (new_input(node.input_text), 1.0),
     ]
     text_terms: dict[str, float] = {}
     for text, weight in fields:
