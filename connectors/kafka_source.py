@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -51,8 +52,15 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
 
 class KafkaIngestSource:
     def __init__(
-        self, settings: Settings, pipeline: IngestPipeline, broker: KafkaBroker | None = None
+        self,
+        settings: Settings,
+        pipeline: IngestPipeline,
+        broker: KafkaBroker | None = None,
+        after_flush: Callable[[], object] | None = None,
     ) -> None:
+        """`after_flush` runs (in a worker thread, under the same lock) after each flush that stored
+        events: the next stage catching up on what ingest wrote."""
+        self.after_flush = after_flush
         self.settings = settings
         self.pipeline = pipeline
         self.broker = broker or make_broker(settings.kafka)
@@ -114,6 +122,11 @@ class KafkaIngestSource:
             return FlushResult()
         if result.events:
             await self._commit_to_kafka()
+            if self.after_flush is not None:
+                try:
+                    await asyncio.to_thread(self.after_flush)
+                except Exception:  # the next stage resumes from its own cursor; ingest goes on
+                    log.exception("the stage after ingest failed; it retries after the next flush")
         return result
 
     async def _recover(self) -> None:

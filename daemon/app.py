@@ -16,8 +16,10 @@ from cegraph.connectors.http_api import create_app
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
 from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.daemon.detector import FailureDetector
+from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
-from cegraph.daemon.metrics import IngestMetrics
+from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
 
@@ -35,10 +37,21 @@ def build_pipeline(settings: Settings, store: EventStore, metrics: IngestMetrics
     )
 
 
+def build_detector_stage(settings: Settings, store: EventStore, metrics: IngestMetrics) -> DetectorStage:
+    """Stage 2 in this process; replays the log up to its cursor to rebuild its state."""
+    detector_metrics = DetectorMetrics(metrics.registry, max_modes=settings.detector.max_mode_series)
+
+    def record(detector: FailureDetector, events: list) -> None:
+        detector_metrics.record(detector.modes(), detector.tracker.state()["micro_clusters"], events)
+
+    return DetectorStage(store, FailureDetector(settings.detector), on_batch=record)
+
+
 def build(settings: Settings) -> Starlette:
     store = EventStore(settings.store.path)
     metrics = IngestMetrics()
-    source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics))
+    stage = build_detector_stage(settings, store, metrics)
+    source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -51,6 +64,7 @@ def build(settings: Settings) -> Starlette:
             kafka.rollouts_topic,
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
+        await asyncio.to_thread(stage.catch_up)
         await source.start()
         log.info(
             "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
@@ -73,10 +87,13 @@ def build(settings: Settings) -> Starlette:
     async def stats(_: Request) -> dict[str, Any]:
         return await asyncio.to_thread(store.stats)
 
+    async def modes(_: Request) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(stored_modes, store)
+
     token = settings.http.token.get_secret_value() if settings.http.token else None
     return create_app(
         ready=ready,
-        read_routes=[("/stats", stats)],
+        read_routes=[("/stats", stats), ("/modes", modes)],
         token=token,
         metrics=settings.metrics.enabled,
         registry=metrics.registry,

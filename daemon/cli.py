@@ -135,6 +135,43 @@ def stats(as_json: JsonFlag = False) -> None:
 
 
 @app.command()
+def modes(as_json: JsonFlag = False) -> None:
+    """Failure modes: id, workflow, version, mass, support, trend and description.
+
+    Reads through the daemon's HTTP API while it runs, else the DuckDB file.
+    """
+    settings = settings_or_exit()
+    rows = _from_daemon(settings, "/modes")
+    if rows is None:
+        from cegraph.daemon.detector_stage import stored_modes
+
+        store = _open_store(settings, read_only=True)
+        try:
+            rows = stored_modes(store)
+        finally:
+            store.close()
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(
+        "mode", "workflow", "version", "mass", "support", "trend", "where", "what", title="failure modes"
+    )
+    for row in rows:
+        description = row.get("description") or {}
+        trend = row.get("trend")
+        what = ", ".join(description.get("terms", [])[:5])
+        if description.get("category"):
+            what = f"[{description['category']}] {what}"
+        mass, support = f"{row['mass']:.4f}", str(row["support"])
+        trend_text = "" if trend is None else f"{trend:+.4f}"
+        table.add_row(
+            row["mode"], row["workflow_id"], row["workflow_version"], mass, support, trend_text,
+            description.get("node", ""), what,
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
 def rebuild() -> None:
     """Recompute every projection from the event log (stop the daemon first: DuckDB has one writer)."""
     settings = settings_or_exit()

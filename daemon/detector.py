@@ -55,6 +55,7 @@ class ExecutionInput:
     workflow_version: str
     nodes: list[Node]
     feedback: list[FeedbackSignal] = field(default_factory=list)
+    feedback_only: bool = False  # late feedback on an execution already counted: only its failures
 
 
 @dataclass(slots=True)
@@ -149,7 +150,10 @@ class FailureDetector:
     def observe(self, executions: list[ExecutionInput]) -> tuple[list[Event], list[Assignment]]:
         learned: list[tuple[ExecutionInput, Failure, np.ndarray, SignatureParts]] = []
         for execution in executions:
-            for failure in label_failures(execution.nodes, execution.feedback):
+            failures = label_failures(execution.nodes, execution.feedback)
+            if execution.feedback_only:
+                failures = [f for f in failures if f.source == "feedback"]
+            for failure in failures:
                 vector, parts = self.featurizer.learn_transform_one(failure)
                 self.tracker.learn_one(vector)
                 learned.append((execution, failure, vector, parts))
@@ -178,12 +182,15 @@ class FailureDetector:
         touched: set[tuple[str, str, str]] = set()
         for execution in executions:
             key = (execution.workflow_id, execution.workflow_version)
-            self.mass.execution(key)
-            counts = per_execution.get(execution.trace_id, Counter())
+            counts = per_execution.pop(execution.trace_id, Counter())
+            if not execution.feedback_only:
+                self.mass.execution(key)
             for mode, count in counts.items():
                 self.mass.failure(key, mode or "noise", count)
                 if mode:
                     touched.add((*key, mode))
+            if execution.feedback_only:
+                continue  # late feedback is no new execution: nothing for the drift watch
             known = {m for m in self.mass.masses(key) if m != "noise" and m in self.tracker.modes}
             for found in self.drift.observe(*key, counts, known):
                 drifted = {
@@ -227,6 +234,7 @@ class FailureDetector:
                 continue
             mass = self.mass.mass((workflow, version), mode)
             support = self.mass.support((workflow, version), mode)
+            description = self.descriptions.get(mode)
             observed = {
                 "workflow_id": workflow,
                 "workflow_version": version,
@@ -234,12 +242,11 @@ class FailureDetector:
                 "mass": mass,
                 "support": support,
                 "efm": self.mass.expected_failure_mass((workflow, version)),
+                "description": description.as_dict() if description else {},
             }
             events.append(Event(MASS_OBSERVED, mode, observed))
             if self.trigger.observe(workflow, version, mode, mass, support, now) is not None:
-                description = self.descriptions.get(mode)
-                crossed = {**observed, "description": description.as_dict() if description else {}}
-                events.append(Event(MODE_MASS_CROSSED, mode, crossed))
+                events.append(Event(MODE_MASS_CROSSED, mode, observed))
         return events
 
     def modes(self) -> list[dict[str, Any]]:

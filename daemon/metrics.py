@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cegraph.daemon.detector import (
+    FAILURE_OBSERVED,
+    MODE_DRIFTED,
+    MODE_EMERGED,
+    MODE_FADED,
+    MODE_MASS_CROSSED,
+    MODE_MERGED,
+)
+from cegraph.daemon.events import Event
+
 
 class IngestMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -48,3 +58,64 @@ class IngestMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+
+
+class DetectorMetrics:
+    """Failure modes and their mass. Label sets are bounded: per workflow version only the
+    `max_modes` heaviest modes get a series of their own, the rest are summed as mode="other"."""
+
+    def __init__(self, registry: CollectorRegistry, max_modes: int = 10) -> None:
+        self.max_modes = max_modes
+        r = registry
+        self.mass = Gauge(
+            "cegraph_failure_mass", "Failure mass of a mode in a workflow version (failures per execution).",
+            ["workflow", "version", "mode"], registry=r,
+        )  # fmt: skip
+        self.expected = Gauge(
+            "cegraph_expected_failure_mass", "Sum of the failure mass of all modes of a workflow version.",
+            ["workflow", "version"], registry=r,
+        )  # fmt: skip
+        self.modes = Gauge("cegraph_modes", "Live failure modes.", registry=r)
+        self.micro_clusters = Gauge(
+            "cegraph_density_micro_clusters", "Micro-clusters of the density.", registry=r
+        )
+        self.failures = Counter(
+            "cegraph_failures_total", "Failures observed, by source.", ["source"], registry=r
+        )
+        self.changes = Counter(
+            "cegraph_mode_changes_total", "Mode lifecycle changes.", ["change"], registry=r
+        )  # fmt: skip
+        self.triggers = Counter(
+            "cegraph_mode_triggers_total", "Mode mass crossings of the threshold.", registry=r
+        )
+        self.drifts = Counter(
+            "cegraph_mode_drifts_total", "Changes of a mode's failure rate (ADWIN).", registry=r
+        )
+
+    def record(self, modes: list[dict], micro_clusters: int, events: list[Event]) -> None:
+        """After a detector batch: the live modes (as `FailureDetector.modes()`) and its events."""
+        per_version: dict[tuple[str, str], list[dict]] = {}
+        for row in modes:
+            per_version.setdefault((row["workflow_id"], row["workflow_version"]), []).append(row)
+        self.mass.clear()
+        self.expected.clear()
+        for (workflow, version), rows in per_version.items():
+            rows.sort(key=lambda row: -row["mass"])
+            for row in rows[: self.max_modes]:
+                self.mass.labels(workflow, version, row["mode"]).set(row["mass"])
+            if len(rows) > self.max_modes:
+                self.mass.labels(workflow, version, "other").set(
+                    sum(r["mass"] for r in rows[self.max_modes :])
+                )
+            self.expected.labels(workflow, version).set(sum(r["mass"] for r in rows))
+        self.modes.set(len({row["mode"] for row in modes}))
+        self.micro_clusters.set(micro_clusters)
+        for event in events:
+            if event.type == FAILURE_OBSERVED:
+                self.failures.labels(event.payload["source"]).inc()
+            elif event.type in (MODE_EMERGED, MODE_MERGED, MODE_FADED):
+                self.changes.labels(event.type.removeprefix("Mode").lower()).inc()
+            elif event.type == MODE_MASS_CROSSED:
+                self.triggers.inc()
+            elif event.type == MODE_DRIFTED:
+                self.drifts.inc()

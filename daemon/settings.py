@@ -142,6 +142,12 @@ class DetectorSettings(_Group):
     half_life_executions: int = Field(
         2_000, ge=1, description="Executions after which a failure's weight has halved."
     )
+    max_mode_series: int = Field(
+        10,
+        ge=1,
+        le=1_000,
+        description="Modes per workflow version with a metric series; the rest are 'other'.",
+    )
 
 
 class RefinerSettings(_Group):

@@ -269,6 +269,10 @@ class EventStore:
 
     # ------------------------------------------------------------------ reads
 
+    def last_seq(self) -> int:
+        with self._lock:
+            return self._next_seq - 1
+
     def offsets(self) -> dict[tuple[str, int], int]:
         rows = self.query("SELECT topic, partition, next_offset FROM consumer_offsets")
         return {(topic, partition): offset for topic, partition, offset in rows}

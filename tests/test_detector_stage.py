@@ -1,0 +1,98 @@
+"""Stage 2 over a real event store: every failure observed once, nothing repeated after a restart,
+feedback joined whether it comes before or after its execution."""
+
+from __future__ import annotations
+
+import orjson
+from otel_traces import make_traces, to_messages
+
+from cegraph.connectors.otlp_codec import decode_proto
+from cegraph.daemon.detector import FAILURE_OBSERVED, MASS_OBSERVED, FailureDetector
+from cegraph.daemon.detector_stage import CURSOR, DetectorStage
+from cegraph.daemon.ingest import IngestPipeline, InMessage
+from cegraph.daemon.settings import DetectorSettings, IngestSettings
+from cegraph.daemon.store import EventStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ingest(store: EventStore, messages: list[InMessage]) -> None:
+    clock = Clock()
+    pipeline = IngestPipeline(
+        store, decode_proto, IngestSettings(idle_timeout_s=1), spans_topic="spans", feedback_topic="feedback",
+        clock=clock,
+    )  # fmt: skip
+    pipeline.handle(messages)
+    clock.now += 10
+    pipeline.flush()
+
+
+def feedback(trace_id: str, offset: int, critique: str) -> InMessage:
+    body = orjson.dumps({"trace_id": trace_id, "outcome": "failed", "critique": critique, "source": "user"})
+    return InMessage("feedback", 0, offset, body)
+
+
+def observed(store: EventStore) -> list[dict]:
+    rows = store.query("SELECT payload FROM events WHERE type = ? ORDER BY seq", FAILURE_OBSERVED)
+    return [orjson.loads(payload) for (payload,) in rows]
+
+
+def test_failures_are_observed_once_and_a_restart_repeats_nothing(tmp_path):
+    traces = make_traces(300, seed=9)
+    store = EventStore(tmp_path / "s.duckdb")
+    ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(to_messages(traces))])
+    stage = DetectorStage(store, FailureDetector(DetectorSettings()), batch=50)
+    assert stage.catch_up() > 0
+    failures = observed(store)
+    failed_traces = {t.trace_id for t in traces if t.hard_failed or t.eval_failed}
+    assert {f["trace_id"] for f in failures} == failed_traces
+    assert len({f["failure_id"] for f in failures}) == len(failures)
+    assert store.offsets()[CURSOR] == stage.cursor
+    assert store.query("SELECT count(*) FROM events WHERE type = ?", MASS_OBSERVED)[0][0] > 0
+
+    restarted = DetectorStage(store, FailureDetector(DetectorSettings()), batch=50)
+    assert restarted.catch_up() == 0
+    assert observed(store) == failures
+    assert restarted.detector.tracker.seen == stage.detector.tracker.seen  # state rebuilt by replay
+    store.close()
+
+
+def test_feedback_before_and_after_its_execution(tmp_path):
+    [early, late] = [t for t in make_traces(40, seed=3) if not (t.hard_failed or t.eval_failed)][:2]
+    store = EventStore(tmp_path / "s.duckdb")
+    ingest(store, [feedback(early.trace_id, 0, "answer came too early")])
+    messages = to_messages([early, late])
+    ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(messages)])
+    stage = DetectorStage(store, FailureDetector(DetectorSettings()))
+    stage.catch_up()
+    ingest(store, [feedback(late.trace_id, 1, "thumbs down")])
+    stage.catch_up()
+    sources = {(f["trace_id"], f["source"]) for f in observed(store)}
+    assert sources == {(early.trace_id, "feedback"), (late.trace_id, "feedback")}
+    executions = sum(state.tick for state in stage.detector.mass.versions.values())
+    assert executions == 2  # late feedback is no new execution
+    store.close()
+
+
+def test_stored_modes_show_live_modes_with_mass_and_description(tmp_path):
+    from cegraph.daemon.detector_stage import stored_modes
+
+    traces = make_traces(400, seed=12)
+    store = EventStore(tmp_path / "s.duckdb")
+    assert stored_modes(store) == []
+    ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(to_messages(traces))])
+    stage = DetectorStage(store, FailureDetector(DetectorSettings()), batch=40)
+    stage.catch_up()
+    rows = stored_modes(store)
+    live = {row["mode"] for row in stage.detector.modes()}
+    assert {row["mode"] for row in rows} == live and live
+    top = rows[0]
+    assert top["mass"] == max(row["mass"] for row in rows) > 0
+    assert top["workflow_id"] == "support-bot" and top["description"]["node"].startswith("support-bot/")
+    store.close()

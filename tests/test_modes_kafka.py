@@ -1,0 +1,40 @@
+"""Modes end to end: traces through the real broker into the daemon, then `cegraph modes` through the
+daemon's API while it runs and from the DuckDB file after it stopped, and the mass on /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import httpx
+from daemon_proc import CEGRAPH, Scenario
+from otel_traces import make_traces, to_messages
+
+
+def modes_cli(env: dict[str, str]) -> list[dict]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CEGRAPH_")}
+    result = subprocess.run(
+        [CEGRAPH, "modes", "--json"], env=clean | env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_modes_from_the_daemon_and_from_the_file(kafka_bootstrap, tmp_path):
+    traces = make_traces(1_500, seed=17)
+    scenario = Scenario(kafka_bootstrap, tmp_path)
+    scenario.produce(to_messages(traces, seed=1))
+    scenario.daemon.start()
+    try:
+        scenario.daemon.wait_for(lambda s: s["executions"]["total"] >= len(traces))
+        live = modes_cli(scenario.daemon.env)
+        metrics = httpx.get(f"{scenario.daemon.url}/metrics", timeout=10).text
+    finally:
+        scenario.daemon.stop()
+    assert live, "no modes found"
+    assert all(row["workflow_id"] == "support-bot" and row["support"] > 0 for row in live)
+    assert 'cegraph_failure_mass{mode="' in metrics and "cegraph_expected_failure_mass" in metrics
+    offline = modes_cli({"CEGRAPH_STORE__PATH": scenario.daemon.env["CEGRAPH_STORE__PATH"],
+                         "CEGRAPH_HTTP__PORT": "1"})  # fmt: skip
+    assert [(r["mode"], r["mass"]) for r in offline] == [(r["mode"], r["mass"]) for r in live]
