@@ -35,6 +35,8 @@ BENCH ?= all
 bench: setup
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = ingest ]; then \
 		$(BIN)/python bench/bench_ingest.py --kafka --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = density ]; then \
+		$(BIN)/python bench/bench_density.py --out bench/results.json; fi
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address
 kafka-up: setup

@@ -3,11 +3,12 @@ trees match the source span trees; their expert annotations arrive as feedback n
 
 from __future__ import annotations
 
-from daemon_proc import Scenario
+import os
+import subprocess
 
-from cegraph.connectors.kafka_client import kafka_python_options
-from cegraph.connectors.trail import iter_trail, publish_trail, span_id_bytes, trace_id_bytes
-from cegraph.daemon.settings import KafkaSettings
+from daemon_proc import CEGRAPH, Scenario
+
+from cegraph.connectors.trail import iter_trail, span_id_bytes, trace_id_bytes
 from cegraph.daemon.store import EventStore
 
 
@@ -26,11 +27,14 @@ def test_trail_traces_become_executions_with_the_source_trees(kafka_bootstrap, t
     }
     annotations = sum(len(t.errors) for t in traces)
     scenario = Scenario(kafka_bootstrap, tmp_path)
-    report = publish_trail(
-        trail_dataset, kafka_python_options(KafkaSettings(bootstrap_servers=kafka_bootstrap)),
-        scenario.spans_topic, one_trace_per_message=True, feedback_topic=scenario.feedback_topic,
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CEGRAPH_")}
+    sent = subprocess.run(
+        [CEGRAPH, "import-trail", "--dataset", str(trail_dataset)],
+        env=clean | scenario.daemon.env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert report.traces == len(traces) == 113
+    assert sent.returncode == 0, sent.stderr
+    assert f"sent {len(traces)} traces" in sent.stdout and len(traces) == 113
+    assert "4 traces have no span tree" in sent.stdout
     scenario.daemon.start()
     try:
         stats = scenario.daemon.wait_for(
