@@ -62,36 +62,40 @@ def terms(text: str) -> list[str]:
     return _TOKEN.findall(normalize_message(text))
 
 
-def _message_text(value: str) -> str:
-    """The content of chat-message JSON (OpenInference / GenAI message lists), or the text itself."""
-    stripped = value.lstrip()
-    if not stripped.startswith(("{", "[")):
-        return value
+def _texts(item: object) -> list[str]:
+    """Every string under the message-content keys of chat-message JSON."""
+    if isinstance(item, str):
+        return [item]
+    if isinstance(item, list):
+        return [text for element in item for text in _texts(element)]
+    if isinstance(item, dict):
+        keys = ("content", "text", "message", "messages", "parts")
+        return [text for key in keys if key in item for text in _texts(item[key])]
+    return []
+
+
+def _messages(value: str) -> list[str]:
+    """The text of each message of chat-message JSON (OpenInference / GenAI), or the text itself."""
+    if not value.lstrip().startswith(("{", "[")):
+        return [value]
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return value
-    parts: list[str] = []
+        return [value]
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        data = data["messages"]
+    messages = ["\n".join(_texts(m)) for m in data] if isinstance(data, list) else ["\n".join(_texts(data))]
+    messages = [m for m in messages if m]
+    return messages or [value]
 
-    def walk(item: object) -> None:
-        if isinstance(item, dict):
-            for key in ("content", "text", "message", "messages", "parts"):
-                if key in item:
-                    walk(item[key])
-        elif isinstance(item, list):
-            for element in item:
-                walk(element)
-        elif isinstance(item, str):
-            parts.append(item)
 
-    walk(data)
-    return "\n".join(parts) if parts else value
+def _message_text(value: str) -> str:
+    return "\n".join(_messages(value))
 
 
 def new_input(value: str) -> str:
     """What is new to this span's input: the last message, not the shared system prompt before it."""
-    text = _message_text(value)
-    return text[-NEW_INPUT_CHARS:]
+    return _messages(value)[-1][-NEW_INPUT_CHARS:]
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,3 +200,60 @@ def test_a_mode_whose_cause_stops_fades():
     assert [c.kind for c in changes].count("emerged") >= 2
     assert any(c.kind == "faded" for c in changes)
     assert len(tracker.modes) == 1
+
+
+# ------------------------------------------------------------------ each dimension
+
+
+def _failure(**fields):
+    from dataclasses import replace
+
+    failure = planted_stream(1, seed=1, modes={"calc": 1})[0][0]
+    failure.node = replace(failure.node, **fields)
+    return failure
+
+
+def test_structure_block_reflects_where_not_what():
+    featurizer = SignatureFeaturizer()
+    here = featurizer.transform_one(_failure(exception_message="x"))[:STRUCTURE_DIM]
+    same_place = featurizer.transform_one(_failure(exception_message="something else entirely"))[
+        :STRUCTURE_DIM
+    ]
+    elsewhere = featurizer.transform_one(_failure(node_id="other"))[:STRUCTURE_DIM]
+    assert np.allclose(here, same_place) and not np.allclose(here, elsewhere)
+
+
+def test_traits_tokens_finish_reason_exception_and_latency():
+    from cegraph.daemon.signature import TEXT_DIM
+
+    featurizer = SignatureFeaturizer()
+    start = STRUCTURE_DIM + TEXT_DIM
+    for latency in (100, 110, 90, 105, 95, 100):
+        featurizer.learn_one(_failure(start_ns=0, end_ns=latency * 1_000_000))
+    slow = featurizer.transform_one(
+        _failure(start_ns=0, end_ns=400 * 1_000_000, input_tokens=1000, finish_reasons=["length"])
+    )[start:] / 0.25  # fmt: skip
+    assert slow[0] == pytest.approx(np.log1p(1000) / 10)
+    assert slow[2] == pytest.approx(1.0)  # far slower than the node's norm: clipped at +3 sigma
+    assert list(slow[3:7]) == [1.0, 0.0, 0.0, 0.0] and slow[7] == 1.0
+    typical = featurizer.transform_one(_failure(start_ns=0, end_ns=100 * 1_000_000))[start:] / 0.25
+    assert abs(typical[2]) < 0.2
+
+
+def test_semantics_take_the_new_part_of_the_input_and_unwrap_messages():
+    from cegraph.daemon.signature import new_input
+
+    messages = (
+        '[{"role": "system", "content": "You are a helpful agent. ' + "rules " * 500 + '"},'
+        ' {"role": "user", "content": "Observation: the file was not found"}]'
+    )
+    assert new_input(messages).endswith("Observation: the file was not found")
+    assert "rules rules" not in new_input(messages)[-200:]
+    parts = describe(
+        _failure(input_text=messages, output_text='{"role": "assistant", "content": "retrying"}')
+    )
+    assert (
+        "observation" in parts.text_terms
+        and "retrying" in parts.text_terms
+        and "role" not in parts.text_terms
+    )
