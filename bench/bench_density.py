@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 from fss_fixtures import planted_stream  # noqa: E402
+from results_file import report  # noqa: E402
 from river import cluster  # noqa: E402
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score  # noqa: E402
 
@@ -143,11 +143,7 @@ def main() -> dict:
         failures, truth = trail_failures()
         result["bakeoff_trail"] = bake(vectors_of(failures), truth)
     result["bounded_state"] = bounded_state(args.signatures)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else {}
-        existing["density"] = result
-        args.out.write_text(json.dumps(existing, indent=2) + "\n")
+    report(result, "density", args.out)
     return result
 
 

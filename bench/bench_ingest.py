@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "ops" / "kafka")]
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from otel_traces import make_traces, to_messages  # noqa: E402
+from results_file import report  # noqa: E402
 
 from cegraph.connectors.otlp_codec import decode_proto  # noqa: E402
 from cegraph.daemon.ingest import IngestPipeline, InMessage  # noqa: E402
@@ -175,11 +175,7 @@ def main() -> dict:
             result["kafka"]["ratio_to_ceiling"] = (
                 result["kafka"]["end_to_end_spans_per_s"] / result["kafka"]["ceiling_spans_per_s"]
             )
-    print(json.dumps(result, indent=2))
-    if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else {}
-        existing["ingest"] = result
-        args.out.write_text(json.dumps(existing, indent=2) + "\n")
+    report(result, "ingest", args.out)
     return result
 
 
