@@ -19,8 +19,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from cegraph.daemon.spans import Attributes, SpanEvent, SpanRecord
 
-ENCODINGS = ("otlp_proto", "otlp_json")
-
 
 class DecodeError(ValueError):
     """The payload is not a valid trace export; `str(error)` is the dead-letter reason."""
