@@ -14,6 +14,7 @@ EXECUTION_COMPLETED = "ExecutionCompleted"
 EXECUTION_AMENDED = "ExecutionAmended"
 FEEDBACK_RECEIVED = "FeedbackReceived"
 MESSAGE_DEAD_LETTERED = "MessageDeadLettered"
+WORKFLOW_REGISTERED = "WorkflowRegistered"
 
 
 @dataclass(slots=True)

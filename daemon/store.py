@@ -1,8 +1,8 @@
 """The event store: an append-only `events` table in DuckDB, its projections, and consumer offsets.
 
-Events are the truth; `executions`, `nodes` and `feedback` are projections computed by SQL over the
-event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a rebuild equals the live
-tables. The consumer offsets are
+Events are the truth; `executions`, `nodes`, `feedback` and `workflow_versions` are projections
+computed by SQL over the event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a
+rebuild equals the live tables. The consumer offsets are
 written in the same transaction as the events they produced: a crash at any instant loses nothing
 and counts nothing twice. Bulk writes go through Arrow tables, never `executemany`.
 """
@@ -25,6 +25,7 @@ from cegraph.daemon.events import (
     EXECUTION_COMPLETED,
     FEEDBACK_RECEIVED,
     MESSAGE_DEAD_LETTERED,
+    WORKFLOW_REGISTERED,
     Event,
 )
 from cegraph.daemon.spans import Node
@@ -69,9 +70,13 @@ CREATE TABLE IF NOT EXISTS feedback (
     seq BIGINT, trace_id VARCHAR, span_id VARCHAR, outcome VARCHAR, score DOUBLE, critique VARCHAR,
     source VARCHAR, created_at VARCHAR
 );
+CREATE TABLE IF NOT EXISTS workflow_versions (
+    seq BIGINT, workflow_id VARCHAR, version VARCHAR, content_hash VARCHAR, spec JSON,
+    registered_at TIMESTAMP
+);
 """
 
-PROJECTION_TABLES = ("executions", "feedback")
+PROJECTION_TABLES = ("executions", "feedback", "workflow_versions")
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED)
 NODE_FIELDS = [f.name for f in fields(Node)]
 
@@ -121,6 +126,11 @@ SELECT seq, payload->>'trace_id' AS trace_id, payload->>'span_id' AS span_id, pa
        (payload->>'score')::DOUBLE AS score, payload->>'critique' AS critique, payload->>'source' AS source,
        payload->>'created_at' AS created_at
 FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{FEEDBACK_RECEIVED}';
+
+INSERT INTO workflow_versions BY NAME
+SELECT seq, payload->>'workflow_id' AS workflow_id, payload->>'version' AS version,
+       payload->>'content_hash' AS content_hash, payload->'spec' AS spec, recorded_at AS registered_at
+FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}';
 """
 
 
@@ -340,6 +350,27 @@ class EventStore:
                 for (topic, partition), offset in sorted(self.offsets().items())
             },
         }
+
+    def workflow_versions(self, workflow_id: str | None = None) -> list[dict[str, Any]]:
+        """Registered spec versions (of one workflow, or all) in registration order, with the number of
+        stored executions that ran each."""
+        return self.query_dicts(
+            """
+            SELECT v.workflow_id, v.version, v.content_hash, v.registered_at, count(e.trace_id) AS executions
+            FROM workflow_versions v
+            LEFT JOIN executions e ON e.workflow_id = v.workflow_id AND e.workflow_version = v.version
+            WHERE $1 IS NULL OR v.workflow_id = $1
+            GROUP BY v.seq, v.workflow_id, v.version, v.content_hash, v.registered_at
+            ORDER BY v.workflow_id, v.seq
+            """,
+            workflow_id,
+        )
+
+    def workflow_spec(self, workflow_id: str, version: str) -> str | None:
+        """The canonical JSON of a registered spec version, or None."""
+        return self._scalar(
+            "SELECT spec FROM workflow_versions WHERE workflow_id = ? AND version = ?", workflow_id, version
+        )
 
     # ------------------------------------------------------------------ rebuild
 

@@ -1,0 +1,68 @@
+"""The `cegraph.patches` message: a verified change to a workflow spec, as RFC 6902 operations.
+
+Keyed by workflow id. Consumers apply `operations` to the canonical JSON of the spec at
+`base_version` (`WorkflowSpec.canonical()`), validate the result and check that its content hash is
+`content_hash`; a patch made for another base then fails instead of changing the wrong spec.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer, model_validator
+
+from cegraph.schemas.workflow import SEMVER, NodeId
+
+SemVer = Annotated[str, StringConstraints(pattern=SEMVER.pattern)]
+ContentHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+JsonPointer = Annotated[str, StringConstraints(pattern=r"^(/([^~/]|~[01])*)*$")]
+
+_NEEDS_VALUE = frozenset({"add", "replace", "test"})
+_NEEDS_FROM = frozenset({"move", "copy"})
+
+
+class PatchOperation(BaseModel):
+    """One RFC 6902 operation; it serializes with exactly the members its `op` takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    op: Literal["add", "remove", "replace", "move", "copy", "test"]
+    path: JsonPointer = Field(description="JSON Pointer (RFC 6901) of the target location.")
+    value: Any = Field(None, description="For add, replace and test.")
+    from_: JsonPointer | None = Field(None, alias="from", description="For move and copy: the source.")
+
+    @model_validator(mode="after")
+    def _has_its_members(self) -> PatchOperation:
+        if self.op in _NEEDS_VALUE and "value" not in self.model_fields_set:
+            raise ValueError(f"operation {self.op!r} needs a 'value'")
+        if self.op in _NEEDS_FROM and self.from_ is None:
+            raise ValueError(f"operation {self.op!r} needs a 'from'")
+        return self
+
+    @model_serializer
+    def _rfc6902(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"op": self.op, "path": self.path}
+        if self.op in _NEEDS_VALUE:
+            data["value"] = self.value
+        if self.op in _NEEDS_FROM:
+            data["from"] = self.from_
+        return data
+
+
+class WorkflowPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="cegraph workflow patch")
+
+    workflow_id: NodeId = Field(description="The workflow the patch changes.")
+    base_version: SemVer = Field(description="The version the operations apply to.")
+    new_version: SemVer = Field(description="The version of the resulting spec (greater than the base).")
+    operations: list[PatchOperation] = Field(min_length=1, description="RFC 6902 JSON Patch.")
+    content_hash: ContentHash = Field(description="Content hash of the resulting spec.")
+    rationale: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Why: the failure mode, counterexamples, verification statistics and cost.",
+    )
+    signature: str | None = Field(None, description="Signature of the publisher over the patch.")
+
+    def json_patch(self) -> list[dict[str, Any]]:
+        """The operations as plain RFC 6902 JSON, for `jsonpatch.apply_patch`."""
+        return [operation.model_dump(mode="json") for operation in self.operations]
