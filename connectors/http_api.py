@@ -1,6 +1,7 @@
-"""The daemon's HTTP surface: health, Prometheus metrics and the read-only API.
+"""The daemon's HTTP surface: health, Prometheus metrics, the read API and a few write endpoints.
 
-Read endpoints show trace text, so when a token is configured they require `Authorization: Bearer`.
+Read endpoints show trace text and write endpoints change state, so when a token is configured both
+require `Authorization: Bearer`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+# Returns a Response, or data that is sent as JSON.
+Endpoint = Callable[[Request], Awaitable[Any]]
 
 
 def bearer_ok(request: Request, token: str | None) -> bool:
@@ -26,8 +29,8 @@ def bearer_ok(request: Request, token: str | None) -> bool:
     return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), token.encode())
 
 
-def protected(token: str | None, endpoint: Callable[[Request], Awaitable[Any]]) -> Callable:
-    """Wrap a read endpoint: 401 with a JSON reason when the bearer token is missing or wrong."""
+def protected(token: str | None, endpoint: Endpoint) -> Callable:
+    """Wrap an endpoint: 401 with a JSON reason when the bearer token is missing or wrong."""
 
     async def guarded(request: Request) -> Response:
         if not bearer_ok(request, token):
@@ -45,7 +48,8 @@ def protected(token: str | None, endpoint: Callable[[Request], Awaitable[Any]]) 
 def create_app(
     *,
     ready: ReadyCheck,
-    read_routes: Sequence[tuple[str, Callable[[Request], Awaitable[Any]]]] = (),
+    read_routes: Sequence[tuple[str, Endpoint]] = (),
+    write_routes: Sequence[tuple[str, Endpoint]] = (),
     token: str | None = None,
     metrics: bool = True,
     registry: CollectorRegistry = REGISTRY,
@@ -65,4 +69,5 @@ def create_app(
     if metrics:
         routes.append(Route("/metrics", metrics_endpoint))
     routes += [Route(path, protected(token, endpoint)) for path, endpoint in read_routes]
+    routes += [Route(path, protected(token, endpoint), methods=["POST"]) for path, endpoint in write_routes]
     return Starlette(routes=routes, lifespan=lifespan)

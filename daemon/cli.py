@@ -10,13 +10,15 @@ import json
 import sys
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cegraph.daemon.settings import ConfigError, Settings, load_settings, masked
+from cegraph.daemon.cli_common import JsonFlag, err, from_daemon_or_store, open_store, out, settings_or_exit
+from cegraph.daemon.cli_simulate import simulate
+from cegraph.daemon.cli_workflows import workflows
+from cegraph.daemon.settings import masked
 
 app = typer.Typer(
     name="cegraph",
@@ -25,18 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def settings_or_exit() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as error:
-        err.print(f"[bold red]cegraph:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
@@ -78,53 +68,13 @@ def run() -> None:
     serve(settings)
 
 
-def _from_daemon(settings: Settings, path: str) -> Any | None:
-    """GET a read endpoint of the running daemon; None when no daemon answers."""
-    import httpx
-
-    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::") else settings.http.host
-    headers = (
-        {"Authorization": f"Bearer {settings.http.token.get_secret_value()}"} if settings.http.token else {}
-    )
-    try:
-        response = httpx.get(f"http://{host}:{settings.http.port}{path}", headers=headers, timeout=10)
-    except httpx.TransportError:
-        return None
-    if response.status_code != 200:
-        err.print(
-            f"[bold red]cegraph:[/] the daemon answered {response.status_code} to {path}: {response.text}"
-        )
-        raise typer.Exit(1)
-    return response.json()
-
-
-def _open_store(settings: Settings, *, read_only: bool):
-    from cegraph.daemon.store import EventStore, StoreError
-
-    if read_only and not settings.store.path.exists():
-        err.print(f"[bold red]cegraph:[/] no store at {settings.store.path} (CEGRAPH_STORE__PATH)")
-        raise typer.Exit(1)
-    try:
-        return EventStore(settings.store.path, read_only=read_only)
-    except StoreError as error:
-        err.print(f"[bold red]cegraph:[/] {error}", soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
 @app.command()
 def stats(as_json: JsonFlag = False) -> None:
     """Counts of spans, executions, failures, feedback, amendments, dead letters, and stored offsets.
 
     Reads through the daemon's HTTP API while it runs, else the DuckDB file.
     """
-    settings = settings_or_exit()
-    data = _from_daemon(settings, "/stats")
-    if data is None:
-        store = _open_store(settings, read_only=True)
-        try:
-            data = store.stats()
-        finally:
-            store.close()
+    data = from_daemon_or_store(settings_or_exit(), "/stats", lambda store: store.stats())
     if as_json:
         out.print_json(json.dumps(data))
         return
@@ -140,16 +90,9 @@ def modes(as_json: JsonFlag = False) -> None:
 
     Reads through the daemon's HTTP API while it runs, else the DuckDB file.
     """
-    settings = settings_or_exit()
-    rows = _from_daemon(settings, "/modes")
-    if rows is None:
-        from cegraph.daemon.detector_stage import stored_modes
+    from cegraph.daemon.detector_stage import stored_modes
 
-        store = _open_store(settings, read_only=True)
-        try:
-            rows = stored_modes(store)
-        finally:
-            store.close()
+    rows = from_daemon_or_store(settings_or_exit(), "/modes", stored_modes)
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
@@ -175,7 +118,7 @@ def modes(as_json: JsonFlag = False) -> None:
 def rebuild() -> None:
     """Recompute every projection from the event log (stop the daemon first: DuckDB has one writer)."""
     settings = settings_or_exit()
-    store = _open_store(settings, read_only=False)
+    store = open_store(settings, read_only=False)
     try:
         before = store.projection_digest()
         replayed = store.rebuild()
@@ -288,6 +231,10 @@ def eval_modes(
                 str(s.errors),
             )
         out.print(table)
+
+
+app.command()(simulate)
+app.add_typer(workflows)
 
 
 def main() -> None:
