@@ -1,0 +1,175 @@
+"""`cegraph simulate`: the deployed service of demos and benchmarks, as a command.
+
+A thin shell around `TrafficGenerator`: it builds the simulated world and the runtime, sends the spans
+to the spans topic through the OTel SDK, follows the decision topics and prints progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from cegraph.daemon.cli_common import fail, load_spec, out, settings_or_exit
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from cegraph.connectors.decision_consumer import DecisionConsumer
+    from cegraph.daemon.settings import Settings
+    from cegraph.daemon.traffic import Snapshot, TrafficGenerator
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([sm]))?\s*$")
+
+
+class Sink(StrEnum):
+    kafka = "kafka"
+    stdout_summary = "stdout-summary"
+
+
+def parse_rate(text: str) -> float:
+    """`20`, `20/s` or `600/m` as executions per second."""
+    match = _RATE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a positive rate such as 20/s or 600/m")
+    return float(match.group(1)) / (60 if match.group(2) == "m" else 1)
+
+
+def simulate(
+    workflow: Annotated[str, typer.Option(help="The stable spec: a JSON file or a shipped example's name.")],
+    canary: Annotated[str | None, typer.Option(help="A canary version of it: a file or an example.")] = None,
+    canary_weight: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of executions on the canary (also one a patch starts)."),
+    ] = 0.1,
+    rate: Annotated[str, typer.Option(help="Executions started per second: 20, 20/s or 600/m.")] = "20/s",
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many executions.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.0, help="Stop after this many seconds.")] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(help="Task family: arithmetic, extraction, qa or coding (default: as the workflow id)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the world, the tasks and the canary split.")] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Executions in flight at most.")] = 64,
+    sink: Annotated[
+        Sink,
+        typer.Option(help="kafka: spans to Kafka, decisions followed; stdout-summary: nothing leaves."),
+    ] = Sink.kafka,
+    one_trace_per_message: Annotated[
+        bool,
+        typer.Option("--one-trace-per-message/--batched", help="As the collector's partition_traces_by_id."),
+    ] = True,
+    progress_every: Annotated[float, typer.Option(min=0.1, help="Seconds between progress lines.")] = 5.0,
+) -> None:
+    """Run simulated traffic through a workflow, split between a stable and a canary version.
+
+    Follows the patches and rollout decisions published while it runs. Without --count or --duration
+    it runs until Ctrl-C.
+    """
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from cegraph.daemon.runtime import WorkflowRuntime
+    from cegraph.daemon.sim import SimWorld
+    from cegraph.daemon.traffic import TrafficGenerator, infer_family
+
+    settings = settings_or_exit()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if count is not None and duration is not None:
+        fail("give --count or --duration, not both")
+    stable = load_spec(workflow)
+    canary_spec = load_spec(canary) if canary is not None else None
+    world = SimWorld(seed)
+    family = family or infer_family(stable, world.families)
+    if family is None:
+        fail(f"which task family does {stable.id} run? Pass --family ({', '.join(world.families)})")
+    provider = TracerProvider(resource=Resource.create({"service.name": "cegraph-simulate"}))
+    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
+    try:
+        generator = TrafficGenerator(
+            runtime, world, stable, family=family, canary=canary_spec, canary_weight=canary_weight,
+            rate=parse_rate(rate), seed=seed, concurrency=concurrency,
+        )  # fmt: skip
+    except ValueError as error:
+        fail(str(error))
+    consumer = _connect(settings, generator, provider, one_trace_per_message) if sink is Sink.kafka else None
+    interrupted = False
+    try:
+        asyncio.run(_run(generator, count, duration, progress_every))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if consumer is not None:
+            consumer.stop()
+        provider.shutdown()  # exports the spans still batched
+    _summary(generator.snapshot())
+    if interrupted:
+        raise typer.Exit(130)
+
+
+def _connect(
+    settings: Settings, generator: TrafficGenerator, provider: TracerProvider, one_trace_per_message: bool
+) -> DecisionConsumer:
+    """Spans to the spans topic; patches and rollouts to the generator. Exits when Kafka can't be reached."""
+    from kafka.errors import KafkaError
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from cegraph.connectors.decision_consumer import DecisionConsumer
+    from cegraph.connectors.kafka_client import ensure_topics
+    from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
+
+    kafka = settings.kafka
+    try:
+        ensure_topics(kafka, [kafka.spans_topic, kafka.patches_topic, kafka.rollouts_topic])
+        exporter = OtlpKafkaSpanExporter(kafka, partition_by_trace=one_trace_per_message)
+        consumer = DecisionConsumer(kafka, on_patch=generator.apply_patch, on_rollout=generator.apply_rollout)
+        consumer.start()
+    except (KafkaError, RuntimeError) as error:
+        fail(f"Kafka at {kafka.bootstrap_servers}: {error}")
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return consumer
+
+
+async def _run(generator: TrafficGenerator, count: int | None, duration: float | None, every: float) -> None:
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(every)
+            out.print(_progress(generator.snapshot()), highlight=False)
+
+    reporter = asyncio.create_task(report())
+    try:
+        await generator.run(count=count, duration_s=duration)
+    finally:
+        reporter.cancel()
+
+
+def _progress(snapshot: Snapshot) -> str:
+    def track(name: str, version: str) -> str:
+        counts = snapshot.counts.get((name, version))
+        runs = 0 if counts is None else counts.executions
+        rate = 0.0 if counts is None else counts.failure_rate
+        return f"{name} {version}: {runs} runs, {rate:.1%} failed"
+
+    line = f"{snapshot.elapsed_s:7.1f}s {snapshot.finished} done ({snapshot.rate:.1f}/s)  "
+    line += track("stable", snapshot.stable)
+    if snapshot.canary is not None:
+        line += f" | {track('canary', snapshot.canary)} (weight {snapshot.canary_weight:g})"
+    return line
+
+
+def _summary(snapshot: Snapshot) -> None:
+    table = Table(
+        "track", "version", "executions", "failed", "failure rate", "errors",
+        title=f"{snapshot.finished} executions in {snapshot.elapsed_s:.1f}s ({snapshot.rate:.1f}/s)",
+    )  # fmt: skip
+    for (track, version), counts in sorted(snapshot.counts.items()):
+        table.add_row(
+            track, version, str(counts.executions), str(counts.failed), f"{counts.failure_rate:.1%}",
+            str(counts.errors),
+        )  # fmt: skip
+    out.print(table)
