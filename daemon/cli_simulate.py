@@ -131,7 +131,9 @@ def _connect(
         consumer.start()
     except (KafkaError, RuntimeError) as error:
         fail(f"Kafka at {kafka.bootstrap_servers}: {error}")
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    # A queue that absorbs bursts at high rates: the SDK drops spans when its queue is full.
+    processor = BatchSpanProcessor(exporter, max_queue_size=65_536, max_export_batch_size=2_048)
+    provider.add_span_processor(processor)
     return consumer
 
 
