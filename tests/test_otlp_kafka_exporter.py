@@ -11,6 +11,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from workflow_fixtures import QA_REVIEWED as SPEC
 
 from cegraph.connectors.kafka_client import kafka_python_options
 from cegraph.connectors.otlp_codec import decode_proto
@@ -20,30 +21,6 @@ from cegraph.daemon.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.sim import SimWorld
 from cegraph.schemas.workflow import parse_spec
-
-# retrieve -> answer -> review -> revise: four node spans per execution, all children of the root.
-SPEC = {
-    "id": "qa-reviewed",
-    "version": "1.2.0",
-    "model": "sim-1",
-    "input_schema": {"question": {"type": "string"}},
-    "entry": "search",
-    "output": "revise",
-    "nodes": {
-        "search": {"kind": "retrieve", "retriever": "kb_search", "inputs": {"query": "input.question"}},
-        "answer": {"kind": "llm", "inputs": {"question": "input.question", "context": "search"}},
-        "review": {"kind": "review", "inputs": {"question": "input.question", "answer": "answer"}},
-        "revise": {
-            "kind": "revise",
-            "inputs": {"question": "input.question", "answer": "answer", "review": "review"},
-        },
-    },
-    "edges": [
-        {"source": "search", "target": "answer"},
-        {"source": "answer", "target": "review"},
-        {"source": "review", "target": "revise"},
-    ],
-}
 
 
 def attributes(item) -> dict:
