@@ -19,6 +19,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from cegraph.daemon.spans import Attributes, SpanEvent, SpanRecord
 
+# OTLP span flags: bit 8 says whether bit 9 is known, bit 9 says the parent is in another process.
+REMOTE_PARENT = 0x300
+
 
 class DecodeError(ValueError):
     """The payload is not a valid trace export; `str(error)` is the dead-letter reason."""
@@ -81,6 +84,7 @@ def decode_proto(payload: bytes) -> list[SpanRecord]:
                         _attributes(span.attributes),
                         events,
                         resource,
+                        span.flags & REMOTE_PARENT == REMOTE_PARENT,
                     )
                 )
     return _checked(records)
@@ -222,6 +226,7 @@ def decode_json(payload: bytes) -> list[SpanRecord]:
                             _json_attributes(span.get("attributes", [])),
                             events,
                             resource,
+                            int(span.get("flags") or 0) & REMOTE_PARENT == REMOTE_PARENT,
                         )
                     )
     except DecodeError:

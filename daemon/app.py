@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from cegraph.connectors.http_api import create_app
+from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
 from cegraph.connectors.otlp_codec import decoder_for
@@ -20,6 +21,7 @@ from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
 from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics
+from cegraph.daemon.registry import WorkflowRegistry
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
 
@@ -91,9 +93,11 @@ def build(settings: Settings) -> Starlette:
         return await asyncio.to_thread(stored_modes, store)
 
     token = settings.http.token.get_secret_value() if settings.http.token else None
+    workflows = workflow_routes(WorkflowRegistry(store))
     return create_app(
         ready=ready,
-        read_routes=[("/stats", stats), ("/modes", modes)],
+        read_routes=[("/stats", stats), ("/modes", modes), *workflows.read],
+        write_routes=workflows.write,
         token=token,
         metrics=settings.metrics.enabled,
         registry=metrics.registry,

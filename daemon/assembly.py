@@ -71,7 +71,7 @@ class TraceAssembler:
             if ref not in trace.messages:
                 trace.messages.add(ref)
                 holds += 1
-            if not node.parent_span_id and node.end_ns:
+            if node.is_root and node.end_ns:
                 trace.root_ended = True
         evicted = []
         while len(self._open) > self.max_open:

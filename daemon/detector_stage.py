@@ -174,7 +174,7 @@ class DetectorStage:
 
 
 def _execution(trace: str, nodes: list[Node], feedback: list[FeedbackSignal], feedback_only: bool = False):
-    identity = next((n for n in nodes if not n.parent_span_id and n.workflow_id), None) or next(
+    identity = next((n for n in nodes if n.is_root and n.workflow_id), None) or next(
         (n for n in nodes if n.workflow_id), None
     )
     return ExecutionInput(

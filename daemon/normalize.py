@@ -178,6 +178,7 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
         trace_id=span.trace_id,
         span_id=span.span_id,
         parent_span_id=span.parent_span_id,
+        parent_is_remote=span.parent_is_remote,
         name=span.name,
         kind=kind,
         node_id=str(_first(attributes, "cegraph.node.id", "graph.node.id") or span.name),

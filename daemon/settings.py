@@ -171,7 +171,9 @@ class HttpSettings(_Group):
 
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
     port: int = Field(8321, ge=0, le=65535, description="HTTP port (0 picks a free one).")
-    token: SecretStr | None = Field(None, description="Bearer token required by the read endpoints.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token required by the read and write API endpoints."
+    )
 
 
 class MetricsSettings(_Group):

@@ -37,6 +37,7 @@ class SpanRecord:
     attributes: Attributes
     events: list[SpanEvent]
     resource: Attributes
+    parent_is_remote: bool = False  # OTLP span flags: the parent lives in another service
 
 
 @dataclass(slots=True)
@@ -101,3 +102,9 @@ class Node:
     evaluations: list[Evaluation] = field(default_factory=list)
     hard_failed: bool = False  # ERROR status, an exception event or `error.type`
     eval_failed: bool = False  # an evaluator's verdict on this span was a failure
+    parent_is_remote: bool = False  # the parent span is in another service: this is the local root
+
+    @property
+    def is_root(self) -> bool:
+        """The root of this service's part of the trace: no parent, or a parent elsewhere."""
+        return not self.parent_span_id or self.parent_is_remote

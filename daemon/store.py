@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS event_spans (
     provider VARCHAR, model VARCHAR, start_ns BIGINT, end_ns BIGINT, status VARCHAR,
     status_message VARCHAR, error_type VARCHAR, exception_type VARCHAR, exception_message VARCHAR,
     finish_reasons VARCHAR[], input_tokens BIGINT, output_tokens BIGINT, tool_name VARCHAR,
-    input_text VARCHAR, output_text VARCHAR, evaluations JSON, hard_failed BOOLEAN, eval_failed BOOLEAN
+    input_text VARCHAR, output_text VARCHAR, evaluations JSON, hard_failed BOOLEAN, eval_failed BOOLEAN,
+    parent_is_remote BOOLEAN
 );
 CREATE OR REPLACE VIEW nodes AS SELECT * FROM event_spans;
 """
@@ -80,20 +81,22 @@ PROJECTION_TABLES = ("executions", "feedback", "workflow_versions")
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED)
 NODE_FIELDS = [f.name for f in fields(Node)]
 
+ROOT = "(n.parent_span_id = '' OR n.parent_is_remote)"  # as `Node.is_root`
+
 # The projections are SQL over a range of events ($1..$2), run live on each appended batch and by
 # rebuild() over the whole log: one definition, so rebuilt tables equal the live ones by construction.
 # Completed executions are inserted before amendments are applied, which is also their order in time.
 PROJECT = f"""
 INSERT INTO executions BY NAME
 SELECT n.trace_id,
-       coalesce(max(n.workflow_id) FILTER (WHERE n.parent_span_id = '' AND n.workflow_id <> ''),
+       coalesce(max(n.workflow_id) FILTER (WHERE {ROOT} AND n.workflow_id <> ''),
                 min(n.workflow_id) FILTER (WHERE n.workflow_id <> ''), '') AS workflow_id,
-       coalesce(max(n.workflow_version) FILTER (WHERE n.parent_span_id = '' AND n.workflow_id <> ''),
+       coalesce(max(n.workflow_version) FILTER (WHERE {ROOT} AND n.workflow_id <> ''),
                 min(n.workflow_version) FILTER (WHERE n.workflow_id <> ''), '') AS workflow_version,
-       coalesce(max(n.track) FILTER (WHERE n.parent_span_id = '' AND n.track <> ''),
+       coalesce(max(n.track) FILTER (WHERE {ROOT} AND n.track <> ''),
                 min(n.track) FILTER (WHERE n.track <> ''), '') AS track,
-       coalesce(min(n.span_id) FILTER (WHERE n.parent_span_id = ''), '') AS root_span_id,
-       coalesce(min(n.name) FILTER (WHERE n.parent_span_id = ''), '') AS root_name,
+       coalesce(min(n.span_id) FILTER (WHERE {ROOT}), '') AS root_span_id,
+       coalesce(min(n.name) FILTER (WHERE {ROOT}), '') AS root_name,
        min(n.start_ns) AS start_ns, max(n.end_ns) AS end_ns, count(*) AS span_count,
        any_value(e.payload->>'complete')::BOOLEAN AS complete, any_value(e.payload->>'reason') AS reason,
        bool_or(n.hard_failed) AS hard_failed, bool_or(n.eval_failed) AS eval_failed,

@@ -9,10 +9,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cegraph.schemas.feedback import Feedback
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
 
-CONTRACTS: dict[str, type[BaseModel]] = {"patch": WorkflowPatch, "rollout": RolloutDecision}
+CONTRACTS: dict[str, type[BaseModel]] = {
+    "feedback": Feedback,
+    "patch": WorkflowPatch,
+    "rollout": RolloutDecision,
+}
 
 
 def schema_path(name: str) -> Path:

@@ -22,10 +22,10 @@ class Clock:
         return self.now
 
 
-def ingest(store: EventStore, messages: list[InMessage]) -> None:
+def ingest(store: EventStore, messages: list[InMessage], decode=decode_proto) -> None:
     clock = Clock()
     pipeline = IngestPipeline(
-        store, decode_proto, IngestSettings(idle_timeout_s=1), spans_topic="spans", feedback_topic="feedback",
+        store, decode, IngestSettings(idle_timeout_s=1), spans_topic="spans", feedback_topic="feedback",
         clock=clock,
     )  # fmt: skip
     pipeline.handle(messages)
@@ -96,3 +96,38 @@ def test_stored_modes_show_live_modes_with_mass_and_description(tmp_path):
     assert top["mass"] == max(row["mass"] for row in rows) > 0
     assert top["workflow_id"] == "support-bot" and top["description"]["node"].startswith("support-bot/")
     store.close()
+
+
+def test_a_root_whose_parent_is_in_another_service_completes_on_time(tmp_path):
+    """The gateway that called this service owns the trace's root: the local root is the span whose
+    parent is remote, and the execution completes after the idle timeout, not at the maximum age."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+    from otel_traces import encode
+
+    from cegraph.connectors.otlp_codec import decoder_for
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    upstream = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True,
+                           trace_flags=TraceFlags(1))  # fmt: skip
+    with (
+        tracer.start_as_current_span(
+            "handle request", context=set_span_in_context(NonRecordingSpan(upstream))
+        ),
+        tracer.start_as_current_span("chat", attributes={"gen_ai.operation.name": "chat"}),
+    ):
+        pass
+    for encoding in ("otlp_proto", "otlp_json"):
+        store = EventStore(tmp_path / f"{encoding}.duckdb")
+        payload = encode(list(exporter.get_finished_spans()), encoding)
+        ingest(store, [InMessage("spans", 0, 0, payload)], decode=decoder_for(encoding))
+        [(complete, reason, root_name, spans)] = store.query(
+            "SELECT complete, reason, root_name, span_count FROM executions"
+        )
+        assert (complete, reason, root_name, spans) == (True, "root-ended", "handle request", 2), encoding
+        store.close()
