@@ -16,21 +16,22 @@ from typing import Any
 import numpy as np
 
 from cegraph.daemon.density import NOISE, ModeChange, ModeTracker
-from cegraph.daemon.events import Event
+from cegraph.daemon.events import (
+    FAILURE_OBSERVED,
+    MASS_OBSERVED,
+    MODE_DRIFTED,
+    MODE_EMERGED,
+    MODE_FADED,
+    MODE_MASS_CROSSED,
+    MODE_MERGED,
+    Event,
+)
 from cegraph.daemon.failures import Failure, FeedbackSignal, label_failures
 from cegraph.daemon.mass import MassTracker
 from cegraph.daemon.settings import DetectorSettings
 from cegraph.daemon.signature import SignatureFeaturizer, SignatureParts
 from cegraph.daemon.spans import Node
 from cegraph.daemon.trigger import DriftWatch, MassTrigger
-
-FAILURE_OBSERVED = "FailureObserved"
-MODE_EMERGED = "ModeEmerged"
-MODE_MERGED = "ModeMerged"
-MODE_FADED = "ModeFaded"
-MODE_MASS_CROSSED = "ModeMassCrossed"
-MODE_DRIFTED = "ModeDrifted"
-MASS_OBSERVED = "MassObserved"
 
 EXEMPLARS = 5
 TOP_TERMS = 8

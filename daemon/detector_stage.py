@@ -17,8 +17,15 @@ from typing import Any
 
 import orjson
 
-from cegraph.daemon.detector import MASS_OBSERVED, MODE_FADED, MODE_MERGED, ExecutionInput, FailureDetector
-from cegraph.daemon.events import EXECUTION_COMPLETED, FEEDBACK_RECEIVED, Event
+from cegraph.daemon.detector import ExecutionInput, FailureDetector
+from cegraph.daemon.events import (
+    EXECUTION_COMPLETED,
+    FEEDBACK_RECEIVED,
+    MASS_OBSERVED,
+    MODE_FADED,
+    MODE_MERGED,
+    Event,
+)
 from cegraph.daemon.failures import FeedbackSignal
 from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.store import NODE_FIELDS, EventStore

@@ -15,6 +15,14 @@ EXECUTION_AMENDED = "ExecutionAmended"
 FEEDBACK_RECEIVED = "FeedbackReceived"
 MESSAGE_DEAD_LETTERED = "MessageDeadLettered"
 WORKFLOW_REGISTERED = "WorkflowRegistered"
+# the density stage
+FAILURE_OBSERVED = "FailureObserved"
+MODE_EMERGED = "ModeEmerged"
+MODE_MERGED = "ModeMerged"
+MODE_FADED = "ModeFaded"
+MODE_MASS_CROSSED = "ModeMassCrossed"
+MODE_DRIFTED = "ModeDrifted"
+MASS_OBSERVED = "MassObserved"
 
 
 @dataclass(slots=True)
@@ -26,7 +34,3 @@ class Event:
     def payload_json(self, omit: str | None = None) -> str:
         payload = self.payload if omit is None else {k: v for k, v in self.payload.items() if k != omit}
         return orjson.dumps(payload).decode()
-
-
-def load_payload(text: str) -> dict[str, Any]:
-    return orjson.loads(text)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cegraph.daemon.detector import (
+from cegraph.daemon.events import (
     FAILURE_OBSERVED,
     MODE_DRIFTED,
     MODE_EMERGED,
     MODE_FADED,
     MODE_MASS_CROSSED,
     MODE_MERGED,
+    Event,
 )
-from cegraph.daemon.events import Event
 
 
 class IngestMetrics:

@@ -7,8 +7,9 @@ import orjson
 from otel_traces import make_traces, to_messages
 
 from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.daemon.detector import FAILURE_OBSERVED, MASS_OBSERVED, FailureDetector
+from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import CURSOR, DetectorStage
+from cegraph.daemon.events import FAILURE_OBSERVED, MASS_OBSERVED
 from cegraph.daemon.ingest import IngestPipeline, InMessage
 from cegraph.daemon.settings import DetectorSettings, IngestSettings
 from cegraph.daemon.store import EventStore
