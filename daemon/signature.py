@@ -26,6 +26,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import orjson
@@ -105,6 +106,7 @@ class SignatureParts:
     structure: dict[str, float]
     text_terms: dict[str, float]  # term -> weight of its field
     traits: np.ndarray
+    text: str = ""  # the same fields as one text, most failure-specific first, for an embedder
 
 
 def describe(failure: Failure) -> SignatureParts:
@@ -128,6 +130,9 @@ def describe(failure: Failure) -> SignatureParts:
         (_message_text(node.output_text)[:OUTPUT_CHARS], 1.0),
         (new_input(node.input_text), 1.0),
     ]
+    failure_text = ". ".join(
+        text.strip() for text, _ in (fields[1], fields[2], fields[0], fields[3], fields[4]) if text.strip()
+    )
     text_terms: dict[str, float] = {}
     for text, weight in fields:
         for term in terms(text):
@@ -149,7 +154,7 @@ def describe(failure: Failure) -> SignatureParts:
         ],
         dtype=np.float64,
     )
-    return SignatureParts(structure, text_terms, traits)
+    return SignatureParts(structure, text_terms, traits, failure_text)
 
 
 def _hashed(features: dict[str, float], dim: int, weights: dict[int, float] | None = None) -> np.ndarray:
@@ -183,10 +188,22 @@ class _RunningNorm:
         return 0.0 if std == 0 else max(-3.0, min(3.0, (value - self.mean) / std)) / 3.0
 
 
-class SignatureFeaturizer:
-    """Failure -> point in the FSS. Learns document frequencies and latency norms online."""
+class TextEmbedder(Protocol):
+    dim: int
 
-    def __init__(self) -> None:
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+class SignatureFeaturizer:
+    """Failure -> point in the FSS. Learns document frequencies and latency norms online.
+
+    With an `embedder` (the `embeddings` extra, `daemon/embedding.py`) the semantics block is the
+    sentence embedding of the failure's text (384 dims) instead of hashed TF-IDF terms.
+    """
+
+    def __init__(self, embedder: TextEmbedder | None = None) -> None:
+        self.embedder = embedder
+        self.dim = STRUCTURE_DIM + (embedder.dim if embedder else TEXT_DIM) + TRAITS_DIM
         self.documents = 0
         self.document_frequency = np.zeros(DF_BUCKETS, dtype=np.int64)
         self.latency: OrderedDict[str, _RunningNorm] = OrderedDict()
@@ -211,9 +228,16 @@ class SignatureFeaturizer:
         df = int(self.document_frequency[stable_hash(term) % DF_BUCKETS])
         return math.log((self.documents + 1) / (df + 1)) + 1.0
 
-    def transform_one(self, failure: Failure, parts: SignatureParts | None = None) -> np.ndarray:
+    def transform_one(
+        self, failure: Failure, parts: SignatureParts | None = None, semantics: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`semantics` may be passed in when it was embedded in a batch (`learn_transform_many`)."""
         parts = parts or describe(failure)
-        text = {term: math.log1p(weight) * self.idf(term) for term, weight in parts.text_terms.items()}
+        if semantics is None and self.embedder is not None:
+            semantics = self.embedder.embed([parts.text])[0]
+        if semantics is None:
+            text = {term: math.log1p(weight) * self.idf(term) for term, weight in parts.text_terms.items()}
+            semantics = _hashed(text, TEXT_DIM)
         traits = parts.traits.copy()
         node = failure.node
         norm = self.latency.get(f"{node.workflow_id}/{node.node_id}")
@@ -222,7 +246,7 @@ class SignatureFeaturizer:
         return np.concatenate(
             [
                 BLOCK_WEIGHTS["structure"] * _hashed(parts.structure, STRUCTURE_DIM),
-                BLOCK_WEIGHTS["text"] * _hashed(text, TEXT_DIM),
+                BLOCK_WEIGHTS["text"] * semantics,
                 BLOCK_WEIGHTS["traits"] * traits,
             ]
         )
@@ -231,3 +255,16 @@ class SignatureFeaturizer:
         parts = describe(failure)
         self.learn_one(failure, parts)
         return self.transform_one(failure, parts), parts
+
+    def learn_transform_many(self, failures: list[Failure]) -> list[tuple[np.ndarray, SignatureParts]]:
+        """In stream order, with one embedder call for the whole batch (the model is the slow part)."""
+        parts = [describe(failure) for failure in failures]
+        embedded = (
+            self.embedder.embed([p.text for p in parts]) if self.embedder is not None and parts else None
+        )
+        out = []
+        for index, (failure, part) in enumerate(zip(failures, parts, strict=True)):
+            self.learn_one(failure, part)
+            semantics = embedded[index] if embedded is not None else None
+            out.append((self.transform_one(failure, part, semantics), part))
+        return out
