@@ -40,17 +40,21 @@ def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-@app.command()
-def config(as_json: JsonFlag = False) -> None:
-    """Show the effective settings (secrets masked)."""
-    data = masked(settings_or_exit())
+def _print_nested(data: dict, as_json: bool, columns: tuple[str, str], title: str) -> None:
+    """Nested data as JSON, or as a two-column table of dotted names."""
     if as_json:
         out.print_json(json.dumps(data))
         return
-    table = Table("setting", "value", title="cegraph settings")
+    table = Table(*columns, title=title)
     for name, value in _flatten(data):
         table.add_row(name, value)
     out.print(table)
+
+
+@app.command()
+def config(as_json: JsonFlag = False) -> None:
+    """Show the effective settings (secrets masked)."""
+    _print_nested(masked(settings_or_exit()), as_json, ("setting", "value"), "cegraph settings")
 
 
 @app.command()
@@ -75,13 +79,7 @@ def stats(as_json: JsonFlag = False) -> None:
     Reads through the daemon's HTTP API while it runs, else the DuckDB file.
     """
     data = from_daemon_or_store(settings_or_exit(), "/stats", lambda store: store.stats())
-    if as_json:
-        out.print_json(json.dumps(data))
-        return
-    table = Table("count", "value", title="cegraph stats")
-    for name, value in _flatten(data):
-        table.add_row(name, value)
-    out.print(table)
+    _print_nested(data, as_json, ("count", "value"), "cegraph stats")
 
 
 @app.command()
