@@ -42,8 +42,9 @@ def _java_available() -> None:
 
 
 def test_cluster_id_is_kafka_uuid_text():
-    cluster_id = random_cluster_id()
-    assert len(cluster_id) == 22 and "=" not in cluster_id
+    ids = [random_cluster_id() for _ in range(2_000)]  # about 1 in 64 would start with "-" unfiltered
+    assert all(len(cluster_id) == 22 and "=" not in cluster_id for cluster_id in ids)
+    assert not any(cluster_id.startswith("-") for cluster_id in ids)
 
 
 def test_broker_dies_when_its_owner_is_killed(tmp_path):

@@ -98,8 +98,12 @@ def free_port() -> int:
 
 
 def random_cluster_id() -> str:
-    """Kafka's Uuid.toString: URL-safe base64 of 16 random bytes, without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """Kafka's Uuid.toString: URL-safe base64 of 16 random bytes, without padding. Like Kafka's own
+    `Uuid.randomUuid`, never one that starts with "-": the storage tool would read it as an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _die_with_parent() -> None:
