@@ -63,10 +63,13 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
     from local_kafka import KafkaStartError, LocalKafka
 
     broker = LocalKafka()
-    try:
-        broker.start()
-    except KafkaStartError as error:
-        _unavailable(f"the local Apache Kafka did not start: {error}")
+    for attempt in (1, 2):  # a second try on fresh ports: a free port can be taken before the JVM binds it
+        try:
+            broker.start()
+            break
+        except KafkaStartError as error:
+            if attempt == 2:
+                _unavailable(f"the local Apache Kafka did not start: {error}")
     request.addfinalizer(broker.stop)
     assert broker.process is not None
     BROKERS_USED.append(
