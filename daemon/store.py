@@ -112,16 +112,30 @@ UPDATE executions SET
     hard_failed = hard_failed OR a.hard,
     eval_failed = eval_failed OR a.evaluated,
     failed_nodes = failed_nodes + a.failed,
+    start_ns = least(executions.start_ns, a.start_ns),
     end_ns = greatest(executions.end_ns, a.end_ns),
     input_tokens = input_tokens + a.tokens_in,
     output_tokens = output_tokens + a.tokens_out,
-    amendments = amendments + a.events
+    amendments = amendments + a.events,
+    -- a root that arrives late completes the execution and gives it its identity
+    complete = complete OR a.root_span_id IS NOT NULL,
+    root_span_id = CASE WHEN executions.root_span_id = '' THEN coalesce(a.root_span_id, '')
+                        ELSE executions.root_span_id END,
+    root_name = CASE WHEN executions.root_span_id = '' THEN coalesce(a.root_name, '')
+                     ELSE executions.root_name END,
+    workflow_id = CASE WHEN executions.workflow_id = '' THEN coalesce(a.workflow_id, '')
+                       ELSE executions.workflow_id END,
+    workflow_version = CASE WHEN executions.workflow_id = '' THEN coalesce(a.workflow_version, '')
+                            ELSE executions.workflow_version END
 FROM (
     SELECT trace_id, count(*) AS added, bool_or(hard_failed) AS hard, bool_or(eval_failed) AS evaluated,
-           count(*) FILTER (WHERE hard_failed OR eval_failed) AS failed, max(end_ns) AS end_ns,
-           coalesce(sum(input_tokens), 0) AS tokens_in, coalesce(sum(output_tokens), 0) AS tokens_out,
-           count(DISTINCT seq) AS events
-    FROM event_spans WHERE amended AND seq BETWEEN $1 AND $2 GROUP BY trace_id
+           count(*) FILTER (WHERE hard_failed OR eval_failed) AS failed, min(start_ns) AS start_ns,
+           max(end_ns) AS end_ns, coalesce(sum(input_tokens), 0) AS tokens_in,
+           coalesce(sum(output_tokens), 0) AS tokens_out, count(DISTINCT seq) AS events,
+           min(span_id) FILTER (WHERE {ROOT}) AS root_span_id, min(name) FILTER (WHERE {ROOT}) AS root_name,
+           min(workflow_id) FILTER (WHERE workflow_id <> '') AS workflow_id,
+           min(workflow_version) FILTER (WHERE workflow_id <> '') AS workflow_version
+    FROM event_spans n WHERE amended AND seq BETWEEN $1 AND $2 GROUP BY trace_id
 ) a WHERE executions.trace_id = a.trace_id;
 
 INSERT INTO feedback BY NAME

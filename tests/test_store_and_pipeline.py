@@ -286,7 +286,10 @@ def test_max_open_evicts_as_incomplete_and_later_spans_amend(store):
     settle(pipeline, clock)
     assert_landed_exactly_once(store, TRACES[3:5], others=1)
     row = store.query_dicts("SELECT * FROM executions WHERE trace_id = ?", TRACES[2].trace_id)[0]
-    assert (row["complete"], row["reason"]) == (False, "evicted")
+    # the root arrived late, as an amendment: it completes the execution and names its root
+    assert (row["complete"], row["reason"]) == (True, "evicted")
+    assert row["root_span_id"] == format(root[0].context.span_id, "016x") and row["root_name"] == root[0].name
+    assert row["start_ns"] == min(s.start_time for s in TRACES[2].spans)
     assert (row["span_count"], row["amendments"]) == (TRACES[2].span_count, 1)
 
 
