@@ -1,0 +1,81 @@
+"""Paired verification statistics (exact McNemar, paired bootstrap, the accept rule) and patch
+signatures: one changed byte breaks a signature."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cegraph.daemon.operators import Edit, apply_edit
+from cegraph.daemon.signing import sign, verify_signature
+from cegraph.daemon.verification import judge, mcnemar, paired_bootstrap
+from cegraph.schemas.patch import WorkflowPatch
+from cegraph.schemas.workflow import example_spec
+
+
+def test_mcnemar_counts_only_discordant_pairs():
+    base = [True] * 30 + [False] * 70
+    candidate = [False] * 20 + [True] * 10 + [True] * 2 + [False] * 68
+    result = mcnemar(base, candidate)
+    assert (result.fixed, result.broken, result.n) == (20, 2, 100)
+    assert result.base_rate == 0.30 and result.candidate_rate == 0.12
+    # P(X >= 20) for X ~ Bin(22, 1/2) = (C(22,20) + C(22,21) + C(22,22)) / 2^22
+    assert result.p_better == pytest.approx((231 + 22 + 1) / 2**22)
+    assert result.p_worse > 0.99
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=60))
+@settings(max_examples=200)
+def test_mcnemar_is_symmetric_and_p_values_are_probabilities(pairs):
+    base, candidate = [b for b, _ in pairs], [c for _, c in pairs]
+    forward, backward = mcnemar(base, candidate), mcnemar(candidate, base)
+    assert forward.p_better == backward.p_worse and forward.p_worse == backward.p_better
+    assert 0 < forward.p_better <= 1 and 0 < forward.p_worse <= 1
+    assert forward.change == pytest.approx(-backward.change)
+
+
+def test_paired_bootstrap_covers_a_known_shift():
+    rng = random.Random(3)
+    base = [rng.random() for _ in range(400)]
+    candidate = [b - 0.2 + rng.gauss(0, 0.05) for b in base]
+    interval = paired_bootstrap(base, candidate, seed=1)
+    assert interval.low < -0.2 < interval.high and interval.high < 0
+    assert paired_bootstrap(base, candidate, seed=1) == interval  # seeded
+
+
+def test_judge_accepts_a_real_improvement_and_refuses_regressions_and_overspending():
+    better = mcnemar([True] * 30 + [False] * 70, [False] * 25 + [True] * 5 + [False] * 70)
+    flat = mcnemar([True] * 10 + [False] * 90, [True] * 10 + [False] * 90)
+    worse = mcnemar([False] * 100, [True] * 20 + [False] * 80)
+    assert judge(better, {"efm": flat}, alpha=0.05, calls=100, budget=200).accepted
+    assert not judge(flat, {}, alpha=0.05, calls=100, budget=200).accepted
+    refused = judge(better, {"other mode": worse}, alpha=0.05, calls=100, budget=200)
+    assert not refused.accepted and "other mode rose" in refused.reason
+    assert "over budget" in judge(better, {}, alpha=0.05, calls=300, budget=200).reason
+
+
+def patch_for(key: str) -> WorkflowPatch:
+    base = example_spec("arithmetic")
+    spec, ops = apply_edit(base, Edit(operator="programmer", node="solve"), "1.1.0")
+    patch = WorkflowPatch(
+        workflow_id=base.id, base_version=base.version, new_version="1.1.0", operations=ops,
+        content_hash=spec.content_hash, rationale={"mode": "m3", "calls": 120},
+    )  # fmt: skip
+    return sign(patch, key)
+
+
+def test_a_signed_patch_verifies_and_one_changed_byte_breaks_it():
+    patch = patch_for("s3cret")
+    assert patch.signature and verify_signature(patch, "s3cret")
+    assert not verify_signature(patch, "another key")
+    raw = patch.model_dump_json(by_alias=True)
+    for position in range(0, len(raw), max(1, len(raw) // 40)):
+        changed = raw[:position] + ("X" if raw[position] != "X" else "Y") + raw[position + 1 :]
+        try:
+            tampered = WorkflowPatch.model_validate_json(changed)
+        except ValueError:
+            continue  # no longer a patch at all: refused anyway
+        assert not verify_signature(tampered, "s3cret"), position
