@@ -79,3 +79,31 @@ def test_a_signed_patch_verifies_and_one_changed_byte_breaks_it():
         except ValueError:
             continue  # no longer a patch at all: refused anyway
         assert not verify_signature(tampered, "s3cret"), position
+
+
+def test_cegraph_patches_verify_passes_a_good_patch_and_fails_one_changed_byte(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cegraph = str(Path(sys.executable).parent / "cegraph")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CEGRAPH_")}
+    env["CEGRAPH_PUBLISHER__SIGNING_KEY"] = "s3cret"
+    good = tmp_path / "good.json"
+    good.write_text(patch_for("s3cret").model_dump_json(by_alias=True))
+    result = subprocess.run([cegraph, "patches", "verify", str(good), "--base", "arithmetic"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = good.read_text()
+    at = text.index('"1.1.0"') + 3  # one byte of the new version: 1.1.0 -> 1.7.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(text[:at] + "7" + text[at + 1 :])
+    result = subprocess.run([cegraph, "patches", "verify", str(bad), "--base", "arithmetic"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1 and "signature does not match" in result.stderr
+    unsigned_but_valid = tmp_path / "wrong_base.json"
+    unsigned_but_valid.write_text(text)
+    result = subprocess.run([cegraph, "patches", "verify", str(unsigned_but_valid), "--base", "qa"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1 and "not for qa" in result.stderr
