@@ -86,7 +86,9 @@ ROOT = "(n.parent_span_id = '' OR n.parent_is_remote)"  # as `Node.is_root`
 # The projections are SQL over a range of events ($1..$2), run live on each appended batch and by
 # rebuild() over the whole log: one definition, so rebuilt tables equal the live ones by construction.
 # Completed executions are inserted before amendments are applied, which is also their order in time.
-PROJECT = f"""
+# Each statement reads one event type: a live batch without that type skips it (it would change nothing).
+PROJECT: tuple[tuple[str, str], ...] = (
+    (EXECUTION_COMPLETED, f"""
 INSERT INTO executions BY NAME
 SELECT n.trace_id,
        coalesce(max(n.workflow_id) FILTER (WHERE {ROOT} AND n.workflow_id <> ''),
@@ -105,8 +107,9 @@ SELECT n.trace_id,
        0 AS amendments, n.seq
 FROM event_spans n JOIN events e ON e.seq = n.seq
 WHERE n.seq BETWEEN $1 AND $2 AND e.seq BETWEEN $1 AND $2 AND NOT n.amended
-GROUP BY n.trace_id, n.seq;
-
+GROUP BY n.trace_id, n.seq
+"""),
+    (EXECUTION_AMENDED, f"""
 UPDATE executions SET
     span_count = span_count + a.added,
     hard_failed = hard_failed OR a.hard,
@@ -136,19 +139,22 @@ FROM (
            min(workflow_id) FILTER (WHERE workflow_id <> '') AS workflow_id,
            min(workflow_version) FILTER (WHERE workflow_id <> '') AS workflow_version
     FROM event_spans n WHERE amended AND seq BETWEEN $1 AND $2 GROUP BY trace_id
-) a WHERE executions.trace_id = a.trace_id;
-
+) a WHERE executions.trace_id = a.trace_id
+"""),
+    (FEEDBACK_RECEIVED, f"""
 INSERT INTO feedback BY NAME
 SELECT seq, payload->>'trace_id' AS trace_id, payload->>'span_id' AS span_id, payload->>'outcome' AS outcome,
        (payload->>'score')::DOUBLE AS score, payload->>'critique' AS critique, payload->>'source' AS source,
        payload->>'created_at' AS created_at
-FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{FEEDBACK_RECEIVED}';
-
+FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{FEEDBACK_RECEIVED}'
+"""),
+    (WORKFLOW_REGISTERED, f"""
 INSERT INTO workflow_versions BY NAME
 SELECT seq, payload->>'workflow_id' AS workflow_id, payload->>'version' AS version,
        payload->>'content_hash' AS content_hash, payload->'spec' AS spec, recorded_at AS registered_at
-FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}';
-"""
+FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}'
+"""),
+)  # fmt: skip
 
 
 _NODE_ROW = operator.attrgetter(*NODE_FIELDS)
@@ -242,7 +248,7 @@ class EventStore:
             try:
                 if numbered:
                     self._insert_events(numbered)
-                    self._project(first, first + len(events) - 1)
+                    self._project(first, first + len(events) - 1, {event.type for event in events})
                 if offsets:
                     self._store_offsets(offsets)
                 self._run("COMMIT")
@@ -275,9 +281,10 @@ class EventStore:
         finally:
             self._con.unregister("_batch")
 
-    def _project(self, first: int, last: int) -> None:
-        for statement in PROJECT.split(";\n"):
-            if statement.strip():
+    def _project(self, first: int, last: int, types: set[str] | None = None) -> None:
+        """Project events `first`..`last`; `types`, when given, are the only event types among them."""
+        for event_type, statement in PROJECT:
+            if types is None or event_type in types:
                 self._con.execute(statement, [first, last]).fetchall()
 
     def _store_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
