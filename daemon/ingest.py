@@ -107,6 +107,9 @@ class IngestPipeline:
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(
             self.store.recent_trace_ids(RECENT_TRACES)
         )
+        # While `_recent` holds every stored trace, a trace outside it is known not to be stored
+        # and flush() needn't look its spans up in the store (a scan that grows with the store).
+        self._recent_is_all = len(self._recent) < RECENT_TRACES
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         """Where to seek on start: the offsets written with the last committed events."""
@@ -219,7 +222,10 @@ class IngestPipeline:
         result = FlushResult()
         if not done and not late and not self._events:
             return result
-        stored = self.store.stored_spans([a.trace_id for a in done] + list(late))
+        candidates = [a.trace_id for a in done] + list(late)
+        if self._recent_is_all:
+            candidates = [trace_id for trace_id in candidates if trace_id in self._recent]
+        stored = self.store.stored_spans(candidates)
         events = self._events
         self._events = []
         for assembled in done:
@@ -275,3 +281,4 @@ class IngestPipeline:
         self._recent[trace_id] = None
         if len(self._recent) > RECENT_TRACES:
             self._recent.popitem(last=False)
+            self._recent_is_all = False
