@@ -157,24 +157,28 @@ FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}'
 )  # fmt: skip
 
 
-_NODE_ROW = operator.attrgetter(*NODE_FIELDS)
+_NODE_COLUMNS = [(name, operator.attrgetter(name)) for name in NODE_FIELDS]
 
 
 def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
-    """The span rows of the span-carrying events, columnar: the event log's bulk part."""
+    """The span rows of the span-carrying events, columnar: the event log's bulk part.
+
+    Built a column at a time straight from the nodes: no row tuples to allocate and transpose.
+    """
     seqs: list[int] = []
     amended: list[bool] = []
-    rows: list[tuple[Any, ...]] = []
+    nodes: list[Node] = []
     for seq, event in numbered:
         if event.type in SPAN_EVENTS:
-            nodes = event.payload["nodes"]
-            seqs.extend([seq] * len(nodes))
-            amended.extend([event.type == EXECUTION_AMENDED] * len(nodes))
-            rows.extend(map(_NODE_ROW, nodes))
-    if not rows:
+            carried = event.payload["nodes"]
+            seqs.extend([seq] * len(carried))
+            amended.extend([event.type == EXECUTION_AMENDED] * len(carried))
+            nodes.extend(carried)
+    if not nodes:
         return None
     columns: dict[str, Any] = {"seq": seqs, "amended": amended}
-    columns.update(zip(NODE_FIELDS, map(list, zip(*rows, strict=True)), strict=True))
+    for name, get in _NODE_COLUMNS:
+        columns[name] = list(map(get, nodes))
     columns["evaluations"] = [orjson.dumps(e).decode() if e else "[]" for e in columns["evaluations"]]
     columns["finish_reasons"] = pa.array(columns["finish_reasons"], pa.list_(pa.string()))
     return pa.table(columns)
