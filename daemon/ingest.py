@@ -10,7 +10,7 @@ stored are recognised and dropped, so nothing is lost and nothing is counted twi
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,23 +127,27 @@ class IngestPipeline:
         now = self.clock()
         dead: list[DeadLetter] = []
         per_message: list[tuple[InMessage, Event, str | None]] = []
-        for message in messages:
-            if message.offset < self._stored.get((message.topic, message.partition), 0):
-                continue  # a redelivery of something already stored (e.g. after a rebalance)
-            self.metrics.messages.labels(message.topic).inc()
-            key = f"{message.topic}/{message.partition}/{message.offset}"
-            if message.topic == self.feedback_topic:
-                event, reason = self._feedback(message, key)
-            else:
-                event, reason = None, self._spans(message, now)
-            if reason is not None:
-                event = Event(
-                    MESSAGE_DEAD_LETTERED, key,
-                    {"topic": message.topic, "partition": message.partition, "offset": message.offset,
-                     "reason": reason},
-                )  # fmt: skip
-            if event is not None:
-                per_message.append((message, event, reason))
+        taken: Counter[str] = Counter()  # messages per topic, counted once per batch
+        try:
+            for message in messages:
+                if message.offset < self._stored.get((message.topic, message.partition), 0):
+                    continue  # a redelivery of something already stored (e.g. after a rebalance)
+                taken[message.topic] += 1
+                if message.topic == self.feedback_topic:
+                    event, reason = self._feedback(message, self._event_key(message))
+                else:
+                    event, reason = None, self._spans(message, now)
+                if reason is not None:
+                    event = Event(
+                        MESSAGE_DEAD_LETTERED, self._event_key(message),
+                        {"topic": message.topic, "partition": message.partition, "offset": message.offset,
+                         "reason": reason},
+                    )  # fmt: skip
+                if event is not None:
+                    per_message.append((message, event, reason))
+        finally:  # as if each message were counted when taken
+            for topic, count in taken.items():
+                self.metrics.messages.labels(topic).inc(count)
         recorded = self._recorded([event for _, event, _ in per_message]) if per_message else set()
         for message, event, reason in per_message:
             self.pending.consumed(message.ref, 0)
@@ -160,6 +164,11 @@ class IngestPipeline:
                 self.metrics.dead_letters.labels(message.topic).inc()
         self.metrics.open_traces.set(len(self.assembler))
         return dead
+
+    @staticmethod
+    def _event_key(message: InMessage) -> str:
+        """The key of a message's own event (feedback, dead letter): its coordinates."""
+        return f"{message.topic}/{message.partition}/{message.offset}"
 
     def _recorded(self, events: list[Event]) -> set[tuple[str, str, str]]:
         """(type, key, payload) of those events already stored or waiting for the next flush.
