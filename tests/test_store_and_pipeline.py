@@ -16,6 +16,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import ExpectedTrace, encode, make_traces, record_spans, to_messages
 
 from cegraph.connectors.otlp_codec import DecodeError, decoder_for
+from cegraph.daemon import ingest
 from cegraph.daemon.ingest import IngestPipeline, InMessage
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.store import EventStore
@@ -175,11 +176,15 @@ def test_the_same_messages_again_after_they_were_stored_change_nothing(store, sa
     assert_landed_exactly_once(store, TRACES)
 
 
+@pytest.mark.parametrize("window", [None, 2], ids=["all-recent", "past-the-recent-window"])
 @pytest.mark.parametrize("same_process", [True, False], ids=["same-pipeline", "new-pipeline"])
-def test_redelivery_above_the_stored_offset_changes_nothing(store, same_process):
+def test_redelivery_above_the_stored_offset_changes_nothing(store, same_process, window, monkeypatch):
     """A trace still open holds the stored offset of its partition back, so the messages after it are
     read again after a restart (or a rebalance) although their traces, dead letters and feedback are
-    stored: the already stored spans must be recognised, and nothing counted twice."""
+    stored: the already stored spans must be recognised, and nothing counted twice. Also when more
+    traces are stored than the pipeline remembers as recent (it must then ask the store)."""
+    if window is not None:
+        monkeypatch.setattr(ingest, "RECENT_TRACES", window)
     clock, topics = Clock(), Topics()
     pipeline = pipeline_on(store, clock)
     waiting = [s for s in TRACES[10].spans if s.parent is not None]  # no root: open until max age
