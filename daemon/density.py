@@ -1,6 +1,6 @@
 """Streaming failure density over the FSS, with stable mode ids.
 
-The density is River's DBSTREAM (chosen by measurement, see bench/cluster_bakeoff.py and the README):
+The density is River's DBSTREAM (chosen by measurement, see bench/bench_density.py and the README):
 micro-clusters with time decay (`fading_factor` per failure), joined into macro-clusters through their
 shared density. DBSTREAM relabels its macro-clusters on every reclustering, so the daemon never sees
 its labels: `ModeTracker` gives each macro-cluster a stable mode id by the micro-clusters it is made

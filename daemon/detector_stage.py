@@ -144,14 +144,12 @@ class DetectorStage:
         if not rows:
             return []
         executed_at = {r["key"]: r["seq"] for r in rows if r["type"] == EXECUTION_COMPLETED}
-        feedback_rows = [
-            (r["seq"], orjson.loads(r["payload"])) for r in rows if r["type"] == FEEDBACK_RECEIVED
-        ]
+        feedback = {r["seq"]: orjson.loads(r["payload"]) for r in rows if r["type"] == FEEDBACK_RECEIVED}
         nodes: dict[str, list[Node]] = {}
         for row in self.store.query_dicts(
             "SELECT * FROM event_spans WHERE NOT amended AND (seq IN (SELECT unnest(?)) "
             "OR (trace_id IN (SELECT unnest(?)) AND seq < ?))",
-            list(executed_at.values()), [p["trace_id"] for _, p in feedback_rows], first,
+            list(executed_at.values()), [p["trace_id"] for p in feedback.values()], first,
         ):  # fmt: skip
             nodes.setdefault(row["trace_id"], []).append(node_from_row(row))
         earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
@@ -172,7 +170,7 @@ class DetectorStage:
                 ]
                 inputs.append(_execution(trace, nodes.get(trace, []), joined))
             else:
-                payload = next(p for seq, p in feedback_rows if seq == row["seq"])
+                payload = feedback[row["seq"]]
                 trace = payload["trace_id"]
                 if trace not in nodes or executed_at.get(trace, 0) > row["seq"]:
                     continue  # not executed yet: it is joined when the execution completes

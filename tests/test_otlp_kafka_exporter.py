@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
 
 from kafka import KafkaConsumer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from workflow_fixtures import QA_REVIEWED as SPEC
+from workflow_fixtures import run_qa_to_kafka
 
 from cegraph.connectors.kafka_client import kafka_python_options
 from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.normalize import TextPolicy, normalize
-from cegraph.daemon.runtime import ExecutionResult, WorkflowRuntime
+from cegraph.daemon.runtime import ExecutionResult
 from cegraph.daemon.settings import KafkaSettings
-from cegraph.daemon.sim import SimWorld
-from cegraph.schemas.workflow import parse_spec
 
 
 def attributes(item) -> dict:
@@ -32,21 +26,9 @@ async def run_through_kafka(
     bootstrap: str, topic: str, *, partition_by_trace: bool, executions: int
 ) -> tuple[list[ExecutionResult], list]:
     settings = KafkaSettings(bootstrap_servers=bootstrap)
-    provider = TracerProvider(resource=Resource.create({"service.name": "qa-service"}))
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            OtlpKafkaSpanExporter(settings, topic=topic, partition_by_trace=partition_by_trace)
-        )
+    results = await run_qa_to_kafka(
+        bootstrap, topic, executions=executions, partition_by_trace=partition_by_trace, seed=5
     )
-    world = SimWorld(5)
-    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
-    spec = parse_spec(SPEC)
-    tasks = world.tasks("qa", executions)
-    results = await asyncio.gather(
-        *(runtime.execute(spec, t.input, seed=i, evaluator=world.evaluator(t)) for i, t in enumerate(tasks))
-    )
-    assert provider.force_flush(30_000)
-    provider.shutdown()
 
     consumer = KafkaConsumer(
         topic, auto_offset_reset="earliest", consumer_timeout_ms=2_000, **kafka_python_options(settings)

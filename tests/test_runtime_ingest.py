@@ -6,40 +6,16 @@ from __future__ import annotations
 import asyncio
 
 from daemon_proc import Scenario
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from workflow_fixtures import QA_REVIEWED
+from workflow_fixtures import run_qa_to_kafka
 
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
-from cegraph.daemon.runtime import WorkflowRuntime
-from cegraph.daemon.settings import KafkaSettings
-from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
-from cegraph.schemas.workflow import parse_spec
-
-
-async def run_workflow(bootstrap: str, topic: str, count: int):
-    provider = TracerProvider(resource=Resource.create({"service.name": "qa-service"}))
-    exporter = OtlpKafkaSpanExporter(
-        KafkaSettings(bootstrap_servers=bootstrap), topic=topic, partition_by_trace=True
-    )
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    world = SimWorld(3)
-    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
-    spec = parse_spec(QA_REVIEWED)
-    tasks = world.tasks("qa", count)
-    results = await asyncio.gather(
-        *(runtime.execute(spec, t.input, seed=i, evaluator=world.evaluator(t)) for i, t in enumerate(tasks))
-    )
-    assert provider.force_flush(30_000)
-    provider.shutdown()
-    return results
 
 
 def test_runtime_spans_become_executions_with_the_same_graph(kafka_bootstrap, tmp_path):
     scenario = Scenario(kafka_bootstrap, tmp_path)
-    results = asyncio.run(run_workflow(kafka_bootstrap, scenario.spans_topic, 40))
+    results = asyncio.run(
+        run_qa_to_kafka(kafka_bootstrap, scenario.spans_topic, executions=40, partition_by_trace=True, seed=3)
+    )
     scenario.daemon.start()
     try:
         scenario.daemon.wait_for(lambda s: s["executions"]["total"] >= len(results))
