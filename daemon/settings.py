@@ -171,19 +171,78 @@ class DetectorSettings(_Group):
         return value
 
 
+class LLMSettings(_Group):
+    """The LLM behind shadow runs and the LLM proposer: the simulated world, or an OpenAI-compatible
+    endpoint (OpenAI, vLLM, Ollama, llama.cpp server)."""
+
+    backend: Literal["sim", "openai"] = Field(
+        "sim", description="sim: the seeded simulated world; openai: an OpenAI-compatible endpoint."
+    )
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible endpoint (openai)."
+    )
+    api_key: SecretStr | None = Field(None, description="API key of the endpoint (openai), if it needs one.")
+    timeout_s: float = Field(60.0, gt=0, description="Time limit of one LLM request (openai).")
+    proposer_model: str = Field(
+        "sim-1", min_length=1, description="Model the LLM proposer and the prompt editor ask."
+    )
+    sim_seed: int = Field(
+        0, description="Seed of the simulated world (sim): the same as the traffic's `simulate --seed`."
+    )
+
+
 class RefinerSettings(_Group):
     """Propose-and-Verify in shadow."""
 
-    max_llm_calls: int = Field(2_000, ge=1, description="Budget of shadow LLM calls per refinement job.")
-    replay_sample: int = Field(60, ge=2, description="Replayed inputs per candidate (mode + control).")
+    enabled: bool = Field(
+        True, description="Start a refinement job when a mode's mass crosses the threshold."
+    )
+    proposers: list[Literal["rules", "llm", "prompt_editor"]] = Field(
+        ["rules", "llm", "prompt_editor"], min_length=1, description="Proposers asked for candidate edits."
+    )
+    max_llm_calls: int = Field(
+        4_000, ge=1, description="Budget of LLM calls per refinement job (shadow runs and proposers)."
+    )
+    replay_sample: int = Field(
+        80,
+        ge=4,
+        le=10_000,
+        description="Replayed inputs per job: half the mode's counterexamples, half control.",
+    )
+    replay_retention: int = Field(
+        50_000, ge=100, description="Most recent executions per workflow version eligible for replay."
+    )
     significance: float = Field(0.05, gt=0, lt=1, description="Significance level of verification tests.")
+    max_rounds: int = Field(
+        3, ge=1, le=20, description="Greedy rounds: edits combined into one patch at most."
+    )
+    max_candidates: int = Field(8, ge=1, le=100, description="Candidates verified per round at most.")
+    concurrency: int = Field(8, ge=1, le=256, description="Shadow executions in flight at once.")
+    cooldown_s: float = Field(
+        300.0, ge=0, description="Quiet time for a workflow after a job's decision before the next job."
+    )
+    shadow: Literal["runtime", "http"] = Field(
+        "runtime",
+        description="Shadow target: the built-in runtime on the configured LLM, or your service's endpoint.",
+    )
+    shadow_url: str | None = Field(None, description="URL of the HTTP shadow endpoint (shadow=http).")
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> RefinerSettings:
+        if self.shadow == "http" and not self.shadow_url:
+            raise ValueError("shadow=http needs CEGRAPH_REFINER__SHADOW_URL")
+        return self
 
 
 class PublisherSettings(_Group):
     """Signed workflow patches."""
 
     signing_key: SecretStr | None = Field(
-        None, description="HMAC-SHA256 key that signs published patches (masked in `cegraph config`)."
+        None,
+        description="HMAC-SHA256 key that signs patches; without it patches are kept, not published.",
+    )
+    hold_s: float = Field(
+        0.0, ge=0, description="Time a verified patch waits in the outbox before it is published."
     )
 
 
@@ -219,6 +278,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
     refiner: RefinerSettings = Field(default_factory=RefinerSettings)
     publisher: PublisherSettings = Field(default_factory=PublisherSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)

@@ -438,3 +438,13 @@ async def test_simllm_depends_only_on_its_inputs_and_seed():
         unknown, model="sim-1", temperature=0, max_tokens=None, seed=1, context=context
     )
     assert reply.text == "I cannot tell what the task is."
+
+
+def test_a_replayed_input_gets_the_ground_truth_its_task_was_generated_with():
+    world = SimWorld(7)
+    for family in world.families:
+        for task in world.tasks(family, 40):
+            replayed = world.task_for_input(task.input)
+            assert replayed is not None, task.input
+            assert (replayed.family, replayed.truth) == (task.family, task.truth)
+    assert world.task_for_input({"question": "What is the meaning of life?"}) is None

@@ -181,6 +181,12 @@ class Arithmetic(Family):
             steps.append((op, int(match.group(group).replace(",", ""))))
         return Problem(text=body, start=int(start.group(2).replace(",", "")), steps=tuple(steps))
 
+    def truth(self, problem: Problem) -> dict[str, Any]:
+        total = problem.start
+        for op, value in problem.steps:
+            total = _OPS[op](total, value)
+        return {"answer": total}
+
     def _work(self, problem: Problem, model: str, call: SimCall | None) -> list[Step]:
         """The model's mental computation: systematic carry slips, plus a random misread when `call`."""
         misread = -1

@@ -209,6 +209,22 @@ class Coding(Family):
         template = rng.choice(choices)
         primary = template.params(rng)
         problem = Problem(template, _EXPAND.get(template.function, dict)(primary))
+        hidden = self.truth(problem)["tests"]
+        description = problem.render(template.description)
+        return Task(
+            family=self.name,
+            id=f"{self.name}-{index}",
+            input={
+                "task": f"Write a Python function `{template.signature}` that {description}",
+                "tests": hidden[: len(template.public)],
+            },
+            truth={"tests": hidden},
+            features={"function": template.function, "difficulty": template.difficulty},
+        )
+
+    def truth(self, problem: Problem) -> dict[str, Any]:
+        """The hidden tests: the public ones, then the edge cases."""
+        template = problem.template
         namespace: dict[str, Any] = {}
         exec(problem.correct, namespace)  # our own reference solution, to compute the expected values
         function = namespace[template.function]
@@ -217,19 +233,7 @@ class Coding(Family):
             expected = eval(f"_f({arguments})", {"_f": function})
             return f"assert {template.function}({arguments}) == {expected!r}"
 
-        public = [test(problem.render(args)) for args in template.public]
-        hidden = public + [test(problem.render(args)) for args in template.edge]
-        description = problem.render(template.description)
-        return Task(
-            family=self.name,
-            id=f"{self.name}-{index}",
-            input={
-                "task": f"Write a Python function `{template.signature}` that {description}",
-                "tests": public,
-            },
-            truth={"tests": hidden},
-            features={"function": template.function, "difficulty": template.difficulty},
-        )
+        return {"tests": [test(problem.render(args)) for args in (*template.public, *template.edge)]}
 
     def find(self, text: str) -> Problem | None:
         match = _TASK.search(text)

@@ -137,6 +137,10 @@ class Family(ABC):
         """The problem this family recognizes in a prompt, or None."""
 
     @abstractmethod
+    def truth(self, problem: Any) -> dict[str, Any]:
+        """The ground truth of a recognized problem: what lets a replayed input be judged again."""
+
+    @abstractmethod
     def answer(self, problem: Any, call: SimCall) -> str: ...
 
     @abstractmethod

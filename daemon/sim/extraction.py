@@ -174,6 +174,9 @@ class Extraction(Family):
         }
         return Problem(document, sum(d in document for d in DISTRACTORS), fields)
 
+    def truth(self, problem: Problem) -> dict[str, Any]:
+        return dict(problem.fields)
+
     def _fields(self, problem: Problem, call: SimCall) -> dict[str, Any]:
         fields = dict(problem.fields)
         if call.rng.random() < self.rates.random_slip(call.temperature):

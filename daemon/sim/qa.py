@@ -149,17 +149,24 @@ class QA(Family):
         choices = [q for q in QUESTIONS if hops is None or len(q[0]) == int(hops)]
         path, template, _ = rng.choice(choices)
         subject = rng.choice(self.kb.of_type(RELATIONS[path[0]][0]))
-        chain, entity = [subject], subject
-        for relation in path:
-            entity = self.kb.facts[(entity, relation)]
-            chain.append(entity)
+        truth = self.truth(Problem(subject, path, ""))
         return Task(
             family=self.name,
             id=f"{self.name}-{index}",
             input={"question": template.format(s=subject)},
-            truth={"answer": entity, "chain": chain},
-            features={"hops": len(path), "popularity": min(self.kb.popularity[e] for e in chain[:-1])},
+            truth=truth,
+            features={
+                "hops": len(path),
+                "popularity": min(self.kb.popularity[e] for e in truth["chain"][:-1]),
+            },
         )
+
+    def truth(self, problem: Problem) -> dict[str, Any]:
+        chain, entity = [problem.subject], problem.subject
+        for relation in problem.path:
+            entity = self.kb.facts[(entity, relation)]
+            chain.append(entity)
+        return {"answer": entity, "chain": chain}
 
     def find(self, text: str) -> Problem | None:
         for path, pattern in _QUESTIONS:

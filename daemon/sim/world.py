@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,16 @@ class SimWorld:
             if problem is not None:
                 return family, problem
         return None
+
+    def task_for_input(self, task_input: Mapping[str, Any]) -> Task | None:
+        """The task a replayed input poses, with its ground truth recomputed; None when no family
+        recognizes it (then it cannot be judged in shadow)."""
+        text = "\n".join(value for value in task_input.values() if isinstance(value, str))
+        recognized = self.recognize(text)
+        if recognized is None:
+            return None
+        family, problem = recognized
+        return Task(family=family.name, id="replayed", input=dict(task_input), truth=family.truth(problem))
 
     def tools(self) -> dict[str, Tool | Retriever]:
         return {tool.name: tool for family in self.families.values() for tool in family.tools()}
