@@ -9,10 +9,13 @@ over `max_message_bytes` is split, so a large trace may span several messages, a
 
 from __future__ import annotations
 
+import base64
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
+import orjson
+from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -40,6 +43,19 @@ def otlp_messages(
         for trace_id, members in traces.items()
         for payload in _encoded(members, max_message_bytes)
     ]
+
+
+def otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
+    """The spans as an OTLP/JSON `ExportTraceServiceRequest`: protobuf's JSON mapping, with the ids
+    in hex as OTLP/JSON wants them (the mapping writes bytes as base64)."""
+    document = MessageToDict(encode_spans(list(spans)))
+    for resource_spans in document.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if span.get(key):
+                        span[key] = base64.b64decode(span[key]).hex()
+    return orjson.dumps(document)
 
 
 def _encoded(spans: list[ReadableSpan], limit: int) -> list[bytes]:

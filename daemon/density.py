@@ -65,6 +65,7 @@ class ModeTracker:
             intersection_factor=intersection_factor,
             minimum_weight=minimum_weight,
         )
+        self.radius = clustering_threshold
         self.decay = 2 ** (-1.0 / half_life)
         self.seen = 0
         self.modes: dict[str, TrackedMode] = {}
@@ -85,6 +86,15 @@ class ModeTracker:
             if distance < best_distance:
                 best, best_distance = micro_id, distance
         return best
+
+    def classify(self, x: np.ndarray) -> str:
+        """The mode a point falls in, learning nothing: the mode of the nearest micro-cluster when the
+        point is within its radius (where DBSTREAM would absorb it), else NOISE."""
+        point = _as_dict(x)
+        micro = self._nearest_micro(point)
+        if micro < 0 or self.model._distance(point, self.model.micro_clusters[micro].center) > self.radius:
+            return NOISE
+        return self._micro_mode.get(micro, NOISE)
 
     def assign(self) -> tuple[list[str], list[ModeChange]]:
         """Recluster, update mode identities, and return the mode of each failure since the last call."""

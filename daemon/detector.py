@@ -7,6 +7,7 @@ drift and for mass crossings. Everything it decides is returned as events for th
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -116,6 +117,22 @@ class ModeDescription:
             "exemplars": [failure_id for _, failure_id in self.exemplars],
             "category": self.category(),
         }
+
+
+@dataclass(frozen=True)
+class ModeClassifier:
+    """A frozen copy of the detector's featurizer and modes. It places the failures of shadow runs in
+    the modes production has, learning nothing from them: shadow traffic must not move the density."""
+
+    featurizer: SignatureFeaturizer
+    tracker: ModeTracker
+
+    def classify(self, nodes: list[Node]) -> list[tuple[Failure, str]]:
+        """Each failure of one execution and its mode (NOISE when it falls in none)."""
+        return [
+            (failure, self.tracker.classify(self.featurizer.transform_one(failure)))
+            for failure in label_failures(nodes)
+        ]
 
 
 def guess_category(parts: SignatureParts) -> str | None:
@@ -259,6 +276,11 @@ class FailureDetector:
             if self.trigger.observe(workflow, version, mode, mass, support, now) is not None:
                 events.append(Event(MODE_MASS_CROSSED, mode, observed))
         return events
+
+    def classifier(self) -> ModeClassifier:
+        """A snapshot for shadow verification (the embedding model, if any, is shared, not copied)."""
+        shared = {id(self.featurizer.embedder): self.featurizer.embedder}
+        return ModeClassifier(copy.deepcopy(self.featurizer, shared), copy.deepcopy(self.tracker))
 
     def modes(self) -> list[dict[str, Any]]:
         """Every live mode per workflow version: mass, support and description."""

@@ -12,12 +12,13 @@ that arrives after it adds feedback failures to the already counted execution.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from cegraph.daemon.detector import ExecutionInput, FailureDetector
+from cegraph.daemon.detector import ExecutionInput, FailureDetector, ModeClassifier
 from cegraph.daemon.events import (
     EXECUTION_COMPLETED,
     FEEDBACK_RECEIVED,
@@ -109,8 +110,13 @@ class DetectorStage:
         self.batch = batch
         self.on_batch = on_batch
         self.cursor = store.offsets().get(CURSOR, 1)
+        self._lock = threading.Lock()  # the detector is read by refinement workers between batches
         store.query(VIEWS)
         self._replay(self.cursor)
+
+    def classifier(self) -> ModeClassifier:
+        with self._lock:
+            return self.detector.classifier()
 
     def _replay(self, until: int) -> None:
         """Rebuild the detector's state from the log before `until`, emitting nothing."""
@@ -126,7 +132,8 @@ class DetectorStage:
         end = self.store.last_seq()
         while self.cursor <= end:
             last = min(self.cursor + self.batch - 1, end)
-            events, _ = self.detector.observe(self._inputs(self.cursor, last))
+            with self._lock:
+                events, _ = self.detector.observe(self._inputs(self.cursor, last))
             self.store.append(events, {CURSOR: last + 1})
             self.cursor = last + 1
             written += len(events)

@@ -23,6 +23,13 @@ MODE_FADED = "ModeFaded"
 MODE_MASS_CROSSED = "ModeMassCrossed"
 MODE_DRIFTED = "ModeDrifted"
 MASS_OBSERVED = "MassObserved"
+# Propose-and-Verify: one job per trigger, every step an event; PatchCreated is the outbox
+REFINEMENT_STARTED = "RefinementStarted"
+PROPOSAL_REJECTED = "ProposalRejected"
+CANDIDATE_VERIFIED = "CandidateVerified"
+REFINEMENT_FINISHED = "RefinementFinished"
+PATCH_CREATED = "PatchCreated"
+PATCH_PUBLISHED = "PatchPublished"
 
 
 @dataclass(slots=True)

@@ -12,7 +12,10 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Purpose = Literal["answer", "code", "tool_arguments", "review", "revise", "format", "fix"]
+# The runtime's purposes, then the refiner's (proposing edits, rewriting an instruction).
+Purpose = Literal[
+    "answer", "code", "tool_arguments", "review", "revise", "format", "fix", "propose", "critique"
+]
 
 
 class Message(BaseModel):

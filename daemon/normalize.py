@@ -139,6 +139,7 @@ _PICKED_KEYS: tuple[tuple[str, ...], ...] = (
     ("gen_ai.tool.name", "tool.name"),
     ("gen_ai.input.messages", "input.value", "gen_ai.prompt"),
     ("gen_ai.output.messages", "output.value", "gen_ai.completion"),
+    ("cegraph.seed",),
 )
 _SLOT_OF: dict[str, tuple[int, int]] = {
     key: (slot, rank) for slot, keys in enumerate(_PICKED_KEYS) for rank, key in enumerate(keys)
@@ -202,7 +203,7 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
     attributes = span.attributes
     (
         explicit_kind, openinference_kind, operation, node_id, workflow_id, workflow_version, track,
-        provider, model, input_tokens, output_tokens, tool_name, input_text, output_text,
+        provider, model, input_tokens, output_tokens, tool_name, input_text, output_text, seed,
     ) = _pick(attributes)  # fmt: skip
     kind = _kind(explicit_kind, openinference_kind, operation)
     exception_type = exception_message = ""
@@ -262,4 +263,5 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
         status == "error" or bool(exception_type) or bool(error_type),
         any(evaluation.failed for evaluation in evaluations),
         span.parent_is_remote,
+        _int_or_none(seed),
     )

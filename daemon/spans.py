@@ -103,6 +103,7 @@ class Node:
     hard_failed: bool = False  # ERROR status, an exception event or `error.type`
     eval_failed: bool = False  # an evaluator's verdict on this span was a failure
     parent_is_remote: bool = False  # the parent span is in another service: this is the local root
+    seed: int | None = None  # `cegraph.seed` of a workflow root: what makes the execution replayable
 
     @property
     def is_root(self) -> bool:

@@ -55,8 +55,9 @@ CREATE TABLE IF NOT EXISTS event_spans (
     status_message VARCHAR, error_type VARCHAR, exception_type VARCHAR, exception_message VARCHAR,
     finish_reasons VARCHAR[], input_tokens BIGINT, output_tokens BIGINT, tool_name VARCHAR,
     input_text VARCHAR, output_text VARCHAR, evaluations JSON, hard_failed BOOLEAN, eval_failed BOOLEAN,
-    parent_is_remote BOOLEAN
+    parent_is_remote BOOLEAN, seed BIGINT
 );
+ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS seed BIGINT;  -- stores written before it existed
 CREATE OR REPLACE VIEW nodes AS SELECT * FROM event_spans;
 """
 

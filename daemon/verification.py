@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from cegraph.schemas.patch import Verification
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +109,64 @@ def judge(
     return Verdict(
         True, f"target {target.base_rate:.3f} -> {target.candidate_rate:.3f} (p={target.p_better:.3g})"
     )
+
+
+class Outcome(Protocol):
+    """One shadow execution, as the comparison needs it."""
+
+    @property
+    def failed(self) -> bool: ...
+
+    @property
+    def modes(self) -> frozenset[str]: ...
+
+
+def weighted_rate(values: Sequence[bool], weights: Sequence[float]) -> float:
+    total = sum(weights)
+    return sum(w for v, w in zip(values, weights, strict=True) if v) / total if total else 0.0
+
+
+def compare(
+    base: Sequence[Outcome],
+    candidate: Sequence[Outcome],
+    weights: Sequence[float],
+    target: frozenset[str],
+    *,
+    alpha: float,
+    calls: int,
+    budget: int,
+    unassigned: str = "",
+) -> tuple[Verification, Verdict]:
+    """The evidence that `candidate` beats `base` on the target modes, paired input by input, and
+    the verdict: the target must drop significantly and neither any other mode nor failing at all
+    may rise significantly. `weights` turn sample rates into rates of the recorded traffic."""
+    target_candidate = [not o.modes.isdisjoint(target) for o in candidate]
+    target_base = [not o.modes.isdisjoint(target) for o in base]
+    target_result = mcnemar(target_base, target_candidate)
+    others = {"any failure": mcnemar([o.failed for o in base], [o.failed for o in candidate])}
+    for mode in sorted(set().union(*(o.modes for o in (*base, *candidate))) - target):
+        name = f"mode {mode}" if mode != unassigned else "failures in no mode"
+        others[name] = mcnemar([mode in o.modes for o in base], [mode in o.modes for o in candidate])
+    verdict = judge(target_result, others, alpha=alpha, calls=calls, budget=budget)
+    n = len(base)
+    scale = [w * n / sum(weights) for w in weights] if n else []
+    efm = (
+        paired_bootstrap([o.failed * s for o, s in zip(base, scale, strict=True)],
+                         [o.failed * s for o, s in zip(candidate, scale, strict=True)])
+        if n else Interval(0.0, 0.0, 0.0)
+    )  # fmt: skip
+    worst = min(others.items(), key=lambda item: item[1].p_worse)
+    report = Verification(
+        pairs=n,
+        counterexamples=sum(target_base),
+        target_before=weighted_rate(target_base, weights),
+        target_after=weighted_rate(target_candidate, weights),
+        target_p=target_result.p_better,
+        efm_before=weighted_rate([o.failed for o in base], weights),
+        efm_after=weighted_rate([o.failed for o in candidate], weights),
+        efm_change_low=efm.low,
+        efm_change_high=efm.high,
+        worst_other=worst[0],
+        worst_other_p=worst[1].p_worse,
+    )
+    return report, verdict

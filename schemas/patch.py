@@ -49,6 +49,53 @@ class PatchOperation(BaseModel):
         return data
 
 
+class Cost(BaseModel):
+    """What finding and verifying a patch took: LLM calls and tokens (shadow runs and proposers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    llm_calls: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    wall_s: float = Field(ge=0, description="Wall time of the refinement job, in seconds.")
+
+
+class Verification(BaseModel):
+    """Current and patched spec on the same replayed inputs and seeds (paired). Rates are weighted
+    back to the recorded traffic (the sample over-represents the mode's counterexamples)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pairs: int = Field(ge=0, description="Replayed inputs run on both specs.")
+    counterexamples: int = Field(ge=0, description="Of them, executions that failed in the target mode.")
+    target_before: float = Field(ge=0, le=1, description="Rate of failures in the target mode, current spec.")
+    target_after: float = Field(ge=0, le=1, description="The same for the patched spec.")
+    target_p: float = Field(ge=0, le=1, description="Exact McNemar p that the target mode dropped.")
+    efm_before: float = Field(
+        ge=0, le=1, description="Expected failure mass (failed executions per execution)."
+    )
+    efm_after: float = Field(ge=0, le=1)
+    efm_change_low: float = Field(description="Paired bootstrap 95% interval of efm_after - efm_before.")
+    efm_change_high: float
+    worst_other: str = Field("", description="The other outcome closest to a significant rise.")
+    worst_other_p: float = Field(1.0, ge=0, le=1, description="Its McNemar p that it rose.")
+
+
+class Rationale(BaseModel):
+    """Why the patch: the mode it addresses, its counterexamples, the edits, the evidence, the cost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    mode: str
+    mode_description: dict[str, Any] = Field(default_factory=dict)
+    counterexamples: list[str] = Field(
+        description="Trace ids of replayed executions that failed in the mode."
+    )
+    edits: list[dict[str, Any]] = Field(description="The operator edits, in order, with their proposer.")
+    verification: Verification
+    cost: Cost
+
+
 class WorkflowPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, title="cegraph workflow patch")
 
@@ -57,9 +104,8 @@ class WorkflowPatch(BaseModel):
     new_version: SemVer = Field(description="The version of the resulting spec (greater than the base).")
     operations: list[PatchOperation] = Field(min_length=1, description="RFC 6902 JSON Patch.")
     content_hash: ContentHash = Field(description="Content hash of the resulting spec.")
-    rationale: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Why: the failure mode, counterexamples, verification statistics and cost.",
+    rationale: Rationale | None = Field(
+        None, description="Why: the failure mode, counterexamples, verification statistics and cost."
     )
     signature: str | None = Field(None, description="Signature of the publisher over the patch.")
 

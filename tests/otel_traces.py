@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode, Tracer
+
+from cegraph.connectors.span_export import otlp_json
 
 
 @dataclass
@@ -86,24 +86,10 @@ def make_traces(count: int, *, seed: int = 0, workflow: str = "support-bot", ver
     return expected
 
 
-def _hex_ids(document: dict) -> dict:
-    """protobuf's JSON mapping writes ids as base64; OTLP/JSON wants hex."""
-    import base64
-
-    for resource_spans in document.get("resourceSpans", []):
-        for scope_spans in resource_spans.get("scopeSpans", []):
-            for span in scope_spans.get("spans", []):
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if span.get(key):
-                        span[key] = base64.b64decode(span[key]).hex()
-    return document
-
-
 def encode(spans: list[ReadableSpan], encoding: str) -> bytes:
-    request = encode_spans(spans)
     if encoding == "otlp_proto":
-        return request.SerializeToString()
-    return orjson.dumps(_hex_ids(MessageToDict(request)))
+        return encode_spans(spans).SerializeToString()
+    return otlp_json(spans)
 
 
 @dataclass

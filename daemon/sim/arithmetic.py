@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cegraph.daemon.sim.core import Family, SimCall, Task, answer_of, unit
+from cegraph.daemon.sim.refiner_model import BRIEF
 from cegraph.daemon.tools import Retriever, Tool, ToolArgumentError
 
 PLACES = (
@@ -212,6 +213,8 @@ class Arithmetic(Family):
 
     def answer(self, problem: Problem, call: SimCall) -> str:
         count = call.rng.choices(range(len(self.rates.filler_weights)), self.rates.filler_weights)[0]
+        if BRIEF.search(call.system) and call.rng.random() < self.rates.brevity_compliance:
+            count = 0
         fillers = call.rng.sample(FILLERS, min(count, len(FILLERS)))
         return self._render(problem, self._work(problem, call.model, call), fillers)
 

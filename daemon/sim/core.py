@@ -76,6 +76,8 @@ class Rates:
     review_false_alarm: float = 0.03
     fix_success: float = 0.85
     filler_weights: tuple[float, ...] = (0.35, 0.3, 0.2, 0.1, 0.05)
+    brevity_compliance: float = 0.9
+    injection_compliance: float = 1.0
 
     def random_slip(self, temperature: float) -> float:
         return self.random_slip_base + self.random_slip_per_temperature * temperature

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cegraph.daemon.llm import CallContext, Completion, Message
+from cegraph.daemon.sim import refiner_model
 from cegraph.daemon.sim.core import Family, SimCall, answer_of, count_tokens, lenient_json, truncate
 
 if TYPE_CHECKING:
@@ -56,6 +57,10 @@ class SimLLM:
     def _respond(self, call: SimCall) -> str:
         if call.purpose == "format":
             return self._format(call)
+        if call.purpose == "propose":
+            return refiner_model.propose(call, self.world.rates)
+        if call.purpose == "critique":
+            return refiner_model.rewrite(call, self.world.rates)
         recognized = self.world.recognize(call.text)
         if recognized is None:
             return "I cannot tell what the task is."

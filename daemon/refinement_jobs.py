@@ -1,0 +1,156 @@
+"""Refinement jobs: triggers from the density stage become Propose-and-Verify jobs, off the ingest path.
+
+The worker reads its work from the event log: a `ModeMassCrossed` event with no job yet is a
+pending trigger; a `RefinementStarted` with no `RefinementFinished` is a job a crash interrupted,
+run again first. Jobs run one at a time on the worker's own thread and event loop (so one job per
+workflow at a time), and a workflow gets no new job until `cooldown_s` after its last job ended.
+Of several pending triggers of one workflow version and mode only the latest counts. Ingest only
+appends to the log and never waits for a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from cegraph.daemon.detector import ModeClassifier
+from cegraph.daemon.detector_stage import CURSOR
+from cegraph.daemon.events import MODE_MASS_CROSSED, REFINEMENT_FINISHED, REFINEMENT_STARTED, Event
+from cegraph.daemon.refiner import Job, Refiner
+from cegraph.daemon.store import EventStore
+
+log = logging.getLogger("cegraph.jobs")
+
+PENDING = f"""
+WITH triggers AS (
+    SELECT seq, payload, payload->>'workflow_id' AS workflow_id, payload->>'workflow_version' AS version,
+           payload->>'mode' AS mode,
+           row_number() OVER (PARTITION BY workflow_id, version, mode ORDER BY seq DESC) AS newest
+    FROM events WHERE type = '{MODE_MASS_CROSSED}'
+),
+started AS (
+    SELECT (payload->>'trigger_seq')::BIGINT AS trigger_seq, payload->>'workflow_id' AS workflow_id,
+           payload->>'workflow_version' AS version, payload->>'mode' AS mode
+    FROM events WHERE type = '{REFINEMENT_STARTED}'
+)
+SELECT t.seq, t.payload FROM triggers t
+WHERE t.newest = 1 AND NOT EXISTS (
+    SELECT 1 FROM started s
+    WHERE s.workflow_id = t.workflow_id AND s.version = t.version AND s.mode = t.mode
+      AND s.trigger_seq >= t.seq
+)
+ORDER BY t.seq
+"""
+UNFINISHED = f"""
+SELECT s.payload FROM events s
+WHERE s.type = '{REFINEMENT_STARTED}' AND NOT EXISTS (
+    SELECT 1 FROM events f
+    WHERE f.type = '{REFINEMENT_FINISHED}' AND f.payload->>'job_id' = s.payload->>'job_id'
+)
+ORDER BY s.seq LIMIT 1
+"""
+LAST_FINISHED = f"""
+SELECT payload->>'workflow_id', max((payload->>'finished_at')::DOUBLE)
+FROM events WHERE type = '{REFINEMENT_FINISHED}' GROUP BY 1
+"""
+
+
+def _job(payload: dict[str, Any]) -> Job:
+    return Job(
+        payload["job_id"], payload["workflow_id"], payload["workflow_version"], payload["mode"],
+        payload["until_seq"], payload.get("description") or {},
+    )  # fmt: skip
+
+
+class RefinementScheduler:
+    """Decides, from the log alone, which job runs next."""
+
+    def __init__(
+        self, store: EventStore, *, cooldown_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+
+    def next_job(self) -> Job | None:
+        """An interrupted job, else the oldest pending trigger whose workflow is out of its cooldown
+        (that job's start is appended before it is returned)."""
+        unfinished = self.store.query(UNFINISHED)
+        if unfinished:
+            return _job(orjson.loads(unfinished[0][0]))
+        last = dict(self.store.query(LAST_FINISHED))
+        now = self.clock()
+        for seq, payload in self.store.query(PENDING):
+            trigger = orjson.loads(payload)
+            workflow = trigger["workflow_id"]
+            if now < (last.get(workflow) or -float("inf")) + self.cooldown_s:
+                continue
+            started = {
+                "job_id": f"job-{seq}", "trigger_seq": seq, "workflow_id": workflow,
+                "workflow_version": trigger["workflow_version"], "mode": trigger["mode"],
+                "until_seq": self.store.offsets().get(CURSOR, seq + 1), "mass": trigger.get("mass"),
+                "description": trigger.get("description") or {},
+            }  # fmt: skip
+            self.store.append([Event(REFINEMENT_STARTED, workflow, started)])
+            return _job(started)
+        return None
+
+
+class RefinementWorker:
+    """Runs jobs on a thread of its own until stopped."""
+
+    def __init__(
+        self,
+        scheduler: RefinementScheduler,
+        refiner: Refiner,
+        classifier: Callable[[], ModeClassifier],
+        *,
+        poll_s: float = 1.0,
+        on_job: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.refiner = refiner
+        self.classifier = classifier
+        self.poll_s = poll_s
+        self.on_job = on_job
+        self.running: Job | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cegraph-refiner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def run_pending(self) -> list[dict[str, Any]]:
+        """Run jobs until none is ready; returns their `RefinementFinished` payloads."""
+        finished = []
+        while not self._stop.is_set() and (job := self.scheduler.next_job()) is not None:
+            self.running = job
+            try:
+                result = asyncio.run(self.refiner.run(job, self.classifier()))
+            except Exception as error:  # a bug or an outage must end this job, not the worker
+                log.exception("refinement job %s failed", job.job_id)
+                result = self.refiner.fail(job, f"{type(error).__name__}: {error}")
+            finally:
+                self.running = None
+            finished.append(result)
+            if self.on_job is not None:
+                self.on_job(result)
+        return finished
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_pending()
+            except Exception:  # the store itself failed: log, wait, go on
+                log.exception("refinement worker")
+            self._stop.wait(self.poll_s)

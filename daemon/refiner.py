@@ -1,0 +1,348 @@
+"""Propose-and-Verify for one triggered failure mode, in shadow; greedy over candidate edits.
+
+A job replays a stratified sample of recorded executions (the mode's counterexamples and control)
+through the current spec once, then, round by round: the proposers suggest edits, each admissible
+candidate runs on the same inputs and seeds, the paired comparison against the current spec decides
+(`verification.compare`: the target mode must drop significantly, nothing else may rise
+significantly, the call budget must hold), and the best accepted candidate becomes the current spec
+of the next round. It stops when no candidate helps, after `max_rounds`, or when the budget would
+be exceeded. Every step is an event; the accepted edits become one signed patch, written to the
+outbox (`PatchCreated`) together with the job's end in one transaction, so a job that dies before
+that point leaves nothing half done and is run again from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from cegraph.daemon.detector import ModeClassifier
+from cegraph.daemon.events import (
+    CANDIDATE_VERIFIED,
+    FAILURE_OBSERVED,
+    PATCH_CREATED,
+    PROPOSAL_REJECTED,
+    Event,
+)
+from cegraph.daemon.operators import EditRefused, apply_edit, cost
+from cegraph.daemon.proposers import Counterexample, ModeContext, Proposal, Proposals, Proposer
+from cegraph.daemon.registry import UnknownWorkflowError, WorkflowRegistry, version_key
+from cegraph.daemon.replay import ReplaySample, ReplayStore
+from cegraph.daemon.settings import RefinerSettings
+from cegraph.daemon.shadow import ShadowOutcome, ShadowRunner
+from cegraph.daemon.signing import sign
+from cegraph.daemon.store import EventStore
+from cegraph.daemon.verification import compare
+from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
+from cegraph.schemas.workflow import WorkflowSpec
+
+log = logging.getLogger("cegraph.refiner")
+
+MIN_COUNTEREXAMPLES = 5
+EXAMPLES_SHOWN = 8  # counterexamples a proposer sees
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    workflow_id: str
+    workflow_version: str
+    mode: str
+    until_seq: int  # the detector had seen the log up to here when the job started
+    description: dict[str, Any]
+
+
+@dataclass
+class _Spent:
+    calls: int = 0
+    tokens: int = 0
+
+    def add_runs(self, outcomes: list[ShadowOutcome]) -> None:
+        self.calls += sum(o.llm_calls for o in outcomes)
+        self.tokens += sum(o.tokens for o in outcomes)
+
+    def add_proposals(self, proposals: Proposals) -> None:
+        self.calls += proposals.llm_calls
+        self.tokens += proposals.tokens
+
+
+@dataclass(frozen=True)
+class _Step:
+    proposal: Proposal
+    spec: WorkflowSpec
+    outcomes: list[ShadowOutcome]
+    report: Verification
+
+
+class Refiner:
+    def __init__(
+        self,
+        store: EventStore,
+        registry: WorkflowRegistry,
+        replay: ReplayStore,
+        runner: ShadowRunner,
+        proposers: list[Proposer],
+        settings: RefinerSettings,
+        *,
+        signing_key: str | None = None,
+        retrievers: list[str] | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.replay = replay
+        self.runner = runner
+        self.proposers = proposers
+        self.settings = settings
+        self.signing_key = signing_key
+        self.retrievers = retrievers or []
+        self.clock = clock
+
+    async def run(self, job: Job, classifier: ModeClassifier) -> dict[str, Any]:
+        """Run the job to its end; returns the `RefinementFinished` payload it appended."""
+        started = self.clock()
+        spent = _Spent()
+
+        def finish(outcome: str, reason: str, extra: list[Event] = (), patch: WorkflowPatch | None = None):
+            cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
+            return self._finish(job, outcome, reason, cost, extra, patch)
+
+        try:
+            base = self.registry.get(job.workflow_id, job.workflow_version).spec
+        except UnknownWorkflowError as error:
+            return finish(
+                "skipped", f"{error}: register the spec (`cegraph workflows register`) to refine it"
+            )
+        sample = self.replay.sample(
+            job.workflow_id,
+            job.workflow_version,
+            job.mode,
+            self.settings.replay_sample,
+            until_seq=job.until_seq,
+        )
+        if len(sample.of("target")) < MIN_COUNTEREXAMPLES:
+            return finish(
+                "skipped",
+                f"{len(sample.of('target'))} replayable counterexamples, {MIN_COUNTEREXAMPLES} needed "
+                f"({sample.unreplayable} executions had no replayable input)",
+            )
+        target = frozenset(self.replay.mode_family(job.mode))
+        items = sample.items
+        weights = [item.weight for item in items]
+        baseline = await self.runner.run(base, items, classifier)
+        spent.add_runs(baseline)
+        current, current_outcomes, steps = base, baseline, []
+        examples = self._counterexamples(job, sample)
+        for round_ in range(1, self.settings.max_rounds + 1):
+            context = ModeContext(
+                current,
+                job.mode,
+                self._failing_node(job, sample, current),
+                job.description,
+                examples,
+                self.retrievers,
+            )
+            proposals = await self._propose(job, round_, context, spent)
+            best, over_budget = await self._round(
+                job, round_, current, current_outcomes, proposals, items, classifier, target, spent
+            )
+            if best is not None:
+                steps.append(best)
+                current, current_outcomes = best.spec, best.outcomes
+            if over_budget or best is None:
+                stop = (
+                    f"the budget of {self.settings.max_llm_calls} LLM calls"
+                    if over_budget
+                    else "no candidate helped"
+                )
+                break
+        else:
+            stop = f"{self.settings.max_rounds} rounds"
+        if not steps:
+            return finish("no_patch", stop)
+        spec, patch = self._patch(
+            job, base, steps, baseline, current_outcomes, weights, target, sample, spent, started
+        )
+        self.registry.register(spec)
+        report = patch.rationale.verification  # type: ignore[union-attr]
+        return finish(
+            "patched",
+            f"{len(steps)} edit(s); target mode {report.target_before:.3f} -> {report.target_after:.3f}; "
+            f"stopped: {stop}",
+            [
+                Event(
+                    PATCH_CREATED,
+                    job.workflow_id,
+                    {"job_id": job.job_id, "patch": patch.model_dump(mode="json", by_alias=True)},
+                )
+            ],
+            patch,
+        )
+
+    async def _round(
+        self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
+    ):
+        """Verify the round's candidates against `current`; the best accepted one, and whether the
+        budget stopped the round."""
+        weights = [item.weight for item in items]
+        per_item = sum(o.llm_calls for o in current_outcomes) / max(len(items), 1)
+        best: _Step | None = None
+        tried: set[str | None] = {current.content_hash}
+        for proposal in proposals:
+            if len(tried) > self.settings.max_candidates:
+                break
+            try:
+                candidate, _ = apply_edit(current, proposal.edit, current.version)
+            except EditRefused as error:
+                self._reject(job, round_, proposal.proposer, str(error), proposal.edit.model_dump_json())
+                continue
+            if candidate.content_hash in tried:
+                continue
+            tried.add(candidate.content_hash)
+            if spent.calls + len(items) * (per_item + cost(proposal.edit)) > self.settings.max_llm_calls:
+                return best, True
+            outcomes = await self.runner.run(candidate, items, classifier)
+            spent.add_runs(outcomes)
+            report, verdict = self._compare(current_outcomes, outcomes, weights, target, spent.calls)
+            self.store.append(
+                [
+                    Event(
+                        CANDIDATE_VERIFIED,
+                        job.workflow_id,
+                        {
+                            "job_id": job.job_id,
+                            "round": round_,
+                            "proposer": proposal.proposer,
+                            "edit": proposal.edit.model_dump(exclude_none=True),
+                            "why": proposal.why,
+                            "accepted": verdict.accepted,
+                            "reason": verdict.reason,
+                            "verification": report.model_dump(),
+                            "llm_calls": spent.calls,
+                        },
+                    )
+                ]
+            )
+            if verdict.accepted and (best is None or _better(report, best.report)):
+                best = _Step(proposal, candidate, outcomes, report)
+        return best, False
+
+    def _compare(self, base, candidate, weights, target, calls):
+        pairs = [
+            (b, c, w) for b, c, w in zip(base, candidate, weights, strict=True) if not (b.error or c.error)
+        ]
+        return compare(
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            [p[2] for p in pairs],
+            target,
+            alpha=self.settings.significance,
+            calls=calls,
+            budget=self.settings.max_llm_calls,
+        )
+
+    async def _propose(self, job: Job, round_: int, context: ModeContext, spent: _Spent) -> list[Proposal]:
+        gathered = Proposals()
+        for proposer in self.proposers:
+            gathered.extend(await proposer.propose(context))
+        spent.add_proposals(gathered)
+        for rejection in gathered.rejections:
+            self._reject(job, round_, rejection.proposer, rejection.reason, rejection.excerpt)
+        return gathered.proposals
+
+    def _reject(self, job: Job, round_: int, proposer: str, reason: str, excerpt: str) -> None:
+        self.store.append(
+            [
+                Event(
+                    PROPOSAL_REJECTED,
+                    job.workflow_id,
+                    {
+                        "job_id": job.job_id,
+                        "round": round_,
+                        "proposer": proposer,
+                        "reason": reason,
+                        "excerpt": excerpt,
+                    },
+                )
+            ]
+        )
+
+    def _failing_node(self, job: Job, sample: ReplaySample, spec: WorkflowSpec) -> str:
+        """The node most counterexample failures are on (one of the spec's; else its output)."""
+        counts = Counter(node for _, node in self._failures(job, sample))
+        return next((node for node, _ in counts.most_common() if node in spec.nodes), spec.output)
+
+    def _failures(self, job: Job, sample: ReplaySample) -> list[tuple[str, str]]:
+        traces = [item.trace_id for item in sample.of("target")]
+        return self.store.query(
+            "SELECT payload->>'trace_id', payload->>'node_id' FROM events WHERE type = ? "
+            "AND payload->>'trace_id' IN (SELECT unnest(?)) AND list_contains(?, payload->>'mode') "
+            "ORDER BY seq",
+            FAILURE_OBSERVED,
+            traces,
+            self.replay.mode_family(job.mode),
+        )
+
+    def _counterexamples(self, job: Job, sample: ReplaySample) -> list[Counterexample]:
+        """What the recorded failures said: verdicts, errors and outputs of the failing spans."""
+        failures = self._failures(job, sample)[:EXAMPLES_SHOWN]
+        rows = self.store.query(
+            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, output_text "
+            "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
+            [trace for trace, _ in failures],
+        )
+        return [
+            Counterexample(trace, node, "\n".join(part for part in parts if part and part != "[]"))
+            for trace, node, *parts in rows
+        ]
+
+    def _patch(self, job, base, steps, baseline, final, weights, target, sample, spent, started):
+        """The patched spec and the signed patch: the steps' edits replayed on `base` at the new version."""
+        spec, ops, version = self._versioned(base, steps)
+        report, _ = self._compare(baseline, final, weights, target, spent.calls)
+        rationale = Rationale(
+            job_id=job.job_id,
+            mode=job.mode,
+            mode_description=job.description,
+            counterexamples=[item.trace_id for item in sample.of("target")],
+            edits=[
+                {"proposer": s.proposal.proposer, **s.proposal.edit.model_dump(exclude_none=True)}
+                for s in steps
+            ],
+            verification=report,
+            cost=Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started),
+        )
+        patch = WorkflowPatch(
+            workflow_id=base.id,
+            base_version=base.version,
+            new_version=version,
+            operations=ops,
+            content_hash=spec.content_hash,
+            rationale=rationale,
+        )
+        return spec, sign(patch, self.signing_key) if self.signing_key else patch
+
+    def _versioned(self, base: WorkflowSpec, steps: list[_Step]):
+        """The next free minor version after the latest registered one, or the version a first run
+        of this job already registered with this very content (a job run again after a crash)."""
+        taken = {v.version: v.content_hash for v in self.registry.versions(base.id)}
+        latest = max(taken, key=version_key, default=base.version)
+        major, minor = (int(part) for part in base.version.split(".")[:2])
+        while True:
+            minor += 1
+            version = f"{major}.{minor}.0"
+            spec, ops = base, []
+            for step in steps:
+                spec, step_ops = apply_edit(spec, step.proposal.edit, version)
+                ops += step_ops
+            if taken.get(version) == spec.content_hash or (
+                version not in taken and version_key(version) > version_key(latest)
+            ):
+                return spec, ops, version
+
+
+def _better(report: Verification, other: Verification) -> bool:
+    return (report.target_after, report.efm_after) < (other.target_after, other.efm_after)

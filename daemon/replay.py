@@ -1,0 +1,127 @@
+"""The replay store: inputs and seeds of recorded executions, and the samples shadow runs replay.
+
+Nothing is copied: a workflow root span carries its task input (`input.value`) and seed
+(`cegraph.seed`), and the span log keeps both, so the store is a query over the log. Retention is a
+bound on what may be replayed: the most recent `retention` executions of a workflow version. Inputs
+are what ingest stored: redacted (a masked e-mail address is replayed masked) and cut to
+`CEGRAPH_INGEST__MAX_TEXT_CHARS`; an input that was cut is no longer JSON and is not replayed.
+
+A sample for a mode is stratified: half its counterexamples, half control (successes, and failures
+of other modes or of none), each stratum drawn uniformly by a seeded hash of the trace id. Each
+item carries the weight (stratum size / items drawn from it) that turns sample rates back into
+rates of the recorded traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from cegraph.daemon.events import FAILURE_OBSERVED, MODE_MERGED
+from cegraph.daemon.store import EventStore
+
+Stratum = Literal["target", "other", "success"]
+
+# $1 workflow, $2 version, $3 first seq not yet seen by the detector, $4 retention, $5 the target's
+# mode ids, $6 the sampling salt
+REPLAYABLE = f"""
+WITH roots AS (
+    SELECT trace_id, seq, seed, input_text
+    FROM event_spans
+    WHERE NOT amended AND workflow_id = $1 AND workflow_version = $2
+      AND operation = 'invoke_workflow' AND seed IS NOT NULL AND (parent_span_id = '' OR parent_is_remote)
+      AND seq < $3
+    ORDER BY seq DESC LIMIT $4
+),
+observed AS (
+    SELECT payload->>'trace_id' AS trace_id,
+           bool_or(list_contains($5, payload->>'mode')) AS in_target
+    FROM events WHERE type = '{FAILURE_OBSERVED}' AND seq < $3
+      AND payload->>'workflow_id' = $1 AND payload->>'workflow_version' = $2
+    GROUP BY 1
+)
+SELECT r.trace_id, r.seed, r.input_text,
+       CASE WHEN o.trace_id IS NULL THEN 'success' WHEN o.in_target THEN 'target' ELSE 'other' END AS stratum,
+       hash(r.trace_id || $6) AS draw
+FROM roots r LEFT JOIN observed o USING (trace_id)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayItem:
+    trace_id: str
+    seed: int
+    input: dict[str, Any]
+    stratum: Stratum
+    weight: float  # recorded executions this item stands for
+
+
+@dataclass(frozen=True)
+class ReplaySample:
+    items: list[ReplayItem]
+    population: dict[str, int]  # replayable executions per stratum
+    unreplayable: int  # inputs that were cut or are not JSON objects
+
+    def of(self, stratum: Stratum) -> list[ReplayItem]:
+        return [item for item in self.items if item.stratum == stratum]
+
+
+def _input(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(text or "")
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class ReplayStore:
+    def __init__(self, store: EventStore, *, retention: int) -> None:
+        self.store = store
+        self.retention = retention
+
+    def mode_family(self, mode: str) -> list[str]:
+        """The mode and every mode merged into it (their failures are its counterexamples too)."""
+        merged: dict[str, list[str]] = {}
+        for key, into in self.store.query(
+            "SELECT key, payload->>'into' FROM events WHERE type = ?", MODE_MERGED
+        ):
+            merged.setdefault(into, []).append(key)
+        family, todo = [mode], [mode]
+        while todo:
+            for source in merged.get(todo.pop(), []):
+                if source not in family:
+                    family.append(source)
+                    todo.append(source)
+        return family
+
+    def sample(
+        self, workflow_id: str, version: str, mode: str, size: int, *, until_seq: int, seed: int = 0
+    ) -> ReplaySample:
+        """Up to `size` items: half the mode's counterexamples, the rest control in proportion to
+        successes and other failures (at least one of each when there are any)."""
+        rows = self.store.query_dicts(
+            REPLAYABLE,
+            workflow_id, version, until_seq, self.retention, self.mode_family(mode), f"/{seed}",
+        )  # fmt: skip
+        strata: dict[str, list[dict[str, Any]]] = {"target": [], "other": [], "success": []}
+        unreplayable = 0
+        for row in sorted(rows, key=lambda r: r["draw"]):
+            row["input"] = _input(row["input_text"])
+            if row["input"] is None:
+                unreplayable += 1
+            else:
+                strata[row["stratum"]].append(row)
+        quota = {"target": min(len(strata["target"]), size // 2)}
+        control = size - quota["target"]
+        controls = len(strata["other"]) + len(strata["success"])
+        for name in ("other", "success"):
+            share = round(control * len(strata[name]) / controls) if controls else 0
+            quota[name] = min(len(strata[name]), max(share, 1 if strata[name] else 0))
+        items = [
+            ReplayItem(row["trace_id"], int(row["seed"]), row["input"], name, len(rows_) / quota[name])  # type: ignore[arg-type]
+            for name, rows_ in strata.items()
+            for row in rows_[: quota[name]]
+        ]
+        return ReplaySample(items, {name: len(rows_) for name, rows_ in strata.items()}, unreplayable)
