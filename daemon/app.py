@@ -16,14 +16,26 @@ from cegraph.connectors.http_api import create_app
 from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
+from cegraph.connectors.llm_openai import OpenAIChatBackend
 from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.connectors.shadow_http import HttpShadowTarget
+from cegraph.connectors.shadow_runtime import EvaluatorFor, RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
-from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics
+from cegraph.daemon.llm import LLMBackend
+from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics, RefinementMetrics
+from cegraph.daemon.normalize import TextPolicy
+from cegraph.daemon.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
+from cegraph.daemon.refinement_jobs import RefinementScheduler, RefinementWorker
+from cegraph.daemon.refiner import Refiner
 from cegraph.daemon.registry import WorkflowRegistry
+from cegraph.daemon.replay import ReplayStore
 from cegraph.daemon.settings import Settings
+from cegraph.daemon.shadow import ShadowRunner, ShadowTarget
+from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
+from cegraph.daemon.tools import Retriever, Tool
 
 log = logging.getLogger("cegraph")
 
@@ -47,6 +59,52 @@ def build_detector_stage(settings: Settings, store: EventStore, metrics: IngestM
         detector_metrics.record(detector.modes(), detector.tracker.state()["micro_clusters"], events)
 
     return DetectorStage(store, FailureDetector(settings.detector), on_batch=record)
+
+
+def build_llm(settings: Settings) -> tuple[LLMBackend, dict[str, Tool | Retriever], EvaluatorFor | None]:
+    """The LLM of shadow runs and proposers, the tools shadow runs may call, and how a replayed
+    input is judged (the simulated world knows its ground truth; a real endpoint has no judge here)."""
+    if settings.llm.backend == "sim":
+        world = SimWorld(settings.llm.sim_seed)
+        return world.llm(), world.tools(), sim_evaluator_for(world)
+    key = settings.llm.api_key.get_secret_value() if settings.llm.api_key else None
+    return OpenAIChatBackend(settings.llm.base_url, api_key=key, timeout_s=settings.llm.timeout_s), {}, None
+
+
+def build_refinement(
+    settings: Settings, store: EventStore, stage: DetectorStage, metrics: IngestMetrics
+) -> RefinementWorker:
+    """Propose-and-Verify on a worker of its own (not started)."""
+    llm, tools, evaluator_for = build_llm(settings)
+    refiner_settings = settings.refiner
+    target: ShadowTarget = (
+        HttpShadowTarget(refiner_settings.shadow_url, timeout_s=settings.llm.timeout_s)
+        if refiner_settings.shadow == "http" and refiner_settings.shadow_url
+        else RuntimeShadowTarget(llm, tools=tools, evaluator_for=evaluator_for)
+    )
+    model = settings.llm.proposer_model
+    proposers: dict[str, Proposer] = {
+        "rules": RuleProposer(),
+        "llm": LLMProposer(llm, model=model),
+        "prompt_editor": PromptEditor(llm, model=model),
+    }
+    key = settings.publisher.signing_key
+    refiner = Refiner(
+        store,
+        WorkflowRegistry(store),
+        ReplayStore(store, retention=refiner_settings.replay_retention),
+        ShadowRunner(
+            target,
+            TextPolicy(settings.ingest.max_text_chars, settings.ingest.redact),
+            concurrency=refiner_settings.concurrency,
+        ),
+        [proposers[name] for name in refiner_settings.proposers],
+        refiner_settings,
+        signing_key=key.get_secret_value() if key else None,
+        retrievers=[name for name, tool in tools.items() if isinstance(tool, Retriever)],
+    )
+    scheduler = RefinementScheduler(store, cooldown_s=refiner_settings.cooldown_s)
+    return RefinementWorker(scheduler, refiner, stage.classifier, metrics=RefinementMetrics(metrics.registry))
 
 
 def build(settings: Settings) -> Starlette:
