@@ -15,7 +15,7 @@ from collections.abc import Callable
 from cegraph.connectors.span_export import CallbackSpanExporter
 from cegraph.daemon.app import build_detector_stage, build_pipeline, build_refinement
 from cegraph.daemon.ingest import FlushResult, InMessage
-from cegraph.daemon.metrics import IngestMetrics
+from cegraph.daemon.metrics import IngestMetrics, RefinementMetrics
 from cegraph.daemon.patch_outbox import PatchOutbox
 from cegraph.daemon.registry import WorkflowRegistry
 from cegraph.daemon.settings import Settings
@@ -32,16 +32,14 @@ class EmbeddedDaemon:
         self.metrics = IngestMetrics()
         self.pipeline = build_pipeline(settings, self.store, self.metrics)
         self.stage = build_detector_stage(settings, self.store, self.metrics)
-        self.worker = build_refinement(settings, self.store, self.stage, self.metrics)
+        self.refinement_metrics = RefinementMetrics(self.metrics.registry)
+        self.worker = build_refinement(settings, self.store, self.stage, self.refinement_metrics)
         self.outbox = PatchOutbox(self.store, hold_s=settings.publisher.hold_s)
         self.registry = WorkflowRegistry(self.store)
         self.on_patch: list[Callable[[WorkflowPatch], object]] = []
         self._lock = threading.Lock()
         self._queue: list[InMessage] = []
-        self._next_offset = max(
-            (offset for (topic, _), offset in self.store.offsets().items() if topic == settings.kafka.spans_topic),
-            default=0,
-        )
+        self._next_offset = self.store.offsets().get((settings.kafka.spans_topic, 0), 0)
         self._published = 0
 
     def exporter(self) -> CallbackSpanExporter:
@@ -73,6 +71,7 @@ class EmbeddedDaemon:
             for deliver in self.on_patch:
                 deliver(patch)
             self.outbox.published(patch, IN_PROCESS, 0, self._published)
+            self.refinement_metrics.published.inc()
             self._published += 1
         return due
 

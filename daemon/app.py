@@ -18,6 +18,7 @@ from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
 from cegraph.connectors.llm_openai import OpenAIChatBackend
 from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.connectors.patch_publisher import KafkaPatchPublisher
 from cegraph.connectors.shadow_http import HttpShadowTarget
 from cegraph.connectors.shadow_runtime import EvaluatorFor, RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.detector import FailureDetector
@@ -26,6 +27,7 @@ from cegraph.daemon.ingest import IngestPipeline
 from cegraph.daemon.llm import LLMBackend
 from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics, RefinementMetrics
 from cegraph.daemon.normalize import TextPolicy
+from cegraph.daemon.patch_outbox import PatchOutbox, patch_rows
 from cegraph.daemon.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
 from cegraph.daemon.refinement_jobs import RefinementScheduler, RefinementWorker
 from cegraph.daemon.refiner import Refiner
@@ -72,7 +74,7 @@ def build_llm(settings: Settings) -> tuple[LLMBackend, dict[str, Tool | Retrieve
 
 
 def build_refinement(
-    settings: Settings, store: EventStore, stage: DetectorStage, metrics: IngestMetrics
+    settings: Settings, store: EventStore, stage: DetectorStage, metrics: RefinementMetrics
 ) -> RefinementWorker:
     """Propose-and-Verify on a worker of its own (not started)."""
     llm, tools, evaluator_for = build_llm(settings)
@@ -104,7 +106,7 @@ def build_refinement(
         retrievers=[name for name, tool in tools.items() if isinstance(tool, Retriever)],
     )
     scheduler = RefinementScheduler(store, cooldown_s=refiner_settings.cooldown_s)
-    return RefinementWorker(scheduler, refiner, stage.classifier, metrics=RefinementMetrics(metrics.registry))
+    return RefinementWorker(scheduler, refiner, stage.classifier, metrics=metrics)
 
 
 def build(settings: Settings) -> Starlette:
@@ -112,6 +114,11 @@ def build(settings: Settings) -> Starlette:
     metrics = IngestMetrics()
     stage = build_detector_stage(settings, store, metrics)
     source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
+    worker = build_refinement(settings, store, stage, metrics)
+    outbox = PatchOutbox(store, hold_s=settings.publisher.hold_s)
+    publisher = KafkaPatchPublisher(
+        settings.kafka, outbox, on_publish=lambda _: worker.metrics.published.inc()
+    )
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -125,6 +132,11 @@ def build(settings: Settings) -> Starlette:
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
         await asyncio.to_thread(stage.catch_up)
+        if settings.publisher.signing_key is None:
+            log.warning("no CEGRAPH_PUBLISHER__SIGNING_KEY: patches are kept in the outbox, not published")
+        await asyncio.to_thread(publisher.start)
+        if settings.refiner.enabled:
+            worker.start()
         await source.start()
         log.info(
             "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
@@ -133,6 +145,8 @@ def build(settings: Settings) -> Starlette:
             yield
         finally:
             await source.stop()
+            await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(publisher.stop)
             store.close()
 
     async def ready() -> dict[str, bool]:
@@ -150,11 +164,14 @@ def build(settings: Settings) -> Starlette:
     async def modes(_: Request) -> list[dict[str, Any]]:
         return await asyncio.to_thread(stored_modes, store)
 
+    async def patches(_: Request) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(patch_rows, outbox)
+
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))
     return create_app(
         ready=ready,
-        read_routes=[("/stats", stats), ("/modes", modes), *workflows.read],
+        read_routes=[("/stats", stats), ("/modes", modes), ("/patches", patches), *workflows.read],
         write_routes=workflows.write,
         token=token,
         metrics=settings.metrics.enabled,

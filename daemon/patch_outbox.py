@@ -74,6 +74,29 @@ class PatchOutbox:
     def due(self) -> list[WorkflowPatch]:
         return [row["patch"] for row in self.patches() if row["state"] == "due"]
 
+    def pending(self) -> list[WorkflowPatch]:
+        """Not published yet, held or due."""
+        return [row["patch"] for row in self.patches() if row["state"] != "published"]
+
     def published(self, patch: WorkflowPatch, topic: str, partition: int, offset: int) -> None:
         payload = {"patch_id": patch_id(patch), "topic": topic, "partition": partition, "offset": offset}
         self.store.append([Event(PATCH_PUBLISHED, patch.workflow_id, payload)])
+
+
+def patch_rows(outbox: PatchOutbox) -> list[dict[str, Any]]:
+    """The patches as plain data (the HTTP API and `cegraph patches`)."""
+    return [
+        {
+            "workflow_id": row["patch"].workflow_id,
+            "base_version": row["patch"].base_version,
+            "new_version": row["patch"].new_version,
+            "state": row["state"],
+            "job_id": row["job_id"],
+            "created_at": row["created_at"],
+            "published": None
+            if row["topic"] is None
+            else f"{row['topic']}[{row['partition']}]@{row['offset']}",
+            "patch": row["patch"].model_dump(mode="json", by_alias=True),
+        }
+        for row in outbox.patches()
+    ]

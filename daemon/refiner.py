@@ -139,6 +139,9 @@ class Refiner:
         current, current_outcomes, steps = base, baseline, []
         examples = self._counterexamples(job, sample)
         for round_ in range(1, self.settings.max_rounds + 1):
+            if not any(outcome.modes & target for outcome in current_outcomes):
+                stop = "the target mode is gone from the replayed inputs"
+                break
             context = ModeContext(
                 current,
                 job.mode,
@@ -317,10 +320,11 @@ class Refiner:
         )
 
     def _counterexamples(self, job: Job, sample: ReplaySample) -> list[Counterexample]:
-        """What the recorded failures said: verdicts, errors and outputs of the failing spans."""
+        """What the recorded failures said: verdicts, errors, outputs and inputs of the failing spans."""
         failures = self._failures(job, sample)[:EXAMPLES_SHOWN]
         rows = self.store.query(
-            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, output_text "
+            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, "
+            "left(input_text, 500), left(output_text, 500) "
             "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
             [trace for trace, _ in failures],
         )
