@@ -90,7 +90,8 @@ class KafkaPatchPublisher:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         if self._producer is not None:
             self._producer.close(timeout=5)
 

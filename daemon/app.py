@@ -114,10 +114,11 @@ def build(settings: Settings) -> Starlette:
     metrics = IngestMetrics()
     stage = build_detector_stage(settings, store, metrics)
     source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
-    worker = build_refinement(settings, store, stage, metrics)
+    refinement_metrics = RefinementMetrics(metrics.registry)
+    worker = build_refinement(settings, store, stage, refinement_metrics)
     outbox = PatchOutbox(store, hold_s=settings.publisher.hold_s)
     publisher = KafkaPatchPublisher(
-        settings.kafka, outbox, on_publish=lambda _: worker.metrics.published.inc()
+        settings.kafka, outbox, on_publish=lambda _: refinement_metrics.published.inc()
     )
 
     @asynccontextmanager

@@ -129,7 +129,8 @@ class RefinementWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def run_pending(self) -> list[dict[str, Any]]:
         """Run jobs until none is ready; returns their `RefinementFinished` payloads."""
