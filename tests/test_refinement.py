@@ -4,8 +4,12 @@ a signed patch, through the same ingest, detector, refiner and outbox the Kafka 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 
 import orjson
+from daemon_proc import CEGRAPH, free_port
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
@@ -85,6 +89,39 @@ def test_the_daemon_patches_a_planted_arithmetic_slip_mode_with_a_programmer_nod
         assert verdict.accepted, verdict.reason
     finally:
         daemon.close()
+    check_the_cli_shows(tmp_path, patch)
+
+
+def cegraph(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CEGRAPH_")}
+    env.update(CEGRAPH_STORE__PATH=str(tmp_path / "cegraph.duckdb"), CEGRAPH_HTTP__PORT=str(free_port()),
+               CEGRAPH_PUBLISHER__SIGNING_KEY=KEY, COLUMNS="200")  # fmt: skip
+    result = subprocess.run([CEGRAPH, *args], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def check_the_cli_shows(tmp_path, patch) -> None:
+    """`cegraph patches list|show|diff|verify` on the store the daemon left (no daemon running)."""
+    [listed] = json.loads(cegraph(tmp_path, "patches", "list", "--json").stdout)
+    assert (listed["workflow_id"], listed["new_version"], listed["state"]) == (
+        patch.workflow_id,
+        "1.1.0",
+        "published",
+    )
+    shown = cegraph(tmp_path, "patches", "show", patch.workflow_id).stdout
+    cost = patch.rationale.cost
+    assert f"{cost.llm_calls} LLM calls, {cost.tokens} tokens" in shown and "programmer on solve" in shown
+    diff = cegraph(tmp_path, "patches", "diff", patch.workflow_id, "1.1.0").stdout
+    assert '-      "kind": "llm",' in diff and '+      "kind": "programmer",' in diff
+    (tmp_path / "patch.json").write_text(
+        json.dumps(json.loads(cegraph(tmp_path, "patches", "show", patch.workflow_id, "--json").stdout))
+    )
+    (tmp_path / "base.json").write_text(json.dumps(ARITHMETIC_SLIP.canonical()))
+    assert (
+        "the signature is valid"
+        in cegraph(tmp_path, "patches", "verify", "patch.json", "--base", "base.json").stdout
+    )
 
 
 STEERING = (
