@@ -4,8 +4,9 @@ tests, the canary queries return one value, and every metric the kit queries is 
 Schemas: the Kubernetes manifest is validated against the Kubernetes JSON schemas that the
 `kubernetes-validate` package ships (strict: unknown fields fail). No offline schema exists for Argo
 Rollouts and Flagger resources, the Collector configuration or Grafana dashboards, so the fields that
-matter are validated explicitly with the models below (for the two CRDs, modelled on their
-`openAPIV3Schema`: argoproj.io/v1alpha1 AnalysisTemplate, flagger.app/v1beta1 MetricTemplate).
+matter are validated explicitly with the models below (for the two CRDs, argoproj.io/v1alpha1
+AnalysisTemplate and flagger.app/v1beta1 MetricTemplate, the fields these files use with the CRDs' types;
+any other field fails).
 """
 
 from __future__ import annotations
