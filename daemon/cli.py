@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from cegraph.daemon.cli_common import JsonFlag, err, from_daemon_or_store, open_store, out, settings_or_exit
+from cegraph.daemon.cli_demo import demo
 from cegraph.daemon.cli_patches import patches
 from cegraph.daemon.cli_simulate import simulate
 from cegraph.daemon.cli_workflows import workflows
@@ -233,6 +234,7 @@ def eval_modes(
 
 
 app.command()(simulate)
+app.command()(demo)
 app.add_typer(workflows)
 app.add_typer(patches)
 

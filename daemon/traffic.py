@@ -11,6 +11,8 @@ routing under a lock, and an execution reads it once, so it runs one spec from s
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import itertools
 import logging
 import threading
@@ -18,6 +20,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
 from cegraph.daemon.registry import PatchError, apply_patch
 from cegraph.daemon.runtime import Track, WorkflowRuntime
@@ -28,6 +32,37 @@ from cegraph.schemas.rollout import RolloutDecision
 from cegraph.schemas.workflow import WorkflowSpec, WorkflowSpecError
 
 log = logging.getLogger("cegraph.traffic")
+
+# (traffic seed, execution index, spans started so far) of the execution running in this task
+_EXECUTION: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "cegraph_execution", default=None
+)
+
+
+class ExecutionIds(IdGenerator):
+    """Trace and span ids derived from (seed, execution index, span number) inside a traffic
+    generator's executions (random elsewhere): the same seed gives the same traces, whatever order
+    concurrent executions happen to finish in."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def _derived(self, bits: int, *parts: object) -> int:
+        digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+        return int.from_bytes(digest[: bits // 8], "big") or 1
+
+    def generate_trace_id(self) -> int:
+        current = _EXECUTION.get()
+        return (
+            self._random.generate_trace_id() if current is None else self._derived(128, "trace", *current[:2])
+        )
+
+    def generate_span_id(self) -> int:
+        current = _EXECUTION.get()
+        if current is None:
+            return self._random.generate_span_id()
+        current[2] += 1
+        return self._derived(64, "span", *current)
 
 
 @dataclass
@@ -210,6 +245,7 @@ class TrafficGenerator:
             return spec, track, self._counts[(track, spec.version)]
 
     async def _execute(self, index: int, slots: asyncio.Semaphore) -> None:
+        _EXECUTION.set([self.seed, index, 0])  # this task's own context
         try:
             task = self.tasks(index)
             spec, track, counts = self._route(index)

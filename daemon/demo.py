@@ -1,0 +1,222 @@
+"""`cegraph demo`: the whole loop in one process, on the embedded default, until it converges.
+
+A simulated support service (`schemas/examples/service.json`: arithmetic questions, order e-mails
+and knowledge questions, routed) takes traffic whose mix changes over time, so three failure modes
+begin at different times: carry slips in arithmetic, format violations in order extraction,
+hallucinated entities in knowledge answers. The embedded daemon (`connectors/embedded.py`: the same
+ingest, detector, refinement, canary judge and outboxes as `cegraph run`) finds the modes, refines
+the workflow in shadow and publishes patches; the traffic generator runs each patch as a canary and
+follows the judge's decisions. Time is counted in executions: the run proceeds in ticks (a batch of
+executions, then ingest, refinement, judging and publication), so a seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from cegraph.connectors.embedded import EmbeddedDaemon
+from cegraph.daemon.events import FAILURE_OBSERVED
+from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.daemon.settings import Settings, load_settings
+from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.traffic import ExecutionIds, Phase, TaskMix, TrafficGenerator
+from cegraph.schemas.patch import WorkflowPatch
+from cegraph.schemas.rollout import RolloutDecision
+from cegraph.schemas.workflow import example_spec
+
+WORKFLOW = "service"
+# When each kind of request starts to arrive, and the node where its planted mode fails.
+PHASES = [
+    Phase(0, {"arithmetic:digits=5": 1.0}),
+    Phase(2_400, {"arithmetic:digits=5": 1.0, "extraction:distractors=2": 1.0}),
+    Phase(4_800, {"arithmetic:digits=5": 1.0, "extraction:distractors=2": 1.0, "qa": 1.0}),
+]
+PLANTED = {
+    "solve": "carry slips in arithmetic (from the start)",
+    "extract": "format violations in order e-mails (from execution 2,400)",
+    "answer": "hallucinated entities in knowledge answers (from execution 4,800)",
+}
+QUIET_TICKS = 6  # ticks without a job, patch or canary after the last phase: converged
+
+
+def demo_settings(out: Path, seed: int) -> Settings:
+    """The daemon's settings for the demo: defaults, except what makes a short run show the loop."""
+    return load_settings(
+        store={"path": str(out / "cegraph.duckdb")},
+        publisher={"signing_key": f"demo-key-{seed}"},
+        llm={"sim_seed": seed},
+        detector={"mass_threshold": 0.07, "cooldown_s": 0},
+        refiner={"cooldown_s": 0},
+        canary={"min_executions": 100, "max_executions": 600, "max_duration_s": 86_400},
+    )
+
+
+@dataclass
+class Tick:
+    """One batch of executions and what the daemon did after it."""
+
+    executions: int  # executions started so far (the time axis)
+    stable: str
+    canary: str | None
+    stable_runs: int
+    stable_failed: int
+    mode_failures: dict[str, int]  # per mode: failed stable executions of this tick in it
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    patches: list[str] = field(default_factory=list)  # new versions published
+    decisions: list[tuple[str, str]] = field(default_factory=list)  # (version, promote|rollback)
+
+    @property
+    def efm(self) -> float:
+        return self.stable_failed / self.stable_runs if self.stable_runs else 0.0
+
+
+@dataclass
+class DemoRun:
+    seed: int
+    out: Path
+    ticks: list[Tick] = field(default_factory=list)
+    patches: list[WorkflowPatch] = field(default_factory=list)
+    decisions: list[RolloutDecision] = field(default_factory=list)
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> node, terms, failures
+    elapsed_s: float = 0.0
+    running_job: str | None = None
+
+    @property
+    def executions(self) -> int:
+        return self.ticks[-1].executions if self.ticks else 0
+
+    def smoothed_efm(self, width: int = 5) -> list[float]:
+        """Expected failure mass of the stable track over the last `width` ticks, at each tick."""
+        values = []
+        for index in range(len(self.ticks)):
+            window = self.ticks[max(0, index - width + 1) : index + 1]
+            runs = sum(t.stable_runs for t in window)
+            values.append(sum(t.stable_failed for t in window) / runs if runs else 0.0)
+        return values
+
+    def planted(self) -> list[dict[str, Any]]:
+        """Per planted mode: the mode found at its node, the patch that addressed it, the decision."""
+        rows = []
+        for node, what in PLANTED.items():
+            found = [m for m, d in self.modes.items() if d["node"] == node]
+            found.sort(key=lambda m: -self.modes[m]["failures"])
+            patch = next(
+                (p for p in self.patches if p.rationale and (p.rationale.mode in found or _touches(p, node))),
+                None,
+            )
+            decision = next((d for d in self.decisions if patch and d.version == patch.new_version), None)
+            rows.append({
+                "node": node, "planted": what, "modes": found,
+                "patch": None if patch is None else patch.new_version,
+                "edits": [] if patch is None or patch.rationale is None else [
+                    f"{e['operator']} on {e['node']}" for e in patch.rationale.edits
+                ],
+                "decision": None if decision is None else decision.decision,
+            })  # fmt: skip
+        return rows
+
+
+def _touches(patch: WorkflowPatch, node: str) -> bool:
+    return any(operation.path.startswith(f"/nodes/{node}/") for operation in patch.operations)
+
+
+class Demo:
+    def __init__(self, seed: int, out: Path, *, tick: int = 200, max_executions: int = 20_000) -> None:
+        self.seed = seed
+        self.out = out
+        self.tick = tick
+        self.max_executions = max_executions
+        if out.exists():
+            shutil.rmtree(out)  # a demo folder is the output of one run; a rerun replaces it
+        out.mkdir(parents=True)
+        self.daemon = EmbeddedDaemon(demo_settings(out, seed))
+        self.world = SimWorld(seed)
+        spec = example_spec(WORKFLOW, tools=list(self.world.tools()))
+        self.daemon.registry.register(spec)
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": "support-service"}), id_generator=ExecutionIds()
+        )
+        provider.add_span_processor(SimpleSpanProcessor(self.daemon.exporter()))
+        runtime = WorkflowRuntime(self.world.llm(), provider, tools=self.world.tools())
+        self.traffic = TrafficGenerator(
+            runtime, self.world, spec, tasks=TaskMix(self.world, PHASES, seed=seed),
+            canary_weight=0.3, rate=1e9, seed=seed, concurrency=32,
+        )  # fmt: skip
+        self.daemon.on_patch.append(self.traffic.apply_patch)
+        self.daemon.on_rollout.append(self.traffic.apply_rollout)
+        self.run_state = DemoRun(seed, out)
+
+    def run(self, on_tick: Callable[[DemoRun], None] | None = None) -> DemoRun:
+        state = self.run_state
+        started = time.monotonic()
+        quiet = 0
+        try:
+            while state.executions < self.max_executions and quiet < QUIET_TICKS:
+                tick = self._tick()
+                state.ticks.append(tick)
+                state.elapsed_s = time.monotonic() - started
+                busy = tick.jobs or tick.patches or tick.decisions or self.traffic.canary is not None
+                last_phase = tick.executions >= PHASES[-1].start + self.tick * QUIET_TICKS
+                quiet = 0 if busy or not last_phase else quiet + 1
+                if on_tick is not None:
+                    on_tick(state)
+        finally:
+            self.daemon.close()
+        return state
+
+    def _tick(self) -> Tick:
+        before = self.traffic.snapshot()
+        first_seq = self.daemon.store.last_seq() + 1
+        asyncio.run(self.traffic.run(count=self.tick))
+        self.daemon.pump(drain=True)
+        state = self.run_state
+        tick = Tick(
+            executions=self.traffic.snapshot().started, stable=before.stable, canary=before.canary,
+            stable_runs=0, stable_failed=0, mode_failures={},
+        )  # fmt: skip
+        self._count(tick, first_seq)
+        tick.jobs = self.daemon.refine()
+        decisions = self.daemon.judge()
+        patches = self.daemon.publish()
+        state.patches += patches
+        state.decisions += decisions
+        tick.patches = [p.new_version for p in patches]
+        tick.decisions = [(d.version, d.decision) for d in decisions]
+        return tick
+
+    def _count(self, tick: Tick, first_seq: int) -> None:
+        """The stable track's executions of this tick, their failures, and the modes they fell in."""
+        rows = self.daemon.store.query(
+            "SELECT e.trace_id, e.hard_failed OR e.eval_failed FROM executions e "
+            "WHERE e.seq >= ? AND e.track = 'stable'",
+            first_seq,
+        )
+        traces = [trace for trace, _ in rows]
+        tick.stable_runs = len(rows)
+        failed = {trace for trace, bad in rows if bad}
+        modes: dict[str, set[str]] = {}
+        for trace, mode, node in self.daemon.store.query(
+            "SELECT payload->>'trace_id', payload->>'mode', payload->>'node_id' FROM events "
+            "WHERE type = ? AND seq >= ? AND payload->>'trace_id' IN (SELECT unnest(?))",
+            FAILURE_OBSERVED, first_seq, traces,
+        ):  # fmt: skip
+            failed.add(trace)
+            if mode:
+                modes.setdefault(mode, set()).add(trace)
+                seen = self.run_state.modes.setdefault(mode, {"nodes": Counter(), "failures": 0})
+                seen["nodes"][node] += 1
+                seen["failures"] += 1
+                seen["node"] = seen["nodes"].most_common(1)[0][0]
+        tick.stable_failed = len(failed)
+        tick.mode_failures = {mode: len(found) for mode, found in modes.items()}
