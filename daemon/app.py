@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,14 +14,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from cegraph.connectors.http_api import create_app
+from cegraph.connectors.http_reads import inspection_routes
 from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
 from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.connectors.rollout_publisher import RolloutPublisher, judge_periodically
+from cegraph.daemon.canary import CanaryJudge, RolloutOutbox, TargetModeFor
 from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
-from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics
+from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics
 from cegraph.daemon.registry import WorkflowRegistry
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
@@ -49,11 +53,25 @@ def build_detector_stage(settings: Settings, store: EventStore, metrics: IngestM
     return DetectorStage(store, FailureDetector(settings.detector), on_batch=record)
 
 
+def build_canary_judge(
+    settings: Settings,
+    store: EventStore,
+    metrics: IngestMetrics,
+    target_mode_for: TargetModeFor | None = None,
+) -> CanaryJudge:
+    """The canary judge; `target_mode_for` names the mode a version's patch aims at."""
+    return CanaryJudge(
+        store, settings.canary, target_mode_for=target_mode_for, metrics=CanaryMetrics(metrics.registry)
+    )
+
+
 def build(settings: Settings) -> Starlette:
     store = EventStore(settings.store.path)
     metrics = IngestMetrics()
     stage = build_detector_stage(settings, store, metrics)
     source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
+    judge = build_canary_judge(settings, store, metrics)
+    publisher = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -71,9 +89,18 @@ def build(settings: Settings) -> Starlette:
         log.info(
             "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
         )
+        judging = (
+            asyncio.create_task(judge_periodically(judge, publisher, settings.canary.interval_s))
+            if settings.canary.enabled
+            else None
+        )
         try:
             yield
         finally:
+            if judging is not None:
+                judging.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await judging
             await source.stop()
             store.close()
 
@@ -96,7 +123,7 @@ def build(settings: Settings) -> Starlette:
     workflows = workflow_routes(WorkflowRegistry(store))
     return create_app(
         ready=ready,
-        read_routes=[("/stats", stats), ("/modes", modes), *workflows.read],
+        read_routes=[("/stats", stats), ("/modes", modes), *workflows.read, *inspection_routes(store, judge)],
         write_routes=workflows.write,
         token=token,
         metrics=settings.metrics.enabled,

@@ -18,8 +18,8 @@ where the canary's own interval dominates).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 PRIOR = (1.0, 1.0)  # uniform: no failure rate favoured (measured a little tighter than Jeffreys' here)
