@@ -22,7 +22,7 @@ from cegraph.daemon.ingest import InMessage
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.operators import Edit, apply_edit
 from cegraph.daemon.runtime import WorkflowRuntime
-from cegraph.daemon.settings import CanarySettings, Settings, StoreSettings
+from cegraph.daemon.settings import CanarySettings, ConfigError, Settings, StoreSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.traffic import TrafficGenerator
@@ -256,3 +256,20 @@ def test_a_canary_replaced_by_a_newer_one_is_rolled_back_as_superseded(tmp_path,
         events[1].payload["decision"] == "rollback" and events[1].payload["reason"] == "superseded by 1.2.0"
     )
     assert daemon.metric("cegraph_canary_running", workflow="arithmetic") == 1
+
+
+def test_bad_canary_settings_stop_the_start_naming_the_setting(monkeypatch):
+    monkeypatch.setenv("CEGRAPH_CANARY__ALPHA", "0.7")
+    monkeypatch.setenv("CEGRAPH_CANARY__MIN_EXECUTIONS", "500")
+    monkeypatch.setenv("CEGRAPH_CANARY__MAX_EXECUTIONS", "300")
+    monkeypatch.setenv("CEGRAPH_CANARY__AT_MAX_DURATION", "coin_flip")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "CEGRAPH_CANARY__ALPHA" in message and "less than 0.5" in message
+    assert "CEGRAPH_CANARY__MAX_EXECUTIONS" in message and "at least min_executions (500)" in message
+    assert "CEGRAPH_CANARY__AT_MAX_DURATION" in message
+
+
+def test_the_api_binds_to_loopback_unless_told_otherwise():
+    assert Settings().http.host == "127.0.0.1"
