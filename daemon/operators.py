@@ -154,9 +154,12 @@ def _format(doc: dict[str, Any], edit: Edit) -> Operations:
 def _review_revise(doc: dict[str, Any], edit: Edit) -> Operations:
     review_id = _new_id(doc, f"{edit.node}_review")
     revise_id = _new_id({"nodes": {**doc["nodes"], review_id: {}}}, f"{edit.node}_revise")
-    review = _llm_node("review", "Check the answer for mistakes.", {"answer": edit.node}, temperature=0.0)
+    task = _task_inputs(doc["nodes"][edit.node])  # a reviewer must see the task, not just the answer
+    review = _llm_node(
+        "review", "Check the answer for mistakes.", {**task, "answer": edit.node}, temperature=0.0
+    )
     revise = _llm_node(
-        "revise", "Fix the answer as the review says.", {"answer": edit.node, "review": review_id}
+        "revise", "Fix the answer as the review says.", {**task, "answer": edit.node, "review": review_id}
     )
     ops = _insert_after(doc, edit.node, revise_id, revise)
     ops.insert(1, {"op": "add", "path": f"/nodes/{review_id}", "value": review})
@@ -189,8 +192,8 @@ def _test(doc: dict[str, Any], edit: Edit) -> Operations:
 
 
 def _insert_verifier(doc: dict[str, Any], edit: Edit) -> Operations:
-    node = _llm_node("verify", "Verify the answer; correct it if it is wrong.", {"answer": edit.node},
-                     temperature=0.0)  # fmt: skip
+    inputs = {**_task_inputs(doc["nodes"][edit.node]), "answer": edit.node}
+    node = _llm_node("verify", "Verify the answer; correct it if it is wrong.", inputs, temperature=0.0)
     return _insert_after(doc, edit.node, _new_id(doc, f"{edit.node}_verify"), node)
 
 

@@ -30,7 +30,7 @@ from cegraph.daemon.llm import CallContext, LLMBackend, LLMError, Message
 from cegraph.daemon.operators import OPERATORS, Edit, refusal
 from cegraph.schemas.workflow import WorkflowSpec
 
-MAX_EXCERPT = 600
+MAX_EXCERPT = 1_500
 _EDITS = TypeAdapter(list[dict[str, Any]])
 _EDIT = TypeAdapter(Edit)
 _FENCE = re.compile(r"`{3,}")

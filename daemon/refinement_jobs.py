@@ -22,6 +22,7 @@ import orjson
 from cegraph.daemon.detector import ModeClassifier
 from cegraph.daemon.detector_stage import CURSOR
 from cegraph.daemon.events import MODE_MASS_CROSSED, REFINEMENT_FINISHED, REFINEMENT_STARTED, Event
+from cegraph.daemon.metrics import RefinementMetrics
 from cegraph.daemon.refiner import Job, Refiner
 from cegraph.daemon.store import EventStore
 
@@ -112,13 +113,13 @@ class RefinementWorker:
         classifier: Callable[[], ModeClassifier],
         *,
         poll_s: float = 1.0,
-        on_job: Callable[[dict[str, Any]], None] | None = None,
+        metrics: RefinementMetrics | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.refiner = refiner
         self.classifier = classifier
         self.poll_s = poll_s
-        self.on_job = on_job
+        self.metrics = metrics
         self.running: Job | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cegraph-refiner", daemon=True)
@@ -128,13 +129,16 @@ class RefinementWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def run_pending(self) -> list[dict[str, Any]]:
         """Run jobs until none is ready; returns their `RefinementFinished` payloads."""
         finished = []
         while not self._stop.is_set() and (job := self.scheduler.next_job()) is not None:
             self.running = job
+            if self.metrics is not None:
+                self.metrics.running.set(1)
             try:
                 result = asyncio.run(self.refiner.run(job, self.classifier()))
             except Exception as error:  # a bug or an outage must end this job, not the worker
@@ -142,9 +146,11 @@ class RefinementWorker:
                 result = self.refiner.fail(job, f"{type(error).__name__}: {error}")
             finally:
                 self.running = None
+                if self.metrics is not None:
+                    self.metrics.running.set(0)
             finished.append(result)
-            if self.on_job is not None:
-                self.on_job(result)
+            if self.metrics is not None:
+                self.metrics.record(result)
         return finished
 
     def _loop(self) -> None:

@@ -16,18 +16,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cegraph.daemon.detector import ModeClassifier
 from cegraph.daemon.events import (
     CANDIDATE_VERIFIED,
     FAILURE_OBSERVED,
-    PATCH_CREATED,
     PROPOSAL_REJECTED,
+    REFINEMENT_FINISHED,
     Event,
 )
 from cegraph.daemon.operators import EditRefused, apply_edit, cost
+from cegraph.daemon.patch_outbox import created
 from cegraph.daemon.proposers import Counterexample, ModeContext, Proposal, Proposals, Proposer
 from cegraph.daemon.registry import UnknownWorkflowError, WorkflowRegistry, version_key
 from cegraph.daemon.replay import ReplaySample, ReplayStore
@@ -59,6 +60,7 @@ class Job:
 class _Spent:
     calls: int = 0
     tokens: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
 
     def add_runs(self, outcomes: list[ShadowOutcome]) -> None:
         self.calls += sum(o.llm_calls for o in outcomes)
@@ -108,7 +110,7 @@ class Refiner:
 
         def finish(outcome: str, reason: str, extra: list[Event] = (), patch: WorkflowPatch | None = None):
             cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
-            return self._finish(job, outcome, reason, cost, extra, patch)
+            return self._finish(job, outcome, reason, cost, extra, patch, spent.rejected)
 
         try:
             base = self.registry.get(job.workflow_id, job.workflow_version).spec
@@ -137,6 +139,9 @@ class Refiner:
         current, current_outcomes, steps = base, baseline, []
         examples = self._counterexamples(job, sample)
         for round_ in range(1, self.settings.max_rounds + 1):
+            if not any(outcome.modes & target for outcome in current_outcomes):
+                stop = "the target mode is gone from the replayed inputs"
+                break
             context = ModeContext(
                 current,
                 job.mode,
@@ -172,15 +177,40 @@ class Refiner:
             "patched",
             f"{len(steps)} edit(s); target mode {report.target_before:.3f} -> {report.target_after:.3f}; "
             f"stopped: {stop}",
-            [
-                Event(
-                    PATCH_CREATED,
-                    job.workflow_id,
-                    {"job_id": job.job_id, "patch": patch.model_dump(mode="json", by_alias=True)},
-                )
-            ],
+            [created(job.job_id, patch)],
             patch,
         )
+
+    def fail(self, job: Job, reason: str) -> dict[str, Any]:
+        """End a job that raised: it is not run again (a job whose process died is)."""
+        return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
+
+    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, rejected=None) -> dict[str, Any]:
+        payload = {
+            "job_id": job.job_id,
+            "workflow_id": job.workflow_id,
+            "workflow_version": job.workflow_version,
+            "mode": job.mode,
+            "outcome": outcome,
+            "reason": reason,
+            "finished_at": time.time(),
+            "cost": cost.model_dump(),
+            "rejected": dict(rejected or {}),
+            "patch": None
+            if patch is None
+            else {"new_version": patch.new_version, "content_hash": patch.content_hash},
+        }
+        self.store.append([*extra, Event(REFINEMENT_FINISHED, job.workflow_id, payload)])
+        log.info(
+            "job %s (%s@%s, mode %s): %s, %s",
+            job.job_id,
+            job.workflow_id,
+            job.workflow_version,
+            job.mode,
+            outcome,
+            reason,
+        )
+        return payload
 
     async def _round(
         self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
@@ -197,7 +227,9 @@ class Refiner:
             try:
                 candidate, _ = apply_edit(current, proposal.edit, current.version)
             except EditRefused as error:
-                self._reject(job, round_, proposal.proposer, str(error), proposal.edit.model_dump_json())
+                self._reject(
+                    job, round_, spent, proposal.proposer, str(error), proposal.edit.model_dump_json()
+                )
                 continue
             if candidate.content_hash in tried:
                 continue
@@ -250,10 +282,11 @@ class Refiner:
             gathered.extend(await proposer.propose(context))
         spent.add_proposals(gathered)
         for rejection in gathered.rejections:
-            self._reject(job, round_, rejection.proposer, rejection.reason, rejection.excerpt)
+            self._reject(job, round_, spent, rejection.proposer, rejection.reason, rejection.excerpt)
         return gathered.proposals
 
-    def _reject(self, job: Job, round_: int, proposer: str, reason: str, excerpt: str) -> None:
+    def _reject(self, job: Job, round_: int, spent: _Spent, proposer: str, reason: str, excerpt: str) -> None:
+        spent.rejected[proposer] += 1
         self.store.append(
             [
                 Event(
@@ -287,10 +320,11 @@ class Refiner:
         )
 
     def _counterexamples(self, job: Job, sample: ReplaySample) -> list[Counterexample]:
-        """What the recorded failures said: verdicts, errors and outputs of the failing spans."""
+        """What the recorded failures said: verdicts, errors, outputs and inputs of the failing spans."""
         failures = self._failures(job, sample)[:EXAMPLES_SHOWN]
         rows = self.store.query(
-            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, output_text "
+            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, "
+            "left(input_text, 500), left(output_text, 500) "
             "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
             [trace for trace, _ in failures],
         )

@@ -38,7 +38,7 @@ WITH roots AS (
 observed AS (
     SELECT payload->>'trace_id' AS trace_id,
            bool_or(list_contains($5, payload->>'mode')) AS in_target
-    FROM events WHERE type = '{FAILURE_OBSERVED}' AND seq < $3
+    FROM events WHERE type = '{FAILURE_OBSERVED}'
       AND payload->>'workflow_id' = $1 AND payload->>'workflow_version' = $2
     GROUP BY 1
 )

@@ -144,9 +144,19 @@ def compare(
     target_base = [not o.modes.isdisjoint(target) for o in base]
     target_result = mcnemar(target_base, target_candidate)
     others = {"any failure": mcnemar([o.failed for o in base], [o.failed for o in candidate])}
-    for mode in sorted(set().union(*(o.modes for o in (*base, *candidate))) - target):
-        name = f"mode {mode}" if mode != unassigned else "failures in no mode"
-        others[name] = mcnemar([mode in o.modes for o in base], [mode in o.modes for o in candidate])
+    # "Nothing else rises": no mode the current spec fails in (besides the target) may rise, and
+    # failing at all may not rise. A kind of failure only the candidate has (a new mode, or failures
+    # in no mode) is judged by the second test: per mode it would be confounded, because a failure
+    # the candidate moves from the target to a new look would count as new. For the same reason, per
+    # mode only failures on inputs that did not fail before (or failed in that mode) count.
+    for mode in sorted(set().union(*(b.modes for b in base)) - target - {unassigned}):
+        others[f"mode {mode}"] = mcnemar(
+            [mode in b.modes for b in base],
+            [
+                mode in c.modes and (mode in b.modes or not b.failed)
+                for b, c in zip(base, candidate, strict=True)
+            ],
+        )
     verdict = judge(target_result, others, alpha=alpha, calls=calls, budget=budget)
     n = len(base)
     scale = [w * n / sum(weights) for w in weights] if n else []

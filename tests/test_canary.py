@@ -16,8 +16,8 @@ from prometheus_client import generate_latest
 
 from cegraph.connectors.span_export import CallbackSpanExporter
 from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_pipeline
-from cegraph.daemon.canary import RolloutOutbox
-from cegraph.daemon.events import CANARY_DECIDED, CANARY_STARTED, ROLLOUT_PUBLISHED
+from cegraph.daemon.canary import RolloutOutbox, patch_target_mode
+from cegraph.daemon.events import CANARY_DECIDED, CANARY_STARTED, PATCH_CREATED, ROLLOUT_PUBLISHED, Event
 from cegraph.daemon.ingest import InMessage
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.operators import Edit, apply_edit
@@ -273,3 +273,12 @@ def test_bad_canary_settings_stop_the_start_naming_the_setting(monkeypatch):
 
 def test_the_api_binds_to_loopback_unless_told_otherwise():
     assert Settings().http.host == "127.0.0.1"
+
+
+def test_the_target_mode_comes_from_the_patch_that_made_the_version(tmp_path):
+    store = EventStore(tmp_path / "c.duckdb")
+    patch = {"workflow_id": "arithmetic", "new_version": "1.1.0", "rationale": {"mode": "m7"}}
+    store.append([Event(PATCH_CREATED, "arithmetic", {"patch_id": "p", "patch": patch})])
+    target = patch_target_mode(store)
+    assert target("arithmetic", "1.1.0") == "m7"
+    assert target("arithmetic", "1.2.0") is None and target("qa", "1.1.0") is None

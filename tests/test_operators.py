@@ -77,7 +77,13 @@ def test_insertion_after_rewires_successors_references_and_output():
     base = example_spec("arithmetic", tools=TOOLS)
     spec, _ = apply_edit(base, Edit(operator="review_revise", node="solve"), "1.1.0")
     assert spec.output == "solve_revise"
-    assert spec.nodes["solve_revise"].inputs == {"answer": "solve", "review": "solve_review"}
+    # the reviewer and the reviser see the task as well as the answer
+    assert spec.nodes["solve_review"].inputs == {"question": "input.question", "answer": "solve"}
+    assert spec.nodes["solve_revise"].inputs == {
+        "question": "input.question",
+        "answer": "solve",
+        "review": "solve_review",
+    }
     assert {(e.source, e.target) for e in spec.edges} == {
         ("solve", "solve_review"), ("solve", "solve_revise"), ("solve_review", "solve_revise"),
     }  # fmt: skip

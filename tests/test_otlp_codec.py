@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import Status, StatusCode, Tracer
-from otel_traces import _hex_ids, encode, make_traces, record_spans
+from otel_traces import encode, make_traces, record_spans
 
 from cegraph.connectors.otlp_codec import DecodeError, decode_json, decode_proto, decoder_for
 from cegraph.daemon.spans import STATUS_ERROR, STATUS_OK, STATUS_UNSET, SpanRecord
@@ -142,7 +142,7 @@ def test_json_with_proto_field_names_decodes_too(sdk_spans):
 
 
 def test_uppercase_hex_ids_are_normalized_to_lowercase(sdk_spans):
-    document = _hex_ids(MessageToDict(encode_spans(sdk_spans)))
+    document = orjson.loads(encode(sdk_spans, "otlp_json"))
     for span in document["resourceSpans"][0]["scopeSpans"][0]["spans"]:
         span["traceId"] = span["traceId"].upper()
     records = decode_json(orjson.dumps(document))

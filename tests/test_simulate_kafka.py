@@ -157,7 +157,7 @@ async def test_patches_and_rollouts_published_while_it_runs_change_later_executi
         ))  # fmt: skip
         patched = publish(kafka.patches_topic, WorkflowPatch(
             workflow_id="arithmetic", base_version="1.0.0", new_version="1.1.0",
-            operations=spec_diff(BASE, v110), content_hash=v110.content_hash, rationale={"mode": "m-7"},
+            operations=spec_diff(BASE, v110), content_hash=v110.content_hash,
         ))  # fmt: skip
         canary_on = await _until(lambda: traffic.canary == v110)
         await _until(lambda: runs("canary", "1.1.0") >= 40)

@@ -37,7 +37,6 @@ def patch_to(base: WorkflowSpec, new: WorkflowSpec, **changes) -> WorkflowPatch:
     fields = {
         "workflow_id": base.id, "base_version": base.version, "new_version": new.version,
         "operations": spec_diff(base, new), "content_hash": new.content_hash,
-        "rationale": {"mode": "m1"},
     }  # fmt: skip
     return WorkflowPatch(**{**fields, **changes})
 

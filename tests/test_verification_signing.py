@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cegraph.daemon.operators import Edit, apply_edit
 from cegraph.daemon.signing import sign, verify_signature
 from cegraph.daemon.verification import judge, mcnemar, paired_bootstrap
-from cegraph.schemas.patch import WorkflowPatch
+from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import example_spec
 
 
@@ -62,7 +62,13 @@ def patch_for(key: str) -> WorkflowPatch:
     spec, ops = apply_edit(base, Edit(operator="programmer", node="solve"), "1.1.0")
     patch = WorkflowPatch(
         workflow_id=base.id, base_version=base.version, new_version="1.1.0", operations=ops,
-        content_hash=spec.content_hash, rationale={"mode": "m3", "calls": 120},
+        content_hash=spec.content_hash, rationale=Rationale(
+            job_id="job-7", mode="m3", counterexamples=["ab" * 16], edits=[{"operator": "programmer"}],
+            verification=Verification(pairs=80, counterexamples=40, target_before=0.3, target_after=0.0,
+                                      target_p=1e-9, efm_before=0.33, efm_after=0.04,
+                                      efm_change_low=-0.35, efm_change_high=-0.2),
+            cost=Cost(llm_calls=1200, tokens=150_000, wall_s=3.5),
+        ),
     )  # fmt: skip
     return sign(patch, key)
 

@@ -184,14 +184,15 @@ class Family(ABC):
 
 
 def blame(result: ExecutionResult) -> str | None:
-    """The first node whose output already was the final (wrong) output, or its final answer."""
+    """The first node, in execution order, whose output already was the final (wrong) output or
+    gave its final answer: where the wrong answer came from, not the nodes that only passed it on."""
     final = (result.output or "").strip()
-    ran = [run for run in result.nodes if run.status == "ok" and run.output is not None]
-    for run in ran:
-        if (run.output or "").strip() == final:
-            return run.node_id
     key = answer_key(final)
-    return next((run.node_id for run in ran if answer_key(run.output or "") == key), None)
+    for run in result.nodes:
+        if run.status == "ok" and run.output is not None:
+            if run.output.strip() == final or answer_key(run.output) == key:
+                return run.node_id
+    return None
 
 
 def answer_of(text: str) -> str | None:

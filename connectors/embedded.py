@@ -1,0 +1,79 @@
+"""The daemon in one process, with an in-process transport where `cegraph run` has Kafka.
+
+Spans arrive through `exporter()` (the same OTLP protobuf messages the collector's kafkaexporter
+writes) and go through the same `IngestPipeline`, detector stage, refinement worker and patch
+outbox as the Kafka daemon (`daemon/app.py` builds them for both). Nothing runs on its own: the
+caller pumps (`pump`, `refine`, `publish`), so a run is deterministic for a given seed; patches are
+delivered to the callables in `on_patch`, as `cegraph.patches` consumers get them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from cegraph.connectors.span_export import CallbackSpanExporter
+from cegraph.daemon.app import build_detector_stage, build_pipeline, build_refinement
+from cegraph.daemon.ingest import FlushResult, InMessage
+from cegraph.daemon.metrics import IngestMetrics, RefinementMetrics
+from cegraph.daemon.patch_outbox import PatchOutbox
+from cegraph.daemon.registry import WorkflowRegistry
+from cegraph.daemon.settings import Settings
+from cegraph.daemon.store import EventStore
+from cegraph.schemas.patch import WorkflowPatch
+
+IN_PROCESS = "in-process"
+
+
+class EmbeddedDaemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = EventStore(settings.store.path)
+        self.metrics = IngestMetrics()
+        self.pipeline = build_pipeline(settings, self.store, self.metrics)
+        self.stage = build_detector_stage(settings, self.store, self.metrics)
+        self.refinement_metrics = RefinementMetrics(self.metrics.registry)
+        self.worker = build_refinement(settings, self.store, self.stage, self.refinement_metrics)
+        self.outbox = PatchOutbox(self.store, hold_s=settings.publisher.hold_s)
+        self.registry = WorkflowRegistry(self.store)
+        self.on_patch: list[Callable[[WorkflowPatch], object]] = []
+        self._lock = threading.Lock()
+        self._queue: list[InMessage] = []
+        self._next_offset = self.store.offsets().get((settings.kafka.spans_topic, 0), 0)
+        self._published = 0
+
+    def exporter(self) -> CallbackSpanExporter:
+        """A span exporter whose messages this daemon ingests (any thread)."""
+        return CallbackSpanExporter(self._receive, partition_by_trace=True)
+
+    def _receive(self, key: bytes | None, payload: bytes) -> None:
+        with self._lock:
+            self._queue.append(InMessage(self.settings.kafka.spans_topic, 0, self._next_offset, payload, key))
+            self._next_offset += 1
+
+    def pump(self, *, drain: bool = False) -> FlushResult:
+        """Ingest what arrived, then run the detector stage; `drain` completes every open trace."""
+        with self._lock:
+            messages, self._queue = self._queue, []
+        self.pipeline.handle(messages)  # no dead letters here: the runtime's spans always decode
+        result = self.pipeline.flush(drain=drain)
+        self.stage.catch_up()
+        return result
+
+    def refine(self) -> list[dict]:
+        """Run the refinement jobs that are ready; their `RefinementFinished` payloads."""
+        return self.worker.run_pending()
+
+    def publish(self) -> list[WorkflowPatch]:
+        """Deliver the due patches to `on_patch` and record them as published."""
+        due = self.outbox.due()
+        for patch in due:
+            for deliver in self.on_patch:
+                deliver(patch)
+            self.outbox.published(patch, IN_PROCESS, 0, self._published)
+            self.refinement_metrics.published.inc()
+            self._published += 1
+        return due
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,132 @@
+"""Patches through the real broker: the daemon publishes a verified patch to the patches topic
+exactly once, also when it is SIGKILLed between verification and publication."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import orjson
+from daemon_proc import Scenario
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
+
+from cegraph.connectors.kafka_client import ensure_topics
+from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
+from cegraph.connectors.patch_publisher import KafkaPatchPublisher
+from cegraph.daemon.operators import Edit, apply_edit
+from cegraph.daemon.patch_outbox import PatchOutbox, created
+from cegraph.daemon.registry import apply_patch
+from cegraph.daemon.settings import KafkaSettings
+from cegraph.daemon.signing import sign, verify_signature
+from cegraph.daemon.store import EventStore
+from cegraph.schemas.patch import WorkflowPatch
+
+KEY = "kafka-test-key"
+
+
+def topic_messages(bootstrap: str, topic: str) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(partitions)
+        records = []
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            for batch in consumer.poll(timeout_ms=1_000).values():
+                records += batch
+        return records
+    finally:
+        consumer.close()
+
+
+def patches_of(daemon) -> list[dict]:
+    response = httpx.get(f"{daemon.url}/patches", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_until(predicate, daemon, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"timed out\n{daemon.log_tail()}")
+
+
+def test_a_sigkill_between_verification_and_publication_still_publishes_exactly_one_patch(
+    kafka_bootstrap, tmp_path
+):
+    scenario = Scenario(
+        kafka_bootstrap, tmp_path, CEGRAPH_PUBLISHER__SIGNING_KEY=KEY, CEGRAPH_PUBLISHER__HOLD_S="3600"
+    )
+    daemon = scenario.daemon
+    patches_topic = daemon.env["CEGRAPH_KAFKA__PATCHES_TOPIC"]
+    daemon.start()
+    try:
+        response = httpx.post(f"{daemon.url}/workflows", content=orjson.dumps(ARITHMETIC_SLIP.canonical()))
+        assert response.status_code == 201, response.text
+        exporter = OtlpKafkaSpanExporter(
+            KafkaSettings(bootstrap_servers=kafka_bootstrap),
+            topic=scenario.spans_topic,
+            partition_by_trace=True,
+        )
+        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(600), BatchSpanProcessor(exporter)))
+        # verified, signed and in the outbox, held: the daemon dies before it publishes
+        [held] = wait_until(lambda: patches_of(daemon), daemon)
+        assert held["state"].startswith("held for")
+        daemon.kill()
+        assert topic_messages(kafka_bootstrap, patches_topic) == []
+
+        daemon.env["CEGRAPH_PUBLISHER__HOLD_S"] = "0"
+        daemon.start()
+        [published] = wait_until(
+            lambda: [p for p in patches_of(daemon) if p["state"] == "published"], daemon, timeout=60
+        )
+        daemon.kill()  # and once more, with nothing left to publish
+        daemon.start()
+        time.sleep(3)
+        assert [p["state"] for p in patches_of(daemon)] == ["published"]
+    finally:
+        daemon.stop()
+    [message] = topic_messages(kafka_bootstrap, patches_topic)
+    assert message.key == b"arithmetic-slip"
+    patch = WorkflowPatch.model_validate(orjson.loads(message.value))
+    assert patch.model_dump(mode="json", by_alias=True) == published["patch"] == held["patch"]
+    assert verify_signature(patch, KEY)
+    assert apply_patch(ARITHMETIC_SLIP, patch).nodes["solve"].kind == "programmer"
+
+
+def test_a_patch_sent_before_a_crash_is_recorded_from_the_topic_not_sent_again(kafka_bootstrap, tmp_path):
+    settings = KafkaSettings(bootstrap_servers=kafka_bootstrap, patches_topic=f"patches-{tmp_path.name}")
+    ensure_topics(settings, [settings.patches_topic])
+    spec, ops = apply_edit(ARITHMETIC_SLIP, Edit(operator="programmer", node="solve"), "1.1.0")
+    patch = sign(
+        WorkflowPatch(workflow_id=spec.id, base_version="1.0.0", new_version="1.1.0", operations=ops,
+                      content_hash=spec.content_hash),
+        KEY,
+    )  # fmt: skip
+    store = EventStore(tmp_path / "cegraph.duckdb")
+    try:
+        store.append([created("job-1", patch)])
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+        producer.send(
+            settings.patches_topic, key=b"x", value=orjson.dumps(patch.model_dump(mode="json", by_alias=True))
+        )
+        producer.flush()
+        producer.close()  # ... and the process died before it recorded PatchPublished
+        outbox = PatchOutbox(store)
+        publisher = KafkaPatchPublisher(settings, outbox)
+        assert publisher.recover() == 1
+        assert publisher.publish_due() == []
+        publisher.stop()
+        [row] = outbox.patches()
+        assert (row["state"], row["offset"]) == ("published", 0)
+    finally:
+        store.close()
+    assert len(topic_messages(kafka_bootstrap, settings.patches_topic)) == 1

@@ -1,0 +1,168 @@
+"""The parts of Propose-and-Verify on their own: the grammar parse of an LLM's answer, job
+scheduling from the log, the replay sample, and the HTTP shadow protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import orjson
+import uvicorn
+from daemon_proc import free_port
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
+
+from cegraph.connectors.embedded import EmbeddedDaemon
+from cegraph.connectors.shadow_http import HttpShadowTarget, shadow_endpoint
+from cegraph.connectors.shadow_runtime import RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.events import MODE_MASS_CROSSED, REFINEMENT_FINISHED, Event
+from cegraph.daemon.normalize import TextPolicy, normalize
+from cegraph.daemon.operators import OPERATORS, Edit
+from cegraph.daemon.proposers import parse_edits
+from cegraph.daemon.refinement_jobs import RefinementScheduler
+from cegraph.daemon.replay import ReplayItem, ReplayStore
+from cegraph.daemon.settings import load_settings
+from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.store import EventStore
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20,
+)
+entries = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {
+            "operator": st.sampled_from([*OPERATORS, "add_code_node", "run_shell"]),
+            "node": st.text(max_size=70),
+        },
+        optional={
+            "instruction": st.text(max_size=50),
+            "samples": st.integers(-5, 20),
+            "code": st.text(max_size=20),
+        },
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(entries, max_size=6), st.text(max_size=30))
+def test_an_answer_parses_into_grammar_edits_or_rejections_never_anything_else(edits, noise):
+    answer = noise + json.dumps({"edits": edits}) + noise.replace("{", "").replace("}", "")
+    for item, problem in parse_edits(answer, limit=4):
+        if problem is None:
+            assert isinstance(item, Edit) and item.operator in OPERATORS
+        else:
+            assert not isinstance(item, Edit) and problem
+
+
+def test_out_of_grammar_answers_are_rejected_with_the_reason():
+    [(_, whole)] = parse_edits("Sure! I will add a node that runs your shell.", limit=4)
+    assert whole.startswith("not a JSON object")
+    answer = orjson.dumps({"edits": [
+        {"operator": "add_code_node", "node": "solve", "code": "import os"},
+        {"operator": "edit_prompt", "node": "solve", "instruction": "x", "code": "import os"},
+        {"operator": "programmer", "node": "solve"},
+    ]}).decode()  # fmt: skip
+    (_, unknown), (_, extra), (edit, ok) = parse_edits(answer, limit=4)
+    assert "not in the operator grammar" in unknown and "operator" in unknown
+    assert "code" in extra and ok is None and edit == Edit(operator="programmer", node="solve")
+
+
+def crossed(store: EventStore, workflow: str, mode: str) -> None:
+    payload = {"workflow_id": workflow, "workflow_version": "1.0.0", "mode": mode, "mass": 0.2}
+    store.append([Event(MODE_MASS_CROSSED, mode, payload)])
+
+
+def test_jobs_come_from_the_log_one_per_workflow_after_its_cooldown(tmp_path):
+    store = EventStore(tmp_path / "s.duckdb")
+    now = [1_000.0]
+    scheduler = RefinementScheduler(store, cooldown_s=60, clock=lambda: now[0])
+    try:
+        crossed(store, "a", "m1")
+        crossed(store, "a", "m1")  # the later trigger of the same mode supersedes the first
+        crossed(store, "b", "m2")
+        first = scheduler.next_job()
+        assert (first.workflow_id, first.mode, first.job_id) == ("a", "m1", "job-2")
+        assert scheduler.next_job() == first  # started, never finished: a crash; it runs again
+        finished = {"job_id": first.job_id, "workflow_id": "a", "finished_at": now[0], "outcome": "no_patch"}
+        store.append([Event(REFINEMENT_FINISHED, "a", finished)])
+        crossed(store, "a", "m3")
+        assert scheduler.next_job().workflow_id == "b"  # "a" is cooling down
+        store.append(
+            [Event(REFINEMENT_FINISHED, "b", {"job_id": "job-3", "workflow_id": "b", "finished_at": now[0]})]
+        )
+        assert scheduler.next_job() is None
+        now[0] += 61
+        assert scheduler.next_job().mode == "m3"
+    finally:
+        store.close()
+
+
+def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traffic(tmp_path):
+    daemon = EmbeddedDaemon(load_settings(store={"path": str(tmp_path / "s.duckdb")}))
+    try:
+        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(300), SimpleSpanProcessor(daemon.exporter())))
+        daemon.pump(drain=True)
+        [(mode,)] = daemon.store.query(
+            "SELECT DISTINCT payload->>'mode' FROM events WHERE type = 'ModeMassCrossed'"
+        )
+        replay = ReplayStore(daemon.store, retention=10_000)
+        sample = replay.sample("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
+        failed = dict(daemon.store.query("SELECT trace_id, hard_failed OR eval_failed FROM executions"))
+        seeds = dict(daemon.store.query("SELECT trace_id, seed FROM event_spans WHERE seed IS NOT NULL"))
+    finally:
+        daemon.close()
+    assert len(sample.of("target")) == 20 and len(sample.items) == 40
+    assert sum(sample.population.values()) == 300 and sample.unreplayable == 0
+    for stratum, size in sample.population.items():
+        drawn = sample.of(stratum)
+        assert abs(sum(item.weight for item in drawn) - size) < 1e-6
+    assert all(failed[item.trace_id] for item in sample.of("target"))
+    assert not any(failed[item.trace_id] for item in sample.of("success"))
+    assert all(item.seed == seeds[item.trace_id] and "question" in item.input for item in sample.items)
+
+
+def test_the_http_shadow_protocol_gives_the_same_executions_as_the_built_in_runtime():
+    world = SimWorld(0)
+    direct = RuntimeShadowTarget(world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world))
+    served = RuntimeShadowTarget(world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(shadow_endpoint(served.run_spans), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    items = [
+        ReplayItem(f"t{i}", i, world.task("arithmetic", i, digits=5).input, "target", 1.0) for i in range(12)
+    ]
+
+    async def both():
+        remote = HttpShadowTarget(f"http://127.0.0.1:{port}/shadow")
+        try:
+            return [
+                (await direct.run(ARITHMETIC_SLIP, item), await remote.run(ARITHMETIC_SLIP, item))
+                for item in items
+            ]
+        finally:
+            await remote.aclose()
+
+    try:
+        pairs = asyncio.run(both())
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+    def summary(spans):
+        nodes = sorted((normalize(span, TextPolicy()) for span in spans), key=lambda n: n.node_id)
+        return [(n.node_id, n.status, n.output_text, n.eval_failed, n.seed) for n in nodes]
+
+    assert any(any(n[3] for n in summary(a)) for a, _ in pairs)  # some fail: the verdict travels too
+    for local, remote in pairs:
+        assert summary(local) == summary(remote)
