@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import tempfile
+import weakref
 
 from pydantic import BaseModel
 
@@ -120,12 +121,21 @@ class Sandbox:
     """Runs Python source with limits; at most `max_concurrent` interpreters at a time."""
 
     def __init__(self, *, max_concurrent: int = 4, memory_mb: int = 512) -> None:
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._max_concurrent = max_concurrent
+        # An asyncio.Semaphore belongs to the loop it first waits on; a sandbox outlives loops (each
+        # refinement job and demo tick runs its own), so each loop gets its own slots.
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
         self._memory = memory_mb << 20
 
     async def run_program(self, source: str, *, stdin: str = "", timeout_s: float = 5.0) -> ProgramRun:
         cpu = max(1, int(timeout_s) + 1)
-        async with self._slots:
+        loop = asyncio.get_running_loop()
+        slots = self._slots.get(loop)
+        if slots is None:
+            slots = self._slots[loop] = asyncio.Semaphore(self._max_concurrent)
+        async with slots:
             with tempfile.TemporaryDirectory(prefix="cegraph-sandbox-") as folder:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,

@@ -11,16 +11,17 @@ routing under a lock, and an execution reads it once, so it runs one spec from s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cegraph.daemon.registry import PatchError, apply_patch
 from cegraph.daemon.runtime import Track, WorkflowRuntime
-from cegraph.daemon.sim.core import unit
+from cegraph.daemon.sim.core import Task, unit
 from cegraph.daemon.sim.world import SimWorld
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
@@ -60,6 +61,47 @@ class Snapshot:
         return self.finished / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Phase:
+    """From execution `start` on, tasks come from these sources in proportion to their weights."""
+
+    start: int
+    weights: dict[str, float]
+
+
+class TaskMix:
+    """A traffic mix that changes over time: task `i` comes from the source a value derived from
+    (seed, i) picks under the phase in force at `i`. A source is a family with options, e.g.
+    `"arithmetic:digits=5"`; the same source and index always give the same task."""
+
+    def __init__(self, world: SimWorld, phases: list[Phase], *, seed: int = 0) -> None:
+        if not phases or phases[0].start != 0 or [p.start for p in phases] != sorted(p.start for p in phases):
+            raise ValueError("phases must start at execution 0 and be in order")
+        for phase in phases:
+            for source in phase.weights:
+                if source.split(":")[0] not in world.families:
+                    raise ValueError(
+                        f"unknown task family in {source!r} (families: {', '.join(world.families)})"
+                    )
+        self.world = world
+        self.phases = phases
+        self.seed = seed
+
+    def phase(self, index: int) -> Phase:
+        return next(phase for phase in reversed(self.phases) if phase.start <= index)
+
+    def __call__(self, index: int) -> Task:
+        weights = self.phase(index).weights
+        point = unit("mix", self.seed, index) * sum(weights.values())
+        cumulative = itertools.accumulate(weights.values())
+        source = next(
+            (s for s, upto in zip(weights, cumulative, strict=True) if point < upto), list(weights)[-1]
+        )
+        family, _, spelled = source.partition(":")
+        options = dict(option.split("=", 1) for option in spelled.split(",") if option)
+        return self.world.task(family, index, **options)
+
+
 class TrafficGenerator:
     def __init__(
         self,
@@ -67,15 +109,19 @@ class TrafficGenerator:
         world: SimWorld,
         stable: WorkflowSpec,
         *,
-        family: str,
+        family: str | None = None,
+        tasks: Callable[[int], Task] | None = None,
         canary: WorkflowSpec | None = None,
         canary_weight: float = 0.1,
         rate: float = 20.0,
         seed: int = 0,
         concurrency: int = 64,
     ) -> None:
-        """Refuses (ValueError, or WorkflowSpecError for a spec the runtime can't run) bad arguments."""
-        if family not in world.families:
+        """Task `i` is `tasks(i)`, or task `i` of `family`. Refuses (ValueError, or WorkflowSpecError
+        for a spec the runtime can't run) bad arguments."""
+        if (family is None) == (tasks is None):
+            raise ValueError("give a task family or a task source, not both")
+        if family is not None and family not in world.families:
             raise ValueError(f"unknown task family {family!r} (families: {', '.join(world.families)})")
         if not 0.0 <= canary_weight <= 1.0:
             raise ValueError(f"the canary weight must be within [0, 1], not {canary_weight}")
@@ -90,7 +136,7 @@ class TrafficGenerator:
                 )
         self.runtime = runtime
         self.world = world
-        self.family = family
+        self.tasks = tasks or (lambda index: world.task(family, index))
         self.canary_weight = canary_weight
         self.rate = rate
         self.seed = seed
@@ -99,7 +145,7 @@ class TrafficGenerator:
         self._stable = stable
         self._canary = canary
         self._counts: defaultdict[tuple[str, str], Counts] = defaultdict(Counts)
-        self._started = 0
+        self._started = 0  # also the index of the next execution: runs continue where the last ended
         self._start_time: float | None = None
 
     @property
@@ -134,10 +180,11 @@ class TrafficGenerator:
         slots = asyncio.Semaphore(self.concurrency)
         running: set[asyncio.Task[None]] = set()
         self._start_time = start = time.monotonic()
+        first = self._started
         try:
-            index = 0
-            while count is None or index < count:
-                due = index / self.rate
+            index = first
+            while count is None or index < first + count:
+                due = (index - first) / self.rate
                 if duration_s is not None and due >= duration_s:
                     break
                 await asyncio.sleep(max(0.0, due - (time.monotonic() - start)))
@@ -164,7 +211,7 @@ class TrafficGenerator:
 
     async def _execute(self, index: int, slots: asyncio.Semaphore) -> None:
         try:
-            task = self.world.task(self.family, index)
+            task = self.tasks(index)
             spec, track, counts = self._route(index)
             seed = int(unit("execution", self.seed, index) * 2**31)
             try:

@@ -403,3 +403,17 @@ def test_specs_are_frozen():
     with pytest.raises(ValidationError):
         spec.version = "9.9.9"  # type: ignore[misc]
     assert isinstance(spec, WorkflowSpec)
+
+
+def test_one_sandbox_serves_programs_from_successive_event_loops():
+    """Refinement jobs and demo ticks each run their own loop over the same world's sandbox."""
+    from cegraph.daemon.sandbox import Sandbox
+
+    sandbox = Sandbox(max_concurrent=2)
+
+    async def burst() -> list[str]:
+        runs = await asyncio.gather(*(sandbox.run_program(f"print({i} * 2)") for i in range(5)))
+        return [run.stdout.strip() for run in runs]
+
+    for _ in range(3):
+        assert asyncio.run(burst()) == ["0", "2", "4", "6", "8"]

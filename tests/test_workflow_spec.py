@@ -59,7 +59,7 @@ def test_the_example_specs_are_valid_against_the_simulated_tools():
     specs = {
         path.stem: parse_spec(path.read_text(), tools=names) for path in sorted(EXAMPLES_PATH.glob("*.json"))
     }
-    assert set(specs) == {"arithmetic", "arithmetic-calculator", "extraction", "qa", "coding"}
+    assert set(specs) == {"arithmetic", "arithmetic-calculator", "extraction", "qa", "coding", "service"}
     assert all(spec.content_hash and spec.content_hash.startswith("sha256:") for spec in specs.values())
 
 

@@ -189,9 +189,9 @@ def blame(result: ExecutionResult) -> str | None:
     final = (result.output or "").strip()
     key = answer_key(final)
     for run in result.nodes:
-        if run.status == "ok" and run.output is not None:
-            if run.output.strip() == final or answer_key(run.output) == key:
-                return run.node_id
+        output = run.output if run.status == "ok" else None
+        if output is not None and (output.strip() == final or answer_key(output) == key):
+            return run.node_id
     return None
 
 
