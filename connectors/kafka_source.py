@@ -17,6 +17,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 
 from cegraph.connectors.kafka_client import make_broker, raw_body
 from cegraph.daemon.ingest import DeadLetter, FlushResult, IngestPipeline, InMessage
@@ -25,6 +26,7 @@ from cegraph.daemon.settings import Settings
 log = logging.getLogger("cegraph.ingest")
 
 DLQ_REASON = "cegraph.dlq.reason"
+LAG_INTERVAL_S = 5.0
 
 
 def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
@@ -63,9 +65,12 @@ class KafkaIngestSource:
         self.after_flush = after_flush
         self.settings = settings
         self.pipeline = pipeline
-        self.broker = broker or make_broker(settings.kafka)
+        self.broker = broker or make_broker(
+            settings.kafka, middlewares=[KafkaPrometheusMiddleware(registry=pipeline.metrics.registry)]
+        )
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
+        self._lag: asyncio.Task[None] | None = None
         kafka, ingest = settings.kafka, settings.ingest
         self.subscriber = self.broker.subscriber(
             kafka.spans_topic,
@@ -162,12 +167,14 @@ class KafkaIngestSource:
     async def start(self) -> None:
         await self.broker.start()
         self._flusher = asyncio.create_task(self._flush_periodically())
+        self._lag = asyncio.create_task(self._measure_lag_periodically())
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._flusher, self._lag):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.broker.stop()
         await self.flush()
 
@@ -177,3 +184,29 @@ class KafkaIngestSource:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
+
+    async def measure_lag(self) -> dict[str, int]:
+        """Per topic, messages of this consumer's partitions that are not stored yet: the latest offset
+        minus the offset DuckDB holds (or the earliest offset, before anything was stored)."""
+        consumer = self.subscriber.consumer
+        assigned = list(consumer.assignment()) if consumer is not None else []
+        if consumer is None or not assigned:
+            return {}
+        ends = await consumer.end_offsets(assigned)
+        starts = await consumer.beginning_offsets(assigned)
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        lag: dict[str, int] = {}
+        for tp in assigned:
+            position = stored.get((tp.topic, tp.partition), starts[tp])
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends[tp] - position)
+        for topic, behind in lag.items():
+            self.pipeline.metrics.consumer_lag.labels(topic).set(behind)
+        return lag
+
+    async def _measure_lag_periodically(self) -> None:
+        while True:
+            try:
+                await self.measure_lag()
+            except Exception as error:  # a metric only: the next round tries again
+                log.debug("measuring the consumer lag failed: %s", error)
+            await asyncio.sleep(LAG_INTERVAL_S)

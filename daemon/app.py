@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,19 +14,22 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from cegraph.connectors.http_api import create_app
+from cegraph.connectors.http_reads import inspection_routes
 from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
 from cegraph.connectors.llm_openai import OpenAIChatBackend
 from cegraph.connectors.otlp_codec import decoder_for
 from cegraph.connectors.patch_publisher import KafkaPatchPublisher
+from cegraph.connectors.rollout_publisher import RolloutPublisher, judge_periodically
 from cegraph.connectors.shadow_http import HttpShadowTarget
 from cegraph.connectors.shadow_runtime import EvaluatorFor, RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
 from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
 from cegraph.daemon.llm import LLMBackend
-from cegraph.daemon.metrics import DetectorMetrics, IngestMetrics, RefinementMetrics
+from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
 from cegraph.daemon.normalize import TextPolicy
 from cegraph.daemon.patch_outbox import PatchOutbox, patch_rows
 from cegraph.daemon.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
@@ -61,6 +65,22 @@ def build_detector_stage(settings: Settings, store: EventStore, metrics: IngestM
         detector_metrics.record(detector.modes(), detector.tracker.state()["micro_clusters"], events)
 
     return DetectorStage(store, FailureDetector(settings.detector), on_batch=record)
+
+
+def build_canary_judge(
+    settings: Settings,
+    store: EventStore,
+    metrics: IngestMetrics,
+    target_mode_for: TargetModeFor | None = None,
+) -> CanaryJudge:
+    """The canary judge; `target_mode_for` names the mode a version's patch aims at (by default the
+    mode in the rationale of the patch cegraph made)."""
+    return CanaryJudge(
+        store,
+        settings.canary,
+        target_mode_for=target_mode_for or patch_target_mode(store),
+        metrics=CanaryMetrics(metrics.registry),
+    )
 
 
 def build_llm(settings: Settings) -> tuple[LLMBackend, dict[str, Tool | Retriever], EvaluatorFor | None]:
@@ -120,6 +140,8 @@ def build(settings: Settings) -> Starlette:
     publisher = KafkaPatchPublisher(
         settings.kafka, outbox, on_publish=lambda _: refinement_metrics.published.inc()
     )
+    judge = build_canary_judge(settings, store, metrics)
+    rollouts = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -142,9 +164,18 @@ def build(settings: Settings) -> Starlette:
         log.info(
             "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
         )
+        judging = (
+            asyncio.create_task(judge_periodically(judge, rollouts, settings.canary.interval_s))
+            if settings.canary.enabled
+            else None
+        )
         try:
             yield
         finally:
+            if judging is not None:
+                judging.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await judging
             await source.stop()
             await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(publisher.stop)
@@ -172,7 +203,13 @@ def build(settings: Settings) -> Starlette:
     workflows = workflow_routes(WorkflowRegistry(store))
     return create_app(
         ready=ready,
-        read_routes=[("/stats", stats), ("/modes", modes), ("/patches", patches), *workflows.read],
+        read_routes=[
+            ("/stats", stats),
+            ("/modes", modes),
+            ("/patches", patches),
+            *workflows.read,
+            *inspection_routes(store, judge),
+        ],
         write_routes=workflows.write,
         token=token,
         metrics=settings.metrics.enabled,

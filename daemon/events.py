@@ -30,6 +30,10 @@ CANDIDATE_VERIFIED = "CandidateVerified"
 REFINEMENT_FINISHED = "RefinementFinished"
 PATCH_CREATED = "PatchCreated"
 PATCH_PUBLISHED = "PatchPublished"
+# the canary judge: CanaryDecided is the outbox of `cegraph.rollouts`, RolloutPublished marks it sent
+CANARY_STARTED = "CanaryStarted"
+CANARY_DECIDED = "CanaryDecided"
+ROLLOUT_PUBLISHED = "RolloutPublished"
 
 
 @dataclass(slots=True)

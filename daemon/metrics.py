@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cegraph.daemon.events import (
@@ -13,6 +16,7 @@ from cegraph.daemon.events import (
     MODE_MERGED,
     Event,
 )
+from cegraph.daemon.sequential import Arm
 
 
 class IngestMetrics:
@@ -52,6 +56,10 @@ class IngestMetrics:
             "cegraph_dead_letters_total", "Messages sent to the dead-letter topic.", ["topic"], registry=r
         )
         self.open_traces = Gauge("cegraph_ingest_open_traces", "Traces being assembled.", registry=r)
+        self.consumer_lag = Gauge(
+            "cegraph_consumer_lag", "Messages behind the latest offset, summed over the partitions.",
+            ["topic"], registry=r,
+        )  # fmt: skip
         self.commit_seconds = Histogram(
             "cegraph_store_commit_seconds",
             "Time to write one batch of events and offsets to DuckDB.",
@@ -119,6 +127,57 @@ class DetectorMetrics:
                 self.triggers.inc()
             elif event.type == MODE_DRIFTED:
                 self.drifts.inc()
+
+
+class CanaryMetrics:
+    """The running comparison of each workflow's canary, shaped for an Argo Rollouts AnalysisTemplate
+    or a Flagger MetricTemplate: `cegraph_canary_verdict` is the one scalar they query. Labelled by
+    workflow (few) and track (two); the version is in `/canaries`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.running = Gauge(
+            "cegraph_canary_running", "1 while a canary of the workflow is being judged, else 0.",
+            ["workflow"], registry=r,
+        )  # fmt: skip
+        self.executions = Gauge(
+            "cegraph_canary_executions",
+            "Executions compared so far, per arm.",
+            ["workflow", "track"],
+            registry=r,
+        )
+        self.failure_rate = Gauge(
+            "cegraph_canary_failure_rate", "Observed failure rate (failures per execution) of each arm.",
+            ["workflow", "track"], registry=r,
+        )  # fmt: skip
+        self.mode_failure_rate = Gauge(
+            "cegraph_canary_mode_failure_rate", "Observed failure rate of each arm in the target mode.",
+            ["workflow", "track"], registry=r,
+        )  # fmt: skip
+        self.verdict = Gauge(
+            "cegraph_canary_verdict", "+1 promote decided, -1 rollback decided, 0 undecided.",
+            ["workflow"], registry=r,
+        )  # fmt: skip
+        self.decisions = Counter(
+            "cegraph_canary_decisions_total", "Canary decisions, by decision.", ["decision"], registry=r
+        )
+        for decision in ("promote", "rollback"):
+            self.decisions.labels(decision)
+
+    def record(
+        self, workflow: str, arms: Mapping[str, Arm], *, mode_known: bool, decision: str | None
+    ) -> None:
+        """The state of a workflow's latest canary; `arms` maps track to what it showed."""
+        self.running.labels(workflow).set(0 if decision else 1)
+        self.verdict.labels(workflow).set({"promote": 1, "rollback": -1}.get(decision or "", 0))
+        for track, arm in arms.items():
+            self.executions.labels(workflow, track).set(arm.executions)
+            self.failure_rate.labels(workflow, track).set(arm.rate)
+            if mode_known:
+                self.mode_failure_rate.labels(workflow, track).set(arm.mode_rate)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.mode_failure_rate.remove(workflow, track)
 
 
 class RefinementMetrics:

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -246,6 +247,35 @@ class PublisherSettings(_Group):
     )
 
 
+class CanarySettings(_Group):
+    """The canary judge: how sure it must be, and how long a canary may run undecided."""
+
+    enabled: bool = Field(True, description="Judge canaries (executions with cegraph.track=canary).")
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Chance of any decision about a canary no different from stable."
+    )
+    min_executions: int = Field(200, ge=1, description="Executions per arm before a sequential decision.")
+    max_duration_s: float = Field(
+        3_600.0, gt=0, description="Seconds after its start at which a canary is decided anyway."
+    )
+    max_executions: int = Field(
+        0, ge=0, description="Canary executions at which it is decided anyway (0: no limit)."
+    )
+    at_max_duration: Literal["point_estimate", "rollback", "promote"] = Field(
+        "point_estimate",
+        description="Decision at the maximum; point_estimate: promote if the canary fails no more often.",
+    )
+    interval_s: float = Field(2.0, gt=0, le=300, description="Seconds between two looks of the judge.")
+
+    @field_validator("max_executions")
+    @classmethod
+    def _above_min(cls, value: int, info: ValidationInfo) -> int:
+        least = info.data.get("min_executions")
+        if value and least is not None and value < least:
+            raise ValueError(f"must be 0 or at least min_executions ({least}), not {value}")
+        return value
+
+
 class HttpSettings(_Group):
     """The read-only HTTP API (health, metrics, modes, patches)."""
 
@@ -281,6 +311,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     refiner: RefinerSettings = Field(default_factory=RefinerSettings)
     publisher: PublisherSettings = Field(default_factory=PublisherSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 

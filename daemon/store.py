@@ -401,6 +401,22 @@ class EventStore:
             "SELECT spec FROM workflow_versions WHERE workflow_id = ? AND version = ?", workflow_id, version
         )
 
+    def execution(self, trace_id: str) -> dict[str, Any] | None:
+        """One execution as stored: its row, its nodes (spans, amendments included) and its feedback."""
+        rows = self.query_dicts("SELECT * EXCLUDE (seq) FROM executions WHERE trace_id = ?", trace_id)
+        if not rows:
+            return None
+        nodes = self.query_dicts(
+            "SELECT * EXCLUDE (seq, trace_id) FROM nodes WHERE trace_id = ? ORDER BY start_ns, span_id",
+            trace_id,
+        )
+        for node in nodes:
+            node["evaluations"] = orjson.loads(node["evaluations"] or "[]")
+        feedback = self.query_dicts(
+            "SELECT * EXCLUDE (seq, trace_id) FROM feedback WHERE trace_id = ? ORDER BY seq", trace_id
+        )
+        return {**rows[0], "nodes": nodes, "feedback": feedback}
+
     # ------------------------------------------------------------------ rebuild
 
     def rebuild(self) -> int:
