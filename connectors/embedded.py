@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable
 
 from cegraph.connectors.span_export import CallbackSpanExporter
-from cegraph.daemon.app import build_detector_stage, build_pipeline, build_refinement
+from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_pipeline, build_refinement
+from cegraph.daemon.canary import RolloutOutbox
 from cegraph.daemon.ingest import FlushResult, InMessage
 from cegraph.daemon.metrics import IngestMetrics, RefinementMetrics
 from cegraph.daemon.patch_outbox import PatchOutbox
@@ -21,12 +22,14 @@ from cegraph.daemon.registry import WorkflowRegistry
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.patch import WorkflowPatch
+from cegraph.schemas.rollout import RolloutDecision
 
 IN_PROCESS = "in-process"
 
 
 class EmbeddedDaemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] | None = None) -> None:
+        """`clock` is the canary judge's (seconds): the demo counts time in executions."""
         self.settings = settings
         self.store = EventStore(settings.store.path)
         self.metrics = IngestMetrics()
@@ -35,8 +38,11 @@ class EmbeddedDaemon:
         self.refinement_metrics = RefinementMetrics(self.metrics.registry)
         self.worker = build_refinement(settings, self.store, self.stage, self.refinement_metrics)
         self.outbox = PatchOutbox(self.store, hold_s=settings.publisher.hold_s)
+        self.canary_judge = build_canary_judge(settings, self.store, self.metrics, clock=clock)
+        self.rollouts = RolloutOutbox(self.store)
         self.registry = WorkflowRegistry(self.store)
         self.on_patch: list[Callable[[WorkflowPatch], object]] = []
+        self.on_rollout: list[Callable[[RolloutDecision], object]] = []
         self._lock = threading.Lock()
         self._queue: list[InMessage] = []
         self._next_offset = self.store.offsets().get((settings.kafka.spans_topic, 0), 0)
@@ -55,6 +61,8 @@ class EmbeddedDaemon:
         """Ingest what arrived, then run the detector stage; `drain` completes every open trace."""
         with self._lock:
             messages, self._queue = self._queue, []
+        # in trace order, not arrival order: with derived trace ids a seeded run repeats itself
+        messages.sort(key=lambda message: message.key or b"")
         self.pipeline.handle(messages)  # no dead letters here: the runtime's spans always decode
         result = self.pipeline.flush(drain=drain)
         self.stage.catch_up()
@@ -63,6 +71,17 @@ class EmbeddedDaemon:
     def refine(self) -> list[dict]:
         """Run the refinement jobs that are ready; their `RefinementFinished` payloads."""
         return self.worker.run_pending()
+
+    def judge(self) -> list[RolloutDecision]:
+        """Judge the canaries, deliver the decisions to `on_rollout` and record them as published."""
+        self.canary_judge.step()
+        decisions = self.rollouts.pending()
+        for decision in decisions:
+            for deliver in self.on_rollout:
+                deliver(decision)
+            self.rollouts.published(decision, IN_PROCESS, 0, self._published)
+            self._published += 1
+        return decisions
 
     def publish(self) -> list[WorkflowPatch]:
         """Deliver the due patches to `on_patch` and record them as published."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -72,14 +72,16 @@ def build_canary_judge(
     store: EventStore,
     metrics: IngestMetrics,
     target_mode_for: TargetModeFor | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> CanaryJudge:
     """The canary judge; `target_mode_for` names the mode a version's patch aims at (by default the
-    mode in the rationale of the patch cegraph made)."""
+    mode in the rationale of the patch cegraph made), `clock` its time (default: the wall clock)."""
     return CanaryJudge(
         store,
         settings.canary,
         target_mode_for=target_mode_for or patch_target_mode(store),
         metrics=CanaryMetrics(metrics.registry),
+        **({"clock": clock} if clock is not None else {}),
     )
 
 

@@ -19,7 +19,9 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder (replaced if it exists).")] = Path(
         "demo-output"
     ),
-    max_executions: Annotated[int, typer.Option(min=1_000, help="Stop here if not converged before.")] = 20_000,
+    max_executions: Annotated[
+        int, typer.Option(min=1_000, help="Stop here if not converged before.")
+    ] = 20_000,
 ) -> None:
     """Simulated traffic through a routed support workflow with three failure modes that begin at
     different times; the embedded daemon finds them, refines in shadow, publishes patches, and the
@@ -45,7 +47,8 @@ def demo(
     out.print(table)
     out.print(
         f"expected failure mass: peak {facts['peak_efm']:.3f}, final {facts['final_efm']:.3f} "
-        f"({100 * facts['reduction']:.0f}% below the peak); {run.executions} executions in {run.elapsed_s:.0f} s"
+        f"({100 * facts['reduction']:.0f}% below the peak); "
+        f"{run.executions} executions in {run.elapsed_s:.0f} s"
     )
     out.print(f"report: {files['report.html']}")
 
@@ -56,7 +59,8 @@ def _progress(run, runner) -> Group:
     head = Table.grid(padding=(0, 2))
     head.add_row(
         f"[bold]{run.executions}[/] executions", f"{rate:,.0f}/s", f"stable [bold]{tick.stable}[/]",
-        f"canary [bold]{tick.canary or '-'}[/]", f"patches {len(run.patches)}", f"decisions {len(run.decisions)}",
+        f"canary [bold]{tick.canary or '-'}[/]", f"patches {len(run.patches)}",
+        f"decisions {len(run.decisions)}",
     )  # fmt: skip
     modes = Table("mode", "node", "failures", "mass (last tick)", title="failure modes", title_justify="left")
     for mode in sorted(run.modes, key=lambda m: -run.modes[m]["failures"])[:6]:

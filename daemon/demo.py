@@ -40,7 +40,7 @@ WORKFLOW = "service"
 PHASES = [
     Phase(0, {"arithmetic:digits=5": 1.0}),
     Phase(2_400, {"arithmetic:digits=5": 1.0, "extraction:distractors=2": 1.0}),
-    Phase(4_800, {"arithmetic:digits=5": 1.0, "extraction:distractors=2": 1.0, "qa": 1.0}),
+    Phase(4_800, {"arithmetic:digits=5": 1.0, "extraction:distractors=2": 1.0, "qa": 2.0}),
 ]
 PLANTED = {
     "solve": "carry slips in arithmetic (from the start)",
@@ -135,12 +135,14 @@ class Demo:
     def __init__(self, seed: int, out: Path, *, tick: int = 200, max_executions: int = 20_000) -> None:
         self.seed = seed
         self.out = out
+        self.run_state = DemoRun(seed, out)
         self.tick = tick
         self.max_executions = max_executions
         if out.exists():
             shutil.rmtree(out)  # a demo folder is the output of one run; a rerun replaces it
         out.mkdir(parents=True)
-        self.daemon = EmbeddedDaemon(demo_settings(out, seed))
+        # the judge's clock counts executions (at a nominal 20 per second), not wall time
+        self.daemon = EmbeddedDaemon(demo_settings(out, seed), clock=lambda: self.run_state.executions / 20.0)
         self.world = SimWorld(seed)
         spec = example_spec(WORKFLOW, tools=list(self.world.tools()))
         self.daemon.registry.register(spec)
@@ -155,7 +157,6 @@ class Demo:
         )  # fmt: skip
         self.daemon.on_patch.append(self.traffic.apply_patch)
         self.daemon.on_rollout.append(self.traffic.apply_rollout)
-        self.run_state = DemoRun(seed, out)
 
     def run(self, on_tick: Callable[[DemoRun], None] | None = None) -> DemoRun:
         state = self.run_state
