@@ -21,15 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from cegraph.connectors.embedded import EmbeddedDaemon
-from cegraph.daemon.events import FAILURE_OBSERVED
+from cegraph.daemon.canary import decision_message
+from cegraph.daemon.events import (
+    CANARY_DECIDED,
+    FAILURE_OBSERVED,
+    PATCH_CREATED,
+    PATCH_PUBLISHED,
+    REFINEMENT_FINISHED,
+)
 from cegraph.daemon.runtime import WorkflowRuntime
 from cegraph.daemon.settings import Settings, load_settings
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.store import EventStore
 from cegraph.daemon.traffic import ExecutionIds, Phase, TaskMix, TrafficGenerator
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
@@ -88,9 +97,9 @@ class DemoRun:
     ticks: list[Tick] = field(default_factory=list)
     patches: list[WorkflowPatch] = field(default_factory=list)
     decisions: list[RolloutDecision] = field(default_factory=list)
-    modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> node, terms, failures
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> node, failures
+    created: dict[str, WorkflowPatch] = field(default_factory=dict)  # by patch id
     elapsed_s: float = 0.0
-    running_job: str | None = None
 
     @property
     def executions(self) -> int:
@@ -159,6 +168,7 @@ class Demo:
         self.daemon.on_rollout.append(self.traffic.apply_rollout)
 
     def run(self, on_tick: Callable[[DemoRun], None] | None = None) -> DemoRun:
+        """Ticks until converged (or `max_executions`), calling `on_tick` after each."""
         state = self.run_state
         started = time.monotonic()
         quiet = 0
@@ -177,47 +187,75 @@ class Demo:
         return state
 
     def _tick(self) -> Tick:
-        before = self.traffic.snapshot()
         first_seq = self.daemon.store.last_seq() + 1
         asyncio.run(self.traffic.run(count=self.tick))
         self.daemon.pump(drain=True)
-        state = self.run_state
-        tick = Tick(
-            executions=self.traffic.snapshot().started, stable=before.stable, canary=before.canary,
-            stable_runs=0, stable_failed=0, mode_failures={},
-        )  # fmt: skip
-        self._count(tick, first_seq)
-        tick.jobs = self.daemon.refine()
-        decisions = self.daemon.judge()
-        patches = self.daemon.publish()
-        state.patches += patches
-        state.decisions += decisions
-        tick.patches = [p.new_version for p in patches]
-        tick.decisions = [(d.version, d.decision) for d in decisions]
-        return tick
+        self.daemon.refine()
+        self.daemon.judge()
+        self.daemon.publish()
+        return measure(self.daemon.store, self.run_state, first_seq, self.daemon.store.last_seq())
 
-    def _count(self, tick: Tick, first_seq: int) -> None:
-        """The stable track's executions of this tick, their failures, and the modes they fell in."""
-        rows = self.daemon.store.query(
-            "SELECT e.trace_id, e.hard_failed OR e.eval_failed FROM executions e "
-            "WHERE e.seq >= ? AND e.track = 'stable'",
-            first_seq,
-        )
-        traces = [trace for trace, _ in rows]
-        tick.stable_runs = len(rows)
-        failed = {trace for trace, bad in rows if bad}
-        modes: dict[str, set[str]] = {}
-        for trace, mode, node in self.daemon.store.query(
-            "SELECT payload->>'trace_id', payload->>'mode', payload->>'node_id' FROM events "
-            "WHERE type = ? AND seq >= ? AND payload->>'trace_id' IN (SELECT unnest(?))",
-            FAILURE_OBSERVED, first_seq, traces,
-        ):  # fmt: skip
-            failed.add(trace)
-            if mode:
-                modes.setdefault(mode, set()).add(trace)
-                seen = self.run_state.modes.setdefault(mode, {"nodes": Counter(), "failures": 0})
-                seen["nodes"][node] += 1
-                seen["failures"] += 1
-                seen["node"] = seen["nodes"].most_common(1)[0][0]
-        tick.stable_failed = len(failed)
-        tick.mode_failures = {mode: len(found) for mode, found in modes.items()}
+
+def measure(store: EventStore, run: DemoRun, first_seq: int, last_seq: int) -> Tick:
+    """A tick from the log alone (so the in-process and the Kafka demo report alike): the stable
+    track's executions stored in `first_seq..last_seq`, their failures and modes, and the jobs,
+    patches and canary decisions recorded there. Adds to `run`'s modes, patches and decisions."""
+    rows = store.query(
+        "SELECT trace_id, track, workflow_version, hard_failed OR eval_failed FROM executions "
+        "WHERE seq BETWEEN ? AND ? AND workflow_id = ?",
+        first_seq, last_seq, WORKFLOW,
+    )  # fmt: skip
+    versions = {track: Counter(v for _, t, v, _ in rows if t == track) for track in ("stable", "canary")}
+    stable = [(trace, bad) for trace, track, _, bad in rows if track == "stable"]
+    failed = {trace for trace, bad in stable if bad}
+    modes: dict[str, set[str]] = {}
+    for trace, mode, node in store.query(
+        "SELECT payload->>'trace_id', payload->>'mode', payload->>'node_id' FROM events "
+        "WHERE type = ? AND payload->>'trace_id' IN (SELECT unnest(?))",
+        FAILURE_OBSERVED, [trace for trace, _ in stable],
+    ):  # fmt: skip
+        failed.add(trace)
+        if mode:
+            modes.setdefault(mode, set()).add(trace)
+            seen = run.modes.setdefault(mode, {"nodes": Counter(), "failures": 0})
+            seen["nodes"][node] += 1
+            seen["failures"] += 1
+            seen["node"] = seen["nodes"].most_common(1)[0][0]
+    tick = Tick(
+        executions=run.executions + len(rows),
+        stable=versions["stable"].most_common(1)[0][0] if versions["stable"] else "",
+        canary=versions["canary"].most_common(1)[0][0] if versions["canary"] else None,
+        stable_runs=len(stable), stable_failed=len(failed),
+        mode_failures={mode: len(found) for mode, found in modes.items()},
+    )  # fmt: skip
+    for kind, payload in store.query(
+        "SELECT type, payload FROM events WHERE seq BETWEEN ? AND ? AND type IN (?, ?, ?, ?) ORDER BY seq",
+        first_seq, last_seq, REFINEMENT_FINISHED, PATCH_CREATED, PATCH_PUBLISHED, CANARY_DECIDED,
+    ):  # fmt: skip
+        data = orjson.loads(payload)
+        if kind == REFINEMENT_FINISHED:
+            tick.jobs.append(data)
+        elif kind == PATCH_CREATED:
+            run.created[data["patch_id"]] = WorkflowPatch.model_validate(data["patch"])
+        elif kind == PATCH_PUBLISHED:
+            patch = run.created[data["patch_id"]]
+            run.patches.append(patch)
+            tick.patches.append(patch.new_version)
+        else:
+            run.decisions.append(decision_message(data))
+            tick.decisions.append((data["version"], data["decision"]))
+    return tick
+
+
+def run_from_store(store: EventStore, seed: int, out: Path, *, tick: int = 200) -> DemoRun:
+    """The demo run as the log recorded it, in ticks of `tick` stored executions (the Kafka demo)."""
+    run = DemoRun(seed, out)
+    seqs = [
+        seq
+        for (seq,) in store.query("SELECT seq FROM executions WHERE workflow_id = ? ORDER BY seq", WORKFLOW)
+    ]
+    starts = seqs[::tick]
+    for index, first in enumerate(starts):
+        last = starts[index + 1] - 1 if index + 1 < len(starts) else store.last_seq()
+        run.ticks.append(measure(store, run, first, last))
+    return run
