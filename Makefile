@@ -35,6 +35,12 @@ DEMO_OUT ?= demo-output
 demo: $(STAMP)
 	$(BIN)/cegraph demo --seed $(SEED) --out $(DEMO_OUT)
 
+## demo-kafka: the same scenario over a local Kafka broker (started, and stopped after), with the daemon
+## and the traffic generator as separate processes
+demo-kafka: $(STAMP)
+	@BOOTSTRAP=$$($(KAFKA) up --detach | head -1) && trap '$(KAFKA) down' EXIT && \
+		$(BIN)/cegraph demo --seed $(SEED) --out $(DEMO_OUT)-kafka --kafka $$BOOTSTRAP
+
 ## test: lint, then every test; Kafka tests run against a real broker (see tests/conftest.py)
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -22,6 +22,14 @@ def demo(
     max_executions: Annotated[
         int, typer.Option(min=1_000, help="Stop here if not converged before.")
     ] = 20_000,
+    kafka: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BOOTSTRAP",
+            help="Run the scenario over this Kafka broker instead: `cegraph run` and `cegraph simulate` "
+            "as separate processes (make demo-kafka starts a local broker).",
+        ),
+    ] = None,
 ) -> None:
     """Simulated traffic through a routed support workflow with three failure modes that begin at
     different times; the embedded daemon finds them, refines in shadow, publishes patches, and the
@@ -31,13 +39,24 @@ def demo(
     from cegraph.daemon.demo_report import summary, write_report
 
     logging.basicConfig(level=logging.WARNING)
-    runner = Demo(seed, out_dir, max_executions=max_executions)
     with Live(console=out, refresh_per_second=4) as live:
+        if kafka is not None:
+            import shutil
 
-        def show(run: DemoRun) -> None:
-            live.update(_progress(run, runner))
+            from cegraph.daemon.demo_kafka import run_over_kafka
 
-        run = runner.run(show)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            run = run_over_kafka(
+                seed, out_dir, kafka, on_progress=lambda state: live.update(_kafka_progress(state))
+            )
+        else:
+            runner = Demo(seed, out_dir, max_executions=max_executions)
+
+            def show(run: DemoRun) -> None:
+                live.update(_progress(run, runner))
+
+            run = runner.run(show)
     files = write_report(run)
     facts = summary(run)
     table = Table("planted mode", "found as", "patch", "edits", "canary", title=f"cegraph demo, seed {seed}")
@@ -74,3 +93,24 @@ def _progress(run, runner) -> Group:
     if canary.canary:
         line += f"; canary {canary.canary} at weight {canary.canary_weight:.2f}"
     return Group(head, modes, jobs, line)
+
+
+def _kafka_progress(state: dict) -> Group:
+    """What the daemon's API says while the processes run."""
+    head = f"[bold]{state['executions']}[/] executions stored; traffic " + (
+        "running" if state["traffic_running"] else "done, the daemon is catching up"
+    )
+    modes = Table("mode", "version", "mass", "where", title="failure modes", title_justify="left")
+    for row in state["modes"][:6]:
+        modes.add_row(
+            row["mode"], row["workflow_version"], f"{row['mass']:.3f}", row["description"].get("node", "")
+        )
+    patches = Table("patch", "state", "canary", title="patches and canaries", title_justify="left")
+    decided = {c["version"]: c.get("decision") or c["state"] for c in state["canaries"]}
+    for row in state["patches"]:
+        patches.add_row(
+            f"{row['base_version']} -> {row['new_version']}",
+            row["state"],
+            decided.get(row["new_version"], "-"),
+        )
+    return Group(head, modes, patches, f"refinement jobs running: {state['jobs_running']:.0f}")

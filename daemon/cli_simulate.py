@@ -54,6 +54,13 @@ def simulate(
         str | None,
         typer.Option(help="Task family: arithmetic, extraction, qa or coding (default: as the workflow id)."),
     ] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            help="A mix of task sources that changes over time instead of one family: 'demo' (the demo's), "
+            'or a JSON file [{"start": 0, "weights": {"arithmetic:digits=5": 1, "qa": 1}}, ...].'
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the world, the tasks and the canary split.")] = 0,
     concurrency: Annotated[int, typer.Option(min=1, help="Executions in flight at most.")] = 64,
     sink: Annotated[
@@ -85,14 +92,16 @@ def simulate(
     stable = load_spec(workflow)
     canary_spec = load_spec(canary) if canary is not None else None
     world = SimWorld(seed)
-    family = family or infer_family(stable, world.families)
-    if family is None:
+    tasks = _mix(mix, world, seed) if mix is not None else None
+    family = None if tasks is not None else family or infer_family(stable, world.families)
+    if tasks is None and family is None:
         fail(f"which task family does {stable.id} run? Pass --family ({', '.join(world.families)})")
     provider = TracerProvider(resource=Resource.create({"service.name": "cegraph-simulate"}))
     runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
     try:
         generator = TrafficGenerator(
-            runtime, world, stable, family=family, canary=canary_spec, canary_weight=canary_weight,
+            runtime, world, stable, family=family, tasks=tasks, canary=canary_spec,
+            canary_weight=canary_weight,
             rate=parse_rate(rate), seed=seed, concurrency=concurrency,
         )  # fmt: skip
     except ValueError as error:
@@ -110,6 +119,30 @@ def simulate(
     _summary(generator.snapshot())
     if interrupted:
         raise typer.Exit(130)
+
+
+def _mix(source: str, world, seed: int):
+    """The task mix of --mix: the demo's phases, or phases from a JSON file."""
+    import json
+    from pathlib import Path
+
+    from cegraph.daemon.traffic import Phase, TaskMix
+
+    if source == "demo":
+        from cegraph.daemon.demo import PHASES
+
+        phases = PHASES
+    else:
+        try:
+            phases = [
+                Phase(int(p["start"]), dict(p["weights"])) for p in json.loads(Path(source).read_text())
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            fail(f"--mix {source}: not 'demo' or a JSON list of phases ({error})")
+    try:
+        return TaskMix(world, phases, seed=seed)
+    except ValueError as error:
+        fail(f"--mix {source}: {error}")
 
 
 def _connect(

@@ -59,16 +59,21 @@ PLANTED = {
 QUIET_TICKS = 6  # ticks without a job, patch or canary after the last phase: converged
 
 
+def demo_overrides(out: Path, seed: int) -> dict[str, dict[str, Any]]:
+    """The daemon's settings for the demo, where they differ from the defaults: what makes a short run
+    show the whole loop."""
+    return {
+        "store": {"path": str(out / "cegraph.duckdb")},
+        "publisher": {"signing_key": f"demo-key-{seed}"},
+        "llm": {"sim_seed": seed},
+        "detector": {"mass_threshold": 0.07, "cooldown_s": 0},
+        "refiner": {"cooldown_s": 0},
+        "canary": {"min_executions": 100, "max_executions": 600, "max_duration_s": 86_400},
+    }
+
+
 def demo_settings(out: Path, seed: int) -> Settings:
-    """The daemon's settings for the demo: defaults, except what makes a short run show the loop."""
-    return load_settings(
-        store={"path": str(out / "cegraph.duckdb")},
-        publisher={"signing_key": f"demo-key-{seed}"},
-        llm={"sim_seed": seed},
-        detector={"mass_threshold": 0.07, "cooldown_s": 0},
-        refiner={"cooldown_s": 0},
-        canary={"min_executions": 100, "max_executions": 600, "max_duration_s": 86_400},
-    )
+    return load_settings(**demo_overrides(out, seed))
 
 
 @dataclass

@@ -21,7 +21,14 @@ import orjson
 
 from cegraph.daemon.detector import ModeClassifier
 from cegraph.daemon.detector_stage import CURSOR
-from cegraph.daemon.events import MODE_MASS_CROSSED, REFINEMENT_FINISHED, REFINEMENT_STARTED, Event
+from cegraph.daemon.events import (
+    CANARY_DECIDED,
+    CANARY_STARTED,
+    MODE_MASS_CROSSED,
+    REFINEMENT_FINISHED,
+    REFINEMENT_STARTED,
+    Event,
+)
 from cegraph.daemon.metrics import RefinementMetrics
 from cegraph.daemon.refiner import Job, Refiner
 from cegraph.daemon.store import EventStore
@@ -56,6 +63,16 @@ WHERE s.type = '{REFINEMENT_STARTED}' AND NOT EXISTS (
 )
 ORDER BY s.seq LIMIT 1
 """
+STABLE_VERSION = """
+SELECT workflow_version FROM executions
+WHERE workflow_id = ? AND track IN ('stable', '') ORDER BY seq DESC LIMIT 1
+"""
+CANARY_RUNNING = f"""
+SELECT count(*) FROM events s
+WHERE s.type = '{CANARY_STARTED}' AND s.payload->>'workflow_id' = ? AND NOT EXISTS (
+    SELECT 1 FROM events d WHERE d.type = '{CANARY_DECIDED}' AND d.key = s.key
+)
+"""
 LAST_FINISHED = f"""
 SELECT payload->>'workflow_id', max((payload->>'finished_at')::DOUBLE)
 FROM events WHERE type = '{REFINEMENT_FINISHED}' GROUP BY 1
@@ -80,8 +97,10 @@ class RefinementScheduler:
         self.clock = clock
 
     def next_job(self) -> Job | None:
-        """An interrupted job, else the oldest pending trigger whose workflow is out of its cooldown
-        (that job's start is appended before it is returned)."""
+        """An interrupted job, else the oldest pending trigger that may start (that job's start is
+        appended before it is returned). A trigger waits while its workflow cools down after a job or
+        has a canary being judged (one change at a time), and while its version is a canary; a
+        trigger of a version older than the stable one is superseded and never starts."""
         unfinished = self.store.query(UNFINISHED)
         if unfinished:
             return _job(orjson.loads(unfinished[0][0]))
@@ -92,6 +111,11 @@ class RefinementScheduler:
             workflow = trigger["workflow_id"]
             if now < (last.get(workflow) or -float("inf")) + self.cooldown_s:
                 continue
+            if self.store.query(CANARY_RUNNING, workflow)[0][0]:
+                continue
+            stable = self.store.query(STABLE_VERSION, workflow)
+            if stable and stable[0][0] != trigger["workflow_version"]:
+                continue  # a canary's mode waits for its promotion; an old version's is superseded
             started = {
                 "job_id": f"job-{seq}", "trigger_seq": seq, "workflow_id": workflow,
                 "workflow_version": trigger["workflow_version"], "mode": trigger["mode"],

@@ -19,7 +19,13 @@ from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 from cegraph.connectors.embedded import EmbeddedDaemon
 from cegraph.connectors.shadow_http import HttpShadowTarget, shadow_endpoint
 from cegraph.connectors.shadow_runtime import RuntimeShadowTarget, sim_evaluator_for
-from cegraph.daemon.events import MODE_MASS_CROSSED, REFINEMENT_FINISHED, Event
+from cegraph.daemon.events import (
+    CANARY_DECIDED,
+    CANARY_STARTED,
+    MODE_MASS_CROSSED,
+    REFINEMENT_FINISHED,
+    Event,
+)
 from cegraph.daemon.normalize import TextPolicy, normalize
 from cegraph.daemon.operators import OPERATORS, Edit
 from cegraph.daemon.proposers import parse_edits
@@ -99,6 +105,9 @@ def test_jobs_come_from_the_log_one_per_workflow_after_its_cooldown(tmp_path):
         )
         assert scheduler.next_job() is None
         now[0] += 61
+        store.append([Event(CANARY_STARTED, "a@1.1.0", {"workflow_id": "a", "version": "1.1.0"})])
+        assert scheduler.next_job() is None  # one change at a time: "a" has a canary being judged
+        store.append([Event(CANARY_DECIDED, "a@1.1.0", {"workflow_id": "a", "decision": "promote"})])
         assert scheduler.next_job().mode == "m3"
     finally:
         store.close()
