@@ -125,11 +125,18 @@ class DemoRun:
         for node, what in PLANTED.items():
             found = [m for m, d in self.modes.items() if d["node"] == node]
             found.sort(key=lambda m: -self.modes[m]["failures"])
-            patch = next(
-                (p for p in self.patches if p.rationale and (p.rationale.mode in found or _touches(p, node))),
-                None,
-            )
-            decision = next((d for d in self.decisions if patch and d.version == patch.new_version), None)
+            addressing = [
+                p for p in self.patches if p.rationale and (p.rationale.mode in found or _touches(p, node))
+            ]
+            decided = {d.version: d for d in self.decisions}
+            # the patch that was promoted, else the last one tried
+            promoted = [
+                p
+                for p in addressing
+                if p.new_version in decided and decided[p.new_version].decision == "promote"
+            ]
+            patch = (promoted or addressing or [None])[-1]
+            decision = decided.get(patch.new_version) if patch is not None else None
             rows.append({
                 "node": node, "planted": what, "modes": found,
                 "patch": None if patch is None else patch.new_version,
