@@ -155,12 +155,18 @@ def _connect(
     from cegraph.connectors.decision_consumer import DecisionConsumer
     from cegraph.connectors.kafka_client import ensure_topics
     from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
+    from cegraph.daemon.signing import signed_only
 
     kafka = settings.kafka
     try:
         ensure_topics(kafka, [kafka.spans_topic, kafka.patches_topic, kafka.rollouts_topic])
         exporter = OtlpKafkaSpanExporter(kafka, partition_by_trace=one_trace_per_message)
-        consumer = DecisionConsumer(kafka, on_patch=generator.apply_patch, on_rollout=generator.apply_rollout)
+        key = settings.publisher.signing_key
+        # with a signing key, only patches signed with it are run
+        on_patch = (
+            signed_only(generator.apply_patch, key.get_secret_value()) if key else generator.apply_patch
+        )
+        consumer = DecisionConsumer(kafka, on_patch=on_patch, on_rollout=generator.apply_rollout)
         consumer.start()
     except (KafkaError, RuntimeError) as error:
         fail(f"Kafka at {kafka.bootstrap_servers}: {error}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+from collections.abc import Callable
 
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.workflow import canonical_json
@@ -32,3 +34,18 @@ def verify_signature(patch: WorkflowPatch, key: str) -> bool:
     expected = sign(patch, key).signature
     assert expected is not None
     return hmac.compare_digest(expected, patch.signature)
+
+
+def signed_only(apply: Callable[[WorkflowPatch], bool], key: str) -> Callable[[WorkflowPatch], bool]:
+    """`apply`, for patches whose signature verifies with `key`; others are refused with a warning."""
+
+    def apply_if_signed(patch: WorkflowPatch) -> bool:
+        if not verify_signature(patch, key):
+            logging.getLogger("cegraph.signing").warning(
+                "patch %s@%s refused: its signature does not verify with CEGRAPH_PUBLISHER__SIGNING_KEY",
+                patch.workflow_id, patch.new_version,
+            )  # fmt: skip
+            return False
+        return apply(patch)
+
+    return apply_if_signed

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cegraph.daemon.operators import Edit, apply_edit
-from cegraph.daemon.signing import sign, verify_signature
+from cegraph.daemon.signing import sign, signed_only, verify_signature
 from cegraph.daemon.verification import judge, mcnemar, paired_bootstrap
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import example_spec
@@ -113,3 +113,12 @@ def test_cegraph_patches_verify_passes_a_good_patch_and_fails_one_changed_byte(t
     result = subprocess.run([cegraph, "patches", "verify", str(unsigned_but_valid), "--base", "qa"],
                             env=env, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1 and "not for qa" in result.stderr
+
+
+def test_a_service_with_the_key_runs_only_patches_signed_with_it():
+    applied = []
+    apply = signed_only(lambda patch: applied.append(patch) or True, "s3cret")
+    good = patch_for("s3cret")
+    assert apply(good) and applied == [good]
+    assert not apply(patch_for("another key")) and not apply(good.model_copy(update={"signature": None}))
+    assert applied == [good]
