@@ -54,13 +54,18 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: benchmarks (not tests); BENCH=ingest runs one part; figures go to bench/results.json
+## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement runs one part; figures go to
+## bench/results.json
 BENCH ?= all
 bench: setup
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = ingest ]; then \
 		$(BIN)/python bench/bench_ingest.py --kafka --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = density ]; then \
 		$(BIN)/python bench/bench_density.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = detection ]; then \
+		$(BIN)/python bench/bench_detection.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = refinement ]; then \
+		$(BIN)/python bench/bench_refinement.py --out bench/results.json; fi
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address
 kafka-up: setup

@@ -127,7 +127,9 @@ def build_refinement(
         signing_key=key.get_secret_value() if key else None,
         retrievers=[name for name, tool in tools.items() if isinstance(tool, Retriever)],
     )
-    scheduler = RefinementScheduler(store, cooldown_s=refiner_settings.cooldown_s)
+    scheduler = RefinementScheduler(
+        store, cooldown_s=refiner_settings.cooldown_s, deploy_wait_s=refiner_settings.deploy_wait_s
+    )
     return RefinementWorker(scheduler, refiner, stage.classifier, metrics=metrics)
 
 

@@ -25,12 +25,14 @@ from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
     MODE_MASS_CROSSED,
+    PATCH_CREATED,
     REFINEMENT_FINISHED,
     REFINEMENT_STARTED,
     Event,
 )
 from cegraph.daemon.metrics import RefinementMetrics
 from cegraph.daemon.refiner import Job, Refiner
+from cegraph.daemon.registry import version_key
 from cegraph.daemon.store import EventStore
 
 log = logging.getLogger("cegraph.jobs")
@@ -73,6 +75,20 @@ WHERE s.type = '{CANARY_STARTED}' AND s.payload->>'workflow_id' = ? AND NOT EXIS
     SELECT 1 FROM events d WHERE d.type = '{CANARY_DECIDED}' AND d.key = s.key
 )
 """
+UNDEPLOYED_PATCHES = f"""
+SELECT c.payload->'patch'->>'new_version', (c.payload->>'created_at')::DOUBLE FROM events c
+WHERE c.type = '{PATCH_CREATED}' AND c.key = ? AND NOT EXISTS (
+    SELECT 1 FROM events d WHERE d.type = '{CANARY_DECIDED}' AND d.payload->>'workflow_id' = c.key
+      AND d.payload->>'version' = c.payload->'patch'->>'new_version'
+)
+"""
+FRUITLESS_MASS = f"""
+SELECT max((s.payload->>'mass')::DOUBLE) FROM events f
+JOIN events s ON s.type = '{REFINEMENT_STARTED}' AND s.payload->>'job_id' = f.payload->>'job_id'
+WHERE f.type = '{REFINEMENT_FINISHED}' AND f.payload->>'outcome' = 'no_patch'
+  AND f.payload->>'workflow_id' = ? AND f.payload->>'mode' = ?
+"""
+RETRY_FACTOR = 1.5  # a mode no candidate helped gets a new job once its mass is this much higher
 LAST_FINISHED = f"""
 SELECT payload->>'workflow_id', max((payload->>'finished_at')::DOUBLE)
 FROM events WHERE type = '{REFINEMENT_FINISHED}' GROUP BY 1
@@ -90,17 +106,26 @@ class RefinementScheduler:
     """Decides, from the log alone, which job runs next."""
 
     def __init__(
-        self, store: EventStore, *, cooldown_s: float, clock: Callable[[], float] = time.time
+        self,
+        store: EventStore,
+        *,
+        cooldown_s: float,
+        deploy_wait_s: float = 3_600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.cooldown_s = cooldown_s
+        self.deploy_wait_s = deploy_wait_s
         self.clock = clock
 
     def next_job(self) -> Job | None:
         """An interrupted job, else the oldest pending trigger that may start (that job's start is
-        appended before it is returned). A trigger waits while its workflow cools down after a job or
-        has a canary being judged (one change at a time), and while its version is a canary; a
-        trigger of a version older than the stable one is superseded and never starts."""
+        appended before it is returned). One change at a time: a trigger waits while its workflow
+        cools down after a job, has a canary being judged, or has a patch that is neither decided
+        nor running as the stable version yet (for at most `deploy_wait_s` after its creation: a
+        patch nobody deploys does not stop refinement for ever). Only the stable version is refined:
+        a trigger of a canary's version waits for its promotion, one of an older version never starts.
+        A mode whose last job found nothing waits until its mass is `RETRY_FACTOR` times higher."""
         unfinished = self.store.query(UNFINISHED)
         if unfinished:
             return _job(orjson.loads(unfinished[0][0]))
@@ -116,6 +141,11 @@ class RefinementScheduler:
             stable = self.store.query(STABLE_VERSION, workflow)
             if stable and stable[0][0] != trigger["workflow_version"]:
                 continue  # a canary's mode waits for its promotion; an old version's is superseded
+            if self._awaits_deployment(workflow, stable[0][0] if stable else None, now):
+                continue
+            [(fruitless,)] = self.store.query(FRUITLESS_MASS, workflow, trigger["mode"])
+            if fruitless is not None and (trigger.get("mass") or 0.0) < RETRY_FACTOR * fruitless:
+                continue  # nothing helped this mode at about this mass: do not spend on it again
             started = {
                 "job_id": f"job-{seq}", "trigger_seq": seq, "workflow_id": workflow,
                 "workflow_version": trigger["workflow_version"], "mode": trigger["mode"],
@@ -125,6 +155,13 @@ class RefinementScheduler:
             self.store.append([Event(REFINEMENT_STARTED, workflow, started)])
             return _job(started)
         return None
+
+    def _awaits_deployment(self, workflow: str, stable: str | None, now: float) -> bool:
+        for version, created_at in self.store.query(UNDEPLOYED_PATCHES, workflow):
+            deployed = stable is not None and version_key(stable) >= version_key(version)
+            if not deployed and now < created_at + self.deploy_wait_s:
+                return True
+        return False
 
 
 class RefinementWorker:

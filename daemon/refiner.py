@@ -44,6 +44,7 @@ log = logging.getLogger("cegraph.refiner")
 
 MIN_COUNTEREXAMPLES = 5
 EXAMPLES_SHOWN = 8  # counterexamples a proposer sees
+GOOD_ENOUGH = 0.25  # a candidate that leaves at most this share of the target mode ends its round
 
 
 @dataclass(frozen=True)
@@ -236,9 +237,22 @@ class Refiner:
             tried.add(candidate.content_hash)
             if spent.calls + len(items) * (per_item + cost(proposal.edit)) > self.settings.max_llm_calls:
                 return best, True
-            outcomes = await self.runner.run(candidate, items, classifier)
-            spent.add_runs(outcomes)
-            report, verdict = self._compare(current_outcomes, outcomes, weights, target, spent.calls)
+            # Counterexamples first: a candidate that does not lower the target mode on them is
+            # refused without running the control half (most candidates stop here).
+            first = [i for i, item in enumerate(items) if item.stratum == "target"]
+            rest = [i for i, item in enumerate(items) if item.stratum != "target"]
+            early = await self.runner.run(candidate, [items[i] for i in first], classifier)
+            spent.add_runs(early)
+            report, verdict = self._compare(
+                [current_outcomes[i] for i in first], early, [weights[i] for i in first], target, spent.calls
+            )
+            outcomes = None
+            if verdict.accepted:
+                late = await self.runner.run(candidate, [items[i] for i in rest], classifier)
+                spent.add_runs(late)
+                placed = dict(zip(first, early, strict=True)) | dict(zip(rest, late, strict=True))
+                outcomes = [placed[i] for i in range(len(items))]
+                report, verdict = self._compare(current_outcomes, outcomes, weights, target, spent.calls)
             self.store.append(
                 [
                     Event(
@@ -258,8 +272,10 @@ class Refiner:
                     )
                 ]
             )
-            if verdict.accepted and (best is None or _better(report, best.report)):
+            if verdict.accepted and outcomes is not None and (best is None or _better(report, best.report)):
                 best = _Step(proposal, candidate, outcomes, report)
+                if report.target_after <= report.target_before * GOOD_ENOUGH:
+                    break  # first good enough: verifying the rest would rarely pay for itself
         return best, False
 
     def _compare(self, base, candidate, weights, target, calls):

@@ -222,6 +222,11 @@ class RefinerSettings(_Group):
     cooldown_s: float = Field(
         300.0, ge=0, description="Quiet time for a workflow after a job's decision before the next job."
     )
+    deploy_wait_s: float = Field(
+        3_600.0,
+        ge=0,
+        description="Longest wait of a workflow's next job for its last patch to be deployed or decided.",
+    )
     shadow: Literal["runtime", "http"] = Field(
         "runtime",
         description="Shadow target: the built-in runtime on the configured LLM, or your service's endpoint.",

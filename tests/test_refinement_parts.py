@@ -108,7 +108,29 @@ def test_jobs_come_from_the_log_one_per_workflow_after_its_cooldown(tmp_path):
         store.append([Event(CANARY_STARTED, "a@1.1.0", {"workflow_id": "a", "version": "1.1.0"})])
         assert scheduler.next_job() is None  # one change at a time: "a" has a canary being judged
         store.append([Event(CANARY_DECIDED, "a@1.1.0", {"workflow_id": "a", "decision": "promote"})])
-        assert scheduler.next_job().mode == "m3"
+        third = scheduler.next_job()
+        assert third.mode == "m3"
+        nothing = {
+            "job_id": third.job_id,
+            "workflow_id": "a",
+            "mode": "m3",
+            "finished_at": now[0],
+            "outcome": "no_patch",
+        }
+        store.append([Event(REFINEMENT_FINISHED, "a", nothing)])
+        now[0] += 61
+        crossed(store, "a", "m3")  # the same mass again: nothing helped last time, so no new job
+        assert scheduler.next_job() is None
+        store.append(
+            [
+                Event(
+                    MODE_MASS_CROSSED,
+                    "m3",
+                    {"workflow_id": "a", "workflow_version": "1.0.0", "mode": "m3", "mass": 0.35},
+                )
+            ]
+        )
+        assert scheduler.next_job().mode == "m3"  # much heavier now: worth another job
     finally:
         store.close()
 
