@@ -116,7 +116,7 @@ def search(spec, scorer: Scorer, budget: int, retrievers, rng: random.Random, *,
             version += 1
         elif greedy:
             break  # no candidate helps
-    return spec, min(spent, budget) if greedy else spent
+    return spec, spent
 
 
 def failure_driven(seed: int, world: SimWorld, budget: int, folder: Path) -> tuple[WorkflowSpec, int]:
