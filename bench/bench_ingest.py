@@ -2,7 +2,8 @@
 
 - ceiling: protobuf decode and a walk over every span and attribute, nothing else;
 - end to end: decode, normalize, assemble, DuckDB commit (events, spans, projections, offsets),
-  flushed every batch of `--batch` messages as the Kafka source does.
+  flushed every batch of `--batch` messages as the Kafka source does, then the detector stage
+  (failure labels, signatures, clustering, mass and its own commit) after each flush, as the daemon.
 Both in-process, and with `--kafka` also from a real broker (the local Apache Kafka of ops/kafka):
 a plain consumer that decodes (ceiling) beside the daemon's own Kafka source (end to end).
 
@@ -28,7 +29,9 @@ from otel_traces import make_traces, to_messages  # noqa: E402
 from results_file import report  # noqa: E402
 
 from cegraph.connectors.otlp_codec import decode_proto  # noqa: E402
+from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest import IngestPipeline, InMessage  # noqa: E402
+from cegraph.daemon.metrics import IngestMetrics  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
 
@@ -55,14 +58,17 @@ def end_to_end(payloads: list[bytes], batch: int, store_path: Path) -> int:
     pipeline = IngestPipeline(
         store, decode_proto, settings, spans_topic="spans", feedback_topic="feedback", clock=lambda: clock[0]
     )
+    stage = build_detector_stage(Settings(), store, IngestMetrics())
     for start in range(0, len(payloads), batch):
         pipeline.handle(
             [InMessage("spans", 0, i, payloads[i]) for i in range(start, min(start + batch, len(payloads)))]
         )
         clock[0] += 0.1
         pipeline.flush()
+        stage.catch_up()
     clock[0] += 1.0
     pipeline.flush()
+    stage.catch_up()
     spans = store.stats()["spans"]
     store.close()
     return spans
@@ -117,13 +123,15 @@ def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
         store = EventStore(settings.store.path)
         pipeline = IngestPipeline(store, decode_proto, settings.ingest, spans_topic=topic,
                                   feedback_topic=f"{topic}-feedback")  # fmt: skip
+        stage = build_detector_stage(settings, store, IngestMetrics())
 
         async def run() -> float:
-            source = KafkaIngestSource(settings, pipeline)
+            source = KafkaIngestSource(settings, pipeline, after_flush=stage.catch_up)
             await source.start()
             started = time.perf_counter()
             while store.stats()["spans"] < expected:
                 await asyncio.sleep(0.05)
+            await asyncio.to_thread(stage.catch_up)  # the detector's share of the last flush
             elapsed = time.perf_counter() - started
             await source.stop()
             return elapsed

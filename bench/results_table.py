@@ -1,0 +1,118 @@
+"""`bench/results.md`: the figures of `bench/results.json` as one table, with the machine they ran on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    system = f"{platform.system()}, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, {system}"
+
+
+def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
+    found = []
+    if ingest := results.get("ingest"):
+        local = ingest["in_process"]
+        found.append(
+            (
+                ingest["command"],
+                "in process: spans/s end to end",
+                f"{local['end_to_end_spans_per_s']:,.0f} ({local['ratio_to_ceiling']:.0%} of the ceiling)",
+                f"ceiling {local['ceiling_spans_per_s']:,.0f}",
+                "50,000 and 25%",
+            )
+        )
+        if broker := ingest.get("kafka"):
+            found.append(
+                (
+                    ingest["command"],
+                    "through the broker: spans/s end to end",
+                    f"{broker['end_to_end_spans_per_s']:,.0f}",
+                    f"ceiling {broker['ceiling_spans_per_s']:,.0f}",
+                    "",
+                )
+            )
+    if density := results.get("density"):
+        last = density["bounded_state"][-1]
+        found.append(
+            (
+                density["command"],
+                f"failures/s through featurizer and tracker, {last['signatures']:,} failures",
+                f"{last['failures_per_s']:,.0f}; {last['micro_clusters']} micro-clusters; "
+                f"max RSS {last['max_rss_mb']:.0f} MB",
+                "bake-off in results.json",
+                "",
+            )
+        )
+    if detection := results.get("detection"):
+        latency = detection["median_latency_executions"]
+        found.append(
+            (
+                detection["command"],
+                "median latency from onset to trigger, executions",
+                f"{latency['cegraph']:.0f}",
+                f"oracle {latency['oracle']:.0f}",
+                f"within 1.5x: {detection['median_ratio_to_oracle']:.2f}x",
+            )
+        )
+    if refinement := results.get("refinement"):
+        summary = refinement["summary"]
+
+        def shown(name: str) -> str:
+            value = summary[name]["reduction_per_1000_calls"]
+            return f"{value['mean']:.4f} ({value['low']:.4f} to {value['high']:.4f})"
+
+        found.append(
+            (
+                refinement["command"],
+                "failure mass removed per 1,000 LLM calls, mean (95% interval)",
+                shown("cegraph"),
+                f"scalar search {shown('scalar')}; random {shown('random')}",
+                f"3x the scalar search: {refinement['ratio_to_scalar']:.1f}x",
+            )
+        )
+    if memory := results.get("memory"):
+        points = memory["checkpoints"]
+        found.append(
+            (
+                memory["command"],
+                "RSS MB / DuckDB MB at " + ", ".join(f"{p['executions']:,}" for p in points),
+                "; ".join(f"{p['rss_mb']:.0f} / {p['duckdb_mb']:.0f}" for p in points),
+                "",
+                f"flat within 10%, < 500 MB: {memory['rss_growth']:+.0%}",
+            )
+        )
+    return found
+
+
+def main() -> None:
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json")
+    table = [
+        "| command | figure | cegraph | reference (same run) | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    table += [
+        "| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(row)) + " |"
+        for row in rows(json.loads(source.read_text()))
+    ]
+    text = f"# make bench\n\nMachine: {machine()}\n\n" + "\n".join(table) + "\n"
+    source.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
