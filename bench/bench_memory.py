@@ -5,7 +5,9 @@ Executions go through ingest and the detector stage in one process, as `cegraph 
 batches of `--batch` messages with a flush and a detector catch-up after each. The payloads are
 `--pool` distinct OTLP traces from the SDK (tests/otel_traces.py: a support-bot workflow, about a
 third failing), each sent again with a fresh trace id written over its id bytes, so a million
-executions cost no SDK time. RSS is the resident set now (not the peak), after a garbage collection.
+executions cost no SDK time. RSS is the resident set now (not the peak), after a garbage
+collection; `duckdb_buffers_mb` is what DuckDB itself holds of it (`duckdb_memory()`: cached blocks,
+buffers).
 
     python bench/bench_memory.py [--executions 1000000] [--out bench/results.json]
 """
@@ -100,6 +102,11 @@ def main() -> dict:
                             "duckdb_mb": round(store_mb(path), 1),
                             "executions_per_s": round(sent / (time.perf_counter() - started)),
                             "micro_clusters": stage.detector.tracker.state()["micro_clusters"],
+                            "duckdb_buffers_mb": round(
+                                store.query("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")[0][0]
+                                / 2**20,
+                                1,
+                            ),
                         }
                     )
                     print(rows[-1], flush=True)
