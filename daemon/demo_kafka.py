@@ -94,8 +94,8 @@ def run_over_kafka(
     out: Path,
     bootstrap: str,
     *,
-    executions: int = 12_000,
-    rate: float = 150.0,
+    executions: int = 20_000,
+    rate: float = 200.0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> DemoRun:
     out.mkdir(parents=True, exist_ok=False)
