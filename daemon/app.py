@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -81,7 +82,7 @@ def build_canary_judge(
         settings.canary,
         target_mode_for=target_mode_for or patch_target_mode(store),
         metrics=CanaryMetrics(metrics.registry),
-        **({"clock": clock} if clock is not None else {}),
+        clock=clock or time.time,
     )
 
 
