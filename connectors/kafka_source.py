@@ -69,6 +69,8 @@ class KafkaIngestSource:
             settings.kafka, middlewares=[KafkaPrometheusMiddleware(registry=pipeline.metrics.registry)]
         )
         self._lock = asyncio.Lock()
+        self._failures = 0  # consecutive failed flushes or recoveries: the backoff's exponent
+        self._set_ready(True)
         self._flusher: asyncio.Task[None] | None = None
         self._lag: asyncio.Task[None] | None = None
         kafka, ingest = settings.kafka, settings.ingest
@@ -104,27 +106,31 @@ class KafkaIngestSource:
             for r in records
         ]
         async with self._lock:
-            dead = self.pipeline.handle(batch)
-            for letter in dead:
-                await self.broker.publish(
-                    letter.message.value,
-                    topic=self.settings.kafka.dlq_topic,
-                    key=letter.message.key,
-                    headers=dead_letter_headers(letter),
-                )
-            await self._flush_locked()
+            try:
+                dead = self.pipeline.handle(batch)
+                for letter in dead:
+                    await self.broker.publish(
+                        letter.message.value,
+                        topic=self.settings.kafka.dlq_topic,
+                        key=letter.message.key,
+                        headers=dead_letter_headers(letter),
+                    )
+                await self._flush_locked()
+            except Exception as error:
+                # Never let faststream skip the batch: what is not stored is read again after recovery.
+                await self._recover(error)
 
     async def flush(self) -> FlushResult:
         async with self._lock:
-            return await self._flush_locked()
+            try:
+                return await self._flush_locked()
+            except Exception as error:
+                await self._recover(error)
+                return FlushResult()
 
     async def _flush_locked(self) -> FlushResult:
-        try:
-            result = await asyncio.to_thread(self.pipeline.flush)
-        except Exception:
-            log.exception("storing a batch failed: reopening the store and re-reading from its offsets")
-            await self._recover()
-            return FlushResult()
+        result = await asyncio.to_thread(self.pipeline.flush)
+        self._failures = 0
         if result.events:
             await self._commit_to_kafka()
             if self.after_flush is not None:
@@ -134,10 +140,41 @@ class KafkaIngestSource:
                     log.exception("the stage after ingest failed; it retries after the next flush")
         return result
 
-    async def _recover(self) -> None:
-        """What was not stored is forgotten and read again from the offsets DuckDB holds."""
-        await asyncio.to_thread(self.pipeline.store.reopen)
+    async def _recover(self, error: Exception) -> None:
+        """What was not stored is forgotten and read again from the offsets DuckDB holds.
+
+        Holds the lock until the store takes a write again, so nothing more is consumed meanwhile
+        (the consumer's lag grows, visibly); `/readyz` answers 503 from the first failure until then.
+        Attempts back off exponentially, across failed flushes too (a disk that is still full).
+        """
+        self._set_ready(False)
+        self.pipeline.metrics.store_failures.inc()
+        log.error("ingest stopped: %s: %s; reopening the store", type(error).__name__, error)
+        while True:
+            self._failures += 1
+            ingest = self.settings.ingest
+            delay = ingest.recovery_initial_s * 2 ** min(self._failures - 1, 30)
+            await asyncio.sleep(min(ingest.recovery_max_s, delay))
+            try:
+                await asyncio.to_thread(self._reload)
+                await self._seek_after_reset()
+            except Exception as cause:
+                self.pipeline.metrics.recoveries.labels("failed").inc()
+                log.warning("recovery attempt %d failed: %s: %s", self._failures, type(cause).__name__, cause)
+                continue
+            self.pipeline.metrics.recoveries.labels("succeeded").inc()
+            log.warning("ingest resumed from the stored offsets after %d attempt(s)", self._failures)
+            self._set_ready(True)
+            return
+
+    def _reload(self) -> None:
+        """Reopen the store, prove it takes a write, and reload the pipeline's state from it."""
+        store = self.pipeline.store
+        store.reopen()
+        store.append([], store.offsets())
         self.pipeline.reset()
+
+    async def _seek_after_reset(self) -> None:
         consumer = self.subscriber.consumer
         if consumer is None:
             return
@@ -147,6 +184,10 @@ class KafkaIngestSource:
         if unstored:
             await consumer.seek_to_beginning(*unstored)
         await self.seek_to_stored(assigned)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.pipeline.metrics.ingest_ready.set(1 if ready else 0)
 
     async def _commit_to_kafka(self) -> None:
         consumer = self.subscriber.consumer
@@ -176,10 +217,14 @@ class KafkaIngestSource:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.broker.stop()
-        await self.flush()
+        async with self._lock:
+            try:  # one last try; what it cannot store is read again at the next start
+                await self._flush_locked()
+            except Exception as error:
+                log.error("the last flush failed (%r); the next start re-reads it", error)
 
     async def _flush_periodically(self) -> None:
-        """Idle traces complete on time even when no message arrives."""
+        """Idle traces complete on time even when no message arrives; `flush()` never raises."""
         interval = self.settings.ingest.batch_timeout_ms / 1000
         while True:
             await asyncio.sleep(interval)

@@ -17,13 +17,13 @@ import orjson
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from cegraph.daemon.spans import Attributes, SpanEvent, SpanRecord
+from cegraph.daemon.spans import Attributes, InvalidMessage, SpanEvent, SpanRecord
 
 # OTLP span flags: bit 8 says whether bit 9 is known, bit 9 says the parent is in another process.
 REMOTE_PARENT = 0x300
 
 
-class DecodeError(ValueError):
+class DecodeError(InvalidMessage):
     """The payload is not a valid trace export; `str(error)` is the dead-letter reason."""
 
 
@@ -162,7 +162,31 @@ def _json_any_value(value: dict[str, Any]) -> Any:
 
 
 def _json_attributes(pairs: list[dict[str, Any]]) -> Attributes:
-    return {pair["key"]: _json_any_value(pair.get("value") or {}) for pair in pairs}
+    attributes = {}
+    for pair in pairs:
+        key = pair["key"]
+        if not isinstance(key, str):
+            raise DecodeError(f"an attribute key is {type(key).__name__}, not a string")
+        attributes[key] = _json_any_value(pair.get("value") or {})
+    return attributes
+
+
+def _string(data: dict[str, Any], name: str, where: str) -> str:
+    """A string field of OTLP/JSON; any other JSON type is refused here, not at the store."""
+    value = data.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DecodeError(f"{where}.{name} is {type(value).__name__}, not a string")
+    return value
+
+
+def _uint64(data: dict[str, Any], camel: str, snake: str) -> int:
+    """OTLP/JSON times are (u)int64, written as a decimal string or a number."""
+    value = _field(data, camel, snake, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DecodeError(f"{camel} is {type(value).__name__}, not an integer")
+    return int(value)
 
 
 def _hex_id(data: dict[str, Any], camel: str, snake: str, size: int) -> str:
@@ -207,8 +231,8 @@ def decode_json(payload: bytes) -> list[SpanRecord]:
                     status = span.get("status") or {}
                     events = [
                         SpanEvent(
-                            event.get("name", ""),
-                            int(_field(event, "timeUnixNano", "time_unix_nano", 0)),
+                            _string(event, "name", "event"),
+                            _uint64(event, "timeUnixNano", "time_unix_nano"),
                             _json_attributes(event.get("attributes", [])),
                         )
                         for event in span.get("events", [])
@@ -218,11 +242,11 @@ def decode_json(payload: bytes) -> list[SpanRecord]:
                             trace_id,
                             span_id,
                             _hex_id(span, "parentSpanId", "parent_span_id", 8),
-                            span.get("name", ""),
-                            int(_field(span, "startTimeUnixNano", "start_time_unix_nano", 0)),
-                            int(_field(span, "endTimeUnixNano", "end_time_unix_nano", 0)),
+                            _string(span, "name", "span"),
+                            _uint64(span, "startTimeUnixNano", "start_time_unix_nano"),
+                            _uint64(span, "endTimeUnixNano", "end_time_unix_nano"),
                             _status_code(status),
-                            status.get("message", ""),
+                            _string(status, "message", "status"),
                             _json_attributes(span.get("attributes", [])),
                             events,
                             resource,
@@ -231,7 +255,7 @@ def decode_json(payload: bytes) -> list[SpanRecord]:
                     )
     except DecodeError:
         raise
-    except (AttributeError, TypeError, KeyError, ValueError, binascii.Error) as error:
+    except (AttributeError, TypeError, KeyError, ValueError, RecursionError, binascii.Error) as error:
         raise DecodeError(f"not an OTLP/JSON trace export: {type(error).__name__}: {error}") from None
     return _checked(records)
 

@@ -193,7 +193,7 @@ def build(settings: Settings) -> Starlette:
             store_ok = True
         except Exception:
             store_ok = False
-        return {"kafka": kafka_ok, "store": store_ok}
+        return {"kafka": kafka_ok, "store": store_ok, "ingest": source.ready}
 
     async def stats(_: Request) -> dict[str, Any]:
         return await asyncio.to_thread(store.stats)

@@ -9,6 +9,7 @@ stored are recognised and dropped, so nothing is lost and nothing is counted twi
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from cegraph.daemon.events import (
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.normalize import TextPolicy, normalize
 from cegraph.daemon.settings import IngestSettings
-from cegraph.daemon.spans import Node, SpanRecord
+from cegraph.daemon.spans import InvalidMessage, Node, SpanRecord
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.feedback import Feedback
 
@@ -63,6 +64,40 @@ class FlushResult:
     events: int = 0
 
 
+def message_nodes(payload: bytes, decode: Decoder, policy: TextPolicy) -> list[Node]:
+    """One spans message as nodes, or an exception that sends it to the dead-letter topic.
+
+    The nodes are typed as the store's span table wants them (by construction in the decoders and
+    `normalize`), so nothing in a message that gets past this can fail a later batch.
+    """
+    return [normalize(record, policy) for record in decode(payload)]
+
+
+def dead_letter_reason(error: Exception) -> str:
+    """A decoder's own errors say what is wrong; anything else also names its type."""
+    if isinstance(error, InvalidMessage):
+        return str(error)
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def dead_letter_key(message: InMessage) -> str:
+    """A message's coordinates and a digest of its bytes: the same message read again has the same key,
+    another message at the same coordinates (a recreated topic) does not."""
+    digest = hashlib.blake2b(message.value, digest_size=8).hexdigest()
+    return f"{message.topic}/{message.partition}/{message.offset}/{digest}"
+
+
+def feedback_key(feedback: Feedback) -> str:
+    """What makes two feedback messages the same signal, wherever and however often they arrive."""
+    critique = hashlib.blake2b(feedback.critique.encode(), digest_size=8).hexdigest()
+    span = feedback.span_id or ""
+    return f"feedback/{feedback.trace_id}/{span}/{feedback.source}/{feedback.outcome}/{critique}"
+
+
+class PipelineNeedsReset(RuntimeError):
+    """A flush failed: what is in memory may disagree with the store until `reset()` succeeds."""
+
+
 @dataclass(slots=True)
 class _Late:
     nodes: dict[str, Node] = field(default_factory=dict)
@@ -93,6 +128,7 @@ class IngestPipeline:
 
     def reset(self) -> None:
         """Forget everything not yet stored; the consumer must then seek to `stored_offsets()`."""
+        self._needs_reset = True  # until the store has answered below
         self.assembler = TraceAssembler(
             idle_timeout_s=self.settings.idle_timeout_s,
             max_age_s=self.settings.max_trace_age_s,
@@ -110,6 +146,11 @@ class IngestPipeline:
         # While `_recent` holds every stored trace, a trace outside it is known not to be stored
         # and flush() needn't look its spans up in the store (a scan that grows with the store).
         self._recent_is_all = len(self._recent) < RECENT_TRACES
+        self._needs_reset = False
+
+    def _check_usable(self) -> None:
+        if self._needs_reset:
+            raise PipelineNeedsReset("a flush failed; reset() and seek to the stored offsets first")
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         """Where to seek on start: the offsets written with the last committed events."""
@@ -120,10 +161,12 @@ class IngestPipeline:
     def handle(self, messages: list[InMessage]) -> list[DeadLetter]:
         """Take a batch of messages; returns those to send to the dead-letter topic.
 
-        Feedback and dead letters are one event per message, keyed by the message's coordinates: a
-        message delivered again (a replay after a crash, a re-read from offset 0) whose event is
+        Feedback and dead letters are one event per message, keyed by what they are (a feedback's
+        content, a dead letter's coordinates and bytes): a message delivered again (a replay after a
+        crash, a re-read from offset 0, the same feedback re-sent to any partition) whose event is
         already recorded adds nothing, and is not dead-lettered again.
         """
+        self._check_usable()
         now = self.clock()
         dead: list[DeadLetter] = []
         per_message: list[tuple[InMessage, Event, str | None]] = []
@@ -134,12 +177,12 @@ class IngestPipeline:
                     continue  # a redelivery of something already stored (e.g. after a rebalance)
                 taken[message.topic] += 1
                 if message.topic == self.feedback_topic:
-                    event, reason = self._feedback(message, self._event_key(message))
+                    event, reason = self._feedback(message)
                 else:
                     event, reason = None, self._spans(message, now)
                 if reason is not None:
                     event = Event(
-                        MESSAGE_DEAD_LETTERED, self._event_key(message),
+                        MESSAGE_DEAD_LETTERED, dead_letter_key(message),
                         {"topic": message.topic, "partition": message.partition, "offset": message.offset,
                          "reason": reason},
                     )  # fmt: skip
@@ -151,11 +194,10 @@ class IngestPipeline:
         recorded = self._recorded([event for _, event, _ in per_message]) if per_message else set()
         for message, event, reason in per_message:
             self.pending.consumed(message.ref, 0)
-            identity = (event.type, event.key, event.payload_json())
-            if identity in recorded:
+            if (event.type, event.key) in recorded:
                 self.metrics.duplicate_messages.labels(message.topic).inc()
                 continue
-            recorded.add(identity)
+            recorded.add((event.type, event.key))
             self._events.append(event)
             if reason is None:
                 self.metrics.feedback.labels(event.payload["outcome"]).inc()
@@ -165,33 +207,22 @@ class IngestPipeline:
         self.metrics.open_traces.set(len(self.assembler))
         return dead
 
-    @staticmethod
-    def _event_key(message: InMessage) -> str:
-        """The key of a message's own event (feedback, dead letter): its coordinates."""
-        return f"{message.topic}/{message.partition}/{message.offset}"
-
-    def _recorded(self, events: list[Event]) -> set[tuple[str, str, str]]:
-        """(type, key, payload) of those events already stored or waiting for the next flush.
-
-        The payload is part of the identity so that a recreated topic, whose offsets start again,
-        is not mistaken for a replay.
-        """
+    def _recorded(self, events: list[Event]) -> set[tuple[str, str]]:
+        """(type, key) of those events already stored or waiting for the next flush."""
         rows = self.store.query(
-            "SELECT type, key, payload FROM events WHERE key IN (SELECT unnest(?::VARCHAR[]))",
+            "SELECT type, key FROM events WHERE key IN (SELECT unnest(?::VARCHAR[]))",
             sorted({event.key for event in events}),
         )
-        recorded = {(kind, key, payload) for kind, key, payload in rows}
-        recorded.update((event.type, event.key, event.payload_json()) for event in self._events)
+        recorded = {(kind, key) for kind, key in rows}
+        recorded.update((event.type, event.key) for event in self._events)
         return recorded
 
     def _spans(self, message: InMessage, now: float) -> str | None:
+        """Take one spans message; returns the reason when it must go to the dead-letter topic."""
         try:
-            records = self.decode(message.value)
-        except ValueError as error:
-            return str(error)
-        self.metrics.spans.inc(len(records))
-        policy = self.policy
-        nodes = [normalize(record, policy) for record in records]
+            nodes = self._nodes(message.value)
+        except Exception as error:  # whatever one message makes fail stays with that message
+            return dead_letter_reason(error)
         fresh: list[Node] = []
         holds = 0
         for node in nodes:
@@ -211,7 +242,12 @@ class IngestPipeline:
         self.pending.consumed(message.ref, holds)
         return None
 
-    def _feedback(self, message: InMessage, key: str) -> tuple[Event | None, str | None]:
+    def _nodes(self, payload: bytes) -> list[Node]:
+        nodes = message_nodes(payload, self.decode, self.policy)
+        self.metrics.spans.inc(len(nodes))
+        return nodes
+
+    def _feedback(self, message: InMessage) -> tuple[Event | None, str | None]:
         try:
             feedback = Feedback.model_validate_json(message.value)
         except ValidationError as error:
@@ -219,12 +255,28 @@ class IngestPipeline:
                 f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in error.errors()[:5]
             )
             return None, f"invalid feedback: {problems}"
-        return Event(FEEDBACK_RECEIVED, key, feedback.model_dump(mode="json")), None
+        except Exception as error:
+            return None, dead_letter_reason(error)
+        return Event(FEEDBACK_RECEIVED, feedback_key(feedback), feedback.model_dump(mode="json")), None
 
     # ---------------------------------------------------------------- persist
 
     def flush(self, *, drain: bool = False) -> FlushResult:
-        """Persist what became final since the last flush, with the offsets it makes safe."""
+        """Persist what became final since the last flush, with the offsets it makes safe.
+
+        When it raises, nothing of it may be trusted: the events may or may not be durable (DuckDB can
+        commit and then fail its checkpoint), and the offsets in memory have moved past them. So the
+        pipeline refuses work until `reset()` has reloaded its state from the store, and the consumer
+        re-reads from the stored offsets: what was stored is recognised, the rest is stored again.
+        """
+        self._check_usable()
+        try:
+            return self._flush(drain)
+        except BaseException:
+            self._needs_reset = True
+            raise
+
+    def _flush(self, drain: bool) -> FlushResult:
         done = self._forced_out + (self.assembler.drain() if drain else self.assembler.poll(self.clock()))
         self._forced_out = []
         late, self._late = self._late, {}

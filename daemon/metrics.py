@@ -60,6 +60,20 @@ class IngestMetrics:
             "cegraph_consumer_lag", "Messages behind the latest offset, summed over the partitions.",
             ["topic"], registry=r,
         )  # fmt: skip
+        self.store_failures = Counter(
+            "cegraph_ingest_store_failures_total",
+            "Flushes to the store that failed (disk full, fatal DuckDB error); re-read after recovery.",
+            registry=r,
+        )
+        self.recoveries = Counter(
+            "cegraph_ingest_recoveries_total",
+            "Attempts to reopen the store and resume ingest after a failure, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.ingest_ready = Gauge(
+            "cegraph_ingest_ready", "1 while ingest stores what it reads, 0 while it recovers.", registry=r
+        )
         self.commit_seconds = Histogram(
             "cegraph_store_commit_seconds",
             "Time to write one batch of events and offsets to DuckDB.",

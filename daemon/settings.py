@@ -129,6 +129,10 @@ class IngestSettings(_Group):
     )
     max_text_chars: int = Field(4_000, ge=0, description="Input and output text kept per span.")
     redact: bool = Field(True, description="Mask e-mail addresses, phone numbers and API keys in text.")
+    recovery_initial_s: float = Field(
+        0.5, gt=0, description="Wait before reopening the store after a failed write; doubles each time."
+    )
+    recovery_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts to reopen.")
 
 
 class DetectorSettings(_Group):

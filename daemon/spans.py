@@ -15,6 +15,10 @@ Attributes = dict[str, Any]
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
 
+class InvalidMessage(ValueError):
+    """A message is not what its topic should carry; `str(error)` is the dead-letter reason."""
+
+
 @dataclass(slots=True)
 class SpanEvent:
     name: str

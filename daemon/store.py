@@ -159,6 +159,16 @@ FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}'
 
 
 _NODE_COLUMNS = [(name, operator.attrgetter(name)) for name in NODE_FIELDS]
+_ARROW_TYPES = {
+    "int": pa.int64(), "int | None": pa.int64(), "bool": pa.bool_(), "list[str]": pa.list_(pa.string())
+}  # fmt: skip
+# The span table's columns as `event_spans` declares them: conversion never guesses a type from the
+# values, so a batch converts exactly when every node is typed as `Node` says.
+SPAN_SCHEMA = pa.schema(
+    [("seq", pa.int64()), ("amended", pa.bool_())]
+    + [(f.name, pa.string() if f.name == "evaluations" else _ARROW_TYPES.get(str(f.type), pa.string()))
+       for f in fields(Node)]
+)  # fmt: skip
 
 
 def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
@@ -181,12 +191,16 @@ def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
     for name, get in _NODE_COLUMNS:
         columns[name] = list(map(get, nodes))
     columns["evaluations"] = [orjson.dumps(e).decode() if e else "[]" for e in columns["evaluations"]]
-    columns["finish_reasons"] = pa.array(columns["finish_reasons"], pa.list_(pa.string()))
-    return pa.table(columns)
+    return pa.table(columns, schema=SPAN_SCHEMA)
 
 
 class StoreError(RuntimeError):
     """The DuckDB file can't be opened or written; the message says which file and why."""
+
+
+def _first_line(error: Exception) -> str:
+    """DuckDB's messages can run to a stack trace; an operator needs their first line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class EventStore:
@@ -199,15 +213,22 @@ class EventStore:
         self._open()
 
     def _open(self) -> None:
+        self._broken = True  # until the file is open and its last seq known
         try:
             self._con = duckdb.connect(self.path, read_only=self.read_only)
-        except duckdb.IOException as error:
-            raise StoreError(f"cannot open {self.path}: {error}") from None
-        if not self.read_only:
-            self._run(SCHEMA)
-            self._run(SPAN_LOG)
-            self._run(PROJECTIONS)
-        self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
+        except duckdb.Error as error:
+            raise StoreError(f"cannot open {self.path}: {_first_line(error)}") from None
+        try:
+            if not self.read_only:
+                self._run(SCHEMA)
+                self._run(SPAN_LOG)
+                self._run(PROJECTIONS)
+            self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
+        except duckdb.Error as error:
+            with contextlib.suppress(duckdb.Error):
+                self._con.close()
+            raise StoreError(f"cannot use {self.path}: {_first_line(error)}") from None
+        self._broken = False
 
     def reopen(self) -> None:
         """After a fatal DuckDB error the connection is unusable: open the file again."""
@@ -215,6 +236,14 @@ class EventStore:
             with contextlib.suppress(duckdb.Error):
                 self._con.close()
             self._open()
+
+    def _resync(self) -> None:
+        """After a failed commit, ask the file which seq comes next: a COMMIT can be durable and still
+        raise (its checkpoint failed), and numbering from memory would then reuse seqs."""
+        try:
+            self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
+        except duckdb.Error:
+            self._broken = True  # nothing is written until reopen() succeeds
 
     def close(self) -> None:
         with self._lock:
@@ -247,6 +276,8 @@ class EventStore:
         Returns the seq of the last event appended.
         """
         with self._lock:
+            if self._broken:
+                raise StoreError(f"{self.path} needs reopening after a failed write")
             first = self._next_seq
             numbered = list(enumerate(events, start=first))
             self._run("BEGIN TRANSACTION")
@@ -260,6 +291,7 @@ class EventStore:
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
                     self._run("ROLLBACK")
+                self._resync()
                 raise
             self._next_seq = first + len(events)
             return self._next_seq - 1
