@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
@@ -101,11 +102,11 @@ class KafkaIngestSource:
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
-        batch = [
-            InMessage(r.topic, r.partition, r.offset, r.value or b"", r.key, dict(r.headers or ()))
-            for r in records
-        ]
         async with self._lock:
+            batch = [
+                InMessage(r.topic, r.partition, r.offset, r.value or b"", r.key, dict(r.headers or ()))
+                for r in await self._current(records)
+            ]
             try:
                 dead = self.pipeline.handle(batch)
                 for letter in dead:
@@ -119,6 +120,33 @@ class KafkaIngestSource:
             except Exception as error:
                 # Never let faststream skip the batch: what is not stored is read again after recovery.
                 await self._recover(error)
+
+    async def _current(self, records: tuple[Any, ...]) -> list[Any]:
+        """The records of partitions this consumer still reads from where they were fetched.
+
+        A batch is fetched before its handler waits for the lock; meanwhile the periodic flush may
+        have failed and seeked every partition back to its stored offset (or a rebalance taken the
+        partition away). Such records lie ahead of the consumer's position: they will be read again
+        in order, and handling them now would store offsets past the messages in between.
+        """
+        consumer = self.subscriber.consumer
+        if consumer is None or not records:
+            return list(records)
+        ends: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            ends[tp] = max(ends.get(tp, -1), record.offset + 1)
+        stale = set()
+        for tp, end in ends.items():
+            try:
+                position = await consumer.position(tp)
+            except IllegalStateError:  # revoked since the fetch
+                position = -1
+            if end > position:
+                stale.add(tp)
+        if stale:
+            log.info("dropping records fetched before a seek or rebalance: %s", sorted(stale))
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in stale]
 
     async def flush(self) -> FlushResult:
         async with self._lock:

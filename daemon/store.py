@@ -258,12 +258,18 @@ class EventStore:
             rows = self._con.execute(sql, list(params)).fetchall()
         return rows[0][0] if rows else None
 
+    def _usable(self) -> duckdb.DuckDBPyConnection:
+        if self._broken:
+            raise StoreError(f"{self.path} is unavailable until it is reopened after a failure")
+        return self._con
+
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with self._lock:
-            return self._con.execute(sql, list(params)).fetchall()
+            return self._usable().execute(sql, list(params)).fetchall()
 
     def query_dicts(self, sql: str, *params: Any) -> list[dict[str, Any]]:
         with self._lock:
+            self._usable()
             cursor = self._con.execute(sql, list(params))
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
@@ -276,8 +282,7 @@ class EventStore:
         Returns the seq of the last event appended.
         """
         with self._lock:
-            if self._broken:
-                raise StoreError(f"{self.path} needs reopening after a failed write")
+            self._usable()
             first = self._next_seq
             numbered = list(enumerate(events, start=first))
             self._run("BEGIN TRANSACTION")
