@@ -1,7 +1,8 @@
 """The daemon's HTTP surface: health, Prometheus metrics, the read API and a few write endpoints.
 
 Read endpoints show trace text and write endpoints change state, so when a token is configured both
-require `Authorization: Bearer`.
+require `Authorization: Bearer` (settings refuse a non-loopback address without one). Request bodies
+are bounded before they are read: a client cannot make the daemon buffer more than `max_body_bytes`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 # Returns a Response, or data that is sent as JSON.
@@ -45,6 +47,58 @@ def protected(token: str | None, endpoint: Endpoint) -> Callable:
     return guarded
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, told by Content-Length or counted as it
+    streams in; the endpoint never sees more than the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"error": f"the request body is over {self.max_bytes} bytes (CEGRAPH_HTTP__MAX_BODY_BYTES)"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
 def create_app(
     *,
     ready: ReadyCheck,
@@ -52,6 +106,8 @@ def create_app(
     write_routes: Sequence[tuple[str, Endpoint]] = (),
     token: str | None = None,
     metrics: bool = True,
+    metrics_need_token: bool = False,
+    max_body_bytes: int = 1 << 20,
     registry: CollectorRegistry = REGISTRY,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
@@ -67,7 +123,11 @@ def create_app(
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz)]
     if metrics:
-        routes.append(Route("/metrics", metrics_endpoint))
+        routes.append(
+            Route("/metrics", protected(token, metrics_endpoint) if metrics_need_token else metrics_endpoint)
+        )
     routes += [Route(path, protected(token, endpoint)) for path, endpoint in read_routes]
     routes += [Route(path, protected(token, endpoint), methods=["POST"]) for path, endpoint in write_routes]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    return app

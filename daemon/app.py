@@ -38,7 +38,7 @@ from cegraph.daemon.refinement_jobs import RefinementScheduler, RefinementWorker
 from cegraph.daemon.refiner import Refiner
 from cegraph.daemon.registry import WorkflowRegistry
 from cegraph.daemon.replay import ReplayStore
-from cegraph.daemon.settings import Settings
+from cegraph.daemon.settings import Settings, is_loopback
 from cegraph.daemon.shadow import ShadowRunner, ShadowTarget
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
@@ -218,6 +218,8 @@ def build(settings: Settings) -> Starlette:
         write_routes=workflows.write,
         token=token,
         metrics=settings.metrics.enabled,
+        metrics_need_token=settings.http.metrics_need_token,
+        max_body_bytes=settings.http.max_body_bytes,
         registry=metrics.registry,
         lifespan=lifespan,
     )
@@ -225,6 +227,12 @@ def build(settings: Settings) -> Starlette:
 
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.http.token is None and not is_loopback(settings.http.host):
+        log.warning(
+            "serving %s without a token (CEGRAPH_HTTP__ALLOW_UNAUTHENTICATED=true): anyone who reaches "
+            "it reads trace text and registers workflows",
+            settings.http.host,
+        )
     uvicorn.run(
         build(settings),
         host=settings.http.host,

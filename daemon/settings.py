@@ -7,6 +7,7 @@ variable; `load_settings` turns pydantic's errors into that message.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -286,13 +287,41 @@ class CanarySettings(_Group):
 
 
 class HttpSettings(_Group):
-    """The read-only HTTP API (health, metrics, modes, patches)."""
+    """The HTTP API (health, metrics, reads, workflow registration)."""
 
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
     port: int = Field(8321, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     token: SecretStr | None = Field(
         None, description="Bearer token required by the read and write API endpoints."
     )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve a non-loopback address without a token (logged as a warning)."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1, description="Largest request body; larger ones get 413 before they are read."
+    )
+    metrics_need_token: bool = Field(False, description="Require the bearer token on /metrics too.")
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        if self.token is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"CEGRAPH_HTTP__HOST={self.host} is not a loopback address and CEGRAPH_HTTP__TOKEN is not "
+                "set: the API shows trace text and registers workflows, so set a token (or "
+                "CEGRAPH_HTTP__ALLOW_UNAUTHENTICATED=true to serve it open anyway)"
+            )
+        if self.metrics_need_token and self.token is None:
+            raise ValueError("CEGRAPH_HTTP__METRICS_NEED_TOKEN needs CEGRAPH_HTTP__TOKEN")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, it is not known to be loopback
 
 
 class MetricsSettings(_Group):
