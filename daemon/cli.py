@@ -15,7 +15,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cegraph.daemon.cli_common import JsonFlag, err, from_daemon_or_store, open_store, out, settings_or_exit
+from cegraph.daemon.cli_common import (
+    JsonFlag,
+    err,
+    fail,
+    from_daemon_or_store,
+    open_store,
+    out,
+    settings_or_exit,
+)
 from cegraph.daemon.cli_demo import demo
 from cegraph.daemon.cli_patches import patches
 from cegraph.daemon.cli_simulate import simulate
@@ -70,8 +78,12 @@ def run() -> None:
     """Run the daemon: consume traces from Kafka, serve the HTTP API and metrics."""
     settings = settings_or_exit()
     from cegraph.daemon.app import serve
+    from cegraph.daemon.store import StoreError
 
-    serve(settings)
+    try:
+        serve(settings)
+    except StoreError as error:  # a corrupt, foreign or locked file: one line, not a traceback
+        fail(str(error))
 
 
 @app.command()

@@ -35,7 +35,7 @@ def demo(
     different times; the embedded daemon finds them, refines in shadow, publishes patches, and the
     canary judge promotes or rolls back each, until the loop converges. Writes report.html, plots,
     the event log and the patches to --out."""
-    from cegraph.daemon.demo import Demo, DemoRun
+    from cegraph.daemon.demo import SIGNING_KEY_FILE, Demo, DemoRun
     from cegraph.daemon.demo_report import summary, write_report
 
     logging.basicConfig(level=logging.WARNING)
@@ -70,6 +70,8 @@ def demo(
         f"{run.executions} executions in {run.elapsed_s:.0f} s"
     )
     out.print(f"report: {files['report.html']}")
+    key_file = out_dir / SIGNING_KEY_FILE
+    out.print(f"patches are signed with a key made for this run: {key_file.read_text().strip()} ({key_file})")
 
 
 def _progress(run, runner) -> Group:
@@ -97,9 +99,11 @@ def _progress(run, runner) -> Group:
 
 def _kafka_progress(state: dict) -> Group:
     """What the daemon's API says while the processes run."""
-    head = f"[bold]{state['executions']}[/] executions stored; traffic " + (
-        "running" if state["traffic_running"] else "done, the daemon is catching up"
-    )
+    if not state["traffic_running"]:
+        traffic = "done, the daemon is catching up"
+    else:
+        traffic = "paused while a refinement job runs" if state["traffic_paused"] else "running"
+    head = f"[bold]{state['executions']}[/] executions stored; traffic {traffic}"
     modes = Table("mode", "version", "mass", "where", title="failure modes", title_justify="left")
     for row in state["modes"][:6]:
         modes.add_row(

@@ -13,6 +13,7 @@ executions, then ingest, refinement, judging and publication), so a seed gives t
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import time
 from collections import Counter
@@ -59,12 +60,26 @@ PLANTED = {
 QUIET_TICKS = 6  # ticks without a job, patch or canary after the last phase: converged
 
 
+SIGNING_KEY_FILE = "signing-key"
+
+
+def signing_key_for(out: Path) -> str:
+    """A fresh key for the run's patches, kept beside its output (readable by its owner only), so
+    nobody can sign a patch that a demo's traffic would run by guessing it from the seed."""
+    path = out / SIGNING_KEY_FILE
+    if not path.exists():
+        key = secrets.token_urlsafe(32)
+        path.touch(mode=0o600)
+        path.write_text(key + "\n")
+    return path.read_text().strip()
+
+
 def demo_overrides(out: Path, seed: int) -> dict[str, dict[str, Any]]:
     """The daemon's settings for the demo, where they differ from the defaults: what makes a short run
     show the whole loop."""
     return {
         "store": {"path": str(out / "cegraph.duckdb")},
-        "publisher": {"signing_key": f"demo-key-{seed}"},
+        "publisher": {"signing_key": signing_key_for(out)},
         "llm": {"sim_seed": seed},
         "detector": {"mass_threshold": 0.07, "cooldown_s": 0},
         "refiner": {"cooldown_s": 0},
@@ -150,6 +165,15 @@ class DemoRun:
 
 def _touches(patch: WorkflowPatch, node: str) -> bool:
     return any(operation.path.startswith(f"/nodes/{node}/") for operation in patch.operations)
+
+
+def promoted_nodes(patches: list[WorkflowPatch], decisions: dict[str, str]) -> set[str]:
+    """The planted nodes that a promoted patch has edited (`decisions`: version -> decision)."""
+    promoted = [p for p in patches if decisions.get(p.new_version) == "promote"]
+    edited = {
+        e["node"] for p in promoted if p.rationale is not None for e in p.rationale.edits if "node" in e
+    }
+    return {node for node in PLANTED if node in edited or any(_touches(p, node) for p in promoted)}
 
 
 class Demo:
