@@ -65,9 +65,15 @@ WHERE s.type = '{REFINEMENT_STARTED}' AND NOT EXISTS (
 )
 ORDER BY s.seq LIMIT 1
 """
-STABLE_VERSION = """
-SELECT workflow_version FROM executions
-WHERE workflow_id = ? AND track IN ('stable', '') ORDER BY seq DESC LIMIT 1
+# The stable version: the newest of the last stable execution's and every promoted canary's. Right
+# after a promotion, executions of the version it replaced are still arriving (in flight, or behind
+# in ingest), so the executions alone would name the superseded version for a while.
+STABLE_VERSIONS = f"""
+(SELECT workflow_version FROM executions
+ WHERE workflow_id = $1 AND track IN ('stable', '') ORDER BY seq DESC LIMIT 1)
+UNION
+SELECT payload->>'version' FROM events
+WHERE type = '{CANARY_DECIDED}' AND payload->>'workflow_id' = $1 AND payload->>'decision' = 'promote'
 """
 CANARY_RUNNING = f"""
 SELECT count(*) FROM events s
@@ -138,10 +144,10 @@ class RefinementScheduler:
                 continue
             if self.store.query(CANARY_RUNNING, workflow)[0][0]:
                 continue
-            stable = self.store.query(STABLE_VERSION, workflow)
-            if stable and stable[0][0] != trigger["workflow_version"]:
+            stable = self.stable_version(workflow)
+            if stable is not None and stable != trigger["workflow_version"]:
                 continue  # a canary's mode waits for its promotion; an old version's is superseded
-            if self._awaits_deployment(workflow, stable[0][0] if stable else None, now):
+            if self._awaits_deployment(workflow, stable, now):
                 continue
             [(fruitless,)] = self.store.query(FRUITLESS_MASS, workflow, trigger["mode"])
             if fruitless is not None and (trigger.get("mass") or 0.0) < RETRY_FACTOR * fruitless:
@@ -155,6 +161,10 @@ class RefinementScheduler:
             self.store.append([Event(REFINEMENT_STARTED, workflow, started)])
             return _job(started)
         return None
+
+    def stable_version(self, workflow: str) -> str | None:
+        versions = [version for (version,) in self.store.query(STABLE_VERSIONS, workflow) if version]
+        return max(versions, key=version_key) if versions else None
 
     def _awaits_deployment(self, workflow: str, stable: str | None, now: float) -> bool:
         for version, created_at in self.store.query(UNDEPLOYED_PATCHES, workflow):

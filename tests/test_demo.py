@@ -10,6 +10,8 @@ import subprocess
 from daemon_proc import CEGRAPH
 
 from cegraph.daemon.demo import PLANTED
+from cegraph.daemon.signing import verify_signature
+from cegraph.schemas.patch import WorkflowPatch
 
 
 def run_demo(out, *extra: str) -> subprocess.CompletedProcess:
@@ -53,3 +55,10 @@ def check_the_loop_converged(out, result, *, promoted: bool = True) -> None:
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert {"PatchPublished", "CanaryDecided", "ModeMassCrossed"} <= {e["type"] for e in events}
     assert "planted mode" in result.stdout and "below the peak" in result.stdout
+    key_file = out / "signing-key"
+    key = key_file.read_text().strip()
+    assert key_file.stat().st_mode & 0o077 == 0, "the run's signing key is readable by its owner only"
+    assert len(key) >= 32 and "demo-key" not in key and key in result.stdout
+    for path in patches:
+        patch = WorkflowPatch.model_validate_json(path.read_bytes())
+        assert verify_signature(patch, key) and not verify_signature(patch, "demo-key-7")

@@ -11,22 +11,15 @@ import random
 import threading
 import time
 
+import orjson
 import pytest
 from daemon_proc import Scenario
 from kafka import KafkaConsumer, KafkaProducer
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
-from opentelemetry.proto.metrics.v1.metrics_pb2 import (
-    Gauge,
-    Metric,
-    NumberDataPoint,
-    ResourceMetrics,
-    ScopeMetrics,
-)
 from otel_traces import ExpectedTrace, Message, make_traces, to_messages
+from poison import malformed_payloads
 
-from cegraph.connectors.otlp_codec import DecodeError, decoder_for
+from cegraph.connectors.kafka_client import ensure_topics
+from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import EventStore
 
 
@@ -173,50 +166,11 @@ def test_the_same_message_delivered_twice_changes_nothing(kafka_bootstrap, tmp_p
     assert_landed_exactly_once(scenario.store_path, traces, amendments=0)
 
 
-def _wrong_type_payloads() -> list[bytes]:
-    metric = ExportMetricsServiceRequest(
-        resource_metrics=[
-            ResourceMetrics(
-                scope_metrics=[
-                    ScopeMetrics(
-                        metrics=[
-                            Metric(name="latency", gauge=Gauge(data_points=[NumberDataPoint(as_double=1.0)]))
-                        ]
-                    )
-                ]
-            )
-        ]
-    ).SerializeToString()
-    logs = ExportLogsServiceRequest(
-        resource_logs=[ResourceLogs(scope_logs=[ScopeLogs(log_records=[LogRecord(severity_text="ERROR")])])]
-    ).SerializeToString()
-    return [metric, logs]
-
-
-def malformed_payloads(good: list[bytes], encoding: str, count: int, seed: int) -> list[bytes]:
-    """Bad payloads of every kind, each checked to really fail decoding (protobuf has no framing)."""
-    rng = random.Random(seed)
-    decode = decoder_for(encoding)
-    makers = [
-        lambda: rng.randbytes(rng.randint(1, 400)),
-        lambda: (lambda p: p[: rng.randint(1, len(p) - 1)])(rng.choice(good)),
-        lambda: b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "ab' + rng.randbytes(8),
-        lambda: rng.choice(_wrong_type_payloads()),
-        lambda: b"",
-    ]
-    bad: list[bytes] = []
-    while len(bad) < count:
-        payload = rng.choice(makers)()
-        try:
-            decode(payload)
-        except DecodeError:
-            bad.append(payload)
-    return bad
-
-
 @pytest.mark.parametrize("encoding", ["otlp_proto", "otlp_json"])
 def test_malformed_payloads_go_to_the_dead_letter_topic(kafka_bootstrap, tmp_path, encoding):
-    traces = make_traces(500, seed=41)
+    """Issue 13's mix: 1,000 malformed messages of every kind (over OTLP/JSON also fields of the wrong
+    type and attributes nested past what JSON writers go) among 1,000 good executions."""
+    traces = make_traces(1_000, seed=41)
     good = to_messages(traces, encoding=encoding, one_trace_per_message=True, seed=6)
     bad = malformed_payloads([m.value for m in good], encoding, 1_000, seed=encoding == "otlp_json")
     stream = [(m, True) for m in good] + [(Message(None, payload), False) for payload in bad]
@@ -235,7 +189,7 @@ def test_malformed_payloads_go_to_the_dead_letter_topic(kafka_bootstrap, tmp_pat
             future.add_callback(scenario.record)
         producer.flush()
         stats = scenario.daemon.wait_for(
-            lambda s: scenario.all_consumed(s) and s["executions"]["total"] >= 500
+            lambda s: scenario.all_consumed(s) and s["executions"]["total"] >= 1_000
         )
         assert scenario.daemon.alive()
     finally:
@@ -257,3 +211,39 @@ def test_malformed_payloads_go_to_the_dead_letter_topic(kafka_bootstrap, tmp_pat
     assert all(h["cegraph.dlq.reason"] for h in headers)
     assert {(int(h["cegraph.dlq.partition"]), int(h["cegraph.dlq.offset"])) for h in headers} == bad_refs
     assert_landed_exactly_once(scenario.store_path, traces)
+
+
+def test_feedback_sent_again_through_other_partitions_is_counted_once(kafka_bootstrap, tmp_path):
+    """Issue 13, finding 4: the same 100 feedback messages re-sent (to another partition) are still 100."""
+    traces = make_traces(100, seed=43)
+    scenario = Scenario(kafka_bootstrap, tmp_path)
+    ensure_topics(KafkaSettings(bootstrap_servers=kafka_bootstrap), [scenario.feedback_topic], partitions=3)
+    bodies = [
+        orjson.dumps({"trace_id": t.trace_id, "outcome": "failed", "source": "user", "critique": f"no {i}"})
+        for i, t in enumerate(traces)
+    ]
+    scenario.daemon.start()
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+    try:
+        scenario.produce(to_messages(traces, seed=9), producer=producer)
+        for partition in (0, 1, 2, 0):
+            for body in bodies:
+                producer.send(scenario.feedback_topic, value=body, partition=partition)
+        producer.flush()
+        ends = {p: 100 * (2 if p == 0 else 1) for p in (0, 1, 2)}
+
+        def consumed(stats: dict) -> bool:
+            stored = {k: v for k, v in stats["offsets"].items() if k.startswith(scenario.feedback_topic)}
+            done = all(stored.get(f"{scenario.feedback_topic}/{p}", 0) >= end for p, end in ends.items())
+            return done and scenario.all_consumed(stats)
+
+        stats = scenario.daemon.wait_for(consumed)
+    finally:
+        producer.close()
+        scenario.daemon.stop()
+    assert stats["feedback"] == 100
+    store = EventStore(scenario.store_path, read_only=True)
+    try:
+        assert store.query("SELECT count(*), count(DISTINCT trace_id) FROM feedback")[0] == (100, 100)
+    finally:
+        store.close()

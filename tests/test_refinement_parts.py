@@ -14,9 +14,11 @@ from daemon_proc import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from otel_traces import make_traces, to_messages
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
 from cegraph.connectors.embedded import EmbeddedDaemon
+from cegraph.connectors.otlp_codec import decoder_for
 from cegraph.connectors.shadow_http import HttpShadowTarget, shadow_endpoint
 from cegraph.connectors.shadow_runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.events import (
@@ -26,12 +28,13 @@ from cegraph.daemon.events import (
     REFINEMENT_FINISHED,
     Event,
 )
+from cegraph.daemon.ingest import IngestPipeline, InMessage
 from cegraph.daemon.normalize import TextPolicy, normalize
 from cegraph.daemon.operators import OPERATORS, Edit
 from cegraph.daemon.proposers import parse_edits
 from cegraph.daemon.refinement_jobs import RefinementScheduler
 from cegraph.daemon.replay import ReplayItem, ReplayStore
-from cegraph.daemon.settings import load_settings
+from cegraph.daemon.settings import IngestSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
 
@@ -197,3 +200,29 @@ def test_the_http_shadow_protocol_gives_the_same_executions_as_the_built_in_runt
     assert any(any(n[3] for n in summary(a)) for a, _ in pairs)  # some fail: the verdict travels too
     for local, remote in pairs:
         assert summary(local) == summary(remote)
+
+
+def test_a_trigger_of_the_version_a_promotion_replaced_never_starts(tmp_path):
+    """Right after a promotion, executions of the replaced version are still being stored: the job must
+    refine the promoted version, not the one it replaced (whose patch no service would run)."""
+    store = EventStore(tmp_path / "s.duckdb")
+    scheduler = RefinementScheduler(store, cooldown_s=0)
+    try:
+        promoted = {"workflow_id": "a", "version": "1.1.0", "decision": "promote"}
+        store.append([Event(CANARY_STARTED, "a@1.1.0", {"workflow_id": "a", "version": "1.1.0"})])
+        store.append([Event(CANARY_DECIDED, "a@1.1.0", promoted)])
+        pipeline = IngestPipeline(
+            store, decoder_for("otlp_proto"), IngestSettings(), spans_topic="s", feedback_topic="f"
+        )
+        late = make_traces(3, workflow="a", version="1.0.0")  # the old stable, still arriving
+        pipeline.handle([InMessage("s", 0, i, m.value) for i, m in enumerate(to_messages(late))])
+        pipeline.flush(drain=True)
+        assert scheduler.stable_version("a") == "1.1.0"
+        crossed(store, "a", "m1")  # measured on 1.0.0
+        assert scheduler.next_job() is None
+        newer = {"workflow_id": "a", "workflow_version": "1.1.0", "mode": "m1", "mass": 0.2}
+        store.append([Event(MODE_MASS_CROSSED, "m1", newer)])
+        job = scheduler.next_job()
+        assert (job.workflow_version, job.mode) == ("1.1.0", "m1")
+    finally:
+        store.close()
