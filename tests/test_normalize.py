@@ -80,7 +80,8 @@ def test_genai_chat_span_fields():
     assert (node.input_tokens, node.output_tokens) == (321, 54)
     assert node.finish_reasons == ["stop", "length"]
     assert '"content": "2+2?"' in node.input_text and '"content": "4"' in node.output_text
-    assert node.status == "unset" and not node.hard_failed and not node.eval_failed
+    assert node.status == "unset" and not node.eval_failed
+    assert node.hard_failed and node.hard_failure_source() == "truncated"  # one choice hit the length
 
 
 def test_response_model_is_used_when_no_request_model():
