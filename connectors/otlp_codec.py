@@ -56,12 +56,26 @@ def _attributes(pairs: Any) -> Attributes:
     return attributes
 
 
-def decode_proto(payload: bytes) -> list[SpanRecord]:
-    request = ExportTraceServiceRequest()
+def _parsed(request: Any, payload: bytes) -> Any:
     try:
         request.ParseFromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as error:
-        raise DecodeError(f"not an OTLP ExportTraceServiceRequest: {error}") from None
+        raise DecodeError(f"not an OTLP {type(request).__name__}: {error}") from None
+    return request
+
+
+def _json_document(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise DecodeError(f"not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise DecodeError(f"not an OTLP/JSON {what} export: the document is not an object")
+    return document
+
+
+def decode_proto(payload: bytes) -> list[SpanRecord]:
+    request = _parsed(ExportTraceServiceRequest(), payload)
     records: list[SpanRecord] = []
     for resource_spans in request.resource_spans:
         resource = _attributes(resource_spans.resource.attributes)
@@ -188,12 +202,7 @@ def _status_code(status: dict[str, Any]) -> int:
 
 
 def decode_json(payload: bytes) -> list[SpanRecord]:
-    try:
-        document = orjson.loads(payload)
-    except orjson.JSONDecodeError as error:
-        raise DecodeError(f"not JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise DecodeError("not an OTLP/JSON trace export: the document is not an object")
+    document = _json_document(payload, "trace")
     records: list[SpanRecord] = []
     try:
         for resource_spans in _field(document, "resourceSpans", "resource_spans", []):
@@ -254,11 +263,7 @@ def _checked_logs(logs: list[SpanLog], records: int) -> list[SpanLog]:
 
 def decode_logs_proto(payload: bytes) -> list[SpanLog]:
     """Log records that name a span (a record without trace and span id can't be joined: left out)."""
-    request = ExportLogsServiceRequest()
-    try:
-        request.ParseFromString(payload)
-    except (ProtobufDecodeError, RuntimeError, ValueError) as error:
-        raise DecodeError(f"not an OTLP ExportLogsServiceRequest: {error}") from None
+    request = _parsed(ExportLogsServiceRequest(), payload)
     logs: list[SpanLog] = []
     records = 0
     for resource_logs in request.resource_logs:
@@ -281,12 +286,7 @@ def decode_logs_proto(payload: bytes) -> list[SpanLog]:
 
 
 def decode_logs_json(payload: bytes) -> list[SpanLog]:
-    try:
-        document = orjson.loads(payload)
-    except orjson.JSONDecodeError as error:
-        raise DecodeError(f"not JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise DecodeError("not an OTLP/JSON log export: the document is not an object")
+    document = _json_document(payload, "log")
     logs: list[SpanLog] = []
     records = 0
     try:

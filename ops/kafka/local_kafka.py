@@ -106,7 +106,7 @@ def random_cluster_id() -> str:
             return cluster_id
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: the kernel sends SIGKILL when the parent process dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
@@ -173,7 +173,7 @@ class LocalKafka:
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=None if self.detach else _die_with_parent,
+                preexec_fn=None if self.detach else die_with_parent,
                 start_new_session=self.detach,
             )
         (self.workdir / "broker.pid").write_text(str(self.process.pid))

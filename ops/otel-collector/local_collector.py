@@ -16,13 +16,9 @@ it logged that every pipeline runs and its OTLP/HTTP receiver accepted an (empty
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +28,9 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "kafka"))
+from local_kafka import die_with_parent, free_port, stop_pid  # noqa: E402  (the sibling runner)
+
 MANIFEST = HERE / "manifest.yaml"
 BUILDER = "go.opentelemetry.io/collector/cmd/builder@v0.165.0"
 BINARY_NAME = "otelcol-cegraph"
@@ -128,19 +127,6 @@ def validate(config: Path) -> None:
         raise CollectorError(f"{config} does not validate:\n{result.stdout}{result.stderr}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGKILL when the parent process dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 class LocalCollector:
     """One Collector process running the config text given; `start()` returns once it is healthy.
 
@@ -183,7 +169,7 @@ class LocalCollector:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready()
@@ -236,13 +222,8 @@ class LocalCollector:
     def stop(self, *, keep_logs: bool = False) -> None:
         """SIGTERM (the Collector drains its queues), then SIGKILL after a grace time."""
         if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+            stop_pid(self.process.pid)
+            self.process.wait(timeout=30)
         self.process = None
         if self.workdir is not None and not keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
