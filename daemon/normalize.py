@@ -403,7 +403,7 @@ def with_log_events(node: Node, events: list[SpanEvent], policy: TextPolicy) -> 
 
 
 def distinct_node_ids(nodes: list[Node]) -> list[Node]:
-    """Node ids of one execution's nodes (in start order) that tell its calls apart.
+    """One execution's nodes in execution (start) order, with node ids that tell its calls apart.
 
     A span without a node id of its own (`cegraph.node.id`, `graph.node.id`) is named by its span
     name, which instrumentations share between calls ("chat gpt-4o", "ChatCompletion"): the second
@@ -413,7 +413,7 @@ def distinct_node_ids(nodes: list[Node]) -> list[Node]:
     occurrences: dict[str, int] = {}
     last: dict[tuple[str, str], Node] = {}  # (parent span id, name) -> the latest node so named
     named = []
-    for node in nodes:
+    for node in sorted(nodes, key=lambda n: (n.start_ns, n.span_id)):
         if node.node_id != node.name:
             named.append(node)
             continue

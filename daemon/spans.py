@@ -137,11 +137,6 @@ class Node:
     seed: int | None = None  # `cegraph.seed` of a workflow root: what makes the execution replayable
     refusal: str = ""  # the model declined: its refusal text (OpenAI `message.refusal`), if it gave one
 
-    @property
-    def failed(self) -> bool:
-        """What makes an execution failed, everywhere: a hard failure or a failed verdict on a span."""
-        return self.hard_failed or self.eval_failed
-
     def hard_failure_source(self) -> str:
         return hard_failure_source(
             self.status, self.exception_type, self.error_type, self.finish_reasons, self.refusal
