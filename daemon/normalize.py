@@ -139,8 +139,9 @@ def _indexed_messages(attributes: Attributes, prefix: str) -> str | None:
             parts.append((_message_index(index), -1, key, _text(value)))
         elif rest.startswith("message.tool_calls."):
             call, _, name = rest[len("message.tool_calls.") :].partition(".")
-            if name in ("tool_call.function.name", "tool_call.function.arguments"):
-                calls.setdefault((_message_index(index), _message_index(call)), {})[name[19:]] = _text(value)
+            field = name.removeprefix("tool_call.function.")
+            if field in ("name", "arguments") and field != name:
+                calls.setdefault((_message_index(index), _message_index(call)), {})[field] = _text(value)
     for (index, call), function in calls.items():
         parts.append((index, call, "", f"{function.get('name', '')}({function.get('arguments', '')})"))
     return "\n".join(text for *_, text in sorted(parts))
