@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "kafka"))
-from local_kafka import die_with_parent, free_port, stop_pid  # noqa: E402  (the sibling runner)
+from local_kafka import LocalProcess, die_with_parent, free_port  # noqa: E402  (the sibling runner)
 
 MANIFEST = HERE / "manifest.yaml"
 BUILDER = "go.opentelemetry.io/collector/cmd/builder@v0.165.0"
@@ -127,7 +127,7 @@ def validate(config: Path) -> None:
         raise CollectorError(f"{config} does not validate:\n{result.stdout}{result.stderr}")
 
 
-class LocalCollector:
+class LocalCollector(LocalProcess):
     """One Collector process running the config text given; `start()` returns once it is healthy.
 
     The config may use `${env:VAR}` placeholders; `start()` sets `OTLP_GRPC_ENDPOINT` and
@@ -218,22 +218,6 @@ class LocalCollector:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def stop(self, *, keep_logs: bool = False) -> None:
-        """SIGTERM (the Collector drains its queues), then SIGKILL after a grace time."""
-        if self.process is not None and self.process.poll() is None:
-            stop_pid(self.process.pid)
-            self.process.wait(timeout=30)
-        self.process = None
-        if self.workdir is not None and not keep_logs:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalCollector:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
