@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
 
-.PHONY: setup promtool test lint format kafka-up kafka-down clean readme-settings bench demo demo-kafka
+.PHONY: setup promtool collector test lint format kafka-up kafka-down clean readme-settings bench demo demo-kafka
 
 ## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
 setup: $(STAMP) promtool
@@ -29,6 +29,11 @@ promtool:
 				apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 		else echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)"; fi; }
 
+## collector: the OpenTelemetry Collector of ops/otel-collector/manifest.yaml (OTLP in, Kafka out), built
+## once with Go into ~/.cache/cegraph/otelcol/<digest>/ (minutes, ~1 GB of memory) and reused; prints its path
+collector:
+	@$(PYTHON) ops/otel-collector/local_collector.py build
+
 ## demo: the whole loop in one process on the embedded default (SEED, DEMO_OUT to change them)
 SEED ?= 7
 DEMO_OUT ?= demo-output
@@ -41,8 +46,9 @@ demo-kafka: $(STAMP)
 	@BOOTSTRAP=$$($(KAFKA) up --detach | head -1) && trap '$(KAFKA) down' EXIT && \
 		$(BIN)/cegraph demo --seed $(SEED) --out $(DEMO_OUT)-kafka --kafka $$BOOTSTRAP
 
-## test: lint, then every test; Kafka tests run against a real broker (see tests/conftest.py)
-test: setup lint
+## test: lint, then every test; Kafka tests run against a real broker, Collector tests against the real
+## Collector (see tests/conftest.py)
+test: setup lint collector
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## lint: ruff over the whole tree

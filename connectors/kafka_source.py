@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import IllegalStateError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -75,9 +76,14 @@ class KafkaIngestSource:
         self._flusher: asyncio.Task[None] | None = None
         self._lag: asyncio.Task[None] | None = None
         kafka, ingest = settings.kafka, settings.ingest
+        # With a logs topic, the range assignor gives partition i of every topic to the same member:
+        # keyed by trace id alike (and as many partitions), a trace's logs meet its spans there.
+        logs = {"partition_assignment_strategy": (RangePartitionAssignor,)} if kafka.logs_topic else {}
         self.subscriber = self.broker.subscriber(
             kafka.spans_topic,
             kafka.feedback_topic,
+            *([kafka.logs_topic] if kafka.logs_topic else []),
+            **logs,
             batch=True,
             group_id=kafka.group_id,
             auto_offset_reset="earliest",

@@ -1,9 +1,10 @@
 """Decoders for what the OTel Collector's kafkaexporter writes: `otlp_proto` and `otlp_json`.
 
-Both produce `SpanRecord`s. A payload that is not a trace export (random bytes, a truncated message,
-broken JSON, another OTLP message type that happens to parse) raises `DecodeError` with a reason that
-goes into the dead-letter header. Protobuf parses almost anything, so structure is checked: 16-byte
-trace ids, 8-byte span ids, at least one span, end not before start.
+Trace exports become `SpanRecord`s; log exports (the optional logs topic) become `SpanLog`s, each
+log record as an event of the span it names. A payload that is not an export (random bytes, a
+truncated message, broken JSON, another OTLP message type that happens to parse) raises `DecodeError`
+with a reason that goes into the dead-letter header. Protobuf parses almost anything, so structure is
+checked: 16-byte trace ids, 8-byte span ids, at least one span (record), end not before start.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import orjson
 from google.protobuf.message import DecodeError as ProtobufDecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from cegraph.daemon.spans import Attributes, InvalidMessage, SpanEvent, SpanRecord
+from cegraph.daemon.spans import Attributes, InvalidMessage, SpanEvent, SpanLog, SpanRecord
 
 # OTLP span flags: bit 8 says whether bit 9 is known, bit 9 says the parent is in another process.
 REMOTE_PARENT = 0x300
@@ -54,12 +56,26 @@ def _attributes(pairs: Any) -> Attributes:
     return attributes
 
 
-def decode_proto(payload: bytes) -> list[SpanRecord]:
-    request = ExportTraceServiceRequest()
+def _parsed(request: Any, payload: bytes) -> Any:
     try:
         request.ParseFromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as error:
-        raise DecodeError(f"not an OTLP ExportTraceServiceRequest: {error}") from None
+        raise DecodeError(f"not an OTLP {type(request).__name__}: {error}") from None
+    return request
+
+
+def _json_document(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise DecodeError(f"not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise DecodeError(f"not an OTLP/JSON {what} export: the document is not an object")
+    return document
+
+
+def decode_proto(payload: bytes) -> list[SpanRecord]:
+    request = _parsed(ExportTraceServiceRequest(), payload)
     records: list[SpanRecord] = []
     for resource_spans in request.resource_spans:
         resource = _attributes(resource_spans.resource.attributes)
@@ -210,12 +226,7 @@ def _status_code(status: dict[str, Any]) -> int:
 
 
 def decode_json(payload: bytes) -> list[SpanRecord]:
-    try:
-        document = orjson.loads(payload)
-    except orjson.JSONDecodeError as error:
-        raise DecodeError(f"not JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise DecodeError("not an OTLP/JSON trace export: the document is not an object")
+    document = _json_document(payload, "trace")
     records: list[SpanRecord] = []
     try:
         for resource_spans in _field(document, "resourceSpans", "resource_spans", []):
@@ -260,6 +271,76 @@ def decode_json(payload: bytes) -> list[SpanRecord]:
     return _checked(records)
 
 
+# ---------------------------------------------------------------- logs
+
+
+def _log_event_name(name: str, attributes: Attributes) -> str:
+    """OTLP 1.5+ has `event_name`; older SDKs put the name in the `event.name` attribute."""
+    return name or str(attributes.get("event.name") or "")
+
+
+def _checked_logs(logs: list[SpanLog], records: int) -> list[SpanLog]:
+    if not records:
+        raise DecodeError("the export holds no log records")
+    return logs
+
+
+def decode_logs_proto(payload: bytes) -> list[SpanLog]:
+    """Log records that name a span (a record without trace and span id can't be joined: left out)."""
+    request = _parsed(ExportLogsServiceRequest(), payload)
+    logs: list[SpanLog] = []
+    records = 0
+    for resource_logs in request.resource_logs:
+        for scope_logs in resource_logs.scope_logs:
+            for record in scope_logs.log_records:
+                records += 1
+                trace_id, span_id = record.trace_id, record.span_id
+                if len(trace_id) not in (0, 16) or len(span_id) not in (0, 8):
+                    raise DecodeError(
+                        f"not a log export: trace id of {len(trace_id)} bytes, span id of "
+                        f"{len(span_id)} bytes (expected 16 and 8, or none)"
+                    )
+                if not any(trace_id) or not any(span_id):
+                    continue
+                attributes = _attributes(record.attributes)
+                name = _log_event_name(record.event_name, attributes)
+                time_ns = record.time_unix_nano or record.observed_time_unix_nano
+                logs.append(SpanLog(trace_id.hex(), span_id.hex(), SpanEvent(name, time_ns, attributes)))
+    return _checked_logs(logs, records)
+
+
+def decode_logs_json(payload: bytes) -> list[SpanLog]:
+    document = _json_document(payload, "log")
+    logs: list[SpanLog] = []
+    records = 0
+    try:
+        for resource_logs in _field(document, "resourceLogs", "resource_logs", []):
+            for scope_logs in _field(resource_logs, "scopeLogs", "scope_logs", []):
+                for record in _field(scope_logs, "logRecords", "log_records", []):
+                    records += 1
+                    trace_id = _hex_id(record, "traceId", "trace_id", 16)
+                    span_id = _hex_id(record, "spanId", "span_id", 8)
+                    if not trace_id.strip("0") or not span_id.strip("0"):
+                        continue
+                    attributes = _json_attributes(record.get("attributes", []))
+                    name = _log_event_name(_field(record, "eventName", "event_name", ""), attributes)
+                    time_ns = int(_field(record, "timeUnixNano", "time_unix_nano", 0)) or int(
+                        _field(record, "observedTimeUnixNano", "observed_time_unix_nano", 0)
+                    )
+                    logs.append(SpanLog(trace_id, span_id, SpanEvent(name, time_ns, attributes)))
+    except DecodeError:
+        raise
+    except (AttributeError, TypeError, KeyError, ValueError, binascii.Error) as error:
+        raise DecodeError(f"not an OTLP/JSON log export: {type(error).__name__}: {error}") from None
+    return _checked_logs(logs, records)
+
+
+LOG_DECODERS: dict[str, Callable[[bytes], list[SpanLog]]] = {
+    "otlp_proto": decode_logs_proto,
+    "otlp_json": decode_logs_json,
+}
+
+
 DECODERS: dict[str, Callable[[bytes], list[SpanRecord]]] = {
     "otlp_proto": decode_proto,
     "otlp_json": decode_json,
@@ -268,3 +349,7 @@ DECODERS: dict[str, Callable[[bytes], list[SpanRecord]]] = {
 
 def decoder_for(encoding: str) -> Callable[[bytes], list[SpanRecord]]:
     return DECODERS[encoding]
+
+
+def logs_decoder_for(encoding: str) -> Callable[[bytes], list[SpanLog]]:
+    return LOG_DECODERS[encoding]

@@ -20,7 +20,7 @@ from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
 from cegraph.connectors.llm_openai import OpenAIChatBackend
-from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.connectors.otlp_codec import decoder_for, logs_decoder_for
 from cegraph.connectors.patch_publisher import KafkaPatchPublisher
 from cegraph.connectors.rollout_publisher import RolloutPublisher, judge_periodically
 from cegraph.connectors.shadow_http import HttpShadowTarget
@@ -55,6 +55,8 @@ def build_pipeline(settings: Settings, store: EventStore, metrics: IngestMetrics
         spans_topic=settings.kafka.spans_topic,
         feedback_topic=settings.kafka.feedback_topic,
         metrics=metrics,
+        logs_topic=settings.kafka.logs_topic,
+        decode_logs=logs_decoder_for(settings.ingest.encoding),
     )
 
 
@@ -157,6 +159,7 @@ def build(settings: Settings) -> Starlette:
             kafka.dlq_topic,
             kafka.patches_topic,
             kafka.rollouts_topic,
+            *([kafka.logs_topic] if kafka.logs_topic else []),
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
         await asyncio.to_thread(stage.catch_up)

@@ -2,7 +2,9 @@
 
 An execution is complete when its root span has ended and nothing arrived for `idle_timeout_s`, or
 at `max_age_s` anyway. Memory is bounded by `max_open`: past it the oldest trace is completed as
-incomplete. The caller passes the clock (`now`), so assembly is deterministic under test.
+incomplete. The caller passes the clock (`now`), so assembly is deterministic under test. Log records
+(from the optional logs topic) wait in their trace too and are joined to their spans when it leaves;
+the nodes of a finished trace get ids that tell repeated calls apart (`distinct_node_ids`).
 
 `PendingOffsets` is the other half of exactly-once: a message may be stored as consumed only when
 every span it carried is in a completed (persisted) execution. Its low watermark per partition is the
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cegraph.daemon.spans import Node
+from cegraph.daemon.normalize import distinct_node_ids
+from cegraph.daemon.spans import LogDetails, Node
 
 MessageRef = tuple[str, int, int]  # topic, partition, offset
 
@@ -28,6 +32,7 @@ class OpenTrace:
     nodes: dict[str, Node] = field(default_factory=dict)
     root_ended: bool = False
     messages: set[MessageRef] = field(default_factory=set)
+    logs: dict[str, list[LogDetails]] = field(default_factory=dict)  # span id -> its log records
 
 
 @dataclass(slots=True)
@@ -39,13 +44,23 @@ class Assembled:
     complete: bool
     reason: str  # "root-ended", "max-age", "evicted"
     messages: set[MessageRef]
+    joined_logs: int = 0  # log records joined to a span of the trace
+    unmatched_logs: int = 0  # log records naming a span the trace never had
+
+
+JoinLogs = Callable[[Node, list[LogDetails]], Node]
+SpanLogDetails = tuple[str, str, LogDetails]  # trace id, span id, what the record adds
 
 
 class TraceAssembler:
-    def __init__(self, *, idle_timeout_s: float, max_age_s: float, max_open: int) -> None:
+    def __init__(
+        self, *, idle_timeout_s: float, max_age_s: float, max_open: int, join_logs: JoinLogs | None = None
+    ) -> None:
+        """`join_logs(node, details)` makes a span's node with what its log records add."""
         self.idle_timeout_s = idle_timeout_s
         self.max_age_s = max_age_s
         self.max_open = max_open
+        self.join_logs = join_logs
         self._open: OrderedDict[str, OpenTrace] = OrderedDict()  # least recently updated first
         self._by_age: list[tuple[float, str]] = []  # (first_seen, trace_id), lazily pruned
 
@@ -60,24 +75,45 @@ class TraceAssembler:
         """
         holds = 0
         for node in nodes:
-            trace = self._open.get(node.trace_id)
-            if trace is None:
-                trace = self._open[node.trace_id] = OpenTrace(node.trace_id, now, now)
-                heapq.heappush(self._by_age, (now, node.trace_id))
-            else:
-                self._open.move_to_end(node.trace_id)
-            trace.last_seen = now
+            trace = self._touch(node.trace_id, now)
             trace.nodes[node.span_id] = node
             if ref not in trace.messages:
                 trace.messages.add(ref)
                 holds += 1
             if node.is_root and node.end_ns:
                 trace.root_ended = True
+        return holds, self._evict()
+
+    def add_logs(
+        self, logs: list[SpanLogDetails], ref: MessageRef, now: float
+    ) -> tuple[int, list[Assembled]]:
+        """Add the log records of one message (each naming a trace and span); returns as `add` does.
+        A trace that has only log records so far waits for its spans like any other."""
+        holds = 0
+        for trace_id, span_id, details in logs:
+            trace = self._touch(trace_id, now)
+            trace.logs.setdefault(span_id, []).append(details)
+            if ref not in trace.messages:
+                trace.messages.add(ref)
+                holds += 1
+        return holds, self._evict()
+
+    def _touch(self, trace_id: str, now: float) -> OpenTrace:
+        trace = self._open.get(trace_id)
+        if trace is None:
+            trace = self._open[trace_id] = OpenTrace(trace_id, now, now)
+            heapq.heappush(self._by_age, (now, trace_id))
+        else:
+            self._open.move_to_end(trace_id)
+        trace.last_seen = now
+        return trace
+
+    def _evict(self) -> list[Assembled]:
         evicted = []
         while len(self._open) > self.max_open:
             _, oldest = self._open.popitem(last=False)
             evicted.append(self._finish(oldest, complete=False, reason="evicted"))
-        return holds, evicted
+        return evicted
 
     def poll(self, now: float) -> list[Assembled]:
         """Traces that are complete at `now`; walks only the idle ones and the too old ones."""
@@ -106,10 +142,21 @@ class TraceAssembler:
     def is_open(self, trace_id: str) -> bool:
         return trace_id in self._open
 
-    @staticmethod
-    def _finish(trace: OpenTrace, *, complete: bool, reason: str) -> Assembled:
+    def _finish(self, trace: OpenTrace, *, complete: bool, reason: str) -> Assembled:
         nodes = sorted(trace.nodes.values(), key=lambda n: (n.start_ns, n.span_id))
-        return Assembled(trace.trace_id, nodes, complete, reason, trace.messages)
+        joined = unmatched = 0
+        if trace.logs:
+            for span_id, events in trace.logs.items():
+                if span_id in trace.nodes:
+                    joined += len(events)
+                else:
+                    unmatched += len(events)
+            if self.join_logs is not None:
+                join = self.join_logs
+                nodes = [join(n, trace.logs[n.span_id]) if n.span_id in trace.logs else n for n in nodes]
+        return Assembled(
+            trace.trace_id, distinct_node_ids(nodes), complete, reason, trace.messages, joined, unmatched
+        )
 
 
 class PendingOffsets:

@@ -1,9 +1,10 @@
 """Failure labeling: which executions failed, and where (the points of failure).
 
 Each failure is a counterexample, and one execution can hold several (TRAIL averages five):
-- hard: a span with status ERROR, an exception event, `error.type`, or finish reason `length` /
-  `content_filter`. An error that only propagated (the span has a failing descendant) is not a
-  failure of its own: the deepest failing span is the point of failure.
+- hard (`spans.hard_failure_source`): a span with status ERROR, an exception event or `error.type`
+  (source "error"), a refusal (`message.refusal`, finish reason `refusal`), or finish reason
+  `length` / `content_filter` ("truncated"). A failure that only propagated (the span has a failing
+  descendant) is not a failure of its own: the deepest failing span is the point of failure.
 - soft: a failed evaluator verdict on a span (that span is the point), a failed verdict on the
   execution as a whole, or failed feedback. Feedback that names a span points there; otherwise the
   point is the last LLM span before the final output (where the answer was made).
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 
 from cegraph.daemon.spans import Node
 
-TRUNCATING_FINISH = frozenset({"length", "content_filter", "max_tokens"})
 LLM_KINDS = frozenset({"llm"})
 
 
@@ -35,7 +35,7 @@ class Failure:
 
     trace_id: str
     span_id: str
-    source: str  # "error", "truncated", "evaluation", "feedback"
+    source: str  # "error", "refusal", "truncated", "evaluation", "feedback"
     node: Node
     path: tuple[str, ...]  # node ids from the root to the point of failure
     sibling_index: int  # position among the parent's children, in start order
@@ -119,11 +119,19 @@ class ExecutionGraph:
 
 
 def is_hard_failure(node: Node) -> bool:
-    return node.hard_failed or bool(TRUNCATING_FINISH.intersection(node.finish_reasons))
+    """From the span's fields, not the stored flag, so nodes stored before a source was known count."""
+    return bool(node.hard_failure_source())
 
 
-def _error_message(node: Node) -> str:
-    return " ".join(p for p in (node.exception_message, node.status_message) if p)
+def _failure_message(node: Node, source: str) -> str:
+    if source == "truncated":
+        return f"finish reason {','.join(node.finish_reasons)}"
+    if source == "refusal":
+        return node.refusal or "refused"
+    exception, status = node.exception_message, node.status_message
+    if exception and exception in status:  # "InternalServerError: <the exception's message>"
+        return exception
+    return " ".join(p for p in (exception, status) if p)
 
 
 def label_failures(nodes: list[Node], feedback: list[FeedbackSignal] = ()) -> list[Failure]:
@@ -143,10 +151,9 @@ def label_failures(nodes: list[Node], feedback: list[FeedbackSignal] = ()) -> li
             found[key] = failure
 
     for node in graph.nodes:
-        if node.hard_failed and not graph.has_failing_descendant(node):
-            add(graph.failure(node, "error", message=_error_message(node)))
-        elif TRUNCATING_FINISH.intersection(node.finish_reasons) and not node.hard_failed:
-            add(graph.failure(node, "truncated", message=f"finish reason {','.join(node.finish_reasons)}"))
+        source = node.hard_failure_source()
+        if source and not graph.has_failing_descendant(node):
+            add(graph.failure(node, source, message=_failure_message(node, source)))
         for evaluation in node.evaluations:
             if evaluation.failed:
                 subject = graph.subject_of_evaluation(node)

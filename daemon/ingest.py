@@ -26,13 +26,14 @@ from cegraph.daemon.events import (
     Event,
 )
 from cegraph.daemon.metrics import IngestMetrics
-from cegraph.daemon.normalize import TextPolicy, normalize
+from cegraph.daemon.normalize import TextPolicy, log_details, normalize, with_log_details
 from cegraph.daemon.settings import IngestSettings
-from cegraph.daemon.spans import InvalidMessage, Node, SpanRecord
+from cegraph.daemon.spans import InvalidMessage, Node, SpanLog, SpanRecord
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.feedback import Feedback
 
 Decoder = Callable[[bytes], list[SpanRecord]]
+LogDecoder = Callable[[bytes], list[SpanLog]]
 RECENT_TRACES = 200_000
 
 
@@ -115,11 +116,16 @@ class IngestPipeline:
         feedback_topic: str,
         metrics: IngestMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        logs_topic: str = "",
+        decode_logs: LogDecoder | None = None,
     ) -> None:
+        """`logs_topic` (with `decode_logs`): log records to join to their spans; "" reads none."""
         self.store = store
         self.decode = decode
         self.spans_topic = spans_topic
         self.feedback_topic = feedback_topic
+        self.logs_topic = logs_topic
+        self.decode_logs = decode_logs
         self.metrics = metrics or IngestMetrics()
         self.clock = clock
         self.settings = settings
@@ -133,6 +139,7 @@ class IngestPipeline:
             idle_timeout_s=self.settings.idle_timeout_s,
             max_age_s=self.settings.max_trace_age_s,
             max_open=self.settings.max_open_traces,
+            join_logs=with_log_details,
         )
         self.pending = PendingOffsets()
         self._stored = self.store.offsets()  # below these, every message is already fully stored
@@ -178,6 +185,8 @@ class IngestPipeline:
                 taken[message.topic] += 1
                 if message.topic == self.feedback_topic:
                     event, reason = self._feedback(message)
+                elif self.logs_topic and message.topic == self.logs_topic:
+                    event, reason = None, self._logs(message, now)
                 else:
                     event, reason = None, self._spans(message, now)
                 if reason is not None:
@@ -247,6 +256,29 @@ class IngestPipeline:
         self.metrics.spans.inc(len(nodes))
         return nodes
 
+    def _logs(self, message: InMessage, now: float) -> str | None:
+        """Log records wait in their trace's assembly; those of a trace already stored are too late to
+        change its nodes (counted as `late`: raise the idle timeout if there are many)."""
+        assert self.decode_logs is not None, "a logs topic needs a log decoder"
+        try:
+            logs = [(log.trace_id, log.span_id, log_details(log.event, self.policy))
+                    for log in self.decode_logs(message.value)]  # fmt: skip
+        except Exception as error:  # whatever one message makes fail stays with that message
+            return dead_letter_reason(error)
+        waiting = []
+        for log in logs:
+            if log[0] in self._recent and not self.assembler.is_open(log[0]):
+                self.metrics.log_records.labels("late").inc()
+            else:
+                waiting.append(log)
+        holds = 0
+        if waiting:
+            holds, evicted = self.assembler.add_logs(waiting, message.ref, now)
+            self._forced_out.extend(evicted)
+            self.metrics.evicted.inc(len(evicted))
+        self.pending.consumed(message.ref, holds)
+        return None
+
     def _feedback(self, message: InMessage) -> tuple[Event | None, str | None]:
         try:
             feedback = Feedback.model_validate_json(message.value)
@@ -290,6 +322,9 @@ class IngestPipeline:
         events = self._events
         self._events = []
         for assembled in done:
+            if not assembled.nodes:  # only log records came, never a span: nothing to store
+                self.pending.released(assembled.messages)
+                continue
             known = stored.get(assembled.trace_id)
             if known is None:
                 # Evicted, reopened by later spans and out again before this flush: the second
@@ -320,7 +355,10 @@ class IngestPipeline:
             self.store.append(events, offsets)
         self._stored.update(offsets)
         for assembled in done:
-            self._remember(assembled.trace_id)
+            if assembled.nodes:
+                self._remember(assembled.trace_id)
+            self.metrics.log_records.labels("joined").inc(assembled.joined_logs)
+            self.metrics.log_records.labels("unmatched").inc(assembled.unmatched_logs)
         result.events = len(events)
         self.metrics.executions.labels("complete").inc(result.completed)
         self.metrics.executions.labels("incomplete").inc(result.incomplete)

@@ -55,6 +55,13 @@ class IngestMetrics:
         self.dead_letters = Counter(
             "cegraph_dead_letters_total", "Messages sent to the dead-letter topic.", ["topic"], registry=r
         )
+        self.log_records = Counter(
+            "cegraph_ingest_log_records_total",
+            "Log records of the logs topic, by outcome: joined to their span, late (the trace was stored "
+            "already), unmatched (the trace never had that span).",
+            ["outcome"],
+            registry=r,
+        )
         self.open_traces = Gauge("cegraph_ingest_open_traces", "Traces being assembled.", registry=r)
         self.consumer_lag = Gauge(
             "cegraph_consumer_lag", "Messages behind the latest offset, summed over the partitions.",

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
-from cegraph.daemon.spans import STATUS_ERROR, STATUS_OK, Attributes, Evaluation, Node, SpanRecord
+from cegraph.daemon.spans import (
+    STATUS_ERROR,
+    STATUS_OK,
+    Attributes,
+    Evaluation,
+    LogDetails,
+    Node,
+    SpanEvent,
+    SpanRecord,
+    hard_failure_source,
+)
 
 OPENINFERENCE_KINDS = {
     "LLM": "llm", "CHAIN": "chain", "TOOL": "tool", "AGENT": "agent", "RETRIEVER": "retrieve",
@@ -25,6 +35,8 @@ GENAI_OPERATION_KINDS = {
     "execute_tool": "tool", "invoke_agent": "agent", "create_agent": "agent",
     "invoke_workflow": "workflow", "retrieval": "retrieve",
 }  # fmt: skip
+
+EVALUATION_EVENT = "gen_ai.evaluation.result"
 
 _REDACTIONS = re.compile(
     # The look-behind starts an e-mail only where a run of its characters starts: without it a long
@@ -108,17 +120,74 @@ def _float_or_none(value: Any) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
-def _indexed_messages(attributes: Attributes, prefix: str) -> str:
-    """OpenInference flattens messages as `llm.input_messages.<i>.message.content`."""
+def _message_index(text: str) -> int:
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else -1
+
+
+def _indexed_messages(attributes: Attributes, prefix: str) -> str | None:
+    """OpenInference flattens messages as `<prefix><i>.message.content` and, for an assistant's tool
+    calls, `<prefix><i>.message.tool_calls.<j>.tool_call.function.name|arguments`: their text in
+    message order, a tool call as `name(arguments)`. None when the span has no such messages."""
     if f"{prefix}0.message.content" not in attributes and f"{prefix}0.message.role" not in attributes:
-        return ""  # the common case, without a scan of every key
-    parts = []
+        return None  # the common case, without a scan of every key
+    parts: list[tuple[int, int, str, str]] = []
+    calls: dict[tuple[int, int], dict[str, str]] = {}
     for key, value in attributes.items():
-        if key.startswith(prefix) and key.endswith(".message.content"):
-            index = key[len(prefix) : -len(".message.content")]
-            number = int(index) if index.isascii() and index.isdigit() and len(index) < 19 else -1
-            parts.append((number, key, value))
-    return "\n".join(_text(value) for _, _, value in sorted(parts, key=lambda part: part[:2]))
+        if not key.startswith(prefix):
+            continue
+        index, _, rest = key[len(prefix) :].partition(".")
+        if rest == "message.content":
+            parts.append((_message_index(index), -1, key, _text(value)))
+        elif rest.startswith("message.tool_calls."):
+            call, _, name = rest[len("message.tool_calls.") :].partition(".")
+            field = name.removeprefix("tool_call.function.")
+            if field in ("name", "arguments") and field != name:
+                calls.setdefault((_message_index(index), _message_index(call)), {})[field] = _text(value)
+    for (index, call), function in calls.items():
+        parts.append((index, call, "", f"{function.get('name', '')}({function.get('arguments', '')})"))
+    return "\n".join(text for *_, text in sorted(parts))
+
+
+def _refusal(raw_output: Any) -> str:
+    """OpenAI's `message.refusal`, which OpenInference keeps only in the raw response (`output.value`)."""
+    if not isinstance(raw_output, str) or '"refusal"' not in raw_output:
+        return ""
+    try:
+        response = orjson.loads(raw_output)
+    except orjson.JSONDecodeError:
+        return ""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    refusals = [
+        choice["message"]["refusal"]
+        for choice in choices or ()
+        if isinstance(choice, dict)
+        and isinstance(choice.get("message"), dict)
+        and isinstance(choice["message"].get("refusal"), str)
+    ]
+    return "\n".join(refusals)
+
+
+def _invoked_model(parameters: Any) -> Any:
+    """`model` of OpenInference's `llm.invocation_parameters` (JSON): the requested model, which error
+    spans carry too (`llm.model_name` is the response's, so only successful calls have it)."""
+    if not isinstance(parameters, str) or '"model"' not in parameters:
+        return None
+    try:
+        decoded = orjson.loads(parameters)
+    except orjson.JSONDecodeError:
+        return None
+    return decoded.get("model") if isinstance(decoded, dict) else None
+
+
+_CLASS_REPR = re.compile(r"<class '([^']+)'>")
+
+
+def error_class(text: str) -> str:
+    """One spelling of an error class: `str(type(exc))` ("<class 'openai.InternalServerError'>", as
+    opentelemetry-instrumentation-openai-v2 sets `error.type`) becomes "openai.InternalServerError",
+    as OpenInference's exception events spell it."""
+    match = _CLASS_REPR.fullmatch(text.strip())
+    return match.group(1) if match else text.strip()
 
 
 # What `normalize` reads from a span's attributes: per field, its keys in order of precedence (the
@@ -133,12 +202,16 @@ _PICKED_KEYS: tuple[tuple[str, ...], ...] = (
     ("cegraph.workflow.version",),
     ("cegraph.track",),
     ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"),
-    ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name"),
+    ("gen_ai.request.model", "gen_ai.response.model"),
+    ("llm.invocation_parameters",),
+    ("llm.model_name",),
     ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt"),
     ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens", "llm.token_count.completion"),
     ("gen_ai.tool.name", "tool.name"),
-    ("gen_ai.input.messages", "input.value", "gen_ai.prompt"),
-    ("gen_ai.output.messages", "output.value", "gen_ai.completion"),
+    ("gen_ai.input.messages",),
+    ("input.value", "gen_ai.prompt"),
+    ("gen_ai.output.messages",),
+    ("output.value", "gen_ai.completion"),
     ("cegraph.seed",),
 )
 _SLOT_OF: dict[str, tuple[int, int]] = {
@@ -171,17 +244,21 @@ def _kind(explicit: Any, openinference: Any, operation: Any) -> str:
     return "span"
 
 
-def evaluations_of(span: SpanRecord, kind: str) -> list[Evaluation]:
-    found = [
+def _evaluation_events(events: list[SpanEvent]) -> list[Evaluation]:
+    return [
         Evaluation(
             name=str(event.attributes.get("gen_ai.evaluation.name", "")),
             score=_float_or_none(event.attributes.get("gen_ai.evaluation.score.value")),
             label=str(event.attributes.get("gen_ai.evaluation.score.label", "")),
             explanation=_text(event.attributes.get("gen_ai.evaluation.explanation")),
         )
-        for event in span.events
-        if event.name == "gen_ai.evaluation.result"
+        for event in events
+        if event.name == EVALUATION_EVENT
     ]
+
+
+def evaluations_of(span: SpanRecord, kind: str) -> list[Evaluation]:
+    found = _evaluation_events(span.events)
     if kind == "evaluator":
         attributes = span.attributes
         label = _first(attributes, "eval.label", "evaluation.label", "output.value")
@@ -196,6 +273,33 @@ def evaluations_of(span: SpanRecord, kind: str) -> list[Evaluation]:
     return found
 
 
+def _exception(events: list[SpanEvent]) -> tuple[str, str]:
+    for event in events:
+        if event.name == "exception":
+            return (
+                error_class(_text(event.attributes.get("exception.type"))),
+                _text(event.attributes.get("exception.message")),
+            )
+    return "", ""
+
+
+def _finish_reasons(attributes: Attributes) -> list[str]:
+    finish = attributes.get("gen_ai.response.finish_reasons")
+    if finish is None:
+        finish = attributes.get("llm.finish_reason")
+    return [str(f) for f in finish] if isinstance(finish, list) else ([str(finish)] if finish else [])
+
+
+def _error_types(attributes: Attributes, exception_type: str) -> tuple[str, str]:
+    """(error type, exception class), spelled alike whichever convention set them: `error.type` or,
+    without it, the exception's class; an `error.type` that is a class repr names the exception too."""
+    raw = _text(attributes.get("error.type"))
+    error_type = error_class(raw) if raw else ""
+    if not exception_type and error_type and error_type != raw.strip():
+        exception_type = error_type
+    return error_type or exception_type, exception_type
+
+
 _STATUS_NAMES = {STATUS_ERROR: "error", STATUS_OK: "ok"}
 
 
@@ -203,28 +307,32 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
     attributes = span.attributes
     (
         explicit_kind, openinference_kind, operation, node_id, workflow_id, workflow_version, track,
-        provider, model, input_tokens, output_tokens, tool_name, input_text, output_text, seed,
+        provider, model, invocation_parameters, response_model, input_tokens, output_tokens, tool_name,
+        genai_input, raw_input, genai_output, raw_output, seed,
     ) = _pick(attributes)  # fmt: skip
     kind = _kind(explicit_kind, openinference_kind, operation)
-    exception_type = exception_message = ""
-    for event in span.events:
-        if event.name == "exception":
-            exception_type = _text(event.attributes.get("exception.type"))
-            exception_message = _text(event.attributes.get("exception.message"))
-            break
-    finish = attributes.get("gen_ai.response.finish_reasons")
-    if finish is None:
-        finish = attributes.get("llm.finish_reason")
-    finish_reasons = (
-        [str(f) for f in finish] if isinstance(finish, list) else ([str(finish)] if finish else [])
-    )
+    exception_type, exception_message = _exception(span.events)
+    error_type, exception_type = _error_types(attributes, exception_type)
+    finish_reasons = _finish_reasons(attributes)
     status = _STATUS_NAMES.get(span.status_code, "unset")
-    error_type = _text(attributes.get("error.type"))
     evaluations = evaluations_of(span, kind) if span.events or kind == "evaluator" else []
     workflow_id = workflow_id or _first(span.resource, "cegraph.workflow.id", "service.name")
     workflow_version = workflow_version or _first(
         span.resource, "cegraph.workflow.version", "service.version"
     )
+    # Message contents before raw request/response JSON (OpenInference's input.value / output.value).
+    input_text = _text(genai_input) if genai_input is not None else None
+    if input_text is None:
+        input_text = _indexed_messages(attributes, "llm.input_messages.")
+    if input_text is None:
+        input_text = _text(raw_input)
+    output_text = _text(genai_output) if genai_output is not None else None
+    if output_text is None:
+        output_text = _indexed_messages(attributes, "llm.output_messages.")
+    refusal = _refusal(raw_output) if not output_text else ""
+    if output_text is None or refusal:
+        output_text = refusal or _text(raw_output)
+    model = model or _invoked_model(invocation_parameters) or response_model
     return Node(
         span.trace_id,
         span.span_id,
@@ -249,19 +357,93 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
         _int_or_none(input_tokens),
         _int_or_none(output_tokens),
         str(tool_name or ""),
-        policy.apply(
-            _text(input_text)
-            if input_text is not None
-            else _indexed_messages(attributes, "llm.input_messages.")
-        ),
-        policy.apply(
-            _text(output_text)
-            if output_text is not None
-            else _indexed_messages(attributes, "llm.output_messages.")
-        ),
+        policy.apply(input_text),
+        policy.apply(output_text),
         evaluations,
-        status == "error" or bool(exception_type) or bool(error_type),
+        bool(hard_failure_source(status, exception_type, error_type, finish_reasons, refusal)),
         any(evaluation.failed for evaluation in evaluations),
         span.parent_is_remote,
         _int_or_none(seed),
+        policy.apply(refusal) if refusal else "",
     )
+
+
+def log_details(event: SpanEvent, policy: TextPolicy) -> LogDetails:
+    """What a log record (joined by trace and span id) can add to its span's node: GenAI content
+    captured `event_only` (`gen_ai.client.inference.operation.details`), evaluation results and
+    exceptions sent as events. Raises on what a record can't say (its message is dead-lettered)."""
+    attributes = event.attributes
+    exception_type, message = _exception([event])
+    error_type, exception_type = _error_types(attributes, exception_type)
+    genai_input, genai_output = (
+        attributes.get("gen_ai.input.messages"),
+        attributes.get("gen_ai.output.messages"),
+    )
+    return LogDetails(
+        model=_text(_first(attributes, "gen_ai.request.model", "gen_ai.response.model")),
+        error_type=error_type,
+        exception_type=exception_type,
+        exception_message=policy.apply(message) if message else "",
+        finish_reasons=_finish_reasons(attributes),
+        evaluations=_evaluation_events([event]),
+        input_text=policy.apply(_text(genai_input)) if genai_input else "",
+        output_text=policy.apply(_text(genai_output)) if genai_output else "",
+    )
+
+
+def with_log_details(node: Node, details: list[LogDetails]) -> Node:
+    """The node with what its span's log records add: the span's own attributes win, the records (in
+    arrival order) fill what it lacks, and their evaluations are added to the span's."""
+
+    def first(own: Any, field: str) -> Any:
+        return own or next((getattr(d, field) for d in details if getattr(d, field)), own)
+
+    thrown = next((d for d in details if d.exception_type), None) if not node.exception_type else None
+    exception_type = thrown.exception_type if thrown else node.exception_type
+    exception_message = thrown.exception_message if thrown else node.exception_message
+    error_type = first(node.error_type, "error_type")
+    finish_reasons = first(node.finish_reasons, "finish_reasons")
+    evaluations = node.evaluations + [e for d in details for e in d.evaluations]
+    return replace(
+        node,
+        model=first(node.model, "model"),
+        error_type=error_type,
+        exception_type=exception_type,
+        exception_message=exception_message,
+        finish_reasons=finish_reasons,
+        input_text=first(node.input_text, "input_text"),
+        output_text=first(node.output_text, "output_text"),
+        evaluations=evaluations,
+        hard_failed=bool(
+            hard_failure_source(node.status, exception_type, error_type, finish_reasons, node.refusal)
+        ),
+        eval_failed=any(evaluation.failed for evaluation in evaluations),
+    )
+
+
+def distinct_node_ids(nodes: list[Node]) -> list[Node]:
+    """One execution's nodes in execution (start) order, with node ids that tell its calls apart.
+
+    A span without a node id of its own (`cegraph.node.id`, `graph.node.id`) is named by its span
+    name, which instrumentations share between calls ("chat gpt-4o", "ChatCompletion"): the second
+    and later such calls of an execution become "<name>#2", "#3"... A call after a failed call of
+    the same name under the same parent is a retry of that step and keeps its id (so retries count).
+    """
+    occurrences: dict[str, int] = {}
+    last: dict[tuple[str, str], Node] = {}  # (parent span id, name) -> the latest node so named
+    named = []
+    for node in sorted(nodes, key=lambda n: (n.start_ns, n.span_id)):
+        if node.node_id != node.name:
+            named.append(node)
+            continue
+        previous = last.get((node.parent_span_id, node.name))
+        if previous is not None and previous.hard_failed:
+            node_id = previous.node_id
+        else:
+            occurrences[node.name] = count = occurrences.get(node.name, 0) + 1
+            node_id = node.name if count == 1 else f"{node.name}#{count}"
+        if node_id != node.node_id:
+            node = replace(node, node_id=node_id)
+        last[(node.parent_span_id, node.name)] = node
+        named.append(node)
+    return named

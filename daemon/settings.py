@@ -42,6 +42,11 @@ class KafkaSettings(_Group):
     group_id: str = Field("cegraph", min_length=1, description="Consumer group of the ingest stage.")
     spans_topic: str = Field("otlp_spans", min_length=1, description="Topic the OTel Collector writes.")
     feedback_topic: str = Field("cegraph.feedback", min_length=1, description="Late outcome signals.")
+    logs_topic: str = Field(
+        "",
+        description="Topic of the Collector's log records (GenAI content captured as events, evaluation "
+        "events), joined to their spans; empty: not read. Same encoding as the spans topic.",
+    )
     patches_topic: str = Field("cegraph.patches", min_length=1, description="Published workflow patches.")
     rollouts_topic: str = Field("cegraph.rollouts", min_length=1, description="Canary decisions.")
     dlq_topic: str = Field("cegraph.dlq", min_length=1, description="Messages that could not be decoded.")

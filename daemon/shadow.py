@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cegraph.daemon.detector import ModeClassifier
-from cegraph.daemon.normalize import TextPolicy, normalize
+from cegraph.daemon.normalize import TextPolicy, distinct_node_ids, normalize
 from cegraph.daemon.replay import ReplayItem
 from cegraph.daemon.spans import SpanRecord
 from cegraph.schemas.workflow import WorkflowSpec
@@ -49,7 +49,8 @@ class ShadowOutcome:
 
 
 def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifier, policy: TextPolicy):
-    nodes = [normalize(span, policy) for span in spans]
+    # named as ingest names a stored execution's nodes, so a replay's failures land on the same nodes
+    nodes = distinct_node_ids([normalize(span, policy) for span in spans])
     failures = classifier.classify(nodes)
     calls = sum(1 for node in nodes if node.operation in LLM_OPERATIONS)
     tokens = sum((node.input_tokens or 0) + (node.output_tokens or 0) for node in nodes)

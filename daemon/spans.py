@@ -14,6 +14,27 @@ Attributes = dict[str, Any]
 
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
+# Finish reasons that end an answer the caller did not get whole, or did not get at all.
+TRUNCATING_FINISH = frozenset({"length", "content_filter", "max_tokens"})
+REFUSING_FINISH = frozenset({"refusal"})  # Anthropic's stop reason; OpenAI sends `message.refusal`
+
+
+def hard_failure_source(
+    status: str, exception_type: str, error_type: str, finish_reasons: list[str], refusal: str
+) -> str:
+    """Why a span failed by itself ("error", "truncated", "refusal"), or "" when it did not.
+
+    The one meaning of a hard failure: `Node.hard_failed` (and so `stats`, the canary judge and the
+    executions table) and the failure labels of `failures.py` both come from it.
+    """
+    if status == "error" or exception_type or error_type:
+        return "error"
+    if refusal or REFUSING_FINISH.intersection(finish_reasons):
+        return "refusal"
+    if TRUNCATING_FINISH.intersection(finish_reasons):
+        return "truncated"
+    return ""
+
 
 class InvalidMessage(ValueError):
     """A message is not what its topic should carry; `str(error)` is the dead-letter reason."""
@@ -42,6 +63,31 @@ class SpanRecord:
     events: list[SpanEvent]
     resource: Attributes
     parent_is_remote: bool = False  # OTLP span flags: the parent lives in another service
+
+
+@dataclass(slots=True)
+class SpanLog:
+    """One OTLP log record as an event of the span it names (ids lowercase hex, "" when it names none):
+    how GenAI instrumentations send message content (`event_only`) and evaluation results."""
+
+    trace_id: str
+    span_id: str
+    event: SpanEvent
+
+
+@dataclass(frozen=True, slots=True)
+class LogDetails:
+    """What one log record adds to the node of its span, normalized at the record's message (so that
+    joining it to the node when the trace completes is field selection and cannot fail)."""
+
+    model: str
+    error_type: str
+    exception_type: str
+    exception_message: str
+    finish_reasons: list[str]
+    evaluations: list[Evaluation]
+    input_text: str
+    output_text: str
 
 
 @dataclass(slots=True)
@@ -104,10 +150,16 @@ class Node:
     input_text: str
     output_text: str
     evaluations: list[Evaluation] = field(default_factory=list)
-    hard_failed: bool = False  # ERROR status, an exception event or `error.type`
+    hard_failed: bool = False  # `hard_failure_source` says why: an error, a truncation or a refusal
     eval_failed: bool = False  # an evaluator's verdict on this span was a failure
     parent_is_remote: bool = False  # the parent span is in another service: this is the local root
     seed: int | None = None  # `cegraph.seed` of a workflow root: what makes the execution replayable
+    refusal: str = ""  # the model declined: its refusal text (OpenAI `message.refusal`), if it gave one
+
+    def hard_failure_source(self) -> str:
+        return hard_failure_source(
+            self.status, self.exception_type, self.error_type, self.finish_reasons, self.refusal
+        )
 
     @property
     def is_root(self) -> bool:

@@ -55,9 +55,11 @@ CREATE TABLE IF NOT EXISTS event_spans (
     status_message VARCHAR, error_type VARCHAR, exception_type VARCHAR, exception_message VARCHAR,
     finish_reasons VARCHAR[], input_tokens BIGINT, output_tokens BIGINT, tool_name VARCHAR,
     input_text VARCHAR, output_text VARCHAR, evaluations JSON, hard_failed BOOLEAN, eval_failed BOOLEAN,
-    parent_is_remote BOOLEAN, seed BIGINT
+    parent_is_remote BOOLEAN, seed BIGINT, refusal VARCHAR
 );
-ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS seed BIGINT;  -- stores written before it existed
+-- stores written before these columns existed
+ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS seed BIGINT;
+ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS refusal VARCHAR;
 CREATE OR REPLACE VIEW nodes AS SELECT * FROM event_spans;
 """
 

@@ -1,8 +1,11 @@
-"""Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to.
+"""Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to, and
+`start_collector`, the real OpenTelemetry Collector in front of it.
 
 Which broker, in order: `KAFKA_BOOTSTRAP_SERVERS` if set; a testcontainers Kafka when a Docker engine
 really answers; otherwise Apache Kafka started from its Maven Central jars (ops/kafka/local_kafka.py).
-Under `CI=true` a Kafka test fails when no broker can be had; elsewhere it is skipped with the reason.
+The Collector is the one `make collector` builds from ops/otel-collector/manifest.yaml (built here if
+the cache lacks it). Under `CI=true` a Kafka or Collector test fails when its service can't be had;
+elsewhere it is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +86,53 @@ def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
     return kafka_broker.bootstrap_servers
 
 
+COLLECTORS_USED: list[str] = []
+
+
+def _collector_unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"no OpenTelemetry Collector under CI=true: {reason}", pytrace=False)
+    pytest.skip(f"no OpenTelemetry Collector: {reason}")
+
+
+@pytest.fixture(scope="session")
+def collector_binary() -> Path:
+    """The Collector binary, built into the cache the first time (minutes)."""
+    from local_collector import CollectorError, ensure_binary
+
+    try:
+        binary = ensure_binary()
+    except CollectorError as error:
+        _collector_unavailable(f"it could not be built: {error}")
+    COLLECTORS_USED.append(str(binary))
+    return binary
+
+
+@pytest.fixture
+def start_collector(collector_binary: Path) -> Iterator[Callable[..., object]]:
+    """`start_collector(config_text, **env)`: a running Collector (`LocalCollector`), stopped by PID
+    when the test ends; on a failed start the test fails (CI) or skips with the Collector's log."""
+    from local_collector import CollectorError, LocalCollector
+
+    started: list[LocalCollector] = []
+
+    def start(config_text: str, **env: str) -> LocalCollector:
+        collector = LocalCollector(config_text, env=env)
+        for attempt in (1, 2):  # fresh ports on a second try: a free port can be taken before it binds
+            try:
+                collector.start()
+                break
+            except CollectorError as error:
+                if attempt == 2:
+                    _collector_unavailable(f"it did not start: {error}")
+        started.append(collector)
+        return collector
+
+    yield start
+    for collector in started:
+        collector.stop()
+
+
 TRAIL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "trail-gaia.tar.gz"
 
 
@@ -105,16 +155,20 @@ def topic_name() -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "kafka_bootstrap" in getattr(item, "fixturenames", ()) or "kafka_broker" in getattr(
-            item, "fixturenames", ()
-        ):
+        fixtures = getattr(item, "fixturenames", ())
+        if "kafka_bootstrap" in fixtures or "kafka_broker" in fixtures:
             item.add_marker(pytest.mark.kafka)
+        if "collector_binary" in fixtures:
+            item.add_marker(pytest.mark.collector)
 
 
 def pytest_report_header() -> list[str]:
-    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka tests {'must run' if IN_CI else 'may skip'})"]
+    must = "must run" if IN_CI else "may skip"
+    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka and Collector tests {must})"]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     for line in BROKERS_USED:
         terminalreporter.write_line(f"kafka: tests ran against {line}")
+    for line in COLLECTORS_USED:
+        terminalreporter.write_line(f"collector: tests ran the OpenTelemetry Collector {line}")

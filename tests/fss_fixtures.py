@@ -6,7 +6,7 @@ import random
 from dataclasses import replace
 
 from cegraph.daemon.failures import Failure
-from cegraph.daemon.spans import Evaluation, Node
+from cegraph.daemon.spans import Evaluation, Node, hard_failure_source
 
 BASE = Node(
     trace_id="a" * 32, span_id="0" * 16, parent_span_id="", name="root", kind="workflow", node_id="root",
@@ -18,11 +18,14 @@ BASE = Node(
 
 
 def node(span: int, parent: int | None, node_id: str, kind: str = "llm", start: int = 0, **fields) -> Node:
-    failed = (
-        fields.get("status") == "error"
-        or bool(fields.get("exception_type"))
-        or bool(fields.get("error_type"))
-    )
+    """A node named `node_id` (as a span without a node id of its own); `hard_failed` as `normalize`
+    sets it."""
+    failed = bool(
+        hard_failure_source(
+            fields.get("status", "unset"), fields.get("exception_type", ""), fields.get("error_type", ""),
+            fields.get("finish_reasons", []), fields.get("refusal", ""),
+        )
+    )  # fmt: skip
     evaluations = fields.get("evaluations", [])
     return replace(
         BASE, span_id=f"{span:016x}", parent_span_id="" if parent is None else f"{parent:016x}", name=node_id,

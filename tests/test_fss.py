@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fss_fixtures import node, planted_stream, verdict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import adjusted_mutual_info_score
 
 from cegraph.daemon.density import NOISE, ModeTracker
@@ -42,6 +44,46 @@ def test_independent_errors_are_separate_counterexamples_in_execution_order():
 def test_truncation_is_a_hard_failure():
     nodes = [node(1, None, "root", "workflow"), node(2, 1, "write", "llm", 1, finish_reasons=["length"])]
     assert [(f.node.node_id, f.source) for f in label_failures(nodes)] == [("write", "truncated")]
+
+
+def test_a_refusal_is_a_hard_failure_with_its_text_as_the_message():
+    nodes = [
+        node(1, None, "root", "workflow"),
+        node(2, 1, "answer", "llm", 1, refusal="I can't help with that.", finish_reasons=["stop"]),
+        node(3, 1, "other", "llm", 2, finish_reasons=["refusal"]),
+    ]
+    assert [(f.node.node_id, f.source, f.message) for f in label_failures(nodes)] == [
+        ("answer", "refusal", "I can't help with that."),
+        ("other", "refusal", "refused"),
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["unset", "ok", "error"]),
+            st.sampled_from(["", "openai.InternalServerError"]),
+            st.sampled_from([[], ["stop"], ["length"], ["content_filter"], ["refusal"], ["tool_calls"]]),
+            st.sampled_from(["", "no"]),
+            st.sampled_from([None, True, False]),
+        ),
+        min_size=1,
+        max_size=7,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_an_execution_has_failures_exactly_when_a_node_is_failed(spans, rng):
+    """The labels and the `executions` table (`hard_failed OR eval_failed`, which `stats` and the
+    canary judge count) agree on which executions failed, on any graph."""
+    nodes = [node(1, None, "root", "workflow")]
+    for index, (status, error, finish, refusal, passed) in enumerate(spans, start=2):
+        verdicts = [] if passed is None else [verdict(passed)]
+        nodes.append(
+            node(index, rng.randrange(1, index), f"n{index}", "llm", index, status=status, error_type=error,
+                 finish_reasons=finish, refusal=refusal, evaluations=verdicts)
+        )  # fmt: skip
+    assert bool(label_failures(nodes)) == any(n.hard_failed or n.eval_failed for n in nodes)
 
 
 def test_a_verdict_on_the_whole_execution_points_at_the_last_llm_span():

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from openai_stub import ChatServer, Reply, completion
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,71 +26,6 @@ from cegraph.schemas.workflow import parse_spec
 
 CONTEXT = CallContext(workflow_id="w", node_id="n", node_kind="llm", purpose="answer", call_index=0)
 MESSAGES = [Message(role="system", content="Be brief."), Message(role="user", content="What is 6 * 7?")]
-
-
-@dataclass
-class Reply:
-    """One scripted answer: status, extra headers, body; `delay_s` before answering."""
-
-    status: int = 200
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-
-
-def completion(
-    text: str, *, prompt_tokens: int = 11, completion_tokens: int = 3, finish: str = "stop"
-) -> dict:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "model": "local-model-v2",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": 14},
-    }
-
-
-class ChatServer:
-    """A chat-completions endpoint answering from a script (the default answer once it runs out)."""
-
-    def __init__(self) -> None:
-        self.script: deque[Reply] = deque()
-        self.requests: list[tuple[str, dict[str, str], dict]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((self.path, dict(self.headers), body))
-                reply = server.script.popleft() if server.script else Reply(body=completion("42"))
-                time.sleep(reply.delay_s)
-                payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-                try:
-                    self.send_response(reply.status)
-                    for name, value in {"Content-Type": "application/json", **reply.headers}.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up waiting: that is what a timeout test wants
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False  # don't wait for a handler still sleeping for a timeout test
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self) -> ChatServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -7,14 +7,16 @@ so the attribute types are the ones the daemon really sees.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from fss_fixtures import node
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import encode, openinference_trace, record_spans
 
 from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.daemon.normalize import TextPolicy, normalize, redact
+from cegraph.daemon.normalize import TextPolicy, distinct_node_ids, normalize, redact
 from cegraph.daemon.spans import Node
 
 KEEP_ALL = TextPolicy(max_chars=100_000, redact=False)
@@ -80,7 +82,8 @@ def test_genai_chat_span_fields():
     assert (node.input_tokens, node.output_tokens) == (321, 54)
     assert node.finish_reasons == ["stop", "length"]
     assert '"content": "2+2?"' in node.input_text and '"content": "4"' in node.output_text
-    assert node.status == "unset" and not node.hard_failed and not node.eval_failed
+    assert node.status == "unset" and not node.eval_failed
+    assert node.hard_failed and node.hard_failure_source() == "truncated"  # one choice hit the length
 
 
 def test_response_model_is_used_when_no_request_model():
@@ -420,3 +423,41 @@ def test_odd_message_indices_do_not_break_flattening():
     )
     lines = node.input_text.split("\n")
     assert lines[-2:] == ["first", "second"] and sorted(lines[:2]) == ["huge", "odd"]
+
+
+# ------------------------------------------------------------------------------------ node identity
+
+
+def test_calls_of_one_name_in_an_execution_get_distinct_node_ids():
+    nodes = [
+        node(1, None, "root", "workflow"),
+        node(2, 1, "chat gpt-4o", start=1),
+        node(3, 1, "execute_tool search", "tool", 2),
+        node(4, 1, "chat gpt-4o", start=3),
+        node(5, 4, "chat gpt-4o", start=4),  # under another parent: still a third call
+    ]
+    assert [n.node_id for n in distinct_node_ids(nodes)] == [
+        "root", "chat gpt-4o", "execute_tool search", "chat gpt-4o#2", "chat gpt-4o#3",
+    ]  # fmt: skip
+
+
+def test_a_call_after_a_failed_call_of_its_name_is_a_retry_of_the_same_node():
+    nodes = [
+        node(1, None, "root", "workflow"),
+        node(2, 1, "chat gpt-4o", start=1, status="error", error_type="openai.RateLimitError"),
+        node(3, 1, "chat gpt-4o", start=2, finish_reasons=["length"]),
+        node(4, 1, "chat gpt-4o", start=3),
+        node(5, 1, "chat gpt-4o", start=4),
+    ]
+    assert [n.node_id for n in distinct_node_ids(nodes)] == [
+        "root", "chat gpt-4o", "chat gpt-4o", "chat gpt-4o", "chat gpt-4o#2",
+    ]  # fmt: skip
+
+
+def test_explicit_node_ids_are_kept_even_when_repeated():
+    nodes = [
+        node(1, None, "root", "workflow"),
+        replace(node(2, 1, "solve", start=1), name="chat sim-1"),
+        replace(node(3, 1, "solve", start=2), name="chat sim-1"),
+    ]
+    assert [n.node_id for n in distinct_node_ids(nodes)] == ["root", "solve", "solve"]

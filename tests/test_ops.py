@@ -40,6 +40,9 @@ METRIC_TEMPLATES = OPS / "flagger" / "metric-template.yaml"
 DASHBOARD = OPS / "grafana" / "cegraph-dashboard.json"
 # Series that Prometheus itself makes for every scrape target, not cegraph.
 PROMETHEUS_SERIES = {"up"}
+# The OTel Collector's own metrics that the rules read; tests/test_collector_kafka.py checks that the
+# real Collector serves them under these names.
+COLLECTOR_SERIES = {"otelcol_kafka_exporter_records"}
 
 
 def load_yaml(path: Path) -> list[Any]:
@@ -284,10 +287,13 @@ def test_collector_writes_what_cegraph_reads():
     assert kafka["traces"]["topic"] == defaults.kafka.spans_topic
     assert kafka["traces"]["encoding"] == defaults.ingest.encoding == "otlp_proto"
     assert kafka["producer"].get("compression", "none") == "none"
-    pipeline = config["service"]["pipelines"]["traces"]
-    assert "kafka" in pipeline["exporters"]
-    for stage in ("receivers", "processors", "exporters"):
-        assert set(pipeline[stage]) <= set(config[stage]), f"{stage} used but not defined"
+    assert kafka["logs"]["topic"] == "otlp_logs" and kafka["logs"]["encoding"] == "otlp_proto"
+    assert kafka["partition_logs_by_trace_id"] is True  # a trace's logs on its spans' partition number
+    for signal in ("traces", "logs"):
+        pipeline = config["service"]["pipelines"][signal]
+        assert "kafka" in pipeline["exporters"]
+        for stage in ("receivers", "processors", "exporters"):
+            assert set(pipeline[stage]) <= set(config[stage]), f"{stage} used but not defined"
 
 
 # ---- Kubernetes ---------------------------------------------------------------------------------------
@@ -461,7 +467,9 @@ def queried_metric_names() -> dict[str, set[str]]:
 
 def test_every_queried_metric_is_exposed_by_cegraph(tmp_path):
     recorded = {rule["record"] for rule in rules_with("record")}
-    known = exposed_metric_names(tmp_path / "cegraph.duckdb") | recorded | PROMETHEUS_SERIES
+    known = (
+        exposed_metric_names(tmp_path / "cegraph.duckdb") | recorded | PROMETHEUS_SERIES | COLLECTOR_SERIES
+    )
     unknown = {f: sorted(names - known) for f, names in queried_metric_names().items() if names - known}
     assert not unknown, f"metrics queried in ops/ that cegraph's /metrics does not serve: {unknown}"
 

@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -106,14 +107,40 @@ def random_cluster_id() -> str:
             return cluster_id
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: the kernel sends SIGKILL when the parent process dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-class LocalKafka:
+class LocalProcess:
+    """A service run as a child process with a work folder of its own (its config and logs): stopped
+    by PID, the folder removed unless asked to keep it. Subclasses start it."""
+
+    workdir: Path | None
+    process: subprocess.Popen[bytes] | None
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self, *, keep_logs: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop_pid(self.process.pid)
+            self.process.wait(timeout=30)
+        self.process = None
+        if self.workdir is not None and not keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalKafka(LocalProcess):
     """One broker+controller process; `start()` returns once it answers metadata requests."""
 
     def __init__(self, *, detach: bool = False, startup_timeout_s: float = 90.0) -> None:
@@ -173,7 +200,7 @@ class LocalKafka:
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=None if self.detach else _die_with_parent,
+                preexec_fn=None if self.detach else die_with_parent,
                 start_new_session=self.detach,
             )
         (self.workdir / "broker.pid").write_text(str(self.process.pid))
@@ -251,21 +278,6 @@ class LocalKafka:
             if path.exists():
                 text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
         return text
-
-    def stop(self, *, keep_logs: bool = False) -> None:
-        if self.process is not None and self.process.poll() is None:
-            stop_pid(self.process.pid)
-            self.process.wait(timeout=30)
-        self.process = None
-        if self.workdir is not None and not keep_logs:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalKafka:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def sweep_stale_workdirs() -> None:
