@@ -63,7 +63,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory runs one part; figures go to
+## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory|sandbox runs one part; figures go to
 ## bench/results.json
 BENCH ?= all
 bench: setup
@@ -77,6 +77,8 @@ bench: setup
 		$(BIN)/python bench/bench_refinement.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = memory ]; then \
 		$(BIN)/python bench/bench_memory.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = sandbox ]; then \
+		$(BIN)/python bench/bench_sandbox.py --out bench/results.json; fi
 	$(BIN)/python bench/results_table.py bench/results.json
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address

@@ -158,12 +158,13 @@ def test_a_program_runs_unprivileged(sandbox):
     result = run(
         sandbox,
         "import os\nprint(os.getuid(), os.geteuid())\n"
-        "print([l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm'))])",
+        "print([l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'NoNewPrivs'))])",
     )
     assert result.ok, result.stderr
     uid, euid = result.stdout.splitlines()[0].split()
     assert uid != "0" and euid != "0"
     assert "CapEff:\\t0000000000000000" in result.stdout and "CapPrm:\\t0000000000000000" in result.stdout
+    assert "NoNewPrivs:\\t1" in result.stdout  # no setuid binary or file capability gives any back
 
 
 def _processes_with(marker: str) -> list[int]:
