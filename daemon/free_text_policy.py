@@ -26,6 +26,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 from anyascii import anyascii
 
@@ -62,7 +63,7 @@ class _Rule:
     name: str
     what: str
     pattern: str
-    view: str = "ascii"  # "ascii": folded and deobfuscated; "native": NFKC, for scripts other than Latin
+    view: Literal["ascii", "native"] = "ascii"  # folded and deobfuscated, or NFKC for non-Latin scripts
     accept: Callable[[str], bool] = lambda evidence: True
 
     @cached_property
@@ -281,10 +282,9 @@ def check(text: str, *, before: str = "") -> Violation | None:
 
 
 def free_text(edit: Edit) -> list[tuple[str, str]]:
-    """The edit's free text as (field, text): what it would write into the workflow in words of its
-    proposer's choosing."""
-    texts = [("instruction", edit.instruction), ("retriever", edit.retriever)]
-    texts += [("required key", key) for key in edit.required_keys]
+    """The edit's free text as (field, text): words of its proposer's choosing that it writes into the
+    workflow and that a model then reads. (A retriever is a name the runtime must have registered.)"""
+    texts = [("instruction", edit.instruction), *(("required key", key) for key in edit.required_keys)]
     return [(field, text) for field, text in texts if text]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 
 import httpx
 import orjson
@@ -16,7 +15,7 @@ from daemon_proc import CEGRAPH, Scenario
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from refinement_fixtures import run_tasks
 from test_free_text_refinement import CHATTY, FINDING
-from test_refinement_kafka import topic_messages
+from test_refinement_kafka import topic_messages, wait_until
 
 from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.settings import KafkaSettings
@@ -31,16 +30,6 @@ def get(daemon, path: str) -> list[dict]:
     response = httpx.get(f"{daemon.url}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     response.raise_for_status()
     return response.json()
-
-
-def wait_until(predicate, daemon, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"timed out\n{daemon.log_tail()}")
 
 
 def cli(daemon, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:

@@ -28,8 +28,8 @@ ADVICE: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 STEERING = re.compile(
     r"(?i)(ignore (all |any )?(previous|prior|above) instructions|add a (code|python) node"
-    r"|change the prompt of|you must now|(please )?(visit|go to|send|e-?mail|contact|click|log in|tell "
-    r'(the )?users?)\b)[^`\n"]*?(?:[.!?](?=[\s"]|$)|(?=[`\n"])|$)'
+    r"|change the prompt of|you must now|(please )?(visit|log in|(e-?mail|send) (your|the answer|the results)"
+    r'|tell (the )?users? to)\b)[^`\n"]*?(?:[.!?](?=[\s"]|$)|(?=[`\n"])|$)'
 )
 # Instruction additions the model writes for what the failures say (the first that matches).
 REWRITES: tuple[tuple[str, str], ...] = (
