@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,8 @@ INSTALL_HINT = (
     "install Debian's bubblewrap package (`apt-get install bubblewrap`; `make setup` does it as root)"
 )
 
-# Runs first in the sandbox: drop root if bubblewrap ran privileged, set the limits, run the source.
+# Runs first in the sandbox: drop root if bubblewrap ran privileged, set the limits, then run the source,
+# which comes first on stdin (its length in bytes on a line, then the source).
 _BOOTSTRAP = r"""
 import os, resource, sys
 cpu, memory, processes, uid, files, size = (int(a) for a in sys.argv[1:7])
@@ -54,7 +56,7 @@ for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (
                      (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_NOFILE, files),
                      (resource.RLIMIT_FSIZE, size)):
     resource.setrlimit(limit, (value, value))
-source = sys.argv[7]
+source = sys.stdin.buffer.read(int(sys.stdin.buffer.readline())).decode()  # the rest is the program's
 sys.argv = ["program"]
 exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
 """
@@ -219,19 +221,25 @@ class Sandbox:
         self.launch_uid = launch_uid
         self._probed = False
         self._problem: str | None = None
+        self._probing = threading.Lock()
 
-    def _argv(self, info_fd: int, source: str, cpu_s: int) -> list[str]:
-        ours = self.interpreter == os.path.realpath(sys.executable)
-        homes = {str(Path(self.interpreter).parents[1])} | (
-            {sys.base_prefix, sys.base_exec_prefix} if ours else set()
-        )
-        homes = sorted(home for home in homes if home != "/usr" and not home.startswith("/usr/"))
+    def _argv(self, info_fd: int, cpu_s: int) -> list[str]:
         privileged = os.geteuid() == 0 and self.launch_uid is None
+        bwrap = bwrap_command(
+            self._bwrap, self._python_homes(), info_fd, privileged=privileged, uid=SANDBOX_UID
+        )
         return [
-            *bwrap_command(self._bwrap, homes, info_fd, privileged=privileged, uid=SANDBOX_UID),
+            *bwrap,
             self.interpreter, "-I", "-S", "-c", _BOOTSTRAP, str(cpu_s), str(self._memory),
-            str(self._processes), str(SANDBOX_UID), str(OPEN_FILES), str(FILE_BYTES), source,
+            str(self._processes), str(SANDBOX_UID), str(OPEN_FILES), str(FILE_BYTES),
         ]  # fmt: skip
+
+    def _python_homes(self) -> list[str]:
+        """The interpreter's installation, bound read-only (what is under /usr is there already)."""
+        homes = {str(Path(self.interpreter).parents[1])}
+        if self.interpreter == os.path.realpath(sys.executable):
+            homes |= {sys.base_prefix, sys.base_exec_prefix}
+        return sorted(home for home in homes if home != "/usr" and not home.startswith("/usr/"))
 
     def _launch(self) -> dict[str, Any]:
         """Popen's options that start bubblewrap as `launch_uid`."""
@@ -241,8 +249,9 @@ class Sandbox:
 
     def unavailable(self) -> str | None:
         """Why programs cannot be isolated here, or None when they can (checked once, by running one)."""
-        if not self._probed:
-            self._problem, self._probed = self._probe(), True
+        with self._probing:
+            if not self._probed:
+                self._problem, self._probed = self._probe(), True
         return self._problem
 
     def _probe(self) -> str | None:
@@ -251,16 +260,17 @@ class Sandbox:
         read, write = os.pipe()
         try:
             result = subprocess.run(
-                self._argv(write, "print('isolated')", 5), pass_fds=(write,), env={},
-                capture_output=True, text=True, timeout=60, **self._launch(),
+                self._argv(write, 5), input=_framed("print('isolated')", ""), pass_fds=(write,), env={},
+                capture_output=True, timeout=60, **self._launch(),
             )  # fmt: skip
         except (OSError, subprocess.SubprocessError) as error:
             return f"bubblewrap ({self._bwrap}) could not be started: {error}"
         finally:
             os.close(read)
             os.close(write)
-        if result.returncode != 0 or result.stdout != "isolated\n":
-            problem = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        if result.returncode != 0 or result.stdout != b"isolated\n":
+            lines = result.stderr.decode(errors="replace").strip().splitlines()
+            problem = (lines or [f"exit code {result.returncode}"])[-1]
             return f"bubblewrap ({self._bwrap}) cannot isolate a program here: {problem}"
         return None
 
@@ -280,7 +290,7 @@ class Sandbox:
         with open(info_read, "rb") as info:
             try:
                 process = await asyncio.create_subprocess_exec(
-                    *self._argv(info_write, source, max(1, int(timeout_s) + 1)),
+                    *self._argv(info_write, max(1, int(timeout_s) + 1)),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE, env={}, pass_fds=(info_write,), start_new_session=True,
                     **self._launch(),
@@ -288,7 +298,7 @@ class Sandbox:
             finally:
                 os.close(info_write)
             # the output so far is kept on a timeout: the pipes close once the tree is killed
-            talking = asyncio.ensure_future(process.communicate(stdin.encode()))
+            talking = asyncio.ensure_future(process.communicate(_framed(source, stdin)))
             done, _ = await asyncio.wait({talking}, timeout=timeout_s)
             if not done:
                 _kill_tree(process.pid, info)
@@ -317,6 +327,12 @@ class Sandbox:
                 for test, result in zip(tests, results, strict=True)
             ]
         )
+
+
+def _framed(source: str, stdin: str) -> bytes:
+    """The bootstrap's stdin: the source's length, the source, then the program's own stdin."""
+    code = source.encode()
+    return b"%d\n" % len(code) + code + stdin.encode()
 
 
 def _kill_tree(bwrap_pid: int, info: BinaryIO) -> None:

@@ -231,6 +231,8 @@ def test_the_program_gets_its_stdin_and_the_limits_leave_ordinary_work_alone(san
     source = "import json, sys\ndata = json.load(sys.stdin)\nprint(sum(x * x for x in range(data['n'])))"
     result = run(sandbox, source, stdin='{"n": 100000}')
     assert result.ok and result.stdout.strip() == str(sum(x * x for x in range(100_000)))
+    long = "# " + "x" * 300_000 + "\n" + source  # longer than one command-line argument may be
+    assert run(sandbox, long, stdin='{"n": 3}').stdout == "5\n"
 
 
 async def test_without_isolation_programs_are_refused_not_run_unisolated(tmp_path):
