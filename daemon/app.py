@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from cegraph.connectors.http_api import create_app
+from cegraph.connectors.http_patches import patch_routes
 from cegraph.connectors.http_reads import inspection_routes
 from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
@@ -32,7 +33,7 @@ from cegraph.daemon.ingest import IngestPipeline
 from cegraph.daemon.llm import LLMBackend
 from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
 from cegraph.daemon.normalize import TextPolicy
-from cegraph.daemon.patch_outbox import PatchOutbox, patch_rows
+from cegraph.daemon.patch_outbox import PatchOutbox
 from cegraph.daemon.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
 from cegraph.daemon.refinement_jobs import RefinementScheduler, RefinementWorker
 from cegraph.daemon.refiner import Refiner
@@ -143,7 +144,7 @@ def build(settings: Settings) -> Starlette:
     source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
     refinement_metrics = RefinementMetrics(metrics.registry)
     worker = build_refinement(settings, store, stage, refinement_metrics)
-    outbox = PatchOutbox(store, hold_s=settings.publisher.hold_s)
+    outbox = PatchOutbox.configured(store, settings)
     publisher = KafkaPatchPublisher(
         settings.kafka, outbox, on_publish=lambda _: refinement_metrics.published.inc()
     )
@@ -204,21 +205,19 @@ def build(settings: Settings) -> Starlette:
     async def modes(_: Request) -> list[dict[str, Any]]:
         return await asyncio.to_thread(stored_modes, store)
 
-    async def patches(_: Request) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(patch_rows, outbox)
-
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))
+    patches = patch_routes(outbox, token=token)
     return create_app(
         ready=ready,
         read_routes=[
             ("/stats", stats),
             ("/modes", modes),
-            ("/patches", patches),
+            *patches.read,
             *workflows.read,
             *inspection_routes(store, judge),
         ],
-        write_routes=workflows.write,
+        write_routes=[*workflows.write, *patches.write],
         token=token,
         metrics=settings.metrics.enabled,
         metrics_need_token=settings.http.metrics_need_token,

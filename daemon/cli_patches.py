@@ -19,8 +19,14 @@ def _rows() -> list[dict[str, Any]]:
 
     settings = settings_or_exit()
     return from_daemon_or_store(
-        settings, "/patches", lambda store: patch_rows(PatchOutbox(store, hold_s=settings.publisher.hold_s))
+        settings, "/patches", lambda store: patch_rows(PatchOutbox.configured(store, settings))
     )
+
+
+def _rejected() -> list[dict[str, Any]]:
+    from cegraph.daemon.patch_outbox import rejected_rows
+
+    return from_daemon_or_store(settings_or_exit(), "/patches/rejected", rejected_rows)
 
 
 def _find(workflow: str, version: str | None) -> dict[str, Any]:
@@ -39,10 +45,14 @@ def _find(workflow: str, version: str | None) -> dict[str, Any]:
 
 @patches.command("list")
 def list_(as_json: JsonFlag = False) -> None:
-    """Every patch the daemon made, oldest first, with its state: published, held or due."""
+    """Every patch the daemon made, oldest first, with its state: published, held or due; and every edit
+    the text policy rejected, with the reason (it never became a patch)."""
     rows = _rows()
+    rejected = _rejected()
     if as_json:
-        out.print_json(json.dumps([{k: v for k, v in r.items() if k != "patch"} for r in rows]))
+        listed = [{k: v for k, v in r.items() if k != "patch"} for r in rows]
+        listed += [{**r, "new_version": None, "published": None} for r in rejected]
+        out.print_json(json.dumps(sorted(listed, key=lambda r: r["created_at"])))
         return
     table = Table("workflow", "base", "new", "mode", "target mass", "LLM calls", "state", title="patches")
     for row in rows:
@@ -52,7 +62,41 @@ def list_(as_json: JsonFlag = False) -> None:
         calls = str((rationale.get("cost") or {}).get("llm_calls", ""))
         table.add_row(row["workflow_id"], row["base_version"], row["new_version"], rationale.get("mode", ""),
                       mass, calls, row["state"])  # fmt: skip
+    for row in rejected:
+        edit = row["edit"]
+        table.add_row(row["workflow_id"], row["base_version"], "-", f"{edit['operator']} on {edit['node']}",
+                      "", "", row["state"], style="red")  # fmt: skip
     out.print(table)
+
+
+@patches.command()
+def approve(
+    patch: Annotated[str, typer.Argument(help="WORKFLOW@VERSION, as `cegraph patches list` shows it.")],
+) -> None:
+    """Let a patch whose edits carry free text be published (with CEGRAPH_REFINER__APPROVE_FREE_TEXT=true
+    such a patch waits for this). Read its edits first: `cegraph patches show WORKFLOW VERSION`. Through
+    the running daemon (it needs CEGRAPH_HTTP__TOKEN), else in the store."""
+    import getpass
+
+    from cegraph.daemon.cli_common import from_daemon, open_store
+    from cegraph.daemon.patch_outbox import ApprovalError, PatchOutbox
+
+    workflow, _, version = patch.rpartition("@")
+    if not workflow or not version:
+        fail(f"{patch!r} is not WORKFLOW@VERSION")
+    settings = settings_or_exit()
+    who = getpass.getuser()
+    if from_daemon(settings, f"/patches/{workflow}/{version}/approve", {"approved_by": who}) is None:
+        if not settings.store.path.exists():
+            fail(f"no store at {settings.store.path} (CEGRAPH_STORE__PATH)")
+        store = open_store(settings, read_only=False)
+        try:
+            PatchOutbox.configured(store, settings).approve(workflow, version, who)
+        except ApprovalError as error:
+            fail(str(error))
+        finally:
+            store.close()
+    out.print(f"approved: {workflow}@{version} (by {who}); the publisher sends it when nothing else holds it")
 
 
 @patches.command()
@@ -82,6 +126,12 @@ def show(
         out.print(f"mode          {rationale['mode']} ({terms})")
         edits = "; ".join(f"{e['operator']} on {e['node']} ({e['proposer']})" for e in rationale["edits"])
         out.print(f"edits         {edits}")
+        for edit in rationale["edits"]:  # the free text, for whoever approves it
+            for name in ("instruction", "required_keys"):
+                if edit.get(name):
+                    out.print(
+                        f"  {name} ({edit['operator']} on {edit['node']}): {edit[name]!r}", markup=False
+                    )
         out.print(
             f"verification  {check['pairs']} paired replays, {check['counterexamples']} counterexamples; "
             f"target mode {check['target_before']:.3f} -> {check['target_after']:.3f} "

@@ -29,6 +29,7 @@ PROPOSAL_REJECTED = "ProposalRejected"
 CANDIDATE_VERIFIED = "CandidateVerified"
 REFINEMENT_FINISHED = "RefinementFinished"
 PATCH_CREATED = "PatchCreated"
+PATCH_APPROVED = "PatchApproved"  # a human let a patch carrying free text be published
 PATCH_PUBLISHED = "PatchPublished"
 # the canary judge: CanaryDecided is the outbox of `cegraph.rollouts`, RolloutPublished marks it sent
 CANARY_STARTED = "CanaryStarted"

@@ -16,6 +16,7 @@ from cegraph.daemon.events import (
     MODE_MERGED,
     Event,
 )
+from cegraph.daemon.free_text_policy import RULES as TEXT_RULES
 from cegraph.daemon.sequential import Arm
 
 
@@ -219,6 +220,13 @@ class RefinementMetrics:
             "Proposed edits rejected (outside the grammar or the mode's scope, or not applicable).",
             ["proposer"], registry=r,
         )  # fmt: skip
+        self.text_rejected = Counter(
+            "cegraph_edits_rejected_by_text_policy_total",
+            "Proposed edits whose free text the text policy refused, by rule (URL, code, contact, ...).",
+            ["rule"], registry=r,
+        )  # fmt: skip
+        for rule in TEXT_RULES:
+            self.text_rejected.labels(rule)
         self.published = Counter(
             "cegraph_patches_published_total", "Patches published to the patches topic.", registry=r
         )
@@ -229,3 +237,5 @@ class RefinementMetrics:
         self.llm_calls.inc(finished["cost"]["llm_calls"])
         for proposer, count in finished.get("rejected", {}).items():
             self.rejected.labels(proposer).inc(count)
+        for rule, count in finished.get("text_rejected", {}).items():
+            self.text_rejected.labels(rule).inc(count)

@@ -27,9 +27,17 @@ from cegraph.daemon.events import (
     REFINEMENT_FINISHED,
     Event,
 )
+from cegraph.daemon.free_text_policy import screen_edit
 from cegraph.daemon.operators import EditRefused, apply_edit, cost
 from cegraph.daemon.patch_outbox import created
-from cegraph.daemon.proposers import Counterexample, ModeContext, Proposal, Proposals, Proposer
+from cegraph.daemon.proposers import (
+    MAX_EXCERPT,
+    Counterexample,
+    ModeContext,
+    Proposal,
+    Proposals,
+    Proposer,
+)
 from cegraph.daemon.registry import UnknownWorkflowError, WorkflowRegistry, version_key
 from cegraph.daemon.replay import ReplaySample, ReplayStore
 from cegraph.daemon.settings import RefinerSettings
@@ -61,7 +69,8 @@ class Job:
 class _Spent:
     calls: int = 0
     tokens: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)  # per proposer
+    text_rejected: Counter[str] = field(default_factory=Counter)  # per text policy rule
 
     def add_runs(self, outcomes: list[ShadowOutcome]) -> None:
         self.calls += sum(o.llm_calls for o in outcomes)
@@ -111,7 +120,7 @@ class Refiner:
 
         def finish(outcome: str, reason: str, extra: list[Event] = (), patch: WorkflowPatch | None = None):
             cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
-            return self._finish(job, outcome, reason, cost, extra, patch, spent.rejected)
+            return self._finish(job, outcome, reason, cost, extra, patch, spent)
 
         try:
             base = self.registry.get(job.workflow_id, job.workflow_version).spec
@@ -186,7 +195,8 @@ class Refiner:
         """End a job that raised: it is not run again (a job whose process died is)."""
         return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
 
-    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, rejected=None) -> dict[str, Any]:
+    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, spent=None) -> dict[str, Any]:
+        spent = spent or _Spent()
         payload = {
             "job_id": job.job_id,
             "workflow_id": job.workflow_id,
@@ -196,7 +206,8 @@ class Refiner:
             "reason": reason,
             "finished_at": time.time(),
             "cost": cost.model_dump(),
-            "rejected": dict(rejected or {}),
+            "rejected": dict(spent.rejected),
+            "text_rejected": dict(spent.text_rejected),
             "patch": None
             if patch is None
             else {"new_version": patch.new_version, "content_hash": patch.content_hash},
@@ -293,31 +304,51 @@ class Refiner:
         )
 
     async def _propose(self, job: Job, round_: int, context: ModeContext, spent: _Spent) -> list[Proposal]:
+        """Every proposer's edits; each edit's free text passes the text policy here, the one way from a
+        proposer to verification and so to a patch."""
         gathered = Proposals()
         for proposer in self.proposers:
             gathered.extend(await proposer.propose(context))
         spent.add_proposals(gathered)
         for rejection in gathered.rejections:
             self._reject(job, round_, spent, rejection.proposer, rejection.reason, rejection.excerpt)
-        return gathered.proposals
+        admitted = []
+        for proposal in gathered.proposals:
+            violation = screen_edit(context.spec, proposal.edit)
+            if violation is None:
+                admitted.append(proposal)
+                continue
+            spent.text_rejected[violation.rule] += 1
+            self._reject(
+                job, round_, spent, proposal.proposer, violation.reason, proposal.why[:MAX_EXCERPT],
+                text_policy={
+                    "rule": violation.rule,
+                    "base_version": context.spec.version,
+                    "edit": proposal.edit.model_dump(exclude_none=True),
+                    "rejected_at": time.time(),
+                },
+            )  # fmt: skip
+        return admitted
 
-    def _reject(self, job: Job, round_: int, spent: _Spent, proposer: str, reason: str, excerpt: str) -> None:
+    def _reject(
+        self,
+        job: Job,
+        round_: int,
+        spent: _Spent,
+        proposer: str,
+        reason: str,
+        excerpt: str,
+        *,
+        text_policy: dict[str, Any] | None = None,
+    ) -> None:
+        """A `ProposalRejected` event; `text_policy` (the rule, the edit and the version it was for) marks a
+        rejection by the text policy, which `cegraph patches list` shows."""
         spent.rejected[proposer] += 1
-        self.store.append(
-            [
-                Event(
-                    PROPOSAL_REJECTED,
-                    job.workflow_id,
-                    {
-                        "job_id": job.job_id,
-                        "round": round_,
-                        "proposer": proposer,
-                        "reason": reason,
-                        "excerpt": excerpt,
-                    },
-                )
-            ]
-        )
+        payload = {"job_id": job.job_id, "round": round_, "proposer": proposer, "reason": reason,
+                   "excerpt": excerpt}  # fmt: skip
+        if text_policy is not None:
+            payload["text_policy"] = text_policy
+        self.store.append([Event(PROPOSAL_REJECTED, job.workflow_id, payload)])
 
     def _failing_node(self, job: Job, sample: ReplaySample, spec: WorkflowSpec) -> str:
         """The node most counterexample failures are on (one of the spec's; else its output)."""

@@ -40,6 +40,7 @@ from cegraph.schemas.workflow import (
 )
 
 Track = Literal["stable", "canary", "shadow"]
+PROGRAM_KINDS = frozenset({"code", "programmer", "test"})  # nodes that run code in the sandbox
 TRACER_NAME = "cegraph.runtime"
 
 _OPERATIONS = {
@@ -273,9 +274,12 @@ class WorkflowRuntime:
         }  # fmt: skip
 
     def check(self, spec: WorkflowSpec) -> None:
-        """Refuse a spec that names tools this runtime does not have (or of the wrong sort)."""
+        """Refuse a spec that names tools this runtime does not have (or of the wrong sort), or that
+        runs programs where the sandbox cannot isolate them."""
         problems = []
         for node_id, node in spec.nodes.items():
+            if node.kind in PROGRAM_KINDS and (unavailable := self.sandbox.unavailable()) is not None:
+                problems.append(f"node {node_id!r} ({node.kind}) runs programs: {unavailable}")
             if node.kind == "tool" and not isinstance(self.tools.get(node.tool), Tool):
                 problems.append(f"node {node_id!r}: {node.tool!r} is not a registered tool")
             if node.kind == "retrieve" and not isinstance(self.tools.get(node.retriever), Retriever):

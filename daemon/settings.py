@@ -242,6 +242,11 @@ class RefinerSettings(_Group):
         description="Shadow target: the built-in runtime on the configured LLM, or your service's endpoint.",
     )
     shadow_url: str | None = Field(None, description="URL of the HTTP shadow endpoint (shadow=http).")
+    approve_free_text: bool = Field(
+        False,
+        description="Hold every patch whose edits carry free text (instructions, prompt rewrites) until "
+        "`cegraph patches approve` (docs/security.md).",
+    )
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> RefinerSettings:

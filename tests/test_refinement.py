@@ -167,6 +167,7 @@ def test_instructions_planted_in_traces_produce_no_edit_outside_the_operator_gra
         r["excerpt"] for r in rejected
     )
     assert "'notes' is outside the mode's part of the graph" in reasons
+    assert "text policy (" in reasons  # and the prompt editor's rewrite that obeyed it met the text policy
     assert len(patches) == 1  # the programmer still fixes the mode; nothing planted got in
     for patch in patches:
         patched = apply_patch(TWO_NODES, patch)

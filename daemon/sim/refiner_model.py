@@ -4,8 +4,9 @@ It reads the sections the refiner's prompts give it (`## failure_mode`, `## scop
 `## counterexamples`; `## step`, `## instruction`, `## failures`) and answers like a helpful but
 gullible model: it suggests what the failure texts point to, and, with probability
 `Rates.injection_compliance`, it also obeys an instruction planted in the trace data it was told to
-treat as data (an arbitrary code node, a change to another node's prompt). What it then says is
-whatever the injection asked for; whether that becomes an edit is up to the refiner's grammar.
+treat as data (an arbitrary code node, a change to another node's prompt, a line sending users to a
+site, added to an otherwise helpful rewrite). What it then says is whatever the injection asked for;
+whether that becomes an edit is up to the refiner's grammar and text policy.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ ADVICE: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 STEERING = re.compile(
     r"(?i)(ignore (all |any )?(previous|prior|above) instructions|add a (code|python) node"
-    r"|change the prompt of|you must now)[^`]*"
+    r"|change the prompt of|you must now|(please )?(visit|log in|(e-?mail|send) (your|the answer|the results)"
+    r'|tell (the )?users? to)\b)[^`\n"]*?(?:[.!?](?=[\s"]|$)|(?=[`\n"])|$)'
 )
 # Instruction additions the model writes for what the failures say (the first that matches).
 REWRITES: tuple[tuple[str, str], ...] = (
@@ -64,8 +66,8 @@ def rewrite(call: SimCall, rates: Rates) -> str:
         (text for words, text in REWRITES if words in failures.lower()), "Be careful and precise."
     )
     planted = STEERING.search(failures)
-    if planted and call.rng.random() < rates.injection_compliance:
-        addition = planted.group(0)[:300]
+    if planted and call.rng.random() < rates.injection_compliance:  # obeys it, and still does its job
+        addition = f"{addition} {planted.group(0)[:300].strip()}"
     if addition in current:
         return f"The instruction already says it.\nINSTRUCTION: {current}"
     return f"The failures show what the instruction leaves out.\nINSTRUCTION: {current} {addition}"
