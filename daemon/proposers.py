@@ -26,14 +26,11 @@ from typing import Any, Protocol
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from cegraph.daemon.llm import CallContext, LLMBackend, LLMError, Message
+from cegraph.daemon.llm import MAX_EXCERPT, CallContext, LLMBackend, LLMError, Message, fenced
 from cegraph.daemon.operators import OPERATORS, Edit, refusal
 from cegraph.schemas.workflow import WorkflowSpec
 
-MAX_EXCERPT = 1_500
-_EDITS = TypeAdapter(list[dict[str, Any]])
 _EDIT = TypeAdapter(Edit)
-_FENCE = re.compile(r"`{3,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +174,6 @@ class RuleProposer:
 
 
 # ------------------------------------------------------------------ LLM
-
-
-def fenced(text: str) -> str:
-    """Untrusted text as a data block it cannot close (backtick runs inside are broken up)."""
-    return "```data\n" + _FENCE.sub(lambda m: "`\u200b" * len(m.group(0)), text[:MAX_EXCERPT]) + "\n```"
 
 
 def _operator_guide() -> str:
