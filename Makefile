@@ -5,11 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
+LLM := $(BIN)/python ops/llm/local_llm.py
 
-.PHONY: setup promtool test lint format kafka-up kafka-down clean readme-settings bench demo demo-kafka
+.PHONY: setup promtool llm-env test lint format kafka-up kafka-down llm-up llm-down clean readme-settings \
+	bench demo demo-kafka
 
-## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
-setup: $(STAMP) promtool
+## setup: a .venv with cegraph installed editable, with the test extras, and the model venv of the
+## real-model tests (fast when nothing changed)
+setup: $(STAMP) promtool llm-env
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +31,11 @@ promtool:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 				apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 		else echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)"; fi; }
+
+## llm-env: .venv-llm, the model server's own venv: llama-cpp-python from a wheel compiled once into
+## ~/.cache/cegraph/llama (6 to 10 minutes the first time) and SmolLM2-135M (docs/real-model.md)
+llm-env: $(STAMP)
+	@$(LLM) setup >/dev/null
 
 ## demo: the whole loop in one process on the embedded default (SEED, DEMO_OUT to change them)
 SEED ?= 7
@@ -77,8 +85,15 @@ kafka-up: setup
 kafka-down: setup
 	@$(KAFKA) down
 
+## llm-up / llm-down: the local model server for manual use; prints its OpenAI-compatible base URL
+llm-up: setup
+	@$(LLM) up --detach
+
+llm-down: setup
+	@$(LLM) down
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-llm .pytest_cache .ruff_cache build *.egg-info
 
 ## readme-settings: regenerate the configuration table in README.md from the settings model
 readme-settings: setup

@@ -1,4 +1,5 @@
-"""Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to.
+"""Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to, and
+`llm_server` (tests/llm_server.py), the real model every real-model test talks to.
 
 Which broker, in order: `KAFKA_BOOTSTRAP_SERVERS` if set; a testcontainers Kafka when a Docker engine
 really answers; otherwise Apache Kafka started from its Maven Central jars (ops/kafka/local_kafka.py).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from llm_server import SERVERS_USED, llm_server  # noqa: F401 (a fixture for every test module)
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 BROKERS_USED: list[str] = []
@@ -105,16 +107,20 @@ def topic_name() -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "kafka_bootstrap" in getattr(item, "fixturenames", ()) or "kafka_broker" in getattr(
-            item, "fixturenames", ()
-        ):
+        fixtures = getattr(item, "fixturenames", ())
+        if "kafka_bootstrap" in fixtures or "kafka_broker" in fixtures:
             item.add_marker(pytest.mark.kafka)
+        if "llm_server" in fixtures:
+            item.add_marker(pytest.mark.llm)
 
 
 def pytest_report_header() -> list[str]:
-    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka tests {'must run' if IN_CI else 'may skip'})"]
+    must = "must run" if IN_CI else "may skip"
+    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka and real-model tests {must})"]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     for line in BROKERS_USED:
         terminalreporter.write_line(f"kafka: tests ran against {line}")
+    for line in SERVERS_USED:
+        terminalreporter.write_line(f"llm: tests ran against {line}")
