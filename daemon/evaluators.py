@@ -191,11 +191,18 @@ class JsonSchemaJudge:
             return _no_verdict(name, "bad_reference", "the reference is not a JSON object of expected fields")
         if not isinstance(data, dict):
             return _verdict(name, False, 0.0, "wrong fields: the output is not a JSON object")
-        wrong = [key for key, value in reference.items() if data.get(key) != value]
+        wrong = [key for key, value in reference.items() if not _same_json(data.get(key, _MISSING), value)]
         if not wrong:
             return _verdict(name, True, 1.0, "all fields correct")
         details = ", ".join(f"{key} is {data.get(key)!r}, expected {reference[key]!r}" for key in wrong[:5])
         return _verdict(name, False, 1 - len(wrong) / len(reference), f"wrong field: {details}")
+
+
+def _same_json(value: Any, expected: Any) -> bool:
+    """Equal as JSON: 3 is not 3.0 and 1 is not true (an integer field must hold an integer)."""
+    if value is _MISSING:
+        return False
+    return json.dumps(value, sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
 class CodeTestsJudge:

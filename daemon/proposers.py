@@ -246,6 +246,8 @@ def parse_edits(text: str, limit: int) -> list[tuple[Any, str | None]]:
         document = None
     if not isinstance(document, dict) or not isinstance(document.get("edits"), list):
         return [(text, 'not a JSON object {"edits": [...]}')]
+    if not document["edits"]:
+        return [(text, "the answer proposes no edit")]
     found: list[tuple[Any, str | None]] = []
     for index, entry in enumerate(document["edits"]):
         if index >= limit:
@@ -327,6 +329,7 @@ class PromptEditor:
                 )
                 continue
             if edit.instruction == node.prompt:
+                out.rejections.append(Rejection(self.name, "the instruction is unchanged", edit.instruction))
                 continue
             _admit(self.name, edit, context, f"edit_prompt on {node_id}: {completion.text[:200]}", out)
         return out
