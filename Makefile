@@ -63,7 +63,7 @@ format: setup
 	$(BIN)/ruff format .
 
 ## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory runs one part; figures go to
-## bench/results.json
+## bench/results.json. BENCH=real (the real model, about 30 minutes) runs only when asked for.
 BENCH ?= all
 bench: setup
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = ingest ]; then \
@@ -76,6 +76,8 @@ bench: setup
 		$(BIN)/python bench/bench_refinement.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = memory ]; then \
 		$(BIN)/python bench/bench_memory.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = real ]; then \
+		$(BIN)/python bench/bench_real.py --out bench/results.json; fi
 	$(BIN)/python bench/results_table.py bench/results.json
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address
