@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,6 +47,18 @@ INPUT = "input"
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 InputName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 Reference = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")]
+
+
+def regular_expression(value: str) -> str:
+    """A pattern that Python's `re` compiles (else the error, as a validation message)."""
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"not a regular expression: {error}") from None
+    return value
+
+
+RegularExpression = Annotated[str, StringConstraints(min_length=1), AfterValidator(regular_expression)]
 
 
 class _Strict(BaseModel):
@@ -123,16 +136,7 @@ class CodeParams(_Strict):
 
 class RouteRule(_Strict):
     label: str = Field(min_length=1)
-    pattern: str = Field(min_length=1, description="Python regular expression searched in the node's input.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from None
-        return value
+    pattern: RegularExpression = Field(description="Python regular expression searched in the node's input.")
 
 
 class RouteParams(_Strict):
@@ -328,17 +332,8 @@ class RegexCheck(_Evaluator):
     """The output matches (or, with `must_match` false, does not match) a regular expression."""
 
     kind: Literal["regex"]
-    pattern: str = Field(min_length=1, description="Python regular expression, searched in the output.")
+    pattern: RegularExpression = Field(description="Python regular expression, searched in the output.")
     must_match: bool = True
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from None
-        return value
 
 
 class JsonSchemaCheck(_Evaluator):

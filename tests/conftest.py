@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from llm_server import SERVERS_USED, llm_server  # noqa: F401 (a fixture for every test module)
+from needs import IN_CI, unavailable
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 BROKERS_USED: list[str] = []
 
 
@@ -37,12 +37,6 @@ def docker_engine_answers() -> bool:
     return result.returncode == 0
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"no Kafka broker under CI=true: {reason}", pytrace=False)
-    pytest.skip(f"no Kafka broker: {reason}")
-
-
 @pytest.fixture(scope="session")
 def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -57,7 +51,7 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
         try:
             container.start()
         except Exception as error:
-            _unavailable(f"testcontainers Kafka did not start: {error}")
+            unavailable("Kafka broker", f"testcontainers Kafka did not start: {error}")
         request.addfinalizer(container.stop)
         BROKERS_USED.append(f"testcontainers Kafka at {container.get_bootstrap_server()}")
         yield KafkaBroker(container.get_bootstrap_server(), "testcontainers")
@@ -71,7 +65,7 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
             break
         except KafkaStartError as error:
             if attempt == 2:
-                _unavailable(f"the local Apache Kafka did not start: {error}")
+                unavailable("Kafka broker", f"the local Apache Kafka did not start: {error}")
     request.addfinalizer(broker.stop)
     assert broker.process is not None
     BROKERS_USED.append(
@@ -92,10 +86,7 @@ TRAIL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "t
 def trail_dataset() -> Path:
     """The TRAIL GAIA split from ../shared/datasets; required under CI."""
     if not TRAIL_DATASET.exists():
-        message = f"TRAIL dataset not found at {TRAIL_DATASET}"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("TRAIL dataset", f"not found at {TRAIL_DATASET}")
     return TRAIL_DATASET
 
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from needs import unavailable
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 REQUEST_TIMEOUT_S = 900.0  # one request may wait behind others: the server answers one at a time
 MAX_TOKENS = 48  # a cap on every completion of a real-model test
 SERVERS_USED: list[str] = []
@@ -59,12 +59,6 @@ def _first_model(base_url: str) -> str:
         return json.load(response)["data"][0]["id"]
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"no model server under CI=true: {reason}", pytrace=False)
-    pytest.skip(f"no model server: {reason}")
-
-
 @pytest.fixture(scope="session")
 def llm_server(request: pytest.FixtureRequest) -> Iterator[ModelServer]:
     external = os.environ.get("CEGRAPH_TEST_LLM_URL")
@@ -72,7 +66,7 @@ def llm_server(request: pytest.FixtureRequest) -> Iterator[ModelServer]:
         try:
             model = os.environ.get("CEGRAPH_TEST_LLM_MODEL") or _first_model(external)
         except (OSError, ValueError, KeyError, IndexError) as error:
-            _unavailable(f"CEGRAPH_TEST_LLM_URL={external} lists no model: {error}")
+            unavailable("model server", f"CEGRAPH_TEST_LLM_URL={external} lists no model: {error}")
         SERVERS_USED.append(f"external model {model} at {external} (CEGRAPH_TEST_LLM_URL)")
         yield ModelServer(external.rstrip("/"), model, "external")
         return
@@ -82,7 +76,7 @@ def llm_server(request: pytest.FixtureRequest) -> Iterator[ModelServer]:
     try:
         base_url = server.start()
     except LLMStartError as error:
-        _unavailable(str(error))
+        unavailable("model server", str(error))
     request.addfinalizer(server.stop)
     assert server.process is not None
     SERVERS_USED.append(

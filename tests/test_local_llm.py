@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI
+from needs import alive, unavailable, wait_gone
 
 from local_llm import MODEL_ALIAS, model_venv
 
@@ -22,28 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "ops" / "llm" / "local_llm.py"
 
 
-def _alive(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "\nState:\tZ" not in status.read_text()
-
-
-def _wait_gone(pid: int, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.fixture
 def model_env() -> Path:
     python = model_venv() / "bin" / "python"
     if not python.exists():
-        message = f"no model venv at {python.parent.parent}: run `make setup`"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("model venv", f"{python.parent.parent} does not exist: run `make setup`")
     return python
 
 
@@ -75,11 +57,11 @@ def test_the_server_dies_when_its_owner_is_killed(model_env):
     )
     try:
         pid, url = owner.stdout.readline().split()
-        assert _alive(int(pid))
+        assert alive(int(pid))
         assert _complete(url)["choices"][0]["message"]["role"] == "assistant"
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=30)
-        assert _wait_gone(int(pid)), f"model server {pid} outlived its killed owner"
+        assert wait_gone(int(pid)), f"model server {pid} outlived its killed owner"
     finally:
         owner.kill()
 
@@ -102,4 +84,4 @@ def test_up_detach_leaves_a_server_that_down_stops_by_pid(model_env, tmp_path):
     finally:
         down = subprocess.run([sys.executable, str(RUNNER), "down"], capture_output=True, text=True, env=env)
     assert down.returncode == 0 and f"pid {state['pid']}" in down.stderr
-    assert _wait_gone(state["pid"]) and not (tmp_path / "state.json").exists()
+    assert wait_gone(state["pid"]) and not (tmp_path / "state.json").exists()

