@@ -39,6 +39,7 @@ from cegraph.schemas.workflow import (
 )
 
 MAX_EXPLANATION = 500
+MAX_SPECS = 256  # specs whose evaluators are kept built
 _MISSING = object()
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 _VERDICT = re.compile(r"^VERDICT:\s*(PASS|FAIL)\.?$", re.I)
@@ -63,11 +64,8 @@ def blame(result: ExecutionResult) -> str | None:
     return None
 
 
-def reference_part(reference: Any, path: str | None) -> Any:
-    """The value at a dotted path of the reference (`_MISSING` when it has none); the whole
-    reference without a path."""
-    if path is None:
-        return reference
+def reference_part(reference: Any, path: str) -> Any:
+    """The value at a dotted path of the reference (`_MISSING` when it has none)."""
     value = reference
     for key in path.split("."):
         if not isinstance(value, dict) or key not in value:
@@ -297,10 +295,9 @@ class SpecEvaluator:
             return []
         applicable = []
         for spec, judge in self.judges:
-            part = reference_part(self.reference, spec.reference)
-            if part is _MISSING or (spec.needs_reference() and part is None):
-                continue
-            applicable.append((spec, judge, part if spec.reference is not None else None))
+            part = None if spec.reference is None else reference_part(self.reference, spec.reference)
+            if spec.reference is None or part not in (_MISSING, None):
+                applicable.append((spec, judge, part))
         verdicts = await asyncio.gather(
             *(self._one(spec, judge, result, part) for spec, judge, part in applicable)
         )
@@ -340,6 +337,8 @@ class Evaluation:
         assert spec.content_hash is not None
         judges = self._judges.get(spec.content_hash)
         if judges is None:
+            if len(self._judges) >= MAX_SPECS:  # every candidate of a refinement job is a new spec
+                self._judges.clear()
             judges = self._judges[spec.content_hash] = [(e, self._judge(spec, e)) for e in spec.evaluators]
         return SpecEvaluator(judges, reference)
 

@@ -305,9 +305,6 @@ class _Evaluator(_Strict):
         "whose reference lacks it are not judged by this evaluator.",
     )
 
-    def needs_reference(self) -> bool:
-        return self.reference is not None
-
 
 class ExactCheck(_Evaluator):
     """The answer equals the reference text (whitespace collapsed; case ignored unless told)."""
