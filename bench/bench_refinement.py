@@ -31,6 +31,8 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -40,15 +42,18 @@ from results_file import report
 from cegraph.connectors.embedded import EmbeddedDaemon
 from cegraph.connectors.shadow_runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.demo import PHASES, WORKFLOW
-from cegraph.daemon.detector import FailureDetector
+from cegraph.daemon.detector import FailureDetector, ModeClassifier
+from cegraph.daemon.detector_stage import stored_modes
+from cegraph.daemon.llm import LLMBackend
 from cegraph.daemon.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
 from cegraph.daemon.proposers import FALLBACK, RULES
 from cegraph.daemon.registry import apply_patch
 from cegraph.daemon.replay import ReplayItem
 from cegraph.daemon.runtime import WorkflowRuntime
-from cegraph.daemon.settings import load_settings
-from cegraph.daemon.shadow import ShadowRunner
+from cegraph.daemon.settings import Settings, load_settings
+from cegraph.daemon.shadow import ShadowOutcome, ShadowRunner, ShadowTarget
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.sim.core import Task
 from cegraph.daemon.traffic import ExecutionIds, Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
@@ -57,18 +62,26 @@ T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 
 
 
 class Scorer:
-    """Runs a spec on fixed tasks through the built-in shadow runtime: failure rate and LLM calls."""
+    """Runs a spec on fixed tasks through a shadow target (by default the built-in runtime on the
+    simulated world): failure rate and LLM calls; `classifier` places the failures in modes."""
 
-    def __init__(self, world: SimWorld, tasks) -> None:
-        target = RuntimeShadowTarget(world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world))
-        self.runner = ShadowRunner(target, concurrency=16)
-        self.classifier = FailureDetector(load_settings().detector).classifier()  # modes are not needed
+    def __init__(
+        self, world: SimWorld, tasks, *, target: ShadowTarget | None = None, classifier=None, concurrency=16
+    ) -> None:
+        target = target or RuntimeShadowTarget(
+            world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world)
+        )
+        self.runner = ShadowRunner(target, concurrency=concurrency)
+        self.classifier = classifier or FailureDetector(load_settings().detector).classifier()
         self.items = [
             ReplayItem(f"task-{i}", 10_000 + i, task.input, "success", 1.0) for i, task in enumerate(tasks)
         ]
 
+    def outcomes(self, spec: WorkflowSpec) -> list[ShadowOutcome]:
+        return asyncio.run(self.runner.run(spec, self.items, self.classifier))
+
     def score(self, spec: WorkflowSpec) -> tuple[float, int]:
-        outcomes = asyncio.run(self.runner.run(spec, self.items, self.classifier))
+        outcomes = self.outcomes(spec)
         return sum(o.failed for o in outcomes) / len(outcomes), sum(o.llm_calls for o in outcomes)
 
 
@@ -119,43 +132,59 @@ def search(spec, scorer: Scorer, budget: int, retrievers, rng: random.Random, *,
     return spec, spent
 
 
-def failure_driven(seed: int, world: SimWorld, budget: int, folder: Path) -> tuple[WorkflowSpec, int]:
-    """cegraph's loop on recorded traffic; returns the final spec and the refinement calls spent."""
-    settings = load_settings(
-        store={"path": str(folder / "s.duckdb")}, llm={"sim_seed": seed}, publisher={"signing_key": "bench"},
-        detector={"cooldown_s": 0}, refiner={"cooldown_s": 0, "max_llm_calls": min(4_000, budget)},
-    )  # fmt: skip
+def failure_driven(
+    settings: Settings, world: SimWorld, spec: WorkflowSpec, tasks: Callable[[int], Task], budget: int, *,
+    llm: LLMBackend | None = None, evaluator_for=None, batch: int = 1_500, max_batches: int | None = None,
+    concurrency: int = 10_000,
+):  # fmt: skip
+    """cegraph's loop on recorded traffic (task `i` is `tasks(i)`, answered by `llm`, by default the
+    simulated one, and judged by `evaluator_for(spec, task)`, by default the world's judge)."""
     daemon = EmbeddedDaemon(settings)
-    spec = example_spec(WORKFLOW, tools=list(world.tools()))
     daemon.registry.register(spec)
     provider = TracerProvider(id_generator=ExecutionIds())
     provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
-    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
-    mix = TaskMix(world, FINAL_MIX, seed=seed)
-    spent, start, idle = 0, 0, 0
+    runtime = WorkflowRuntime(llm or world.llm(), provider, tools=world.tools())
+    judge = evaluator_for or (lambda spec, task: world.evaluator(task))
+    spent, start, idle, batches, finished = 0, 0, 0, 0, []
     try:
-        while spent < budget and idle < 2:
-            tasks = [mix(i) for i in range(start, start + 1_500)]
-            asyncio.run(_record(runtime, spec, tasks, world, start))
-            start += len(tasks)
+        while spent < budget and idle < 2 and (max_batches is None or batches < max_batches):
+            chunk = [tasks(i) for i in range(start, start + batch)]
+            asyncio.run(_record(runtime, spec, chunk, judge, start, concurrency))
+            start, batches = start + len(chunk), batches + 1
             daemon.pump(drain=True)
             jobs = daemon.refine()
+            finished += jobs
             spent += sum(job["cost"]["llm_calls"] for job in jobs)
             patches = daemon.publish()
             idle = 0 if patches else idle + 1
             for patch in patches:
                 if patch.base_version == spec.version:
                     spec = apply_patch(spec, patch)  # promoted: the next traffic runs it
+        return Loop(spec, spent, daemon.stage.classifier(), stored_modes(daemon.store), finished, start)
     finally:
         daemon.close()
-    return spec, spent
 
 
-async def _record(runtime, spec, tasks, world, start):
-    await asyncio.gather(*(
-        runtime.execute(spec, task.input, seed=start + offset, evaluator=world.evaluator(task))
-        for offset, task in enumerate(tasks)
-    ))  # fmt: skip
+@dataclass
+class Loop:
+    """What the failure-driven loop ended with."""
+
+    spec: WorkflowSpec
+    spent: int  # refinement calls (shadow runs and proposers); the recorded traffic is not charged
+    classifier: ModeClassifier  # the modes it found, frozen
+    modes: list[dict]
+    jobs: list[dict]  # RefinementFinished payloads
+    executions: int  # of recorded traffic
+
+
+async def _record(runtime, spec, tasks, judge, start, concurrency):
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(offset: int, task: Task) -> None:
+        async with slots:
+            await runtime.execute(spec, task.input, seed=start + offset, evaluator=judge(spec, task))
+
+    await asyncio.gather(*(one(offset, task) for offset, task in enumerate(tasks)))
 
 
 def run_seed(seed: int, budget: int, validation: int, test: int) -> dict:
@@ -169,8 +198,14 @@ def run_seed(seed: int, budget: int, validation: int, test: int) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="cegraph-bench-refinement-") as folder:
         started = time.perf_counter()
-        final, spent = failure_driven(seed, world, budget, Path(folder))
-        results["cegraph"] = (final, spent, time.perf_counter() - started)
+        settings = load_settings(
+            store={"path": str(Path(folder) / "s.duckdb")}, llm={"sim_seed": seed},
+            publisher={"signing_key": "bench"}, detector={"cooldown_s": 0},
+            refiner={"cooldown_s": 0, "max_llm_calls": min(4_000, budget)},
+        )  # fmt: skip
+        traffic = TaskMix(world, FINAL_MIX, seed=seed)
+        loop = failure_driven(settings, world, base, traffic, budget)
+        results["cegraph"] = (loop.spec, loop.spent, time.perf_counter() - started)
     for name, greedy in (("scalar", True), ("random", False)):
         started = time.perf_counter()
         final, spent = search(base, validation_scorer, budget, retrievers, random.Random(seed), greedy=greedy)

@@ -85,6 +85,23 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                 f"3x the scalar search: {refinement['ratio_to_scalar']:.1f}x",
             )
         )
+    if real := results.get("real"):
+
+        def mass(name: str) -> str:
+            method = real["methods"][name]
+            overall = method["failure_mass"]["any failure"]
+            return f"{overall['before']:.2f} -> {overall['after']:.2f} ({method['llm_calls']} calls)"
+
+        found.append(
+            (
+                real["command"],
+                f"held-out failure rate before -> after, {real['model']} on {real['test_tasks']} "
+                f"{real['family']} tasks (per mode in results.json)",
+                mass("cegraph"),
+                f"scalar search {mass('scalar')}; random {mass('random')}",
+                "",
+            )
+        )
     if memory := results.get("memory"):
         points = memory["checkpoints"]
         found.append(

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
+from cegraph.connectors.loop_client import LoopClient
 from cegraph.daemon.llm import (
     CallContext,
     Completion,
@@ -77,9 +78,15 @@ class OpenAIChatBackend:
         max_retries: int = 4,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        model: str | None = None,
+        max_tokens: int | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
+        """`model` replaces every caller's model name (one server, one model: llama.cpp, Ollama);
+        `max_tokens` caps every completion, and bounds those that asked for no limit."""
         self.provider = provider
+        self.model = model
+        self.max_tokens = max_tokens
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout_s)
@@ -87,7 +94,7 @@ class OpenAIChatBackend:
         self._max_retries = max_retries
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
-        self._client = client or httpx.AsyncClient()
+        self._client = LoopClient(client)
         self._jitter = random.Random()
 
     async def complete(
@@ -100,21 +107,23 @@ class OpenAIChatBackend:
         seed: int,
         context: CallContext,
     ) -> Completion:
+        model = self.model or model
         body: dict[str, Any] = {
             "model": model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
             "temperature": temperature,
             "seed": seed % 2**31,  # some servers (llama.cpp) take 32-bit seeds only
         }
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
+        limits = [limit for limit in (max_tokens, self.max_tokens) if limit is not None]
+        if limits:
+            body["max_tokens"] = min(limits)
         attempts = self._max_retries + 1
         failure = ""
         timed_out = False
         for attempt in range(attempts):
             wait: float | None = None
             try:
-                response = await self._client.post(
+                response = await self._client.get().post(
                     self.url, json=body, headers=self._headers, timeout=self._timeout
                 )
             except httpx.TimeoutException:

@@ -3,31 +3,38 @@
 Each replayed input runs with its recorded seed on a tracer provider of its own (never the global
 one, never the exporter that feeds production ingest); the spans are collected in memory and go
 through the OTLP protobuf codec, so the daemon reads them exactly as it reads spans from Kafka.
-Judging an output needs ground truth: `evaluator_for` gives the evaluator of a replayed input (the
-simulated world recomputes it from the input); without one only hard failures count.
+Judging an output needs ground truth: `evaluator_for` gives the evaluator of a replayed input: the
+simulated world's own judge (it recomputes the truth from the input), or the spec's evaluators
+against the item's reference (recorded feedback's `expected`, or a reference source such as the
+simulated task families' truth). Without one only hard failures count. The spec is the candidate's,
+and operators never edit evaluators, so both sides of a comparison are judged alike.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 
 from cegraph.connectors.otlp_codec import decode_proto
+from cegraph.daemon.evaluators import Evaluation
 from cegraph.daemon.llm import LLMBackend
 from cegraph.daemon.replay import ReplayItem
 from cegraph.daemon.runtime import Evaluator, WorkflowRuntime
 from cegraph.daemon.shadow import ShadowError
-from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.spans import SpanRecord
 from cegraph.daemon.tools import Retriever, Tool
 from cegraph.schemas.workflow import WorkflowSpec, WorkflowSpecError
 
-EvaluatorFor = Callable[[Mapping[str, Any]], Evaluator | None]
+if TYPE_CHECKING:
+    from cegraph.daemon.sim import SimWorld
+
+EvaluatorFor = Callable[[WorkflowSpec, ReplayItem], Evaluator | None]
+ReferenceOf = Callable[[Mapping[str, Any]], Any]
 
 
 class _ByTrace(SpanProcessor):
@@ -67,7 +74,7 @@ class RuntimeShadowTarget:
 
     async def run_spans(self, spec: WorkflowSpec, item: ReplayItem) -> list[ReadableSpan]:
         """The SDK's spans of the execution (what the HTTP reference endpoint serves)."""
-        evaluator = self.evaluator_for(item.input) if self.evaluator_for else None
+        evaluator = self.evaluator_for(spec, item) if self.evaluator_for else None
         try:
             result = await self.runtime.execute(
                 spec, item.input, seed=item.seed, track="shadow", evaluator=evaluator
@@ -80,8 +87,23 @@ class RuntimeShadowTarget:
 def sim_evaluator_for(world: SimWorld) -> EvaluatorFor:
     """Ground truth from the simulated world: it recognizes the task in the input."""
 
-    def evaluator_for(task_input: Mapping[str, Any]) -> Evaluator | None:
-        task = world.task_for_input(task_input)
+    def evaluator_for(spec: WorkflowSpec, item: ReplayItem) -> Evaluator | None:
+        task = world.task_for_input(item.input)
         return None if task is None else world.evaluator(task)
+
+    return evaluator_for
+
+
+def reference_evaluator_for(
+    evaluation: Evaluation, reference_of: ReferenceOf | None = None, *, feedback: bool = True
+) -> EvaluatorFor:
+    """The spec's evaluators, against the item's recorded reference (with `feedback`), else
+    `reference_of(input)`."""
+
+    def evaluator_for(spec: WorkflowSpec, item: ReplayItem) -> Evaluator | None:
+        reference = item.reference if feedback else None
+        if reference is None and reference_of is not None:
+            reference = reference_of(item.input)
+        return evaluation.evaluator(spec, reference)
 
     return evaluator_for

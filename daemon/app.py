@@ -20,17 +20,16 @@ from cegraph.connectors.http_reads import inspection_routes
 from cegraph.connectors.http_workflows import workflow_routes
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.connectors.kafka_source import KafkaIngestSource
-from cegraph.connectors.llm_openai import OpenAIChatBackend
+from cegraph.connectors.llm_config import shadow_llm
 from cegraph.connectors.otlp_codec import decoder_for, logs_decoder_for
 from cegraph.connectors.patch_publisher import KafkaPatchPublisher
 from cegraph.connectors.rollout_publisher import RolloutPublisher, judge_periodically
 from cegraph.connectors.shadow_http import HttpShadowTarget
-from cegraph.connectors.shadow_runtime import EvaluatorFor, RuntimeShadowTarget, sim_evaluator_for
+from cegraph.connectors.shadow_runtime import RuntimeShadowTarget
 from cegraph.daemon.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
 from cegraph.daemon.detector import FailureDetector
 from cegraph.daemon.detector_stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest import IngestPipeline
-from cegraph.daemon.llm import LLMBackend
 from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
 from cegraph.daemon.normalize import TextPolicy
 from cegraph.daemon.patch_outbox import PatchOutbox
@@ -41,9 +40,8 @@ from cegraph.daemon.registry import WorkflowRegistry
 from cegraph.daemon.replay import ReplayStore
 from cegraph.daemon.settings import Settings, is_loopback
 from cegraph.daemon.shadow import ShadowRunner, ShadowTarget
-from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
-from cegraph.daemon.tools import Retriever, Tool
+from cegraph.daemon.tools import Retriever
 
 log = logging.getLogger("cegraph")
 
@@ -89,21 +87,11 @@ def build_canary_judge(
     )
 
 
-def build_llm(settings: Settings) -> tuple[LLMBackend, dict[str, Tool | Retriever], EvaluatorFor | None]:
-    """The LLM of shadow runs and proposers, the tools shadow runs may call, and how a replayed
-    input is judged (the simulated world knows its ground truth; a real endpoint has no judge here)."""
-    if settings.llm.backend == "sim":
-        world = SimWorld(settings.llm.sim_seed)
-        return world.llm(), world.tools(), sim_evaluator_for(world)
-    key = settings.llm.api_key.get_secret_value() if settings.llm.api_key else None
-    return OpenAIChatBackend(settings.llm.base_url, api_key=key, timeout_s=settings.llm.timeout_s), {}, None
-
-
 def build_refinement(
     settings: Settings, store: EventStore, stage: DetectorStage, metrics: RefinementMetrics
 ) -> RefinementWorker:
     """Propose-and-Verify on a worker of its own (not started)."""
-    llm, tools, evaluator_for = build_llm(settings)
+    llm, tools, evaluator_for = shadow_llm(settings)
     refiner_settings = settings.refiner
     target: ShadowTarget = (
         HttpShadowTarget(refiner_settings.shadow_url, timeout_s=settings.llm.timeout_s)

@@ -75,6 +75,9 @@ def simulate(
 ) -> None:
     """Run simulated traffic through a workflow, split between a stable and a canary version.
 
+    The tasks come from the simulated families; they are answered by the simulated LLM, or with
+    CEGRAPH_LLM__BACKEND=openai by that endpoint and judged by the spec's evaluators.
+
     Follows the patches and rollout decisions published while it runs. Without --count or --duration
     it runs until Ctrl-C.
     """
@@ -97,12 +100,13 @@ def simulate(
     if tasks is None and family is None:
         fail(f"which task family does {stable.id} run? Pass --family ({', '.join(world.families)})")
     provider = TracerProvider(resource=Resource.create({"service.name": "cegraph-simulate"}))
-    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
+    llm, evaluator_for = _answered_by(settings, world)
+    runtime = WorkflowRuntime(llm, provider, tools=world.tools())
     try:
         generator = TrafficGenerator(
             runtime, world, stable, family=family, tasks=tasks, canary=canary_spec,
             canary_weight=canary_weight,
-            rate=parse_rate(rate), seed=seed, concurrency=concurrency,
+            rate=parse_rate(rate), seed=seed, concurrency=concurrency, evaluator_for=evaluator_for,
         )  # fmt: skip
     except ValueError as error:
         fail(str(error))
@@ -119,6 +123,18 @@ def simulate(
     _summary(generator.snapshot())
     if interrupted:
         raise typer.Exit(130)
+
+
+def _answered_by(settings: Settings, world):
+    """Who answers the tasks: the simulated LLM, judged by its world (sim); or the configured endpoint
+    (openai), judged by the spec's evaluators with the task's ground truth as the reference."""
+    if settings.llm.backend == "sim":
+        return world.llm(), None
+    from cegraph.connectors.llm_config import evaluation, openai_backend
+
+    llm = openai_backend(settings)
+    judges = evaluation(settings, llm)
+    return llm, lambda spec, task: judges.evaluator(spec, task.reference)
 
 
 def _mix(source: str, world, seed: int):

@@ -14,6 +14,7 @@ same number of executions per refinement step as a fast one, not more.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -55,11 +56,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Runs in a child before exec: the kernel sends it SIGTERM when the demo dies, even by SIGKILL, so
+    no daemon or traffic process of a demo outlives it."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class _Daemon:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.url = f"http://127.0.0.1:{env['CEGRAPH_HTTP__PORT']}"
         self._log = log.open("ab")
-        self.process = subprocess.Popen([CEGRAPH, "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [CEGRAPH, "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
 
     def get(self, path: str) -> Any:
         response = httpx.get(self.url + path, timeout=10)
@@ -169,7 +178,9 @@ class _Traffic:
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         with log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         self.paused = False
 
     def running(self) -> bool:

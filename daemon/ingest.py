@@ -15,6 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
 from pydantic import ValidationError
 
 from cegraph.daemon.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
@@ -89,10 +90,13 @@ def dead_letter_key(message: InMessage) -> str:
 
 
 def feedback_key(feedback: Feedback) -> str:
-    """What makes two feedback messages the same signal, wherever and however often they arrive."""
-    critique = hashlib.blake2b(feedback.critique.encode(), digest_size=8).hexdigest()
+    """What makes two feedback messages the same signal, wherever and however often they arrive: the
+    execution, the span, who said it, the verdict, and digests of the critique and the expected output
+    (a corrected expected output is a new signal)."""
+    said = orjson.dumps([feedback.critique, feedback.expected], option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.blake2b(said, digest_size=8).hexdigest()
     span = feedback.span_id or ""
-    return f"feedback/{feedback.trace_id}/{span}/{feedback.source}/{feedback.outcome}/{critique}"
+    return f"feedback/{feedback.trace_id}/{span}/{feedback.source}/{feedback.outcome}/{digest}"
 
 
 class PipelineNeedsReset(RuntimeError):

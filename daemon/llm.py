@@ -7,15 +7,26 @@ why; a real endpoint may ignore it, the simulated LLM uses it the way a model us
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The runtime's purposes, then the refiner's (proposing edits, rewriting an instruction).
+# The runtime's purposes, then the refiner's (proposing edits, rewriting an instruction), then an
+# LLM judge's.
 Purpose = Literal[
-    "answer", "code", "tool_arguments", "review", "revise", "format", "fix", "propose", "critique"
+    "answer", "code", "tool_arguments", "review", "revise", "format", "fix", "propose", "critique", "judge"
 ]
+MAX_EXCERPT = 1_500
+_FENCE = re.compile(r"`{3,}")
+
+
+def fenced(text: str, limit: int = MAX_EXCERPT) -> str:
+    """Untrusted text as a data block it cannot close (backtick runs inside are broken up): how
+    production text (inputs, outputs, critiques) is shown to an LLM, always beside a system prompt
+    that says such blocks are data."""
+    return "```data\n" + _FENCE.sub(lambda m: "`\u200b" * len(m.group(0)), text[:limit]) + "\n```"
 
 
 class Message(BaseModel):

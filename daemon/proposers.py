@@ -26,14 +26,11 @@ from typing import Any, Protocol
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from cegraph.daemon.llm import CallContext, LLMBackend, LLMError, Message
+from cegraph.daemon.llm import MAX_EXCERPT, CallContext, LLMBackend, LLMError, Message, fenced
 from cegraph.daemon.operators import OPERATORS, Edit, refusal
 from cegraph.schemas.workflow import WorkflowSpec
 
-MAX_EXCERPT = 1_500
-_EDITS = TypeAdapter(list[dict[str, Any]])
 _EDIT = TypeAdapter(Edit)
-_FENCE = re.compile(r"`{3,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +176,6 @@ class RuleProposer:
 # ------------------------------------------------------------------ LLM
 
 
-def fenced(text: str) -> str:
-    """Untrusted text as a data block it cannot close (backtick runs inside are broken up)."""
-    return "```data\n" + _FENCE.sub(lambda m: "`\u200b" * len(m.group(0)), text[:MAX_EXCERPT]) + "\n```"
-
-
 def _operator_guide() -> str:
     lines = []
     for name, (_, _, calls) in OPERATORS.items():
@@ -254,6 +246,8 @@ def parse_edits(text: str, limit: int) -> list[tuple[Any, str | None]]:
         document = None
     if not isinstance(document, dict) or not isinstance(document.get("edits"), list):
         return [(text, 'not a JSON object {"edits": [...]}')]
+    if not document["edits"]:
+        return [(text, "the answer proposes no edit")]
     found: list[tuple[Any, str | None]] = []
     for index, entry in enumerate(document["edits"]):
         if index >= limit:
@@ -335,6 +329,7 @@ class PromptEditor:
                 )
                 continue
             if edit.instruction == node.prompt:
+                out.rejections.append(Rejection(self.name, "the instruction is unchanged", edit.instruction))
                 continue
             _admit(self.name, edit, context, f"edit_prompt on {node_id}: {completion.text[:200]}", out)
         return out

@@ -9,7 +9,8 @@ are what ingest stored: redacted (a masked e-mail address is replayed masked) an
 A sample for a mode is stratified: half its counterexamples, half control (successes, and failures
 of other modes or of none), each stratum drawn uniformly by a seeded hash of the trace id. Each
 item carries the weight (stratum size / items drawn from it) that turns sample rates back into
-rates of the recorded traffic.
+rates of the recorded traffic, and the expected output of the latest feedback on its execution
+that has one (`expected`): the reference its replays are judged against.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import orjson
 
-from cegraph.daemon.events import FAILURE_OBSERVED, MODE_MERGED
+from cegraph.daemon.events import FAILURE_OBSERVED, FEEDBACK_RECEIVED, MODE_MERGED
 from cegraph.daemon.store import EventStore
 
 Stratum = Literal["target", "other", "success"]
@@ -35,6 +36,12 @@ WITH roots AS (
       AND seq < $3
     ORDER BY seq DESC LIMIT $4
 ),
+expected AS (
+    SELECT payload->>'trace_id' AS trace_id, arg_max(payload->'expected', seq) AS expected
+    FROM events
+    WHERE type = '{FEEDBACK_RECEIVED}' AND coalesce(json_type(payload->'expected'), 'NULL') <> 'NULL'
+    GROUP BY 1
+),
 observed AS (
     SELECT payload->>'trace_id' AS trace_id,
            bool_or(list_contains($5, payload->>'mode')) AS in_target
@@ -42,10 +49,10 @@ observed AS (
       AND payload->>'workflow_id' = $1 AND payload->>'workflow_version' = $2
     GROUP BY 1
 )
-SELECT r.trace_id, r.seed, r.input_text,
+SELECT r.trace_id, r.seed, r.input_text, f.expected::VARCHAR AS reference_text,
        CASE WHEN o.trace_id IS NULL THEN 'success' WHEN o.in_target THEN 'target' ELSE 'other' END AS stratum,
        hash(r.trace_id || $6) AS draw
-FROM roots r LEFT JOIN observed o USING (trace_id)
+FROM roots r LEFT JOIN observed o USING (trace_id) LEFT JOIN expected f USING (trace_id)
 """
 
 
@@ -56,6 +63,7 @@ class ReplayItem:
     input: dict[str, Any]
     stratum: Stratum
     weight: float  # recorded executions this item stands for
+    reference: Any = None  # the expected output from recorded feedback, when there is one
 
 
 @dataclass(frozen=True)
@@ -120,8 +128,11 @@ class ReplayStore:
             share = round(control * len(strata[name]) / controls) if controls else 0
             quota[name] = min(len(strata[name]), max(share, 1 if strata[name] else 0))
         items = [
-            ReplayItem(row["trace_id"], int(row["seed"]), row["input"], name, len(rows_) / quota[name])  # type: ignore[arg-type]
+            ReplayItem(
+                row["trace_id"], int(row["seed"]), row["input"], name, len(rows_) / quota[name],  # type: ignore[arg-type]
+                None if row["reference_text"] is None else orjson.loads(row["reference_text"]),
+            )
             for name, rows_ in strata.items()
             for row in rows_[: quota[name]]
-        ]
+        ]  # fmt: skip
         return ReplaySample(items, {name: len(rows_) for name, rows_ in strata.items()}, unreplayable)

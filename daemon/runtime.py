@@ -77,13 +77,17 @@ class CodeExecutionError(Exception):
 
 
 class EvaluationResult(BaseModel):
-    """A ground-truth evaluator's verdict on one execution."""
+    """One evaluator's verdict on one execution; `passed` is None when it could give none (a judge
+    that did not answer with a verdict, an endpoint that failed: `error_type` says which)."""
 
     name: str
-    passed: bool
-    score: float = Field(ge=0.0, le=1.0)
+    passed: bool | None
+    score: float | None = Field(None, ge=0.0, le=1.0)
     explanation: str = ""
     node_id: str | None = Field(None, description="The node the evaluator blames, when it can tell.")
+    error_type: str | None = None
+    llm_calls: int = Field(0, ge=0, description="Calls the evaluator itself made (an LLM judge's).")
+    tokens: int = Field(0, ge=0)
 
 
 class NodeRun(BaseModel):
@@ -110,20 +114,27 @@ class ExecutionResult(BaseModel):
     output: str | None
     nodes: list[NodeRun] = Field(description="In execution order, skipped nodes included.")
     error_type: str | None = None
-    evaluation: EvaluationResult | None = None
+    evaluations: list[EvaluationResult] = Field(default_factory=list)
 
     @property
     def failed(self) -> bool:
-        return self.error_type is not None or (self.evaluation is not None and not self.evaluation.passed)
+        return self.error_type is not None or any(e.passed is False for e in self.evaluations)
+
+    @property
+    def evaluation(self) -> EvaluationResult | None:
+        """The first failing verdict, else the first verdict."""
+        return next((e for e in self.evaluations if e.passed is False), None) or next(
+            iter(self.evaluations), None
+        )
 
     def node(self, node_id: str) -> NodeRun | None:
         return next((run for run in self.nodes if run.node_id == node_id), None)
 
 
 class Evaluator(Protocol):
-    """Judges an execution against the task's ground truth."""
+    """Judges an execution: the verdicts of the evaluators that apply to it (possibly none)."""
 
-    async def evaluate(self, result: ExecutionResult) -> EvaluationResult: ...
+    async def evaluate(self, result: ExecutionResult) -> list[EvaluationResult]: ...
 
 
 def exception_type(error: BaseException) -> str:
@@ -351,8 +362,9 @@ class WorkflowRuntime:
                 error_type=failed.error_type if failed else None,
             )
             if evaluator is not None:
-                result.evaluation = await evaluator.evaluate(result)
-                self._record_evaluation(result.evaluation, root, spans)
+                result.evaluations = await evaluator.evaluate(result)
+                for evaluation in result.evaluations:
+                    record_evaluation(evaluation, root, spans)
             if result.output is not None:
                 root.set_attribute("output.value", result.output)
             if failed is not None:
@@ -492,22 +504,6 @@ class WorkflowRuntime:
                     ]
                 ),
             )
-
-    @staticmethod
-    def _record_evaluation(
-        evaluation: EvaluationResult, root: Span, spans: Mapping[str, tuple[Span, int]]
-    ) -> None:
-        attributes = {
-            "gen_ai.evaluation.name": evaluation.name,
-            "gen_ai.evaluation.score.value": evaluation.score,
-            "gen_ai.evaluation.score.label": "pass" if evaluation.passed else "fail",
-            "gen_ai.evaluation.explanation": evaluation.explanation,
-        }
-        if evaluation.node_id in spans:
-            span, end_ns = spans[evaluation.node_id]
-            span.add_event("gen_ai.evaluation.result", attributes, timestamp=end_ns)
-        else:
-            root.add_event("gen_ai.evaluation.result", attributes)
 
     # Node kinds. Each returns the node's output text or raises; `inputs` are the resolved inputs.
 
@@ -674,6 +670,37 @@ class WorkflowRuntime:
         params = call.node.params
         text = "\n".join(inputs.values())
         return next((rule.label for rule in params.routes if re.search(rule.pattern, text)), params.default)
+
+
+def evaluation_attributes(evaluation: EvaluationResult) -> dict[str, Any]:
+    """A verdict as the attributes of a GenAI `gen_ai.evaluation.result` event. No verdict has no
+    label and no score, and an `error.type`, so nothing downstream counts it as a pass or a fail."""
+    attributes: dict[str, Any] = {
+        "gen_ai.evaluation.name": evaluation.name,
+        "gen_ai.evaluation.explanation": evaluation.explanation,
+    }
+    if evaluation.passed is not None:
+        attributes["gen_ai.evaluation.score.label"] = "pass" if evaluation.passed else "fail"
+    if evaluation.score is not None:
+        attributes["gen_ai.evaluation.score.value"] = evaluation.score
+    if evaluation.error_type is not None:
+        attributes["error.type"] = evaluation.error_type
+    if evaluation.llm_calls:
+        attributes["cegraph.evaluation.llm_calls"] = evaluation.llm_calls
+        attributes["cegraph.evaluation.tokens"] = evaluation.tokens
+    return attributes
+
+
+def record_evaluation(
+    evaluation: EvaluationResult, root: Span, spans: Mapping[str, tuple[Span, int]]
+) -> None:
+    """The verdict as an event on the span of the node it blames, else on the execution's root."""
+    attributes = evaluation_attributes(evaluation)
+    if evaluation.node_id in spans:
+        span, end_ns = spans[evaluation.node_id]
+        span.add_event("gen_ai.evaluation.result", attributes, timestamp=end_ns)
+    else:
+        root.add_event("gen_ai.evaluation.result", attributes)
 
 
 def _ask_again(messages: list[Message], reply: str, feedback: str) -> list[Message]:

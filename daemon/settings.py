@@ -194,12 +194,37 @@ class LLMSettings(_Group):
     )
     api_key: SecretStr | None = Field(None, description="API key of the endpoint (openai), if it needs one.")
     timeout_s: float = Field(60.0, gt=0, description="Time limit of one LLM request (openai).")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="Model asked in every request (openai), in place of the specs' and the proposers' "
+        "model names; unset: those names.",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on the tokens of any one completion (openai); requests without a limit get it.",
+    )
     proposer_model: str = Field(
         "sim-1", min_length=1, description="Model the LLM proposer and the prompt editor ask."
     )
     sim_seed: int = Field(
-        0, description="Seed of the simulated world (sim): the same as the traffic's `simulate --seed`."
+        0,
+        description="Seed of the simulated world (sim, and task_families references): the same as the "
+        "traffic's `simulate --seed`.",
     )
+
+
+class EvaluationSettings(_Group):
+    """How shadow runs on a real LLM are judged: the evaluators of the spec, against references."""
+
+    references: list[Literal["feedback", "task_families"]] = Field(
+        ["feedback"],
+        description="Where a replayed input's reference comes from: recorded feedback (`expected`); "
+        "task_families: the simulated families' ground truth, with their tools (the shipped examples "
+        "on a real model).",
+    )
+    http_timeout_s: float = Field(30.0, gt=0, description="Time limit of one HTTP evaluator call.")
 
 
 class RefinerSettings(_Group):
@@ -357,6 +382,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     refiner: RefinerSettings = Field(default_factory=RefinerSettings)
     publisher: PublisherSettings = Field(default_factory=PublisherSettings)
     canary: CanarySettings = Field(default_factory=CanarySettings)

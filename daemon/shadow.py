@@ -5,7 +5,7 @@ built-in runtime on the configured LLM (`connectors/shadow_runtime.py`) or the u
 behind an HTTP endpoint (`connectors/shadow_http.py`). The spans then take the production path:
 `normalize`, failure labelling, and the detector's modes (a frozen `ModeClassifier`), so a shadow
 failure is counted in the mode its production twin would be in. Calls and tokens are read from the
-spans too, so every target is costed the same way.
+spans too, so every target is costed the same way (an LLM judge's calls ride on its verdict events).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from cegraph.schemas.workflow import WorkflowSpec
 log = logging.getLogger("cegraph.shadow")
 
 LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
+EVALUATION_EVENT = "gen_ai.evaluation.result"
 
 
 class ShadowTarget(Protocol):
@@ -54,6 +55,11 @@ def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifie
     failures = classifier.classify(nodes)
     calls = sum(1 for node in nodes if node.operation in LLM_OPERATIONS)
     tokens = sum((node.input_tokens or 0) + (node.output_tokens or 0) for node in nodes)
+    for span in spans:  # an LLM judge's calls are the verifier's cost too
+        for event in span.events:
+            if event.name == EVALUATION_EVENT:
+                calls += int(event.attributes.get("cegraph.evaluation.llm_calls", 0))
+                tokens += int(event.attributes.get("cegraph.evaluation.tokens", 0))
     return ShadowOutcome(trace_id, bool(failures), frozenset(mode for _, mode in failures), calls, tokens)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
 from cegraph.daemon.registry import PatchError, apply_patch
-from cegraph.daemon.runtime import Track, WorkflowRuntime
+from cegraph.daemon.runtime import Evaluator, Track, WorkflowRuntime
 from cegraph.daemon.sim.core import Task, unit
 from cegraph.daemon.sim.world import SimWorld
 from cegraph.schemas.patch import WorkflowPatch
@@ -151,9 +151,11 @@ class TrafficGenerator:
         rate: float = 20.0,
         seed: int = 0,
         concurrency: int = 64,
+        evaluator_for: Callable[[WorkflowSpec, Task], Evaluator | None] | None = None,
     ) -> None:
-        """Task `i` is `tasks(i)`, or task `i` of `family`. Refuses (ValueError, or WorkflowSpecError
-        for a spec the runtime can't run) bad arguments."""
+        """Task `i` is `tasks(i)`, or task `i` of `family`; it is judged by `evaluator_for(spec, task)`
+        (by default the simulated world's judge). Refuses (ValueError, or WorkflowSpecError for a spec
+        the runtime can't run) bad arguments."""
         if (family is None) == (tasks is None):
             raise ValueError("give a task family or a task source, not both")
         if family is not None and family not in world.families:
@@ -172,6 +174,7 @@ class TrafficGenerator:
         self.runtime = runtime
         self.world = world
         self.tasks = tasks or (lambda index: world.task(family, index))
+        self.evaluator_for = evaluator_for or (lambda spec, task: world.evaluator(task))
         self.canary_weight = canary_weight
         self.rate = rate
         self.seed = seed
@@ -252,7 +255,7 @@ class TrafficGenerator:
             seed = int(unit("execution", self.seed, index) * 2**31)
             try:
                 result = await self.runtime.execute(
-                    spec, task.input, seed=seed, track=track, evaluator=self.world.evaluator(task)
+                    spec, task.input, seed=seed, track=track, evaluator=self.evaluator_for(spec, task)
                 )
             except Exception:
                 counts.errors += 1

@@ -1,7 +1,8 @@
 """The `cegraph.feedback` message: a late outcome signal for one execution.
 
 User thumbs-down, an offline evaluator's verdict or a human annotation: it names the execution by its
-trace id and, optionally, the span where it went wrong (the point of failure).
+trace id and, optionally, the span where it went wrong (the point of failure), and what the right
+output was when the signal knows it (so that replays of the execution can be judged).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 _SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -28,6 +29,11 @@ class Feedback(BaseModel):
         "unknown", max_length=200, description="Who said so: user, evaluator, annotation, ..."
     )
     created_at: datetime | None = Field(None, description="When the signal was produced.")
+    expected: JsonValue = Field(
+        None,
+        description="The correct output, when the signal knows it (a user's correction, an annotator's "
+        "answer): the reference the workflow's evaluators compare a replay of this execution with.",
+    )
 
     @field_validator("trace_id")
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,6 +47,18 @@ INPUT = "input"
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 InputName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 Reference = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")]
+
+
+def regular_expression(value: str) -> str:
+    """A pattern that Python's `re` compiles (else the error, as a validation message)."""
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"not a regular expression: {error}") from None
+    return value
+
+
+RegularExpression = Annotated[str, StringConstraints(min_length=1), AfterValidator(regular_expression)]
 
 
 class _Strict(BaseModel):
@@ -123,16 +136,7 @@ class CodeParams(_Strict):
 
 class RouteRule(_Strict):
     label: str = Field(min_length=1)
-    pattern: str = Field(min_length=1, description="Python regular expression searched in the node's input.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from None
-        return value
+    pattern: RegularExpression = Field(description="Python regular expression searched in the node's input.")
 
 
 class RouteParams(_Strict):
@@ -278,6 +282,116 @@ NODE_KINDS = (
 LLM_KINDS = frozenset(NODE_KINDS) - {"retrieve", "code", "route"}
 
 
+# ------------------------------------------------------------------ evaluators
+#
+# How an execution is judged. Reference checks compare the output with the execution's reference: a
+# JSON document that comes with the task or with recorded feedback (`expected`); each check reads the
+# part of it its `reference` path names, and judges only executions whose reference has that part.
+# An LLM judge and an HTTP evaluator (the user's own service) judge with or without one. Operators
+# never edit evaluators: a candidate is judged exactly as the spec it would replace.
+
+ReferencePath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+EvaluatorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
+
+
+class _Evaluator(_Strict):
+    kind: str  # narrowed to one literal by each evaluator class
+    name: EvaluatorName = Field(
+        description="The `gen_ai.evaluation.name` of its verdicts; unique in the spec."
+    )
+    reference: ReferencePath | None = Field(
+        None,
+        description="Dotted path of the part of the reference it compares with; when set, executions "
+        "whose reference lacks it are not judged by this evaluator.",
+    )
+
+
+class ExactCheck(_Evaluator):
+    """The answer equals the reference text (whitespace collapsed; case ignored unless told)."""
+
+    kind: Literal["exact"]
+    reference: ReferencePath
+    answer_line: bool = Field(True, description="Compare the last 'Answer:' line when the output has one.")
+    case_sensitive: bool = False
+
+
+class NumericCheck(_Evaluator):
+    """The answer is a number within a tolerance of the reference number."""
+
+    kind: Literal["numeric"]
+    reference: ReferencePath
+    answer_line: bool = Field(True, description="Read the last 'Answer:' line when the output has one.")
+    abs_tolerance: float = Field(0.0, ge=0)
+    rel_tolerance: float = Field(0.0, ge=0, le=1)
+
+
+class RegexCheck(_Evaluator):
+    """The output matches (or, with `must_match` false, does not match) a regular expression."""
+
+    kind: Literal["regex"]
+    pattern: RegularExpression = Field(description="Python regular expression, searched in the output.")
+    must_match: bool = True
+
+
+class JsonSchemaCheck(_Evaluator):
+    """The whole output is JSON valid under `json_schema`; with a reference object, its fields must
+    also equal the reference's (the score is the share that do)."""
+
+    kind: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(description="A JSON Schema (draft 2020-12) the output must satisfy.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _is_a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        try:
+            Draft202012Validator.check_schema(value)
+        except SchemaError as error:
+            raise ValueError(f"not a JSON Schema: {error.message}") from None
+        return value
+
+
+class CodeTestsCheck(_Evaluator):
+    """The code in the output passes tests (assert lines) run in the sandbox: the spec's `tests`, or
+    the list at the `reference` path."""
+
+    kind: Literal["code_tests"]
+    tests: list[str] = Field(default_factory=list, description="Assert statements, one per entry.")
+    timeout_s: float = Field(5.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _has_tests(self) -> CodeTestsCheck:
+        if not self.tests and self.reference is None:
+            raise ValueError("a code_tests evaluator needs `tests` or a `reference` path to them")
+        return self
+
+
+class LLMJudge(_Evaluator):
+    """An LLM grades the output by `criteria` (and the reference when there is one); its reply must
+    start with a line `VERDICT: PASS` or `VERDICT: FAIL`, anything else is no verdict."""
+
+    kind: Literal["llm_judge"]
+    criteria: str = Field(min_length=1, max_length=4_000, description="What a correct output must be.")
+    model: str | None = Field(None, description="The judge's model; the spec's default model when unset.")
+    max_tokens: int = Field(120, ge=8, le=4_000)
+
+
+class HttpEvaluator(_Evaluator):
+    """Your own service judges: cegraph POSTs the execution to `url` (docs/real-model.md, "Evaluators")."""
+
+    kind: Literal["http"]
+    url: str = Field(pattern=r"^https?://", description="http(s) URL of the evaluation endpoint.")
+
+
+EvaluatorSpec = Annotated[
+    ExactCheck | NumericCheck | RegexCheck | JsonSchemaCheck | CodeTestsCheck | LLMJudge | HttpEvaluator,
+    Field(discriminator="kind"),
+]
+EVALUATOR_KINDS = ("exact", "numeric", "regex", "json_schema", "code_tests", "llm_judge", "http")
+
+
 class WorkflowSpec(_Strict):
     """A versioned workflow graph; `content_hash` is sha256 over the canonical JSON of everything else."""
 
@@ -292,6 +406,9 @@ class WorkflowSpec(_Strict):
     output: NodeId = Field(description="The node whose output is the workflow's output.")
     nodes: dict[NodeId, Node] = Field(min_length=1)
     edges: list[Edge] = Field(default_factory=list)
+    evaluators: list[EvaluatorSpec] = Field(
+        default_factory=list, description="How an execution is judged (outside the operators' reach)."
+    )
     content_hash: str | None = Field(
         None,
         pattern=r"^sha256:[0-9a-f]{64}$",
@@ -319,8 +436,10 @@ class WorkflowSpec(_Strict):
         return self
 
     def canonical(self) -> dict[str, Any]:
-        """The spec as plain JSON data with every default spelled out (what patches apply to)."""
-        return self.model_dump(mode="json", exclude={"content_hash"})
+        """The spec as plain JSON data with every default spelled out (what patches apply to). A spec
+        without evaluators has no `evaluators` key, so its hash is the one it had before they existed."""
+        exclude = {"content_hash"} if self.evaluators else {"content_hash", "evaluators"}
+        return self.model_dump(mode="json", exclude=exclude)
 
     def predecessors(self, node_id: str) -> list[str]:
         return [edge.source for edge in self.edges if edge.target == node_id]
@@ -439,6 +558,11 @@ def graph_problems(spec: WorkflowSpec, tools: set[str] | None) -> list[str]:
         )
     for node_id, node in nodes.items():
         problems.extend(_node_problems(spec, node_id, node, successors, tools))
+    names = [evaluator.name for evaluator in spec.evaluators]
+    problems.extend(
+        f"evaluator {name!r}: the name is used by more than one evaluator"
+        for name in sorted({n for n in names if names.count(n) > 1})
+    )
     return problems
 
 
@@ -496,7 +620,8 @@ def describe(error: ValidationError) -> list[str]:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "union_tag_invalid":
             kind = item.get("ctx", {}).get("tag", "?")
-            message = f"unknown node kind {kind!r} (known kinds: {', '.join(NODE_KINDS)})"
+            what, known = ("evaluator", EVALUATOR_KINDS) if loc[0] == "evaluators" else ("node", NODE_KINDS)
+            message = f"unknown {what} kind {kind!r} (known kinds: {', '.join(known)})"
             loc = loc[:2]
         elif item["type"] == "union_tag_not_found":
             message = "the node has no 'kind'"
@@ -505,6 +630,9 @@ def describe(error: ValidationError) -> list[str]:
             rest = loc[3:] if len(loc) > 2 and loc[2] in NODE_KINDS else loc[2:]
             where = f"node {loc[1]!r}" + (f" ({'.'.join(rest)})" if rest else "")
             lines.append(f"{where}: {message}")
+        elif len(loc) >= 2 and loc[0] == "evaluators":
+            rest = loc[3:] if len(loc) > 2 and loc[2] in EVALUATOR_KINDS else loc[2:]
+            lines.append(f"evaluator {loc[1]}" + (f" ({'.'.join(rest)})" if rest else "") + f": {message}")
         elif loc:
             lines.append(f"{'.'.join(loc)}: {message}")
         else:

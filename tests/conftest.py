@@ -1,5 +1,6 @@
 """Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to, and
-`start_collector`, the real OpenTelemetry Collector in front of it.
+`start_collector`, the real OpenTelemetry Collector in front of it, and `llm_server` (tests/llm_server.py),
+the real model every real-model test talks to.
 
 Which broker, in order: `KAFKA_BOOTSTRAP_SERVERS` if set; a testcontainers Kafka when a Docker engine
 really answers; otherwise Apache Kafka started from its Maven Central jars (ops/kafka/local_kafka.py).
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from llm_server import SERVERS_USED, llm_server  # noqa: F401 (a fixture for every test module)
+from needs import IN_CI, unavailable
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 BROKERS_USED: list[str] = []
 
 
@@ -38,12 +40,6 @@ def docker_engine_answers() -> bool:
     return result.returncode == 0
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"no Kafka broker under CI=true: {reason}", pytrace=False)
-    pytest.skip(f"no Kafka broker: {reason}")
-
-
 @pytest.fixture(scope="session")
 def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -58,7 +54,7 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
         try:
             container.start()
         except Exception as error:
-            _unavailable(f"testcontainers Kafka did not start: {error}")
+            unavailable("Kafka broker", f"testcontainers Kafka did not start: {error}")
         request.addfinalizer(container.stop)
         BROKERS_USED.append(f"testcontainers Kafka at {container.get_bootstrap_server()}")
         yield KafkaBroker(container.get_bootstrap_server(), "testcontainers")
@@ -72,7 +68,7 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
             break
         except KafkaStartError as error:
             if attempt == 2:
-                _unavailable(f"the local Apache Kafka did not start: {error}")
+                unavailable("Kafka broker", f"the local Apache Kafka did not start: {error}")
     request.addfinalizer(broker.stop)
     assert broker.process is not None
     BROKERS_USED.append(
@@ -140,10 +136,7 @@ TRAIL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "t
 def trail_dataset() -> Path:
     """The TRAIL GAIA split from ../shared/datasets; required under CI."""
     if not TRAIL_DATASET.exists():
-        message = f"TRAIL dataset not found at {TRAIL_DATASET}"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("TRAIL dataset", f"not found at {TRAIL_DATASET}")
     return TRAIL_DATASET
 
 
@@ -160,11 +153,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kafka)
         if "collector_binary" in fixtures:
             item.add_marker(pytest.mark.collector)
+        if "llm_server" in fixtures:
+            item.add_marker(pytest.mark.llm)
 
 
 def pytest_report_header() -> list[str]:
     must = "must run" if IN_CI else "may skip"
-    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka and Collector tests {must})"]
+    return [f"cegraph: CI={'true' if IN_CI else 'false'} (Kafka, Collector and real-model tests {must})"]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -172,3 +167,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(f"kafka: tests ran against {line}")
     for line in COLLECTORS_USED:
         terminalreporter.write_line(f"collector: tests ran the OpenTelemetry Collector {line}")
+    for line in SERVERS_USED:
+        terminalreporter.write_line(f"llm: tests ran against {line}")

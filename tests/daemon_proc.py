@@ -18,6 +18,7 @@ from otel_traces import Message
 
 from cegraph.connectors.kafka_client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
+from local_service import die_with_parent
 
 CEGRAPH = str(Path(sys.executable).parent / "cegraph")
 PARTITIONS = 4
@@ -45,8 +46,9 @@ class Daemon:
     def start(self, timeout: float = 60) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [CEGRAPH, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+                [CEGRAPH, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,  # no daemon outlives a killed test
+            )  # fmt: skip
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -146,3 +147,25 @@ async def test_the_runtime_runs_unchanged_against_the_endpoint(server):
         11,
         3,
     )
+
+
+def test_one_backend_serves_successive_event_loops(server):
+    """The daemon runs each refinement job on an event loop of its own, with the same backend: pooled
+    connections of a finished loop must not be reused by the next one."""
+    server.httpd.RequestHandlerClass.protocol_version = "HTTP/1.1"  # keep-alive, so connections pool
+    backend = OpenAIChatBackend(server.url, max_retries=0)
+    options = {"model": "m", "temperature": 0.0, "max_tokens": 5, "seed": 1, "context": CONTEXT}
+    for _ in range(3):
+        assert asyncio.run(backend.complete(MESSAGES, **options)).text == "42"
+    assert len(server.requests) == 3
+
+
+async def test_the_model_override_and_the_token_cap_shape_every_request(server):
+    backend = OpenAIChatBackend(server.url, model="served-model", max_tokens=32)
+    await complete(backend, max_tokens=50)
+    await complete(OpenAIChatBackend(server.url, model="served-model", max_tokens=32), max_tokens=None)
+    await complete(OpenAIChatBackend(server.url, max_tokens=32), max_tokens=8)
+    bodies = [body for _, _, body in server.requests]
+    assert [(b["model"], b["max_tokens"]) for b in bodies] == [
+        ("served-model", 32), ("served-model", 32), ("local-model", 8)
+    ]  # fmt: skip

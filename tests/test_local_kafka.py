@@ -7,38 +7,20 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import pytest
-from conftest import IN_CI
+from needs import alive, unavailable, wait_gone
 
 from local_kafka import random_cluster_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _alive(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "\nState:\tZ" not in status.read_text()
-
-
-def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _java_available() -> None:
     import shutil
 
     if shutil.which("java") is None or shutil.which("mvn") is None:
-        if IN_CI:
-            pytest.fail("java and mvn are needed for the local Kafka broker", pytrace=False)
-        pytest.skip("java and mvn are needed for the local Kafka broker")
+        unavailable("local Kafka broker", "java and mvn are needed")
 
 
 def test_cluster_id_is_kafka_uuid_text():
@@ -65,10 +47,10 @@ def test_broker_dies_when_its_owner_is_killed(tmp_path):
     )
     try:
         java_pid = int(owner.stdout.readline())
-        assert _alive(java_pid)
+        assert alive(java_pid)
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=10)
-        assert _wait_gone(java_pid), f"broker {java_pid} outlived its killed owner"
+        assert wait_gone(java_pid), f"broker {java_pid} outlived its killed owner"
     finally:
         owner.kill()
 
@@ -81,7 +63,7 @@ def test_interrupted_test_run_stops_its_broker(tmp_path):
     )
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
-    env["PYTHONPATH"] = str(ROOT / "ops" / "kafka")
+    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / part) for part in ("ops/kafka", "ops/llm", "tests"))
     run = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", str(tmp_path / "test_sleeps.py")],
         stdout=subprocess.PIPE,
@@ -99,6 +81,6 @@ def test_interrupted_test_run_stops_its_broker(tmp_path):
         assert java_pids, "the inner run did not start a broker"
         run.send_signal(signal.SIGINT)
         run.wait(timeout=60)
-        assert all(_wait_gone(pid) for pid in java_pids)
+        assert all(wait_gone(pid) for pid in java_pids)
     finally:
         run.kill()

@@ -37,6 +37,7 @@ from cegraph.daemon.replay import ReplayItem, ReplayStore
 from cegraph.daemon.settings import IngestSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
+from cegraph.schemas.feedback import Feedback
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -226,3 +227,39 @@ def test_a_trigger_of_the_version_a_promotion_replaced_never_starts(tmp_path):
         assert (job.workflow_version, job.mode) == ("1.1.0", "m1")
     finally:
         store.close()
+
+
+def test_a_replayed_input_carries_the_latest_expected_output_its_feedback_gave(tmp_path):
+    settings = load_settings(store={"path": str(tmp_path / "s.duckdb")})
+    daemon = EmbeddedDaemon(settings)
+    try:
+        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(120), SimpleSpanProcessor(daemon.exporter())))
+        daemon.pump(drain=True)
+        [(mode,)] = daemon.store.query(
+            "SELECT DISTINCT payload->>'mode' FROM events WHERE type = 'ModeMassCrossed'"
+        )
+        traces = [t for (t,) in daemon.store.query("SELECT trace_id FROM executions ORDER BY trace_id")]
+        feedback = [
+            (traces[0], {"arithmetic": {"answer": 1}}),
+            (traces[0], {"arithmetic": {"answer": 2}}),  # the later correction wins
+            (traces[1], None),  # feedback without an expected output gives no reference
+            (traces[2], "Answer: 7"),
+        ]
+        messages = [
+            InMessage(
+                settings.kafka.feedback_topic, 0, offset,
+                Feedback(trace_id=trace, outcome="failed", expected=expected).model_dump_json().encode(),
+            )
+            for offset, (trace, expected) in enumerate(feedback)
+        ]  # fmt: skip
+        daemon.pipeline.handle(messages)
+        daemon.pipeline.flush(drain=True)
+        sample = ReplayStore(daemon.store, retention=10_000).sample(
+            "arithmetic-slip", "1.0.0", mode, 120, until_seq=daemon.stage.cursor
+        )
+    finally:
+        daemon.close()
+    references = {item.trace_id: item.reference for item in sample.items}
+    assert references[traces[0]] == {"arithmetic": {"answer": 2}}
+    assert references[traces[1]] is None and references[traces[2]] == "Answer: 7"
+    assert sum(reference is not None for reference in references.values()) == 2

@@ -322,7 +322,7 @@ async def test_bad_inputs_and_unregistered_tools_are_refused_before_any_span():
 
 
 class CrashingEvaluator:
-    async def evaluate(self, result: ExecutionResult) -> EvaluationResult:
+    async def evaluate(self, result: ExecutionResult) -> list[EvaluationResult]:
         raise RuntimeError("judge unavailable")
 
 

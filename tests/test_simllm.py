@@ -404,10 +404,11 @@ async def test_the_evaluators_pass_the_truth_and_fail_a_wrong_answer():
                 output=truth_output(world, task),
                 nodes=[NodeRun(node_id="n", kind="llm", status="ok")],
             )
-            verdict = await world.evaluator(task).evaluate(right)
+            [verdict] = await world.evaluator(task).evaluate(right)
             assert verdict.passed and verdict.score == 1.0, (family, verdict)
             wrong = right.model_copy(update={"output": "Answer: 7"})
-            assert not (await world.evaluator(task).evaluate(wrong)).passed
+            [verdict] = await world.evaluator(task).evaluate(wrong)
+            assert verdict.passed is False
 
 
 async def test_simllm_depends_only_on_its_inputs_and_seed():

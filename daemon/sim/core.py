@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from cegraph.daemon.evaluators import blame
 from cegraph.daemon.llm import CallContext, Message
-from cegraph.daemon.runtime import ANSWER_LINE, EvaluationResult, ExecutionResult, answer_key
+from cegraph.daemon.runtime import ANSWER_LINE, EvaluationResult, ExecutionResult
 from cegraph.daemon.tools import Retriever, Tool
 
 if TYPE_CHECKING:
@@ -91,6 +92,12 @@ class Task(BaseModel):
     input: dict[str, Any]
     truth: dict[str, Any]
     features: dict[str, Any] = Field(default_factory=dict, description="Difficulty descriptors.")
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """The truth as a reference for a spec's evaluators: `{family: truth}`, so each reference
+        check reads the family it is written for (e.g. `arithmetic.answer`)."""
+        return {self.family: self.truth}
 
 
 @dataclass
@@ -181,18 +188,6 @@ class Family(ABC):
             explanation=explanation,
             node_id=None if passed else blame(result),
         )
-
-
-def blame(result: ExecutionResult) -> str | None:
-    """The first node, in execution order, whose output already was the final (wrong) output or
-    gave its final answer: where the wrong answer came from, not the nodes that only passed it on."""
-    final = (result.output or "").strip()
-    key = answer_key(final)
-    for run in result.nodes:
-        output = run.output if run.status == "ok" else None
-        if output is not None and (output.strip() == final or answer_key(output) == key):
-            return run.node_id
-    return None
 
 
 def answer_of(text: str) -> str | None:

@@ -24,8 +24,8 @@ class TaskEvaluator:
     family: Family
     task: Task
 
-    async def evaluate(self, result: ExecutionResult) -> EvaluationResult:
-        return await self.family.evaluate(self.task, result)
+    async def evaluate(self, result: ExecutionResult) -> list[EvaluationResult]:
+        return [await self.family.evaluate(self.task, result)]
 
 
 class SimWorld:
@@ -64,6 +64,11 @@ class SimWorld:
             return None
         family, problem = recognized
         return Task(family=family.name, id="replayed", input=dict(task_input), truth=family.truth(problem))
+
+    def reference_for(self, task_input: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The reference of a task input for a spec's evaluators (`Task.reference`), or None."""
+        task = self.task_for_input(task_input)
+        return None if task is None else task.reference
 
     def tools(self) -> dict[str, Tool | Retriever]:
         return {tool.name: tool for family in self.families.values() for tool in family.tools()}

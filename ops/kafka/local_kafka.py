@@ -6,8 +6,8 @@ later run. Each broker gets a fresh temporary folder, free 127.0.0.1 ports and a
 ready only when it answers a metadata request.
 
 A broker started by a Python process dies with that process, even when the process is killed
-(Linux `PR_SET_PDEATHSIG`), so tests can't leave a JVM behind. `up --detach` is the exception,
-for manual use: it writes a state file that `down` reads to stop the broker by PID.
+(Linux `PR_SET_PDEATHSIG`, ops/local_service.py), so tests can't leave a JVM behind. `up --detach` is
+the exception, for manual use: it writes a state file that `down` reads to stop the broker by PID.
 
     python ops/kafka/local_kafka.py up [--detach]   # prints the bootstrap address
     python ops/kafka/local_kafka.py down
@@ -17,23 +17,30 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
-import ctypes
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Self
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # ops/: what the local services share
+
+from local_service import (  # noqa: E402
+    LocalProcess,
+    alive,
+    die_with_parent,
+    free_port,
+    running,
+    stop_pid,
+    stop_recorded,
+)
+
 POM = HERE / "pom.xml"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
 HEAP = os.environ.get("CEGRAPH_KAFKA_HEAP", "512m")
@@ -92,12 +99,6 @@ def ensure_jars() -> Path:
     return target
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def random_cluster_id() -> str:
     """Kafka's Uuid.toString: URL-safe base64 of 16 random bytes, without padding. Like Kafka's own
     `Uuid.randomUuid`, never one that starts with "-": the storage tool would read it as an option."""
@@ -105,39 +106,6 @@ def random_cluster_id() -> str:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cluster_id.startswith("-"):
             return cluster_id
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGKILL when the parent process dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-class LocalProcess:
-    """A service run as a child process with a work folder of its own (its config and logs): stopped
-    by PID, the folder removed unless asked to keep it. Subclasses start it."""
-
-    workdir: Path | None
-    process: subprocess.Popen[bytes] | None
-
-    def start(self) -> object:
-        raise NotImplementedError
-
-    def stop(self, *, keep_logs: bool = False) -> None:
-        if self.process is not None and self.process.poll() is None:
-            stop_pid(self.process.pid)
-            self.process.wait(timeout=30)
-        self.process = None
-        if self.workdir is not None and not keep_logs:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class LocalKafka(LocalProcess):
@@ -284,46 +252,15 @@ def sweep_stale_workdirs() -> None:
     """Remove the folders of brokers that died with a killed parent (their JVM is gone, the files stay)."""
     for folder in Path(tempfile.gettempdir()).glob("cegraph-kafka-*"):
         pid_file = folder / "broker.pid"
-        if pid_file.exists() and not _alive(int(pid_file.read_text() or 0)):
+        if pid_file.exists() and not alive(int(pid_file.read_text() or 0)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def stop_pid(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM (a clean shutdown), then SIGKILL if the JVM is still there after the grace time."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "\nState:\tZ" in status.read_text())
-
-
 def _up(detach: bool) -> int:
-    if STATE_FILE.exists():
-        state = json.loads(STATE_FILE.read_text())
-        if _alive(state["pid"]):
-            print(state["bootstrap_servers"])
-            print(f"local_kafka: already running (pid {state['pid']})", file=sys.stderr)
-            return 0
+    if state := running(STATE_FILE):
+        print(state["bootstrap_servers"])
+        print(f"local_kafka: already running (pid {state['pid']})", file=sys.stderr)
+        return 0
     broker = LocalKafka(detach=detach)
     broker.start()
     assert broker.process is not None and broker.workdir is not None
@@ -354,13 +291,11 @@ def _up(detach: bool) -> int:
 
 
 def _down() -> int:
-    if not STATE_FILE.exists():
+    state = stop_recorded(STATE_FILE)
+    if state is None:
         print("local_kafka: no broker is running", file=sys.stderr)
         return 0
-    state = json.loads(STATE_FILE.read_text())
-    stop_pid(state["pid"])
     shutil.rmtree(state["workdir"], ignore_errors=True)
-    STATE_FILE.unlink(missing_ok=True)
     print(f"local_kafka: stopped broker pid {state['pid']}", file=sys.stderr)
     return 0
 

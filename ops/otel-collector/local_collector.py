@@ -28,8 +28,8 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "kafka"))
-from local_kafka import LocalProcess, die_with_parent, free_port  # noqa: E402  (the sibling runner)
+sys.path.insert(0, str(HERE.parent))  # ops/: what the local services share
+from local_service import LocalProcess, die_with_parent, free_port  # noqa: E402
 
 MANIFEST = HERE / "manifest.yaml"
 BUILDER = "go.opentelemetry.io/collector/cmd/builder@v0.165.0"
