@@ -60,18 +60,41 @@ class TextPolicy:
         """Redact, then cut to `max_chars`: cutting first could split a secret into an unmatched prefix."""
         if not text:
             return ""
-        if self.redact:
-            # Only the head is redacted (long inputs are common); it must still fill `max_chars`
-            # plus the margin after masking, so that nothing unredacted slides into what is kept.
-            window = self.max_chars + REDACTION_MARGIN
-            head = redact(text[:window])
-            while window < len(text) and len(head) < self.max_chars + REDACTION_MARGIN:
-                window *= 2
-                head = redact(text[:window])
-            text = head + text[window:]
-        if len(text) > self.max_chars:
-            text = f"{text[: self.max_chars]}…[+{len(text) - self.max_chars} chars]"
-        return text
+        head = self._redacted_head(text, self.max_chars)
+        if len(head) > self.max_chars:
+            head = f"{head[: self.max_chars]}…[+{len(head) - self.max_chars} chars]"
+        return head
+
+    def apply_ends(self, text: str) -> str:
+        """Like `apply`, but a long text keeps its first quarter and its last three quarters.
+
+        An LLM call's input is the shared prompt first and what is new to the call (the latest
+        messages, the last tool observation) at the end: the end is what tells failures apart.
+        """
+        if not text:
+            return ""
+        whole = self._redacted_head(text, self.max_chars)
+        if len(whole) <= self.max_chars:
+            return whole
+        first = self.max_chars // 4
+        last = self.max_chars - first
+        end = self._redacted_head(text[::-1], last, reverse=True)[::-1][-last:] if last else ""
+        omitted = max(len(text) - first - last, 0)
+        return f"{whole[:first]}…[{omitted} chars]…{end}"
+
+    def _redacted_head(self, text: str, keep: int, *, reverse: bool = False) -> str:
+        """The text with at least its first `keep` characters (after masking) redacted."""
+        if not self.redact:
+            return text
+        # Only the head is redacted (long inputs are common); it must still fill `keep` plus the
+        # margin after masking, so that nothing unredacted slides into what is kept.
+        mask = (lambda t: redact(t[::-1])[::-1]) if reverse else redact
+        window = keep + REDACTION_MARGIN
+        head = mask(text[:window])
+        while window < len(text) and len(head) < keep + REDACTION_MARGIN:
+            window *= 2
+            head = mask(text[:window])
+        return head + text[window:]
 
 
 def _text(value: Any) -> str:
@@ -249,7 +272,7 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
         _int_or_none(input_tokens),
         _int_or_none(output_tokens),
         str(tool_name or ""),
-        policy.apply(
+        policy.apply_ends(
             _text(input_text)
             if input_text is not None
             else _indexed_messages(attributes, "llm.input_messages.")

@@ -59,6 +59,12 @@ def normalize_message(text: str) -> str:
     return _NUMBER.sub(" num ", text)
 
 
+def instance_free(node_id: str) -> str:
+    """A node id without the numbers that name one instance of it ("Step 7" -> "Step #"): the same step
+    of another iteration is the same place in the workflow."""
+    return _NUMBER.sub("#", node_id)
+
+
 def terms(text: str) -> list[str]:
     return _TOKEN.findall(normalize_message(text))
 
@@ -115,7 +121,9 @@ def describe(failure: Failure) -> SignatureParts:
         f"node={node.workflow_id}/{node.node_id}": 1.0,
         f"kind={node.kind}": 0.5,
         f"op={node.operation}": 0.3,
-        f"path={'/'.join(failure.path[-3:])}": 0.5,
+        f"path={'/'.join(instance_free(step) for step in failure.path[-3:])}": 0.5,
+        f"role={instance_free(failure.agent)}/{node.node_id}": 0.5,
+        f"call={failure.call}": 0.3,
         f"depth={min(failure.depth, 8)}": 0.2,
         f"sibling={min(failure.sibling_index, 5)}": 0.1,
         f"retries={min(failure.retries_before, 3)}": 0.3,
@@ -226,7 +234,7 @@ class SignatureFeaturizer:
 
     def idf(self, term: str) -> float:
         df = int(self.document_frequency[stable_hash(term) % DF_BUCKETS])
-        return math.log((self.documents + 1) / (df + 1)) + 1.0
+        return math.log((self.documents + 1) / (df + 1))
 
     def transform_one(
         self, failure: Failure, parts: SignatureParts | None = None, semantics: np.ndarray | None = None
