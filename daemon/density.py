@@ -24,9 +24,7 @@ per batch: the reclustering is the expensive part, and a batch is what the detec
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +50,18 @@ class TrackedMode:
     weight: float = 0.0  # decayed count of failures assigned
 
 
+class ModeIds:
+    """Mode ids m1, m2, ...; one allocator shared by the trackers of every workflow, so that an id
+    names one mode of one workflow."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def next(self) -> str:
+        self.last += 1
+        return f"m{self.last}"
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(x))
     return x / norm if norm > 0 else x
@@ -67,7 +77,7 @@ class MicroClusters:
         self.ticks = np.zeros(0, dtype=np.int64)
         self.ids = np.zeros(0, dtype=np.int64)
         self.tick = 0
-        self._ids: Iterator[int] = itertools.count()
+        self._next_id = 0
         self.moved: dict[int, int] = {}  # micro-cluster merged away -> the one it went into
 
     def __len__(self) -> int:
@@ -100,7 +110,8 @@ class MicroClusters:
             self.weights[row] = self.weights[row] * factor + 1.0
             self.ticks[row] = self.tick
             return int(self.ids[row])
-        new_id = next(self._ids)
+        new_id = self._next_id
+        self._next_id += 1
         self.centres = np.vstack([self.centres, x[None]])
         self.weights = np.append(self.weights, 1.0)
         self.ticks = np.append(self.ticks, self.tick)
@@ -168,7 +179,7 @@ class ModeTracker:
         half_life: float = 5_000,
         minimum_weight: float = 2.0,
         capacity: int = 400,
-        ids: Iterator[int] | None = None,
+        ids: ModeIds | None = None,
     ) -> None:
         self.decay = 2 ** (-1.0 / half_life)
         self.micro = MicroClusters(
@@ -178,7 +189,7 @@ class ModeTracker:
         self.minimum_weight = minimum_weight
         self.seen = 0
         self.modes: dict[str, TrackedMode] = {}
-        self._ids = ids if ids is not None else itertools.count(1)
+        self._ids = ids if ids is not None else ModeIds()
         self._micro_mode: dict[int, str] = {}
         self._pending: list[int] = []  # micro-cluster of each failure learned since the last assign()
 
@@ -258,7 +269,7 @@ class ModeTracker:
         for label, members in sorted(groups.items(), key=lambda item: min(item[1])):
             mode_id = owner.get(label)
             if mode_id is None:
-                mode_id = f"m{next(self._ids)}"
+                mode_id = self._ids.next()
                 self.modes[mode_id] = TrackedMode(mode_id, created_at=self.seen)
                 changes.append(ModeChange("emerged", mode_id))
             mode = self.modes[mode_id]

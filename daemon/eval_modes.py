@@ -94,7 +94,7 @@ def evaluate(
     policy: TextPolicy | None = None,
 ) -> list[Score]:
     executions, gold = load_executions(dataset, with_critique=with_critique, policy=policy or TextPolicy())
-    detector = FailureDetector(settings or DetectorSettings(), tracker=tracker_factory())
+    detector = FailureDetector(settings or DetectorSettings(), tracker_factory=lambda ids: tracker_factory())
     truth: list[str] = []
     online: list[str] = []
     names: list[str] = []
