@@ -234,7 +234,9 @@ class SignatureFeaturizer:
 
     def idf(self, term: str) -> float:
         df = int(self.document_frequency[stable_hash(term) % DF_BUCKETS])
-        return math.log((self.documents + 1) / (df + 1))
+        # Smoothed so that a term every failure has weighs almost nothing (what all failures share
+        # tells none apart), while the first failures of a stream still have a text of their own.
+        return math.log((self.documents + 1) / (df + 0.5))
 
     def transform_one(
         self, failure: Failure, parts: SignatureParts | None = None, semantics: np.ndarray | None = None
