@@ -174,9 +174,8 @@ def test_unusable_sets_are_one_line_errors(tmp_path: Path):
     (nowhere / "labels.jsonl").write_text('{"trace_id": "ab", "span_id": "cd", "category": "x"}\n')
     cases["nowhere"] = "0 labelled failures in 0 categories: nothing to score"
     single = plain_set(tmp_path / "single", traces=6)
-    lines = [
-        orjson.loads(line) | {"category": "same"} for line in (single / "labels.jsonl").read_bytes().splitlines()
-    ]
+    labels = (single / "labels.jsonl").read_bytes().splitlines()
+    lines = [orjson.loads(line) | {"category": "same"} for line in labels]
     (single / "labels.jsonl").write_bytes(b"\n".join(map(orjson.dumps, lines)))
     cases["single"] = "in 1 categories: nothing to score"
     broken = plain_set(tmp_path / "broken", traces=6)
