@@ -32,6 +32,8 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 
 NOISE = ""  # failures in micro-clusters too light to belong to a mode yet
+HASHED_MODE_DISTANCE = 0.7  # the cut for hashed-term signatures (see `ModeTracker`)
+EMBEDDED_MODE_DISTANCE = 0.5  # the cut for sentence-embedding signatures
 
 
 @dataclass(slots=True)
@@ -163,18 +165,22 @@ class ModeTracker:
     """Online micro-clusters underneath, modes from their agglomeration, stable mode ids on top.
 
     Distances are cosine distances between signatures (each is scaled to unit length), so the two
-    thresholds do not depend on how long the vectors are. `mode_distance` 0.7 joins groups whose
-    failures have an average cosine similarity above 0.3: failures of one node share the structure
-    block (about a quarter of a signature's squared length), so only shared semantics carry two
-    failures past it. `micro_radius` 0.1 keeps a micro-cluster to near-repeats of one failure, well
-    inside any mode. Both were chosen on synthetic streams with known modes and checked on TRAIL
-    (docs/modes.md).
+    thresholds do not depend on how long the vectors are. They are absolute, not relative to the
+    spread of the data: a workflow with one failure mode must keep it whole, and only an absolute
+    cut can tell one diffuse mode from many. `mode_distance` depends on the text features, through
+    how alike two unrelated failures are: with hashed terms (`HASHED_MODE_DISTANCE`, 0.7) unrelated
+    texts are orthogonal and failures of one node share the structure block (about a quarter of the
+    squared length), so groups join when their average similarity is above 0.3; with sentence
+    embeddings (`EMBEDDED_MODE_DISTANCE`, 0.5) unrelated texts already have a similarity of about
+    0.2, and the cut moves by that much. `micro_radius` 0.1 keeps a micro-cluster to near-repeats of
+    one failure, well inside any mode. The bake-off and the measurements behind the values are in
+    docs/modes.md.
     """
 
     def __init__(
         self,
         *,
-        mode_distance: float = 0.7,
+        mode_distance: float = HASHED_MODE_DISTANCE,
         micro_radius: float = 0.1,
         half_life: float = 5_000,
         minimum_weight: float = 2.0,
@@ -197,18 +203,25 @@ class ModeTracker:
         self.seen += 1
         self._pending.append(self.micro.learn_one(unit(np.asarray(x, dtype=np.float64))))
 
-    def classify(self, x: np.ndarray) -> str:
-        """The mode a point falls in, learning nothing: the mode of the nearest micro-cluster when the
-        point is within `mode_distance` of it (where the agglomeration would have joined it), else NOISE."""
-        row, distance = self.micro.nearest(unit(np.asarray(x, dtype=np.float64)))
-        if row < 0 or distance > self.mode_distance:
+    def classify(self, x: np.ndarray, exclude: int | None = None) -> str:
+        """The mode a point falls in, learning nothing: the mode of the nearest micro-cluster that is in
+        a mode, when the point is within `mode_distance` of it (where the agglomeration could have
+        joined it), else NOISE."""
+        if not self._micro_mode:
             return NOISE
-        return self._micro_mode.get(int(self.micro.ids[row]), NOISE)
+        in_mode = np.array([m in self._micro_mode and m != exclude for m in self.micro.ids.tolist()])
+        if not in_mode.any():
+            return NOISE
+        similarity = self.micro.directions()[in_mode] @ unit(np.asarray(x, dtype=np.float64))
+        best = int(np.argmax(similarity))
+        if 1.0 - float(similarity[best]) > self.mode_distance:
+            return NOISE
+        return self._micro_mode[int(self.micro.ids[in_mode][best])]
 
     def assign(self) -> tuple[list[str], list[ModeChange]]:
         """Recluster, update mode identities, and return the mode of each failure since the last call."""
         changes = self._recluster()
-        modes = [self._micro_mode.get(self.micro.resolve(micro), NOISE) for micro in self._pending]
+        modes = [self._mode_of_micro(self.micro.resolve(micro)) for micro in self._pending]
         self.micro.moved.clear()
         batch_decay = self.decay ** len(self._pending)
         for mode in self.modes.values():
@@ -218,6 +231,15 @@ class ModeTracker:
                 self.modes[mode_id].weight += 1.0
         self._pending = []
         return modes, changes
+
+    def _mode_of_micro(self, micro_id: int) -> str:
+        """A micro-cluster's mode; one in no mode (too light on its own) falls in the mode of its
+        nearest micro-cluster within `mode_distance`, as `classify` would place a failure there."""
+        mode = self._micro_mode.get(micro_id)
+        if mode is not None:
+            return mode
+        rows = np.flatnonzero(self.micro.ids == micro_id)
+        return self.classify(self.micro.directions()[rows[0]], exclude=micro_id) if len(rows) else NOISE
 
     def _groups(self) -> dict[int, dict[int, float]]:
         """Agglomerated micro-clusters heavy enough to be a mode: label -> {micro-cluster id: weight}."""
@@ -295,8 +317,8 @@ class ModeTracker:
         rows = np.isin(self.micro.ids, list(members))
         if not rows.any():
             return None
-        weights = self.micro.current_weights()[rows]
-        return unit((self.micro.directions()[rows] * weights[:, None]).sum(0))
+        factor = self.micro.decay ** (self.micro.tick - self.micro.ticks[rows])
+        return unit((self.micro.centres[rows] * factor[:, None]).sum(0))
 
     def state(self) -> dict[str, Any]:
         """Counts for metrics and the bounded-state benchmark."""

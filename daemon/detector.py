@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from cegraph.daemon.density import NOISE, ModeChange, ModeIds, ModeTracker
+from cegraph.daemon.density import (
+    EMBEDDED_MODE_DISTANCE,
+    HASHED_MODE_DISTANCE,
+    NOISE,
+    ModeChange,
+    ModeIds,
+    ModeTracker,
+    unit,
+)
 from cegraph.daemon.events import (
     FAILURE_OBSERVED,
     MASS_OBSERVED,
@@ -93,7 +101,7 @@ class ModeDescription:
             self.categories[category] += 1
         if centroid is not None:
             size = min(len(centroid), len(assignment.vector))
-            distance = float(np.linalg.norm(assignment.vector[:size] - centroid[:size]))
+            distance = float(np.linalg.norm(unit(assignment.vector[:size]) - centroid[:size]))
             self.exemplars.append((distance, failure.failure_id))
             self.exemplars.sort()
             del self.exemplars[EXEMPLARS:]
@@ -181,7 +189,8 @@ class FailureDetector:
         self.clock = clock
         self.embedder = _embedder(settings)
         self.ids = ModeIds()
-        self.tracker_factory = tracker_factory or (lambda ids: ModeTracker(ids=ids))
+        cut = EMBEDDED_MODE_DISTANCE if self.embedder is not None else HASHED_MODE_DISTANCE
+        self.tracker_factory = tracker_factory or (lambda ids: ModeTracker(mode_distance=cut, ids=ids))
         self.workflows: dict[str, WorkflowModes] = {}
         self.mode_workflow: dict[str, str] = {}  # live mode -> its workflow
         self.mass = MassTracker(settings.half_life_executions)

@@ -58,6 +58,14 @@ class VariantResult:
     scores: list[Score]
     categories: int
     errors: int
+    # (signature, category, workflow) of each labelled failure in stream order, for benchmarks
+    points: list[tuple[np.ndarray, str, str]] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant, "categories": self.categories, "errors": self.errors,
+            "scores": [asdict(s) for s in self.scores],
+        }  # fmt: skip
 
 
 @dataclass
@@ -69,7 +77,10 @@ class Evaluation:
     skipped: int = 0  # traces or labels left out (no span tree, a location naming no span)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "dataset": self.dataset, "seed": self.seed, "text_features": self.text_features,
+            "skipped": self.skipped, "variants": [v.as_dict() for v in self.variants],
+        }  # fmt: skip
 
 
 def purity(truth: list[str], predicted: list[str]) -> float:
@@ -164,6 +175,7 @@ def evaluate_variant(
         ],
         k,
         len(truth),
+        [(v, c, workflow[f.trace_id]) for v, c, f in zip(vectors, truth, failures, strict=True)],
     )
 
 

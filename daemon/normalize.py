@@ -79,6 +79,8 @@ class TextPolicy:
         first = self.max_chars // 4
         last = self.max_chars - first
         end = self._redacted_head(text[::-1], last, reverse=True)[::-1][-last:] if last else ""
+        space = end.find(" ", 0, 40)  # start the end at a word: half a word is a meaningless term
+        end = end[space + 1 :] if space >= 0 else end
         omitted = max(len(text) - first - last, 0)
         return f"{whole[:first]}…[{omitted} chars]…{end}"
 

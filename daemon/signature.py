@@ -101,8 +101,14 @@ def _message_text(value: str) -> str:
 
 
 def new_input(value: str) -> str:
-    """What is new to this span's input: the last message, not the shared system prompt before it."""
-    return _messages(value)[-1][-NEW_INPUT_CHARS:]
+    """What is new to this span's input: the last message, not the shared system prompt before it
+    (from a word boundary: a word cut in two is a rare, meaningless term)."""
+    last = _messages(value)[-1]
+    if len(last) <= NEW_INPUT_CHARS:
+        return last
+    tail = last[-NEW_INPUT_CHARS:]
+    space = tail.find(" ", 0, 40)
+    return tail[space + 1 :] if space >= 0 else tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +171,16 @@ def describe(failure: Failure) -> SignatureParts:
     return SignatureParts(structure, text_terms, traits, failure_text)
 
 
-def _hashed(features: dict[str, float], dim: int, weights: dict[int, float] | None = None) -> np.ndarray:
+def _signed(features: dict[str, float], dim: int) -> np.ndarray:
     vector = np.zeros(dim)
     for name, value in features.items():
         h = stable_hash(name)
-        scale = value * (weights.get(h % DF_BUCKETS, 1.0) if weights is not None else 1.0)
-        vector[h % dim] += scale if (h >> 32) & 1 else -scale
+        vector[h % dim] += value if (h >> 32) & 1 else -value
+    return vector
+
+
+def _hashed(features: dict[str, float], dim: int) -> np.ndarray:
+    vector = _signed(features, dim)
     norm = np.linalg.norm(vector)
     return vector / norm if norm > 0 else vector
 
@@ -219,7 +229,7 @@ class SignatureFeaturizer:
     def learn_one(self, failure: Failure, parts: SignatureParts | None = None) -> None:
         parts = parts or describe(failure)
         self.documents += 1
-        buckets = {stable_hash(term) % DF_BUCKETS for term in parts.text_terms}
+        buckets = {stable_hash(term) % DF_BUCKETS for term in (*parts.text_terms, *parts.structure)}
         self.document_frequency[list(buckets)] += 1
         node = failure.node
         key = f"{node.workflow_id}/{node.node_id}"
@@ -238,6 +248,17 @@ class SignatureFeaturizer:
         # tells none apart), while the first failures of a stream still have a text of their own.
         return math.log((self.documents + 1) / (df + 0.5))
 
+    def structure(self, features: dict[str, float]) -> np.ndarray:
+        """The structure block, each feature scaled by how specific it is in this stream: a place that
+        half the failures or fewer share counts fully, one that every failure shares (the only LLM
+        node of a single-node agent) counts for nothing, so it cannot tie unrelated failures together.
+        The block keeps the length it would have unscaled, at most 1."""
+        full = np.linalg.norm(_signed(features, STRUCTURE_DIM))
+        if full == 0:
+            return np.zeros(STRUCTURE_DIM)
+        scaled = {name: value * min(1.0, self.idf(name) / math.log(2)) for name, value in features.items()}
+        return _signed(scaled, STRUCTURE_DIM) / full
+
     def transform_one(
         self, failure: Failure, parts: SignatureParts | None = None, semantics: np.ndarray | None = None
     ) -> np.ndarray:
@@ -255,7 +276,7 @@ class SignatureFeaturizer:
             traits[2] = norm.zscore(max(node.end_ns - node.start_ns, 0) / 1e6)
         return np.concatenate(
             [
-                BLOCK_WEIGHTS["structure"] * _hashed(parts.structure, STRUCTURE_DIM),
+                BLOCK_WEIGHTS["structure"] * self.structure(parts.structure),
                 BLOCK_WEIGHTS["text"] * semantics,
                 BLOCK_WEIGHTS["traits"] * traits,
             ]
