@@ -103,9 +103,9 @@ def modes(as_json: JsonFlag = False) -> None:
     for row in rows:
         description = row.get("description") or {}
         trend = row.get("trend")
-        what = ", ".join(description.get("terms", [])[:5])
+        what = escape(description.get("label") or ", ".join(description.get("terms", [])[:5]))
         if description.get("category"):
-            what = f"[{description['category']}] {what}"
+            what = f"{what} [dim](TRAIL hint: {escape(description['category'])})[/]"
         mass, support = f"{row['mass']:.4f}", str(row["support"])
         trend_text = "" if trend is None else f"{trend:+.4f}"
         table.add_row(

@@ -44,8 +44,10 @@ from cegraph.daemon.trigger import DriftWatch, MassTrigger
 
 EXEMPLARS = 5
 TOP_TERMS = 8
+LABEL_TERMS = 3
 
-# A failure category is guessed only from unambiguous evidence, and only when most of a mode agrees.
+# A hint of the nearest category of TRAIL's taxonomy (`connectors/trail.py`), guessed only from
+# unambiguous evidence, and only when most of a mode agrees: display text, never used by the loop.
 CATEGORY_RULES: tuple[tuple[str, frozenset[str]], ...] = (
     ("Timeout Issues", frozenset({"timeout", "timeouterror", "timed"})),
     ("Rate Limiting", frozenset({"ratelimit", "ratelimiterror", "429"})),
@@ -87,14 +89,23 @@ class ModeDescription:
     categories: Counter[str] = field(default_factory=Counter)
     exemplars: list[tuple[float, str]] = field(default_factory=list)  # (distance to centre, failure id)
 
-    def add(self, assignment: Assignment, parts: SignatureParts, centroid: np.ndarray | None) -> None:
+    def add(
+        self,
+        assignment: Assignment,
+        parts: SignatureParts,
+        centroid: np.ndarray | None,
+        idf: Callable[[str], float] = lambda term: 1.0,
+    ) -> None:
+        """`idf` ranks a failure's terms by how specific they are, so the description's terms are
+        what sets the mode apart, not the words every failure has."""
         failure = assignment.failure
         node = failure.node
         self.failures += 1
         self.nodes[f"{node.workflow_id}/{node.node_id}"] += 1
         error = node.exception_type or node.error_type or failure.source
         self.errors[error] += 1
-        for term, weight in sorted(parts.text_terms.items(), key=lambda item: -item[1])[:TOP_TERMS]:
+        specific = {term: weight * idf(term) for term, weight in parts.text_terms.items()}
+        for term, weight in sorted(specific.items(), key=lambda item: -item[1])[:TOP_TERMS]:
             self.terms[term] += weight
         category = guess_category(parts)
         if category:
@@ -114,9 +125,20 @@ class ModeDescription:
         name, count = self.categories.most_common(1)[0]
         return name if count / self.failures >= CATEGORY_CONFIDENCE else None
 
+    def label(self) -> str:
+        """A short human label: the node, what it raised (or how it failed), the top terms."""
+        if not self.nodes:
+            return self.mode
+        node = self.nodes.most_common(1)[0][0].split("/", 1)[-1]
+        error = self.errors.most_common(1)[0][0] if self.errors else ""
+        words = [t.removeprefix("err=") for t, _ in self.terms.most_common(TOP_TERMS)]
+        words = [w for w in dict.fromkeys(words) if w != error.lower()][:LABEL_TERMS]
+        return f"{node}: {error}" + (f" ({', '.join(words)})" if words else "")
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "label": self.label(),
             "failures": self.failures,
             "node": self.nodes.most_common(1)[0][0] if self.nodes else "",
             "nodes": dict(self.nodes.most_common(3)),
@@ -242,7 +264,8 @@ class FailureDetector:
                 per_execution.setdefault(execution.trace_id, Counter())[mode] += 1
                 if mode != NOISE:
                     description = self.descriptions.setdefault(mode, ModeDescription(mode))
-                    description.add(assignment, parts, modes_of.tracker.modes[mode].centroid)
+                    centroid = modes_of.tracker.modes[mode].centroid
+                    description.add(assignment, parts, centroid, modes_of.featurizer.idf)
                 observed = {
                     "failure_id": failure.failure_id,
                     "trace_id": failure.trace_id,

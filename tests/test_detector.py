@@ -150,3 +150,12 @@ def test_two_workflows_with_the_same_failures_get_modes_of_their_own():
         assert row["description"]["node"].startswith(f"{row['workflow_id']}/")
     observed = [e.payload for e in events if e.type == FAILURE_OBSERVED and e.payload["mode"]]
     assert all(emerged[p["mode"]] == p["workflow_id"] for p in observed)
+
+
+def test_a_mode_has_a_short_label_naming_its_node_and_error():
+    detector = FailureDetector(settings())
+    run(detector, stream(2_000, 0, {"calc": 0.2, "search": 0.2}, seed=9))
+    labels = {row["description"]["label"] for row in detector.modes()}
+    assert any(label.startswith("calc: ValueError") for label in labels), labels
+    assert any(label.startswith("search: TimeoutError") and "request" in label for label in labels), labels
+    assert all(len(label) < 80 for label in labels)
