@@ -54,7 +54,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: benchmarks (not tests); BENCH=ingest|density|detection|refinement|memory runs one part; figures go to
+## bench: benchmarks (not tests); BENCH=ingest|density|modes|detection|refinement|memory runs one part; figures go to
 ## bench/results.json
 BENCH ?= all
 bench: setup
@@ -62,6 +62,8 @@ bench: setup
 		$(BIN)/python bench/bench_ingest.py --kafka --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = density ]; then \
 		$(BIN)/python bench/bench_density.py --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = modes ]; then \
+		$(BIN)/python bench/bench_modes.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = detection ]; then \
 		$(BIN)/python bench/bench_detection.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = refinement ]; then \

@@ -41,7 +41,9 @@ def scores_of(result: dict, variant: str) -> dict[str, dict]:
     }
 
 
-def test_gaia_online_modes_beat_span_names_and_are_deterministic(trail_dataset):
+def test_gaia_online_modes_are_deterministic_and_beat_span_names_on_ari(trail_dataset):
+    """On TRAIL-GAIA the online modes agree with the categories far more than span names do by ARI,
+    and more than chance by AMI (on AMI they trail both baselines: docs/modes.md)."""
     first = run_eval("--dataset", str(trail_dataset), "--taxonomy", "trail", "--json", hash_seed="1")
     assert first.returncode == 0, first.stderr
     second = run_eval("--dataset", str(trail_dataset), "--taxonomy", "trail", "--json", hash_seed="2")
@@ -52,7 +54,8 @@ def test_gaia_online_modes_beat_span_names_and_are_deterministic(trail_dataset):
         scores = scores_of(result, variant)
         online, by_name = scores["cegraph online, at arrival"], scores["(a) span name"]
         assert online["errors"] == by_name["errors"] == 547
-        assert online["ami"] > by_name["ami"] and online["ari"] > by_name["ari"], variant
+        assert online["ari"] > by_name["ari"] + 0.05 and online["ami"] > 0.1, variant
+        assert scores["cegraph online, at the end"]["ami"] > by_name["ami"], variant
         assert scores["(b) batch KMeans"]["clusters"] == 19
 
 
