@@ -7,9 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 from fss_fixtures import mechanism_stream, node, planted_stream, verdict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import adjusted_mutual_info_score, homogeneity_score
 
-from cegraph.daemon.density import NOISE, ModeTracker
+from cegraph.daemon.density import NOISE, MicroClusters, ModeTracker, unit
 from cegraph.daemon.failures import FeedbackSignal, label_failures
 from cegraph.daemon.signature import DIM, STRUCTURE_DIM, SignatureFeaturizer, describe, normalize_message
 
@@ -307,3 +309,24 @@ def test_semantics_take_the_new_part_of_the_input_and_unwrap_messages():
         and "retrying" in parts.text_terms
         and "role" not in parts.text_terms
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(-1, 1), min_size=4, max_size=4), min_size=1, max_size=60),
+    st.integers(min_value=2, max_value=8),
+)
+def test_micro_clusters_stay_within_capacity_and_lose_no_weight(points, capacity):
+    """The per-failure cost is bounded by `capacity`; merging the lightest keeps every failure's weight,
+    and every id handed out still leads to a live micro-cluster."""
+    micro = MicroClusters(radius=0.1, decay=1.0, capacity=capacity, fade_below=0.0)
+    handed = []
+    for point in points:
+        vector = np.array(point)
+        if np.linalg.norm(vector) < 1e-6:
+            continue
+        handed.append(micro.learn_one(unit(vector)))
+        assert len(micro) <= capacity
+    assert micro.current_weights().sum() == pytest.approx(len(handed))
+    live = set(micro.ids.tolist())
+    assert all(micro.resolve(micro_id) in live for micro_id in handed)
