@@ -411,10 +411,15 @@ def _member_names(path: Path) -> Iterator[tuple[str, ...]]:
 
 
 def trail_splits(path: str | Path) -> list[str]:
-    """The splits of a TRAIL-layout set: every `data/<split>/` that holds span files."""
-    return sorted(
-        {parts[-2] for parts in _member_names(Path(path)) if len(parts) >= 3 and parts[-3] == "data"}
-    )
+    """The splits of a TRAIL-layout set: every `data/<split>/` that holds span files, else (a set of
+    annotations only) every `processed_annotations_<split>/`."""
+    names = list(_member_names(Path(path)))
+    found = {parts[-2] for parts in names if len(parts) >= 3 and parts[-3] == "data"}
+    prefix = "processed_annotations_"
+    annotated = {
+        parts[-2].removeprefix(prefix) for parts in names if parts[-2:-1] and parts[-2].startswith(prefix)
+    }
+    return sorted(found or annotated)
 
 
 def resolve_split(path: str | Path, split: str | None) -> str:
@@ -425,7 +430,9 @@ def resolve_split(path: str | Path, split: str | None) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise TrailFormatError(f"{path}: no data/<split>/*.json: not a TRAIL-layout set")
+        raise TrailFormatError(
+            f"{path}: no data/<split>/*.json nor processed_annotations_<split>/*.json: not a TRAIL-layout set"
+        )
     raise TrailFormatError(f"{path}: several splits ({', '.join(found)}): choose one with --split")
 
 
