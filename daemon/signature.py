@@ -142,7 +142,7 @@ def describe(failure: Failure) -> SignatureParts:
         (failure.message, 1.5),
         (failure.critique, 1.5),
         (_message_text(node.output_text)[:OUTPUT_CHARS], 1.0),
-        (new_input(node.input_text), 1.0),
+        (new_input(node.input_text), 0.5),  # what the call was given weighs less than what it said
     ]
     failure_text = ". ".join(
         text.strip() for text, _ in (fields[1], fields[2], fields[0], fields[3], fields[4]) if text.strip()
