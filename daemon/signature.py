@@ -1,16 +1,18 @@
 """The Failure Signature Space: each failure becomes a point, where it failed and what it says.
 
-A signature is a dense vector of `DIM` floats in three blocks, each L2-normalised, then weighted
-(`BLOCK_WEIGHTS`):
+A signature is a dense vector of `DIM` floats in three blocks, weighted (`BLOCK_WEIGHTS`):
 
-- structure (32 dims, signed feature hashing; feature weight in brackets): `node` workflow/node id
-  (1.0), `kind` node kind (0.5), `op` operation (0.3), `path` the last three node ids from the root
-  (0.5), `depth` (0.2), `sibling` position among siblings (0.1), `retries` earlier siblings of the
-  same node (0.3), `source` error / truncated / evaluation / feedback (0.5), `tool` tool name (0.5).
-- semantics (96 dims, signed feature hashing of log TF x online IDF): terms of the error type and
-  exception class (x2, plus an `err=` feature), the normalised error message (x1.5), the critique
-  (x1.5), the span's output (x1) and the part of its input that is new to it, not the shared prompt
-  (x0.5).
+- structure (32 dims, signed feature hashing; feature weight in brackets, each scaled by how
+  specific the feature is in the stream, `SignatureFeaturizer.structure`; the block is at most unit
+  length): `node` workflow/node id (1.0), `kind` node kind (0.5), `op` operation (0.3), `path` the
+  last three node ids from the root without instance numbers (0.5), `role` the enclosing agent and
+  the node (0.5), `call` first / middle / last / only call of the node in the execution (0.3),
+  `depth` (0.2), `sibling` position among siblings (0.1), `retries` earlier siblings of the same
+  node (0.3), `source` error / truncated / evaluation / feedback (0.5), `tool` tool name (0.5).
+- semantics (96 dims, L2-normalised, signed feature hashing of log TF x online IDF, where a term
+  every failure has weighs almost nothing): terms of the error type and exception class (x2, plus an
+  `err=` feature), the normalised error message (x1.5), the critique (x1.5), the span's output (x1)
+  and the part of its input that is new to it, not the shared prompt (x0.5).
 - traits (8 dims): log input and output tokens, latency relative to the node's running norm
   (z-score, clipped to +-3), finish reason length / content filter / stop / other, has-exception.
 
