@@ -101,7 +101,7 @@ def main() -> dict:
                             "rss_mb": round(rss_mb(), 1),
                             "duckdb_mb": round(store_mb(path), 1),
                             "executions_per_s": round(sent / (time.perf_counter() - started)),
-                            "micro_clusters": stage.detector.tracker.state()["micro_clusters"],
+                            "micro_clusters": stage.detector.state()["micro_clusters"],
                             "duckdb_buffers_mb": round(
                                 store.query("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")[0][0]
                                 / 2**20,

@@ -333,9 +333,15 @@ def _validate(model: type[_Model], name: str, data: Any) -> _Model:
         raise TrailFormatError(f"{name}: not a TRAIL file: {problems}") from None
 
 
-def _parse_span_file(name: str, raw: bytes, stem: str) -> _SpanFile:
+def read_span_tree(name: str, raw: bytes) -> TrailTrace:
+    """One TRAIL span-tree file (`{trace_id, spans}`) on its own, without annotations."""
+    parsed = _parse_span_file(name, raw, None)
+    return TrailTrace(trace_id=parsed.trace_id, roots=parsed.spans, span_file=name)
+
+
+def _parse_span_file(name: str, raw: bytes, stem: str | None) -> _SpanFile:
     parsed = _validate(_SpanFile, name, _load_json(name, raw, lenient=False))
-    if parsed.trace_id != stem:
+    if stem is not None and parsed.trace_id != stem:
         raise TrailFormatError(f"{name}: trace_id {parsed.trace_id!r} differs from the file name")
     tree = TrailTrace(trace_id=parsed.trace_id, roots=parsed.spans)
     for span, parent in tree.iter_spans():
@@ -393,15 +399,55 @@ def _collect(path: Path, split: str) -> dict[str, dict[str, tuple[str, Callable[
     return found
 
 
-def iter_trail(path: str | Path, *, split: str = "GAIA") -> Iterator[TrailTrace]:
+def _member_names(path: Path) -> Iterator[tuple[str, ...]]:
+    if path.is_dir():
+        yield from (file.relative_to(path).parts for file in path.rglob("*.json"))
+        return
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            yield from (tuple(m.name.split("/")) for m in archive if m.isfile() and m.name.endswith(".json"))
+    except (tarfile.TarError, OSError) as error:
+        raise TrailFormatError(f"{path}: not a TRAIL folder or readable tar archive: {error}") from None
+
+
+def trail_splits(path: str | Path) -> list[str]:
+    """The splits of a TRAIL-layout set: every `data/<split>/` that holds span files, else (a set of
+    annotations only) every `processed_annotations_<split>/`."""
+    names = list(_member_names(Path(path)))
+    found = {parts[-2] for parts in names if len(parts) >= 3 and parts[-3] == "data"}
+    prefix = "processed_annotations_"
+    annotated = {
+        parts[-2].removeprefix(prefix) for parts in names if parts[-2:-1] and parts[-2].startswith(prefix)
+    }
+    return sorted(found or annotated)
+
+
+def resolve_split(path: str | Path, split: str | None) -> str:
+    """The split to read: `split` when given, else the only one the set has."""
+    if split is not None:
+        return split
+    found = trail_splits(path)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise TrailFormatError(
+            f"{path}: no data/<split>/*.json nor processed_annotations_<split>/*.json: not a TRAIL-layout set"
+        )
+    raise TrailFormatError(f"{path}: several splits ({', '.join(found)}): choose one with --split")
+
+
+def iter_trail(path: str | Path, *, split: str | None = None) -> Iterator[TrailTrace]:
     """Every trace of a TRAIL split (a `.tar.gz` or an extracted folder), by trace id.
 
-    A trace with annotations but no span tree is still yielded, with `has_span_tree` false, so callers
-    can report it; a trace with a span tree and no annotation file has no errors.
+    `split` names the `data/<split>/` folder (its annotations are in `processed_annotations_<split>/`,
+    lower case); without it the set must have exactly one split. A trace with annotations but no span
+    tree is still yielded, with `has_span_tree` false, so callers can report it; a trace with a span
+    tree and no annotation file has no errors.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"TRAIL dataset not found: {path}")
+    split = resolve_split(path, split)
     found = _collect(path, split)
     if not found["spans"] and not found["annotations"]:
         raise TrailFormatError(
@@ -811,7 +857,7 @@ def publish_trail(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     feedback_topic: str | None = None,
     with_critique: bool = False,
-    split: str = "GAIA",
+    split: str | None = None,
 ) -> PublishReport:
     """Send a TRAIL split to Kafka as the Collector's kafkaexporter would (`otlp_proto`).
 

@@ -64,7 +64,7 @@ def build_detector_stage(settings: Settings, store: EventStore, metrics: IngestM
     detector_metrics = DetectorMetrics(metrics.registry, max_modes=settings.detector.max_mode_series)
 
     def record(detector: FailureDetector, events: list) -> None:
-        detector_metrics.record(detector.modes(), detector.tracker.state()["micro_clusters"], events)
+        detector_metrics.record(detector.modes(), detector.state()["micro_clusters"], events)
 
     return DetectorStage(store, FailureDetector(settings.detector), on_batch=record)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cegraph.daemon.cli_common import (
@@ -114,9 +115,9 @@ def modes(as_json: JsonFlag = False) -> None:
     for row in rows:
         description = row.get("description") or {}
         trend = row.get("trend")
-        what = ", ".join(description.get("terms", [])[:5])
+        what = escape(description.get("label") or ", ".join(description.get("terms", [])[:5]))
         if description.get("category"):
-            what = f"[{description['category']}] {what}"
+            what = f"{what} [dim](TRAIL hint: {escape(description['category'])})[/]"
         mass, support = f"{row['mass']:.4f}", str(row["support"])
         trend_text = "" if trend is None else f"{trend:+.4f}"
         table.add_row(
@@ -146,7 +147,9 @@ def rebuild() -> None:
 @app.command("import-trail")
 def import_trail(
     dataset: Annotated[Path, typer.Option(help="TRAIL split: the .tar.gz or its extracted folder.")],
-    split: Annotated[str, typer.Option(help="Which split of the dataset.")] = "GAIA",
+    split: Annotated[
+        str | None, typer.Option(help="Which split of the dataset (default: the only one it has).")
+    ] = None,
     one_trace_per_message: Annotated[
         bool,
         typer.Option("--one-trace-per-message/--batched", help="As the collector's partition_traces_by_id."),
@@ -194,55 +197,61 @@ def import_trail(
 @app.command("eval-modes")
 def eval_modes(
     dataset: Annotated[
-        Path, typer.Option(help="Annotated trace set in the TRAIL format (.tar.gz or folder).")
+        Path,
+        typer.Option(
+            help="Annotated trace set: a TRAIL-layout split (.tar.gz or folder) or a plain-format folder "
+            "(labels.jsonl + traces/, docs/modes.md)."
+        ),
     ],
+    split: Annotated[
+        str | None, typer.Option(help="TRAIL split (data/<split>/); default: the only one the set has.")
+    ] = None,
+    taxonomy: Annotated[
+        str, typer.Option(help="'none': categories as given; 'trail': fold TRAIL's spelling variants.")
+    ] = "none",
+    seed: Annotated[int, typer.Option(help="Order of the executions and KMeans' start.")] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Score discovered failure modes against human categories (AMI, ARI, NMI, purity), beside baselines.
 
-    Runs the traces through the same online path as production; each annotated error arrives as
-    feedback naming its span, once without text from the annotation and once with its description
-    as the critique.
+    Runs the traces through the same online path as production; each label arrives as feedback
+    naming its span, once without its text (location only) and once with its critique.
     """
     settings = settings_or_exit()
-    from cegraph.connectors.trail import TrailFormatError
+    from cegraph.connectors.annotated import AnnotatedSetError
     from cegraph.daemon.eval_modes import evaluate
 
-    if not dataset.exists():
-        err.print(f"[bold red]cegraph:[/] no dataset at {dataset}")
-        raise typer.Exit(1)
-    results = {}
+    if taxonomy not in ("none", "trail"):
+        err.print(f"[bold red]cegraph:[/] --taxonomy must be 'none' or 'trail', not {taxonomy!r}")
+        raise typer.Exit(2)
     try:
-        for variant, with_critique in (("without critique", False), ("with critique", True)):
-            results[variant] = evaluate(dataset, with_critique=with_critique, settings=settings.detector)
-    except TrailFormatError as error:
-        err.print(f"[bold red]cegraph:[/] {error}", soft_wrap=True)
+        result = evaluate(dataset, split=split, taxonomy=taxonomy, seed=seed, settings=settings.detector)
+    except AnnotatedSetError as error:
+        err.print(f"[bold red]cegraph:[/] {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as error:  # an annotated set is outside data: one line, never a traceback
+        reason = escape(f"eval-modes failed on {dataset}: {type(error).__name__}: {error}")
+        err.print(f"[bold red]cegraph:[/] {reason}", soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
-        out.print_json(json.dumps({v: [s._asdict() for s in scores] for v, scores in results.items()}))
+        out.print_json(json.dumps(result.as_dict()))
         return
-    for variant, scores in results.items():
+    for variant in result.variants:
         table = Table(
-            "method",
-            "AMI",
-            "ARI",
-            "NMI",
-            "purity",
-            "clusters",
-            "errors",
-            title=f"modes vs categories, {variant}",
-        )
-        for s in scores:
+            "method", "AMI", "ARI", "NMI", "purity", "modes", "errors",
+            title=f"{result.dataset}, {variant.variant}: {variant.errors} labelled failures, "
+            f"{variant.categories} categories, seed {result.seed}",
+        )  # fmt: skip
+        for s in variant.scores:
             table.add_row(
-                s.method,
-                f"{s.ami:.3f}",
-                f"{s.ari:.3f}",
-                f"{s.nmi:.3f}",
-                f"{s.purity:.3f}",
-                str(s.clusters),
+                s.method, f"{s.ami:.3f}", f"{s.ari:.3f}", f"{s.nmi:.3f}", f"{s.purity:.3f}", str(s.clusters),
                 str(s.errors),
-            )
+            )  # fmt: skip
         out.print(table)
+    if result.skipped:
+        out.print(
+            f"{result.skipped} traces or labels were left out (no span tree, or a span that is not there)"
+        )
 
 
 app.command()(simulate)

@@ -1,13 +1,22 @@
 """Streaming failure density over the FSS, with stable mode ids.
 
-The density is River's DBSTREAM (chosen by measurement, see bench/bench_density.py and the README):
-micro-clusters with time decay (`fading_factor` per failure), joined into macro-clusters through their
-shared density. DBSTREAM relabels its macro-clusters on every reclustering, so the daemon never sees
-its labels: `ModeTracker` gives each macro-cluster a stable mode id by the micro-clusters it is made
-of. A macro-cluster keeps the id of the earlier mode it shares most micro-cluster weight with; when
-two modes end up in one macro-cluster, the one sharing more weight (the older on a tie) keeps its id
-and the other merges into it; a macro-cluster that shares
-nothing with an earlier mode is a new mode; a mode whose micro-clusters have all faded fades.
+Two levels, chosen by the bake-off in bench/bench_modes.py (docs/modes.md):
+
+- micro-clusters, online (`MicroClusters`): each failure joins the nearest centre within `micro_radius`
+  (cosine distance) or starts one. Weights decay (`half_life` failures), so old modes fade. The count
+  is bounded (`capacity`): past it the lightest micro-cluster is merged into its nearest neighbour, so
+  the per-failure cost is one distance to at most `capacity` centres.
+- modes, at every `assign()`: average-linkage agglomerative clustering (scikit-learn) of the
+  micro-cluster centres, cut at `mode_distance` (cosine). A group whose decayed weight reaches
+  `minimum_weight` is a mode; lighter groups are noise. The cut is a distance, not a number of modes:
+  the daemon does not know how many modes there are, and a new one must be free to appear.
+
+`ModeTracker` gives each group a stable mode id by the micro-clusters it is made of. A group keeps
+the id of the earlier mode it shares most micro-cluster weight with; when two modes end up in one
+group, the one sharing more weight (the older on a tie) keeps its id and the other merges into it; a
+group that shares nothing with an earlier mode is a new mode; a mode whose micro-clusters have all
+faded fades. Mode ids come from an `ids` allocator that may be shared by several trackers (one per
+workflow), so an id names one mode of one workflow.
 
 Failures are learned one by one and assigned to modes in batches (`assign()`), after one reclustering
 per batch: the reclustering is the expensive part, and a batch is what the detector commits at once.
@@ -15,15 +24,16 @@ per batch: the reclustering is the expensive part, and a batch is what the detec
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from river import cluster
+from sklearn.cluster import AgglomerativeClustering
 
 NOISE = ""  # failures in micro-clusters too light to belong to a mode yet
+HASHED_MODE_DISTANCE = 0.7  # the cut for hashed-term signatures (see `ModeTracker`)
+EMBEDDED_MODE_DISTANCE = 0.5  # the cut for sentence-embedding signatures
 
 
 @dataclass(slots=True)
@@ -42,64 +52,177 @@ class TrackedMode:
     weight: float = 0.0  # decayed count of failures assigned
 
 
-def _as_dict(vector: np.ndarray) -> dict[int, float]:
-    return {i: float(v) for i, v in enumerate(vector) if v != 0.0}
+class ModeIds:
+    """Mode ids m1, m2, ...; one allocator shared by the trackers of every workflow, so that an id
+    names one mode of one workflow."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def next(self) -> str:
+        self.last += 1
+        return f"m{self.last}"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(x))
+    return x / norm if norm > 0 else x
+
+
+class MicroClusters:
+    """Fixed-radius micro-clusters of unit vectors with decayed weights, at most `capacity` of them."""
+
+    def __init__(self, *, radius: float, decay: float, capacity: int, fade_below: float) -> None:
+        self.radius, self.decay, self.capacity, self.fade_below = radius, decay, capacity, fade_below
+        self.centres = np.zeros((0, 0))  # rows: sums of the unit vectors, decayed like the weights
+        self.weights = np.zeros(0)
+        self.ticks = np.zeros(0, dtype=np.int64)
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.tick = 0
+        self._next_id = 0
+        self.moved: dict[int, int] = {}  # micro-cluster merged away -> the one it went into
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def current_weights(self) -> np.ndarray:
+        return self.weights * self.decay ** (self.tick - self.ticks)
+
+    def directions(self) -> np.ndarray:
+        norms = np.linalg.norm(self.centres, axis=1, keepdims=True)
+        return self.centres / np.maximum(norms, 1e-12)
+
+    def nearest(self, x: np.ndarray) -> tuple[int, float]:
+        """Row of the nearest centre and its cosine distance; (-1, inf) when there is none."""
+        if not len(self):
+            return -1, float("inf")
+        similarity = self.directions() @ x
+        row = int(np.argmax(similarity))
+        return row, 1.0 - float(similarity[row])
+
+    def learn_one(self, x: np.ndarray) -> int:
+        """Absorb a unit vector; the id of the micro-cluster it went into."""
+        self.tick += 1
+        if self.centres.shape[1] != len(x):
+            self._resize(len(x))
+        row, distance = self.nearest(x)
+        if row >= 0 and distance <= self.radius:
+            factor = self.decay ** (self.tick - self.ticks[row])
+            self.centres[row] = self.centres[row] * factor + x
+            self.weights[row] = self.weights[row] * factor + 1.0
+            self.ticks[row] = self.tick
+            return int(self.ids[row])
+        new_id = self._next_id
+        self._next_id += 1
+        self.centres = np.vstack([self.centres, x[None]])
+        self.weights = np.append(self.weights, 1.0)
+        self.ticks = np.append(self.ticks, self.tick)
+        self.ids = np.append(self.ids, new_id)
+        if len(self) > self.capacity:
+            self._merge_lightest(keep=new_id)
+        return new_id
+
+    def _resize(self, dim: int) -> None:
+        """A signature of another width (another featurizer) cannot be compared: start over."""
+        self.centres = np.zeros((0, dim))
+        self.weights, self.ticks, self.ids = np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, np.int64)
+
+    def _merge_lightest(self, keep: int) -> None:
+        weights = self.current_weights()
+        candidates = weights.copy()
+        candidates[self.ids == keep] = np.inf
+        row = int(np.argmin(candidates))
+        directions = self.directions()
+        similarity = directions @ directions[row]
+        similarity[row] = -np.inf
+        into = int(np.argmax(similarity))
+        factor = self.decay ** (self.tick - self.ticks)
+        self.centres[into] = self.centres[into] * factor[into] + self.centres[row] * factor[row]
+        self.weights[into] = weights[into] + weights[row]
+        self.ticks[into] = self.tick
+        self.moved[int(self.ids[row])] = int(self.ids[into])
+        self._drop(np.array([row]))
+
+    def fade(self) -> None:
+        """Forget micro-clusters whose decayed weight fell below `fade_below`."""
+        gone = np.flatnonzero(self.current_weights() < self.fade_below)
+        if len(gone):
+            self._drop(gone)
+
+    def _drop(self, rows: np.ndarray) -> None:
+        keep = np.ones(len(self), dtype=bool)
+        keep[rows] = False
+        self.centres, self.weights = self.centres[keep], self.weights[keep]
+        self.ticks, self.ids = self.ticks[keep], self.ids[keep]
+
+    def resolve(self, micro_id: int) -> int:
+        while micro_id in self.moved:
+            micro_id = self.moved[micro_id]
+        return micro_id
 
 
 class ModeTracker:
-    """DBSTREAM underneath, stable mode ids on top."""
+    """Online micro-clusters underneath, modes from their agglomeration, stable mode ids on top.
+
+    Distances are cosine distances between signatures (each is scaled to unit length), so the two
+    thresholds do not depend on how long the vectors are. They are absolute, not relative to the
+    spread of the data: a workflow with one failure mode must keep it whole, and only an absolute
+    cut can tell one diffuse mode from many. `mode_distance` depends on the text features, through
+    how alike two unrelated failures are: with hashed terms (`HASHED_MODE_DISTANCE`, 0.7) unrelated
+    texts are orthogonal and failures of one node share the structure block (about a quarter of the
+    squared length), so groups join when their average similarity is above 0.3; with sentence
+    embeddings (`EMBEDDED_MODE_DISTANCE`, 0.5) unrelated texts already have a similarity of about
+    0.2, and the cut moves by that much. `micro_radius` 0.1 keeps a micro-cluster to near-repeats of
+    one failure, well inside any mode. The bake-off and the measurements behind the values are in
+    docs/modes.md.
+    """
 
     def __init__(
         self,
         *,
-        clustering_threshold: float = 1.05,
+        mode_distance: float = HASHED_MODE_DISTANCE,
+        micro_radius: float = 0.1,
         half_life: float = 5_000,
-        intersection_factor: float = 0.3,
         minimum_weight: float = 2.0,
-        cleanup_interval: int = 200,
+        capacity: int = 400,
+        ids: ModeIds | None = None,
     ) -> None:
-        self.model = cluster.DBSTREAM(
-            clustering_threshold=clustering_threshold,
-            fading_factor=1.0 / half_life,
-            cleanup_interval=cleanup_interval,
-            intersection_factor=intersection_factor,
-            minimum_weight=minimum_weight,
-        )
-        self.radius = clustering_threshold
         self.decay = 2 ** (-1.0 / half_life)
+        self.micro = MicroClusters(
+            radius=micro_radius, decay=self.decay, capacity=capacity, fade_below=minimum_weight / 8
+        )
+        self.mode_distance = mode_distance
+        self.minimum_weight = minimum_weight
         self.seen = 0
         self.modes: dict[str, TrackedMode] = {}
-        self.next_id = 1
+        self._ids = ids if ids is not None else ModeIds()
         self._micro_mode: dict[int, str] = {}
         self._pending: list[int] = []  # micro-cluster of each failure learned since the last assign()
 
     def learn_one(self, x: np.ndarray) -> None:
-        point = _as_dict(x)
-        self.model.learn_one(point)
         self.seen += 1
-        self._pending.append(self._nearest_micro(point))
+        self._pending.append(self.micro.learn_one(unit(np.asarray(x, dtype=np.float64))))
 
-    def _nearest_micro(self, point: dict[int, float]) -> int:
-        best, best_distance = -1, math.inf
-        for micro_id, micro in self.model.micro_clusters.items():
-            distance = self.model._distance(point, micro.center)
-            if distance < best_distance:
-                best, best_distance = micro_id, distance
-        return best
-
-    def classify(self, x: np.ndarray) -> str:
-        """The mode a point falls in, learning nothing: the mode of the nearest micro-cluster when the
-        point is within its radius (where DBSTREAM would absorb it), else NOISE."""
-        point = _as_dict(x)
-        micro = self._nearest_micro(point)
-        if micro < 0 or self.model._distance(point, self.model.micro_clusters[micro].center) > self.radius:
+    def classify(self, x: np.ndarray, exclude: int | None = None) -> str:
+        """The mode a point falls in, learning nothing: the mode of the nearest micro-cluster that is in
+        a mode, when the point is within `mode_distance` of it (where the agglomeration could have
+        joined it), else NOISE."""
+        if not self._micro_mode:
             return NOISE
-        return self._micro_mode.get(micro, NOISE)
+        in_mode = np.array([m in self._micro_mode and m != exclude for m in self.micro.ids.tolist()])
+        if not in_mode.any():
+            return NOISE
+        similarity = self.micro.directions()[in_mode] @ unit(np.asarray(x, dtype=np.float64))
+        best = int(np.argmax(similarity))
+        if 1.0 - float(similarity[best]) > self.mode_distance:
+            return NOISE
+        return self._micro_mode[int(self.micro.ids[in_mode][best])]
 
     def assign(self) -> tuple[list[str], list[ModeChange]]:
         """Recluster, update mode identities, and return the mode of each failure since the last call."""
         changes = self._recluster()
-        modes = [self._micro_mode.get(micro, NOISE) for micro in self._pending]
+        modes = [self._mode_of_micro(self.micro.resolve(micro)) for micro in self._pending]
+        self.micro.moved.clear()
         batch_decay = self.decay ** len(self._pending)
         for mode in self.modes.values():
             mode.weight *= batch_decay
@@ -109,17 +232,43 @@ class ModeTracker:
         self._pending = []
         return modes, changes
 
-    def _labels(self) -> dict[int, int | None]:
-        # DBSTREAM's reclustering (Hahsler and Bolanos, algorithm 3), without its relabelled centres:
-        # which macro-cluster each micro-cluster belongs to. Private API, pinned by river < 0.28.
-        return self.model._generate_labels(self.model._generate_weighted_adjacency_matrix())
+    def _mode_of_micro(self, micro_id: int) -> str:
+        """A micro-cluster's mode; one in no mode (too light on its own) falls in the mode of its
+        nearest micro-cluster within `mode_distance`, as `classify` would place a failure there."""
+        mode = self._micro_mode.get(micro_id)
+        if mode is not None:
+            return mode
+        rows = np.flatnonzero(self.micro.ids == micro_id)
+        return self.classify(self.micro.directions()[rows[0]], exclude=micro_id) if len(rows) else NOISE
+
+    def _groups(self) -> dict[int, dict[int, float]]:
+        """Agglomerated micro-clusters heavy enough to be a mode: label -> {micro-cluster id: weight}."""
+        self.micro.fade()
+        count = len(self.micro)
+        if count == 0:
+            return {}
+        if count == 1:
+            labels = np.zeros(1, dtype=np.int64)
+        else:
+            labels = (
+                AgglomerativeClustering(
+                    n_clusters=None, distance_threshold=self.mode_distance, metric="cosine", linkage="average"
+                )
+                .fit(self.micro.directions())
+                .labels_
+            )
+        weights = self.micro.current_weights()
+        groups: dict[int, dict[int, float]] = {}
+        for micro_id, label, weight in zip(self.micro.ids, labels, weights, strict=True):
+            groups.setdefault(int(label), {})[int(micro_id)] = float(weight)
+        return {
+            label: members
+            for label, members in groups.items()
+            if sum(members.values()) >= self.minimum_weight
+        }
 
     def _recluster(self) -> list[ModeChange]:
-        micro_clusters = self.model.micro_clusters
-        groups: dict[int, dict[int, float]] = {}
-        for micro_id, label in self._labels().items():
-            if label is not None:
-                groups.setdefault(label, {})[micro_id] = micro_clusters[micro_id].weight
+        groups = self._groups()
         # Each group inherits at most one earlier mode and each mode passes to at most one group:
         # the pairs sharing the most micro-cluster weight first, the older mode on a tie.
         pairs = []
@@ -142,8 +291,7 @@ class ModeTracker:
         for label, members in sorted(groups.items(), key=lambda item: min(item[1])):
             mode_id = owner.get(label)
             if mode_id is None:
-                mode_id = f"m{self.next_id}"
-                self.next_id += 1
+                mode_id = self._ids.next()
                 self.modes[mode_id] = TrackedMode(mode_id, created_at=self.seen)
                 changes.append(ModeChange("emerged", mode_id))
             mode = self.modes[mode_id]
@@ -166,19 +314,12 @@ class ModeTracker:
         return changes
 
     def _centroid(self, members: dict[int, float]) -> np.ndarray | None:
-        total = sum(members.values())
-        if total <= 0:
+        rows = np.isin(self.micro.ids, list(members))
+        if not rows.any():
             return None
-        centroid: dict[int, float] = {}
-        for micro_id, weight in members.items():
-            for k, value in self.model.micro_clusters[micro_id].center.items():
-                centroid[k] = centroid.get(k, 0.0) + weight * value
-        dim = 1 + max(centroid, default=0)
-        vector = np.zeros(dim)
-        for k, value in centroid.items():
-            vector[k] = value / total
-        return vector
+        factor = self.micro.decay ** (self.micro.tick - self.micro.ticks[rows])
+        return unit((self.micro.centres[rows] * factor[:, None]).sum(0))
 
     def state(self) -> dict[str, Any]:
         """Counts for metrics and the bounded-state benchmark."""
-        return {"micro_clusters": len(self.model.micro_clusters), "modes": len(self.modes), "seen": self.seen}
+        return {"micro_clusters": len(self.micro), "modes": len(self.modes), "seen": self.seen}

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from cegraph.daemon.detector import ExecutionInput, FailureDetector, ModeClassifier
+from cegraph.daemon.detector import ExecutionInput, FailureDetector, ModeClassifier, workflow_of
 from cegraph.daemon.events import (
     EXECUTION_COMPLETED,
     FEEDBACK_RECEIVED,
@@ -186,14 +186,4 @@ class DetectorStage:
 
 
 def _execution(trace: str, nodes: list[Node], feedback: list[FeedbackSignal], feedback_only: bool = False):
-    identity = next((n for n in nodes if n.is_root and n.workflow_id), None) or next(
-        (n for n in nodes if n.workflow_id), None
-    )
-    return ExecutionInput(
-        trace,
-        identity.workflow_id if identity else "",
-        identity.workflow_version if identity else "",
-        nodes,
-        feedback,
-        feedback_only=feedback_only,
-    )
+    return ExecutionInput(trace, *workflow_of(nodes), nodes, feedback, feedback_only=feedback_only)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from cegraph.daemon.spans import Node
 
 LLM_KINDS = frozenset({"llm"})
+AGENT_KINDS = frozenset({"agent", "chain", "workflow"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,8 @@ class Failure:
     retries_before: int  # earlier siblings of the same node id (retries of this step)
     message: str = ""  # error / exception message
     critique: str = ""  # evaluator explanation or feedback text
+    agent: str = ""  # node id of the nearest enclosing agent (else chain): whose call this was
+    call: str = "only"  # first / middle / last / only: this call among the execution's calls of its node
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -81,6 +84,31 @@ class ExecutionGraph:
         retries = sum(1 for s in siblings[:index] if s.node_id == node.node_id)
         return index, retries
 
+    def role(self, node: Node) -> tuple[str, str]:
+        """(nearest enclosing agent, else chain, and which call of its node this is in the execution).
+
+        Two calls of one node differ by their role: a planner's LLM call and a tool-picking agent's
+        call of the same model are separate things, and so are the first call and the last one.
+        """
+        agent = chain = ""
+        seen = {node.span_id}
+        current = self.by_id.get(node.parent_span_id)
+        while current is not None and current.span_id not in seen and not agent:
+            if current.kind == "agent":
+                agent = current.node_id
+            elif current.kind in AGENT_KINDS and not chain:
+                chain = current.node_id
+            seen.add(current.span_id)
+            current = self.by_id.get(current.parent_span_id)
+        agent = agent or chain
+        calls = [n.span_id for n in self.nodes if n.node_id == node.node_id]
+        index = calls.index(node.span_id)
+        if len(calls) == 1:
+            call = "only"
+        else:
+            call = "first" if index == 0 else "last" if index == len(calls) - 1 else "middle"
+        return agent, call
+
     def has_failing_descendant(self, node: Node) -> bool:
         stack = list(self.children.get(node.span_id, ()))
         while stack:
@@ -112,9 +140,11 @@ class ExecutionGraph:
 
     def failure(self, node: Node, source: str, *, message: str = "", critique: str = "") -> Failure:
         index, retries = self.position(node)
+        agent, call = self.role(node)
         return Failure(
             trace_id=node.trace_id, span_id=node.span_id, source=source, node=node, path=self.path(node),
-            sibling_index=index, retries_before=retries, message=message, critique=critique,
+            sibling_index=index, retries_before=retries, message=message, critique=critique, agent=agent,
+            call=call,
         )  # fmt: skip
 
 

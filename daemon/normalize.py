@@ -72,18 +72,43 @@ class TextPolicy:
         """Redact, then cut to `max_chars`: cutting first could split a secret into an unmatched prefix."""
         if not text:
             return ""
-        if self.redact:
-            # Only the head is redacted (long inputs are common); it must still fill `max_chars`
-            # plus the margin after masking, so that nothing unredacted slides into what is kept.
-            window = self.max_chars + REDACTION_MARGIN
-            head = redact(text[:window])
-            while window < len(text) and len(head) < self.max_chars + REDACTION_MARGIN:
-                window *= 2
-                head = redact(text[:window])
-            text = head + text[window:]
-        if len(text) > self.max_chars:
-            text = f"{text[: self.max_chars]}…[+{len(text) - self.max_chars} chars]"
-        return text
+        head = self._redacted_head(text, self.max_chars)
+        if len(head) > self.max_chars:
+            head = f"{head[: self.max_chars]}…[+{len(head) - self.max_chars} chars]"
+        return head
+
+    def apply_ends(self, text: str) -> str:
+        """Like `apply`, but a long text keeps its first quarter and its last three quarters.
+
+        An LLM call's input is the shared prompt first and what is new to the call (the latest
+        messages, the last tool observation) at the end: the end is what tells failures apart.
+        """
+        if not text:
+            return ""
+        whole = self._redacted_head(text, self.max_chars)
+        if len(whole) <= self.max_chars:
+            return whole
+        first = self.max_chars // 4
+        last = self.max_chars - first
+        end = self._redacted_head(text[::-1], last, reverse=True)[::-1][-last:] if last else ""
+        space = end.find(" ", 0, 40)  # start the end at a word: half a word is a meaningless term
+        end = end[space + 1 :] if space >= 0 else end
+        omitted = max(len(text) - first - last, 0)
+        return f"{whole[:first]}…[{omitted} chars]…{end}"
+
+    def _redacted_head(self, text: str, keep: int, *, reverse: bool = False) -> str:
+        """The text with at least its first `keep` characters (after masking) redacted."""
+        if not self.redact:
+            return text
+        # Only the head is redacted (long inputs are common); it must still fill `keep` plus the
+        # margin after masking, so that nothing unredacted slides into what is kept.
+        mask = (lambda t: redact(t[::-1])[::-1]) if reverse else redact
+        window = keep + REDACTION_MARGIN
+        head = mask(text[:window])
+        while window < len(text) and len(head) < keep + REDACTION_MARGIN:
+            window *= 2
+            head = mask(text[:window])
+        return head + text[window:]
 
 
 def _text(value: Any) -> str:
@@ -357,7 +382,7 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
         _int_or_none(input_tokens),
         _int_or_none(output_tokens),
         str(tool_name or ""),
-        policy.apply(input_text),
+        policy.apply_ends(input_text),
         policy.apply(output_text),
         evaluations,
         bool(hard_failure_source(status, exception_type, error_type, finish_reasons, refusal)),
@@ -386,7 +411,7 @@ def log_details(event: SpanEvent, policy: TextPolicy) -> LogDetails:
         exception_message=policy.apply(message) if message else "",
         finish_reasons=_finish_reasons(attributes),
         evaluations=_evaluation_events([event]),
-        input_text=policy.apply(_text(genai_input)) if genai_input else "",
+        input_text=policy.apply_ends(_text(genai_input)) if genai_input else "",
         output_text=policy.apply(_text(genai_output)) if genai_output else "",
     )
 

@@ -1,16 +1,18 @@
 """The Failure Signature Space: each failure becomes a point, where it failed and what it says.
 
-A signature is a dense vector of `DIM` floats in three blocks, each L2-normalised, then weighted
-(`BLOCK_WEIGHTS`):
+A signature is a dense vector of `DIM` floats in three blocks, weighted (`BLOCK_WEIGHTS`):
 
-- structure (32 dims, signed feature hashing; feature weight in brackets): `node` workflow/node id
-  (1.0), `kind` node kind (0.5), `op` operation (0.3), `path` the last three node ids from the root
-  (0.5), `depth` (0.2), `sibling` position among siblings (0.1), `retries` earlier siblings of the
-  same node (0.3), `source` error / truncated / evaluation / feedback (0.5), `tool` tool name (0.5).
-- semantics (96 dims, signed feature hashing of log TF x online IDF): terms of the error type and
-  exception class (x2, plus an `err=` feature), the normalised error message (x1.5), the critique
-  (x1.5), the span's output (x1) and the part of its input that is new to it, not the shared prompt
-  (x0.5).
+- structure (32 dims, signed feature hashing; feature weight in brackets, each scaled by how
+  specific the feature is in the stream, `SignatureFeaturizer.structure`; the block is at most unit
+  length): `node` workflow/node id (1.0), `kind` node kind (0.5), `op` operation (0.3), `path` the
+  last three node ids from the root without instance numbers (0.5), `role` the enclosing agent and
+  the node (0.5), `call` first / middle / last / only call of the node in the execution (0.3),
+  `depth` (0.2), `sibling` position among siblings (0.1), `retries` earlier siblings of the same
+  node (0.3), `source` error / truncated / evaluation / feedback (0.5), `tool` tool name (0.5).
+- semantics (96 dims, L2-normalised, signed feature hashing of log TF x online IDF, where a term
+  every failure has weighs almost nothing): terms of the error type and exception class (x2, plus an
+  `err=` feature), the normalised error message (x1.5), the critique (x1.5), the span's output (x1)
+  and the part of its input that is new to it, not the shared prompt (x0.5).
 - traits (8 dims): log input and output tokens, latency relative to the node's running norm
   (z-score, clipped to +-3), finish reason length / content filter / stop / other, has-exception.
 
@@ -59,6 +61,12 @@ def normalize_message(text: str) -> str:
     return _NUMBER.sub(" num ", text)
 
 
+def instance_free(node_id: str) -> str:
+    """A node id without the numbers that name one instance of it ("Step 7" -> "Step #"): the same step
+    of another iteration is the same place in the workflow."""
+    return _NUMBER.sub("#", node_id)
+
+
 def terms(text: str) -> list[str]:
     return _TOKEN.findall(normalize_message(text))
 
@@ -95,8 +103,14 @@ def _message_text(value: str) -> str:
 
 
 def new_input(value: str) -> str:
-    """What is new to this span's input: the last message, not the shared system prompt before it."""
-    return _messages(value)[-1][-NEW_INPUT_CHARS:]
+    """What is new to this span's input: the last message, not the shared system prompt before it
+    (from a word boundary: a word cut in two is a rare, meaningless term)."""
+    last = _messages(value)[-1]
+    if len(last) <= NEW_INPUT_CHARS:
+        return last
+    tail = last[-NEW_INPUT_CHARS:]
+    space = tail.find(" ", 0, 40)
+    return tail[space + 1 :] if space >= 0 else tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +129,9 @@ def describe(failure: Failure) -> SignatureParts:
         f"node={node.workflow_id}/{node.node_id}": 1.0,
         f"kind={node.kind}": 0.5,
         f"op={node.operation}": 0.3,
-        f"path={'/'.join(failure.path[-3:])}": 0.5,
+        f"path={'/'.join(instance_free(step) for step in failure.path[-3:])}": 0.5,
+        f"role={instance_free(failure.agent)}/{node.node_id}": 0.5,
+        f"call={failure.call}": 0.3,
         f"depth={min(failure.depth, 8)}": 0.2,
         f"sibling={min(failure.sibling_index, 5)}": 0.1,
         f"retries={min(failure.retries_before, 3)}": 0.3,
@@ -128,7 +144,7 @@ def describe(failure: Failure) -> SignatureParts:
         (failure.message, 1.5),
         (failure.critique, 1.5),
         (_message_text(node.output_text)[:OUTPUT_CHARS], 1.0),
-        (new_input(node.input_text), 1.0),
+        (new_input(node.input_text), 0.5),  # what the call was given weighs less than what it said
     ]
     failure_text = ". ".join(
         text.strip() for text, _ in (fields[1], fields[2], fields[0], fields[3], fields[4]) if text.strip()
@@ -157,12 +173,16 @@ def describe(failure: Failure) -> SignatureParts:
     return SignatureParts(structure, text_terms, traits, failure_text)
 
 
-def _hashed(features: dict[str, float], dim: int, weights: dict[int, float] | None = None) -> np.ndarray:
+def _signed(features: dict[str, float], dim: int) -> np.ndarray:
     vector = np.zeros(dim)
     for name, value in features.items():
         h = stable_hash(name)
-        scale = value * (weights.get(h % DF_BUCKETS, 1.0) if weights is not None else 1.0)
-        vector[h % dim] += scale if (h >> 32) & 1 else -scale
+        vector[h % dim] += value if (h >> 32) & 1 else -value
+    return vector
+
+
+def _hashed(features: dict[str, float], dim: int) -> np.ndarray:
+    vector = _signed(features, dim)
     norm = np.linalg.norm(vector)
     return vector / norm if norm > 0 else vector
 
@@ -211,7 +231,7 @@ class SignatureFeaturizer:
     def learn_one(self, failure: Failure, parts: SignatureParts | None = None) -> None:
         parts = parts or describe(failure)
         self.documents += 1
-        buckets = {stable_hash(term) % DF_BUCKETS for term in parts.text_terms}
+        buckets = {stable_hash(term) % DF_BUCKETS for term in (*parts.text_terms, *parts.structure)}
         self.document_frequency[list(buckets)] += 1
         node = failure.node
         key = f"{node.workflow_id}/{node.node_id}"
@@ -226,7 +246,20 @@ class SignatureFeaturizer:
 
     def idf(self, term: str) -> float:
         df = int(self.document_frequency[stable_hash(term) % DF_BUCKETS])
-        return math.log((self.documents + 1) / (df + 1)) + 1.0
+        # Smoothed so that a term every failure has weighs almost nothing (what all failures share
+        # tells none apart), while the first failures of a stream still have a text of their own.
+        return math.log((self.documents + 1) / (df + 0.5))
+
+    def structure(self, features: dict[str, float]) -> np.ndarray:
+        """The structure block, each feature scaled by how specific it is in this stream: a place that
+        half the failures or fewer share counts fully, one that every failure shares (the only LLM
+        node of a single-node agent) counts for nothing, so it cannot tie unrelated failures together.
+        The block keeps the length it would have unscaled, at most 1."""
+        full = np.linalg.norm(_signed(features, STRUCTURE_DIM))
+        if full == 0:
+            return np.zeros(STRUCTURE_DIM)
+        scaled = {name: value * min(1.0, self.idf(name) / math.log(2)) for name, value in features.items()}
+        return _signed(scaled, STRUCTURE_DIM) / full
 
     def transform_one(
         self, failure: Failure, parts: SignatureParts | None = None, semantics: np.ndarray | None = None
@@ -245,7 +278,7 @@ class SignatureFeaturizer:
             traits[2] = norm.zscore(max(node.end_ns - node.start_ns, 0) / 1e6)
         return np.concatenate(
             [
-                BLOCK_WEIGHTS["structure"] * _hashed(parts.structure, STRUCTURE_DIM),
+                BLOCK_WEIGHTS["structure"] * self.structure(parts.structure),
                 BLOCK_WEIGHTS["text"] * semantics,
                 BLOCK_WEIGHTS["traits"] * traits,
             ]

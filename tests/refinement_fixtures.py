@@ -45,8 +45,9 @@ async def run_tasks(
     *,
     world_seed: int = 0,
     edit_input: Callable[[str], str] | None = None,
+    digits: int = DIGITS,
 ) -> list[ExecutionResult]:
-    """Task i of the arithmetic family (five digits) with seed i, its spans to `processor`;
+    """Task i of the arithmetic family (five digits unless told) with seed i, its spans to `processor`;
     `edit_input` changes the question the workflow sees (not the truth it is judged by)."""
     world = SimWorld(world_seed)
     provider = TracerProvider(resource=Resource.create({"service.name": "arithmetic-service"}))
@@ -55,7 +56,7 @@ async def run_tasks(
     results: list[ExecutionResult] = []
     for start in range(0, len(indices), 200):
         chunk = indices[start : start + 200]
-        tasks = [world.task("arithmetic", i, digits=DIGITS) for i in chunk]
+        tasks = [world.task("arithmetic", i, digits=digits) for i in chunk]
         if edit_input is not None:
             tasks = [
                 t.model_copy(update={"input": {"question": edit_input(t.input["question"])}}) for t in tasks

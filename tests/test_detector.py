@@ -90,7 +90,7 @@ def test_a_new_mode_gets_its_own_id_and_triggers_once():
 
 
 def test_a_mode_whose_cause_stops_fades_out():
-    detector = FailureDetector(settings(), tracker=ModeTracker(half_life=500))
+    detector = FailureDetector(settings(), tracker_factory=lambda ids: ModeTracker(half_life=500, ids=ids))
     first = stream(3_000, 0, {"calc": 0.15, "search": 0.15}, seed=4)
     _, assigned, truth = run(detector, first)
     calc_ids = {m for m, t in zip(assigned, truth, strict=True) if t == "calc"} - {NOISE}
@@ -128,3 +128,34 @@ def test_trigger_fires_once_per_crossing_with_hysteresis_and_cooldown():
     assert trigger.observe("wf", "1", "m1", 0.2, 9, now=104) is not None  # re-armed
     assert trigger.observe("wf", "1", "m2", 0.5, 9, now=110) is None  # the workflow's cooldown
     assert trigger.observe("wf", "1", "m2", 0.5, 9, now=200) is not None
+
+
+def test_two_workflows_with_the_same_failures_get_modes_of_their_own():
+    """The same failure in two workflows is two modes: density, mass, descriptions and ids stay apart."""
+    executions = stream(3_000, 0, {"calc": 0.2}, seed=8)
+    other = [
+        (replace(e, workflow_id="other", nodes=[replace(n, workflow_id="other") for n in e.nodes]), m)
+        for e, m in stream(3_000, 3_000, {"calc": 0.2}, seed=8)
+    ]
+    mixed = [pair for pairs in zip(executions, other, strict=True) for pair in pairs]
+    detector = FailureDetector(settings())
+    events, _, _ = run(detector, mixed)
+    emerged = {e.payload["mode"]: e.payload["workflow_id"] for e in events if e.type == MODE_EMERGED}
+    assert set(emerged.values()) == {"wf", "other"}
+    rows = detector.modes()
+    by_workflow = {row["workflow_id"]: row for row in rows}
+    assert by_workflow["wf"]["mode"] != by_workflow["other"]["mode"]
+    for row in rows:
+        assert emerged[row["mode"]] == row["workflow_id"]
+        assert row["description"]["node"].startswith(f"{row['workflow_id']}/")
+    observed = [e.payload for e in events if e.type == FAILURE_OBSERVED and e.payload["mode"]]
+    assert all(emerged[p["mode"]] == p["workflow_id"] for p in observed)
+
+
+def test_a_mode_has_a_short_label_naming_its_node_and_error():
+    detector = FailureDetector(settings())
+    run(detector, stream(2_000, 0, {"calc": 0.2, "search": 0.2}, seed=9))
+    labels = {row["description"]["label"] for row in detector.modes()}
+    assert any(label.startswith("calc: ValueError") for label in labels), labels
+    assert any(label.startswith("search: TimeoutError") and "request" in label for label in labels), labels
+    assert all(len(label) < 80 for label in labels)

@@ -60,7 +60,7 @@ def test_failures_are_observed_once_and_a_restart_repeats_nothing(tmp_path):
     restarted = DetectorStage(store, FailureDetector(DetectorSettings()), batch=50)
     assert restarted.catch_up() == 0
     assert observed(store) == failures
-    assert restarted.detector.tracker.seen == stage.detector.tracker.seen  # state rebuilt by replay
+    assert restarted.detector.state() == stage.detector.state()  # state rebuilt by replay
     store.close()
 
 

@@ -8,7 +8,7 @@ import pytest
 from fss_fixtures import planted_stream
 from sklearn.metrics import adjusted_mutual_info_score
 
-from cegraph.daemon.density import NOISE, ModeTracker
+from cegraph.daemon.density import EMBEDDED_MODE_DISTANCE, NOISE, ModeTracker
 from cegraph.daemon.embedding import shared_embedder
 from cegraph.daemon.settings import load_settings
 from cegraph.daemon.signature import STRUCTURE_DIM, TRAITS_DIM, SignatureFeaturizer
@@ -33,7 +33,8 @@ def test_embedding_signatures_separate_planted_modes(monkeypatch):
     monkeypatch.setenv("CEGRAPH_DETECTOR__TEXT_FEATURES", "embedding")
     assert load_settings().detector.text_features == "embedding"
     stream = planted_stream(1_200, seed=21, modes={"calc": 1, "search": 1, "format": 1})
-    featurizer, tracker = SignatureFeaturizer(shared_embedder()), ModeTracker()
+    featurizer = SignatureFeaturizer(shared_embedder())
+    tracker = ModeTracker(mode_distance=EMBEDDED_MODE_DISTANCE)
     assert featurizer.dim == STRUCTURE_DIM + 384 + TRAITS_DIM
     assigned: list[str] = []
     for start in range(0, len(stream), 100):

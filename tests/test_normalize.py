@@ -385,9 +385,21 @@ def test_truncation_keeps_max_chars_and_says_how_much_was_cut():
     assert policy.apply("") == ""
 
 
-def test_truncation_applies_to_span_text():
-    node = one_span(attributes={"input.value": "x" * 5000}, policy=TextPolicy(max_chars=10, redact=False))
-    assert node.input_text == "x" * 10 + "…[+4990 chars]"
+def test_truncation_applies_to_span_text_and_an_input_keeps_its_end():
+    text = "h" * 2000 + "m" * 2000 + "t" * 1000
+    node = one_span(
+        attributes={"input.value": text, "output.value": text}, policy=TextPolicy(max_chars=100, redact=False)
+    )
+    assert node.output_text == "h" * 100 + "…[+4900 chars]"
+    assert node.input_text == "h" * 25 + "…[4900 chars]…" + "t" * 75, "the new part of an input is its end"
+
+
+def test_the_kept_end_of_an_input_is_redacted_too():
+    policy = TextPolicy(max_chars=100, redact=True)
+    for offset in range(0, 30):
+        text = "x" * 500 + " mail alice.smith@example.com now" + "y" * offset
+        kept = policy.apply_ends(text)
+        assert "alice" not in kept and "example" not in kept, kept
 
 
 @pytest.mark.parametrize(

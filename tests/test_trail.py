@@ -200,8 +200,10 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
     broken.write_text(orjson.dumps({"trace_id": broken.stem, "spans": [span]}).decode())
     with pytest.raises(TrailFormatError, match=rf"{broken}: not a TRAIL file: spans.0.duration"):
         list(iter_trail(tmp_path))
-    with pytest.raises(TrailFormatError, match="not a TRAIL GAIA split"):
+    with pytest.raises(TrailFormatError, match="not a TRAIL-layout set"):
         list(iter_trail(tmp_path / "data"))
+    with pytest.raises(TrailFormatError, match="not a TRAIL Other split"):
+        list(iter_trail(tmp_path, split="Other"))
     with pytest.raises(FileNotFoundError):
         list(iter_trail(tmp_path / "nowhere.tar.gz"))
 

@@ -8,7 +8,7 @@ import subprocess
 
 from daemon_proc import CEGRAPH, Scenario
 
-from cegraph.connectors.trail import iter_trail, span_id_bytes, trace_id_bytes
+from cegraph.connectors.trail import annotations_to_feedback, iter_trail, span_id_bytes, trace_id_bytes
 from cegraph.daemon.store import EventStore
 
 
@@ -26,6 +26,13 @@ def test_trail_traces_become_executions_with_the_source_trees(kafka_bootstrap, t
         for t in traces
     }
     annotations = sum(len(t.errors) for t in traces)
+    # Feedback is one signal per distinct content (issue 13): annotations of one span that say the same
+    # (no critique is sent without --with-critique) are one signal, not several.
+    signals = len({
+        (f["trace_id"], f["span_id"], f["outcome"], f["source"], f["critique"])
+        for t in traces for f in annotations_to_feedback(t)
+    })  # fmt: skip
+    assert 0 < signals < annotations
     scenario = Scenario(kafka_bootstrap, tmp_path)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CEGRAPH_")}
     sent = subprocess.run(
@@ -38,7 +45,7 @@ def test_trail_traces_become_executions_with_the_source_trees(kafka_bootstrap, t
     scenario.daemon.start()
     try:
         stats = scenario.daemon.wait_for(
-            lambda s: s["executions"]["total"] >= len(traces) and s["feedback"] >= annotations, timeout=180
+            lambda s: s["executions"]["total"] >= len(traces) and s["feedback"] >= signals, timeout=180
         )
     finally:
         scenario.daemon.stop()
@@ -57,4 +64,4 @@ def test_trail_traces_become_executions_with_the_source_trees(kafka_bootstrap, t
         store.close()
     assert stored == expected
     assert kinds.get("llm", 0) > 0 and kinds.get("tool", 0) > 0, kinds  # OpenInference kinds understood
-    assert located == annotations  # every annotation names a stored span
+    assert stats["feedback"] == located == signals  # every signal names a stored span
