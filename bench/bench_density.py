@@ -22,8 +22,8 @@ sys.path[:0] = [str(ROOT / "tests")]
 from fss_fixtures import planted_stream  # noqa: E402
 from results_file import report  # noqa: E402
 
-from cegraph.daemon.density import ModeTracker  # noqa: E402
-from cegraph.daemon.signature import SignatureFeaturizer  # noqa: E402
+from cegraph.daemon.detect.density import ModeTracker  # noqa: E402
+from cegraph.daemon.detect.signature import SignatureFeaturizer  # noqa: E402
 
 
 def rss_mb() -> float:

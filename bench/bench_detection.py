@@ -1,6 +1,6 @@
 """Detection latency: from the onset of a planted failure mode to its trigger, beside an oracle.
 
-The demo's scenario (`daemon/demo.py`: the routed `service` workflow, a traffic mix whose three
+The demo's scenario (`daemon/demo/scenario.py`: the routed `service` workflow, a traffic mix whose three
 planted modes begin at executions 0, 2,400 and 4,800) runs through the embedded daemon (the same
 ingest and detector stage as `cegraph run`, default detector settings except no trigger cooldown)
 in batches of `--batch` executions, with no refinement: the workflow never changes. cegraph
@@ -26,15 +26,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from results_file import report
 
-from cegraph.connectors.embedded import EmbeddedDaemon
-from cegraph.daemon.demo import PHASES, PLANTED, WORKFLOW
+from cegraph.daemon.demo.scenario import PHASES, PLANTED, WORKFLOW
+from cegraph.daemon.detect.mass import MassTracker
+from cegraph.daemon.detect.trigger import MassTrigger
+from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import MODE_MASS_CROSSED
-from cegraph.daemon.mass import MassTracker
-from cegraph.daemon.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.daemon.settings import load_settings
 from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.traffic import ExecutionIds, TaskMix
-from cegraph.daemon.trigger import MassTrigger
+from cegraph.daemon.sim.traffic import ExecutionIds, TaskMix
+from cegraph.daemon.workflows.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.schemas.workflow import example_spec
 
 NOMINAL_RATE = 20.0  # executions per second, to state latencies in seconds

@@ -28,9 +28,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from otel_traces import make_traces, to_messages  # noqa: E402
 from results_file import report  # noqa: E402
 
-from cegraph.connectors.otlp_codec import decode_proto  # noqa: E402
+from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
-from cegraph.daemon.ingest import IngestPipeline, InMessage  # noqa: E402
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage  # noqa: E402
 from cegraph.daemon.metrics import IngestMetrics  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
@@ -83,7 +83,7 @@ def timed(function, *args) -> tuple[int, float]:
 def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
     from kafka import KafkaConsumer, KafkaProducer
 
-    from cegraph.connectors.kafka_source import KafkaIngestSource
+    from cegraph.connectors.kafka.source import KafkaIngestSource
     from local_kafka import LocalKafka
 
     broker = LocalKafka()

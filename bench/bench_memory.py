@@ -28,9 +28,9 @@ sys.path[:0] = [str(ROOT / "tests")]
 from otel_traces import make_traces, to_messages  # noqa: E402
 from results_file import report  # noqa: E402
 
-from cegraph.connectors.otlp_codec import decode_proto  # noqa: E402
+from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
-from cegraph.daemon.ingest import IngestPipeline, InMessage  # noqa: E402
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage  # noqa: E402
 from cegraph.daemon.metrics import IngestMetrics  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, load_settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402

@@ -33,10 +33,10 @@ from river import cluster  # noqa: E402
 from sklearn.cluster import HDBSCAN, KMeans  # noqa: E402
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, silhouette_score  # noqa: E402
 
-from cegraph.daemon.density import NOISE, ModeTracker  # noqa: E402
-from cegraph.daemon.eval_modes import evaluate  # noqa: E402
+from cegraph.daemon.detect.density import NOISE, ModeTracker  # noqa: E402
+from cegraph.daemon.detect.eval_modes import evaluate  # noqa: E402
+from cegraph.daemon.detect.signature import SignatureFeaturizer  # noqa: E402
 from cegraph.daemon.settings import DetectorSettings  # noqa: E402
-from cegraph.daemon.signature import SignatureFeaturizer  # noqa: E402
 
 TRAIL = ROOT.parent / "shared" / "datasets" / "trail-gaia.tar.gz"
 BATCH = 40

@@ -34,11 +34,11 @@ from pathlib import Path
 from bench_refinement import Scorer, failure_driven, search
 from results_file import report
 
-from cegraph.connectors.llm_config import evaluation, openai_backend, shadow_llm
-from cegraph.connectors.shadow_runtime import RuntimeShadowTarget
-from cegraph.daemon.density import NOISE
+from cegraph.connectors.llm.config import evaluation, openai_backend, shadow_llm
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
+from cegraph.daemon.detect.density import NOISE
+from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.settings import load_settings
-from cegraph.daemon.shadow import ShadowOutcome
 from cegraph.daemon.sim import SimWorld
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 

@@ -39,22 +39,22 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from results_file import report
 
-from cegraph.connectors.embedded import EmbeddedDaemon
-from cegraph.connectors.shadow_runtime import RuntimeShadowTarget, sim_evaluator_for
-from cegraph.daemon.demo import PHASES, WORKFLOW
-from cegraph.daemon.detector import FailureDetector, ModeClassifier
-from cegraph.daemon.detector_stage import stored_modes
-from cegraph.daemon.llm import LLMBackend
-from cegraph.daemon.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
-from cegraph.daemon.proposers import FALLBACK, RULES
-from cegraph.daemon.registry import apply_patch
-from cegraph.daemon.replay import ReplayItem
-from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
+from cegraph.daemon.detect.detector import FailureDetector, ModeClassifier
+from cegraph.daemon.detect.stage import stored_modes
+from cegraph.daemon.embedded import EmbeddedDaemon
+from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
+from cegraph.daemon.refine.proposers import FALLBACK, RULES
+from cegraph.daemon.refine.replay import ReplayItem
+from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner, ShadowTarget
 from cegraph.daemon.settings import Settings, load_settings
-from cegraph.daemon.shadow import ShadowOutcome, ShadowRunner, ShadowTarget
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.core import Task
-from cegraph.daemon.traffic import ExecutionIds, Phase, TaskMix
+from cegraph.daemon.sim.traffic import ExecutionIds, Phase, TaskMix
+from cegraph.daemon.workflows.llm import LLMBackend
+from cegraph.daemon.workflows.registry import apply_patch
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
 FINAL_MIX = [Phase(0, PHASES[-1].weights)]

@@ -1,5 +1,5 @@
-"""The sandbox's cost per program: the isolated run (bubblewrap, `daemon/sandbox.py`) against the same
-interpreter started bare (`python -I -S` in a subprocess, what the sandbox did before it isolated
+"""The sandbox's cost per program: the isolated run (bubblewrap, `daemon/workflows/sandbox.py`) against
+the same interpreter started bare (`python -I -S` in a subprocess, what the sandbox did before it isolated
 anything), one at a time and four at once (the sandbox's default concurrency), and `run_tests` (the
 coding evaluator's and the test node's call). Wall milliseconds per program, median of `--rounds`
 rounds of `--programs` programs each, the two kinds interleaved round by round so that a busy machine
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from results_file import report
 
-from cegraph.daemon.sandbox import Sandbox
+from cegraph.daemon.workflows.sandbox import Sandbox
 
 PROGRAM = "import json, sys\nprint(sum(json.loads('[1, 2, 3]')))"
 CODE, TESTS = "def f(x):\n    return x + 1", ["assert f(1) == 2", "assert f(2) == 3", "assert f(-1) == 0"]

@@ -14,34 +14,34 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from cegraph.connectors.http_api import create_app
-from cegraph.connectors.http_patches import patch_routes
-from cegraph.connectors.http_reads import inspection_routes
-from cegraph.connectors.http_workflows import workflow_routes
-from cegraph.connectors.kafka_client import ensure_topics
-from cegraph.connectors.kafka_source import KafkaIngestSource
-from cegraph.connectors.llm_config import shadow_llm
-from cegraph.connectors.otlp_codec import decoder_for, logs_decoder_for
-from cegraph.connectors.patch_publisher import KafkaPatchPublisher
-from cegraph.connectors.rollout_publisher import RolloutPublisher, judge_periodically
-from cegraph.connectors.shadow_http import HttpShadowTarget
-from cegraph.connectors.shadow_runtime import RuntimeShadowTarget
-from cegraph.daemon.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
-from cegraph.daemon.detector import FailureDetector
-from cegraph.daemon.detector_stage import DetectorStage, stored_modes
-from cegraph.daemon.ingest import IngestPipeline
+from cegraph.connectors.http.api import create_app
+from cegraph.connectors.http.patches import patch_routes
+from cegraph.connectors.http.reads import inspection_routes
+from cegraph.connectors.http.workflows import workflow_routes
+from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.patch_publisher import KafkaPatchPublisher
+from cegraph.connectors.kafka.rollout_publisher import RolloutPublisher, judge_periodically
+from cegraph.connectors.kafka.source import KafkaIngestSource
+from cegraph.connectors.llm.config import shadow_llm
+from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
+from cegraph.connectors.shadow.http import HttpShadowTarget
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
+from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.stage import DetectorStage, stored_modes
+from cegraph.daemon.ingest.normalize import TextPolicy
+from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
-from cegraph.daemon.normalize import TextPolicy
-from cegraph.daemon.patch_outbox import PatchOutbox
-from cegraph.daemon.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
-from cegraph.daemon.refinement_jobs import RefinementScheduler, RefinementWorker
-from cegraph.daemon.refiner import Refiner
-from cegraph.daemon.registry import WorkflowRegistry
-from cegraph.daemon.replay import ReplayStore
+from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementWorker
+from cegraph.daemon.refine.patch_outbox import PatchOutbox
+from cegraph.daemon.refine.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
+from cegraph.daemon.refine.refiner import Refiner
+from cegraph.daemon.refine.replay import ReplayStore
+from cegraph.daemon.refine.shadow import ShadowRunner, ShadowTarget
+from cegraph.daemon.rollout.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
 from cegraph.daemon.settings import Settings, is_loopback
-from cegraph.daemon.shadow import ShadowRunner, ShadowTarget
 from cegraph.daemon.store import EventStore
-from cegraph.daemon.tools import Retriever
+from cegraph.daemon.workflows.registry import WorkflowRegistry
+from cegraph.daemon.workflows.tools import Retriever
 
 log = logging.getLogger("cegraph")
 

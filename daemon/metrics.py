@@ -16,8 +16,8 @@ from cegraph.daemon.events import (
     MODE_MERGED,
     Event,
 )
-from cegraph.daemon.free_text_policy import RULES as TEXT_RULES
-from cegraph.daemon.sequential import Arm
+from cegraph.daemon.refine.text_policy import RULES as TEXT_RULES
+from cegraph.daemon.rollout.sequential import Arm
 
 
 class IngestMetrics:

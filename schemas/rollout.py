@@ -24,7 +24,7 @@ class ArmStatistics(BaseModel):
 
 
 class RolloutStatistics(BaseModel):
-    """The sequential test behind a decision (always-valid intervals, see daemon/sequential.py)."""
+    """The sequential test behind a decision (always-valid intervals, see daemon/rollout/sequential.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -16,7 +16,7 @@ import httpx
 from kafka import KafkaProducer
 from otel_traces import Message
 
-from cegraph.connectors.kafka_client import ensure_topics
+from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
 from local_service import die_with_parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from cegraph.daemon.failures import Failure
+from cegraph.daemon.detect.failures import Failure
 from cegraph.daemon.spans import Evaluation, Node, hard_failure_source
 
 BASE = Node(

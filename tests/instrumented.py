@@ -18,8 +18,8 @@ from genai_app import SCENARIOS, read_exports
 from openai_stub import ChatServer, ScenarioResponder
 
 from cegraph.daemon.app import build_pipeline
-from cegraph.daemon.detector_stage import node_from_row
-from cegraph.daemon.ingest import InMessage
+from cegraph.daemon.detect.stage import node_from_row
+from cegraph.daemon.ingest.pipeline import InMessage
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import KafkaSettings, Settings, StoreSettings
 from cegraph.daemon.spans import Node

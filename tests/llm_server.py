@@ -36,7 +36,7 @@ class ModelServer:
 
     def backend(self, *, max_tokens: int | None = MAX_TOKENS):
         """cegraph's OpenAI-compatible backend on this server, every call asking for its model."""
-        from cegraph.connectors.llm_openai import OpenAIChatBackend
+        from cegraph.connectors.llm.openai import OpenAIChatBackend
 
         return OpenAIChatBackend(
             self.base_url, provider="llama.cpp" if self.kind != "external" else "openai",

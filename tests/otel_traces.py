@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from cegraph.connectors.span_export import otlp_json
+from cegraph.connectors.otlp.span_export import otlp_json
 
 
 @dataclass

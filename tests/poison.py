@@ -23,9 +23,9 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     ScopeMetrics,
 )
 
-from cegraph.connectors.otlp_codec import decoder_for
-from cegraph.daemon.ingest import message_nodes
-from cegraph.daemon.normalize import TextPolicy
+from cegraph.connectors.otlp.codec import decoder_for
+from cegraph.daemon.ingest.normalize import TextPolicy
+from cegraph.daemon.ingest.pipeline import message_nodes
 
 
 def is_refused(payload: bytes, encoding: str) -> bool:

@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-from cegraph.daemon.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.sim.traffic import ExecutionIds, derive_ids_for
+from cegraph.daemon.workflows.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec, parse_spec
 
 ARITHMETIC_SLIP = parse_spec(
@@ -50,9 +51,16 @@ async def run_tasks(
     """Task i of the arithmetic family (five digits unless told) with seed i, its spans to `processor`;
     `edit_input` changes the question the workflow sees (not the truth it is judged by)."""
     world = SimWorld(world_seed)
-    provider = TracerProvider(resource=Resource.create({"service.name": "arithmetic-service"}))
+    provider = TracerProvider(  # trace ids derived from the task index: the same input, the same run
+        resource=Resource.create({"service.name": "arithmetic-service"}), id_generator=ExecutionIds()
+    )
     provider.add_span_processor(processor)
     runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
+
+    async def one(index: int, task) -> ExecutionResult:
+        derive_ids_for(f"{spec.id}@{spec.version}/{world_seed}", index)
+        return await runtime.execute(spec, task.input, seed=index, evaluator=world.evaluator(task))
+
     results: list[ExecutionResult] = []
     for start in range(0, len(indices), 200):
         chunk = indices[start : start + 200]
@@ -61,12 +69,7 @@ async def run_tasks(
             tasks = [
                 t.model_copy(update={"input": {"question": edit_input(t.input["question"])}}) for t in tasks
             ]
-        results += await asyncio.gather(
-            *(
-                runtime.execute(spec, t.input, seed=i, evaluator=world.evaluator(t))
-                for i, t in zip(chunk, tasks, strict=True)
-            )
-        )
+        results += await asyncio.gather(*(one(i, t) for i, t in zip(chunk, tasks, strict=True)))
     assert provider.force_flush(60_000)
     provider.shutdown()
     return results

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from otel_traces import encode, make_traces
 
-from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.daemon.assembly import PendingOffsets, TraceAssembler
-from cegraph.daemon.normalize import TextPolicy, normalize
+from cegraph.connectors.otlp.codec import decode_proto
+from cegraph.daemon.ingest.assembly import PendingOffsets, TraceAssembler
+from cegraph.daemon.ingest.normalize import TextPolicy, normalize
 from cegraph.daemon.spans import Node
 
 IDLE, MAX_AGE = 5.0, 60.0

@@ -14,18 +14,18 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from prometheus_client import generate_latest
 
-from cegraph.connectors.span_export import CallbackSpanExporter
+from cegraph.connectors.otlp.span_export import CallbackSpanExporter
 from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_pipeline
-from cegraph.daemon.canary import RolloutOutbox, patch_target_mode
 from cegraph.daemon.events import CANARY_DECIDED, CANARY_STARTED, PATCH_CREATED, ROLLOUT_PUBLISHED, Event
-from cegraph.daemon.ingest import InMessage
+from cegraph.daemon.ingest.pipeline import InMessage
 from cegraph.daemon.metrics import IngestMetrics
-from cegraph.daemon.operators import Edit, apply_edit
-from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.rollout.canary import RolloutOutbox, patch_target_mode
 from cegraph.daemon.settings import CanarySettings, ConfigError, Settings, StoreSettings, load_settings
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.sim.traffic import TrafficGenerator
 from cegraph.daemon.store import EventStore
-from cegraph.daemon.traffic import TrafficGenerator
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec, example_spec, parse_spec
 
 BASE = example_spec("arithmetic")

@@ -15,12 +15,12 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from test_canary import SEED, WORSE
 
-from cegraph.connectors.kafka_client import ensure_topics
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
-from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.traffic import TrafficGenerator
+from cegraph.daemon.sim.traffic import TrafficGenerator
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.rollout import RolloutDecision
 from cegraph.schemas.workflow import example_spec
 

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from otel_traces import ExpectedTrace, make_traces, record_spans
 from test_ops import COLLECTOR_SERIES
 
-from cegraph.connectors.otlp_codec import decoder_for
+from cegraph.connectors.otlp.codec import decoder_for
 
 EXECUTIONS = 240
 

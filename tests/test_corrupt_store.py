@@ -8,7 +8,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from cegraph.daemon.cli import app
+from cegraph.daemon.cli.main import app
 from cegraph.daemon.events import Event
 from cegraph.daemon.store import EventStore
 

@@ -9,8 +9,8 @@ import subprocess
 
 from daemon_proc import CEGRAPH
 
-from cegraph.daemon.demo import PLANTED
-from cegraph.daemon.signing import verify_signature
+from cegraph.daemon.demo.scenario import PLANTED
+from cegraph.daemon.refine.signing import verify_signature
 from cegraph.schemas.patch import WorkflowPatch
 
 

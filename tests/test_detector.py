@@ -10,12 +10,12 @@ import pytest
 from fss_fixtures import node, planted_failure, verdict
 from sklearn.metrics import adjusted_mutual_info_score
 
-from cegraph.daemon.density import NOISE, ModeTracker
-from cegraph.daemon.detector import ExecutionInput, FailureDetector
+from cegraph.daemon.detect.density import NOISE, ModeTracker
+from cegraph.daemon.detect.detector import ExecutionInput, FailureDetector
+from cegraph.daemon.detect.mass import MassTracker
+from cegraph.daemon.detect.trigger import MassTrigger
 from cegraph.daemon.events import FAILURE_OBSERVED, MODE_EMERGED, MODE_FADED, MODE_MASS_CROSSED
-from cegraph.daemon.mass import MassTracker
 from cegraph.daemon.settings import DetectorSettings
-from cegraph.daemon.trigger import MassTrigger
 
 
 def execution(index: int, mode: str | None, rng: random.Random) -> tuple[ExecutionInput, str | None]:

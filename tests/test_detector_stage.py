@@ -6,11 +6,11 @@ from __future__ import annotations
 import orjson
 from otel_traces import make_traces, to_messages
 
-from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.daemon.detector import FailureDetector
-from cegraph.daemon.detector_stage import CURSOR, DetectorStage
+from cegraph.connectors.otlp.codec import decode_proto
+from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.stage import CURSOR, DetectorStage
 from cegraph.daemon.events import FAILURE_OBSERVED, MASS_OBSERVED
-from cegraph.daemon.ingest import IngestPipeline, InMessage
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
 from cegraph.daemon.settings import DetectorSettings, IngestSettings
 from cegraph.daemon.store import EventStore
 
@@ -82,7 +82,7 @@ def test_feedback_before_and_after_its_execution(tmp_path):
 
 
 def test_stored_modes_show_live_modes_with_mass_and_description(tmp_path):
-    from cegraph.daemon.detector_stage import stored_modes
+    from cegraph.daemon.detect.stage import stored_modes
 
     traces = make_traces(400, seed=12)
     store = EventStore(tmp_path / "s.duckdb")
@@ -108,7 +108,7 @@ def test_a_root_whose_parent_is_in_another_service_completes_on_time(tmp_path):
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
     from otel_traces import encode
 
-    from cegraph.connectors.otlp_codec import decoder_for
+    from cegraph.connectors.otlp.codec import decoder_for
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

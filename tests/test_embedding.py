@@ -8,10 +8,10 @@ import pytest
 from fss_fixtures import planted_stream
 from sklearn.metrics import adjusted_mutual_info_score
 
-from cegraph.daemon.density import EMBEDDED_MODE_DISTANCE, NOISE, ModeTracker
-from cegraph.daemon.embedding import shared_embedder
+from cegraph.daemon.detect.density import EMBEDDED_MODE_DISTANCE, NOISE, ModeTracker
+from cegraph.daemon.detect.embedding import shared_embedder
+from cegraph.daemon.detect.signature import STRUCTURE_DIM, TRAITS_DIM, SignatureFeaturizer
 from cegraph.daemon.settings import load_settings
-from cegraph.daemon.signature import STRUCTURE_DIM, TRAITS_DIM, SignatureFeaturizer
 
 # From the sentence-transformers documentation ("Semantic Textual Similarity"), all-MiniLM-L6-v2.
 LEFT = ["The new movie is awesome", "The cat sits outside", "A man is playing guitar"]

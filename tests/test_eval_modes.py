@@ -18,9 +18,9 @@ import pytest
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import record_spans
 
-from cegraph.connectors.annotated import AnnotatedSetError
-from cegraph.connectors.span_export import otlp_json
-from cegraph.daemon.eval_modes import evaluate
+from cegraph.connectors.otlp.span_export import otlp_json
+from cegraph.connectors.trail.annotated import AnnotatedSetError
+from cegraph.daemon.detect.eval_modes import evaluate
 
 CEGRAPH = str(Path(sys.executable).parent / "cegraph")
 

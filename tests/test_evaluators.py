@@ -17,13 +17,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_simllm import truth_output
 
-from cegraph.connectors.evaluator_http import http_judges
-from cegraph.daemon.evaluators import Evaluation, parse_judgement, reference_part
-from cegraph.daemon.normalize import evaluations_of
-from cegraph.daemon.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
-from cegraph.daemon.runtime import ExecutionResult, NodeRun, WorkflowRuntime
+from cegraph.connectors.http.evaluator import http_judges
+from cegraph.daemon.ingest.normalize import evaluations_of
+from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.spans import SpanEvent, SpanRecord
+from cegraph.daemon.workflows.evaluators import Evaluation, parse_judgement, reference_part
+from cegraph.daemon.workflows.runtime import ExecutionResult, NodeRun, WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpecError, example_spec, parse_spec
 
 EXAMPLES = {"arithmetic": "arithmetic", "extraction": "extraction", "qa": "qa", "coding": "coding"}

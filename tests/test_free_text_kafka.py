@@ -17,7 +17,7 @@ from refinement_fixtures import run_tasks
 from test_free_text_refinement import CHATTY, FINDING
 from test_refinement_kafka import topic_messages, wait_until
 
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
+from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.schemas.workflow import parse_spec
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cegraph.daemon.free_text_policy import RULES, check, screen_edit, violations
-from cegraph.daemon.operators import Edit
-from cegraph.daemon.patch_outbox import carries_free_text
+from cegraph.daemon.refine.operators import Edit
+from cegraph.daemon.refine.patch_outbox import carries_free_text
+from cegraph.daemon.refine.text_policy import RULES, check, screen_edit, violations
 from cegraph.daemon.sim.refiner_model import REWRITES
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import EXAMPLES_PATH, example_spec

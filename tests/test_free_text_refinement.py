@@ -17,11 +17,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from prometheus_client import generate_latest
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
-from cegraph.connectors.embedded import EmbeddedDaemon
-from cegraph.daemon import refiner
+from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import PROPOSAL_REJECTED
+from cegraph.daemon.refine import refiner
+from cegraph.daemon.refine.signing import verify_signature
 from cegraph.daemon.settings import load_settings
-from cegraph.daemon.signing import verify_signature
 from cegraph.schemas.workflow import parse_spec
 
 KEY = "free-text-test-key"

@@ -11,9 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import adjusted_mutual_info_score, homogeneity_score
 
-from cegraph.daemon.density import NOISE, MicroClusters, ModeTracker, unit
-from cegraph.daemon.failures import FeedbackSignal, label_failures
-from cegraph.daemon.signature import DIM, STRUCTURE_DIM, SignatureFeaturizer, describe, normalize_message
+from cegraph.daemon.detect.density import NOISE, MicroClusters, ModeTracker, unit
+from cegraph.daemon.detect.failures import FeedbackSignal, label_failures
+from cegraph.daemon.detect.signature import (
+    DIM,
+    STRUCTURE_DIM,
+    SignatureFeaturizer,
+    describe,
+    normalize_message,
+)
 
 # ------------------------------------------------------------------ labeling
 
@@ -316,7 +322,7 @@ def test_structure_block_reflects_where_not_what():
 
 
 def test_traits_tokens_finish_reason_exception_and_latency():
-    from cegraph.daemon.signature import TEXT_DIM
+    from cegraph.daemon.detect.signature import TEXT_DIM
 
     featurizer = SignatureFeaturizer()
     start = STRUCTURE_DIM + TEXT_DIM
@@ -333,7 +339,7 @@ def test_traits_tokens_finish_reason_exception_and_latency():
 
 
 def test_semantics_take_the_new_part_of_the_input_and_unwrap_messages():
-    from cegraph.daemon.signature import new_input
+    from cegraph.daemon.detect.signature import new_input
 
     messages = (
         '[{"role": "system", "content": "You are a helpful agent. ' + "rules " * 500 + '"},'

@@ -13,7 +13,7 @@ import uvicorn
 from daemon_proc import free_port
 from test_settings_cli import run_cli
 
-from cegraph.connectors.http_api import create_app
+from cegraph.connectors.http.api import create_app
 from cegraph.daemon.settings import ConfigError, is_loopback, load_settings
 
 TOKEN = "t0ken"

@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from otel_traces import ExpectedTrace, Message, make_traces, to_messages
 from poison import malformed_payloads
 
-from cegraph.connectors.kafka_client import ensure_topics
+from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import EventStore
 

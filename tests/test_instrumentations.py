@@ -14,11 +14,11 @@ from genai_app import CALLS, SCENARIOS
 from instrumented import Recording, expected_source, ingest, record
 from openai_stub import REFUSAL, TRUNCATED
 
-from cegraph.connectors.otlp_codec import decode_logs_proto
+from cegraph.connectors.otlp.codec import decode_logs_proto
 from cegraph.daemon.app import build_canary_judge, build_detector_stage
-from cegraph.daemon.failures import ExecutionGraph, label_failures
+from cegraph.daemon.detect.failures import ExecutionGraph, label_failures
+from cegraph.daemon.detect.signature import describe
 from cegraph.daemon.settings import CanarySettings, Settings
-from cegraph.daemon.signature import describe
 
 CONVENTIONS = ["genai", "openinference"]
 RUNS = 2

@@ -14,8 +14,8 @@ from genai_app import CALLS, span_count
 from instrumented import expected_source, run_app
 from openai_stub import ChatServer, ScenarioResponder
 
-from cegraph.daemon.detector_stage import node_from_row
-from cegraph.daemon.failures import label_failures
+from cegraph.daemon.detect.failures import label_failures
+from cegraph.daemon.detect.stage import node_from_row
 
 
 def target(collector, protocol: str) -> list[str]:

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cegraph.connectors.kafka_client import make_broker, raw_body
+from cegraph.connectors.kafka.client import make_broker, raw_body
 from cegraph.daemon.settings import KafkaSettings
 
 

@@ -16,10 +16,10 @@ from kafka import KafkaProducer
 from otel_traces import make_traces, to_messages
 from test_ingest_kafka import assert_landed_exactly_once
 
-from cegraph.connectors.kafka_client import ensure_topics
-from cegraph.connectors.kafka_source import KafkaIngestSource
-from cegraph.connectors.otlp_codec import decoder_for
-from cegraph.daemon.ingest import IngestPipeline
+from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.source import KafkaIngestSource
+from cegraph.connectors.otlp.codec import decoder_for
+from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.settings import IngestSettings, KafkaSettings, Settings, StoreSettings
 from cegraph.daemon.store import EventStore
 

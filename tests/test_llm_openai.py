@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cegraph.connectors.llm_openai import OpenAIChatBackend, retry_after_s
-from cegraph.daemon.llm import (
+from cegraph.connectors.llm.openai import OpenAIChatBackend, retry_after_s
+from cegraph.daemon.workflows.llm import (
     CallContext,
     LLMBadResponseError,
     LLMRequestError,
@@ -22,7 +22,7 @@ from cegraph.daemon.llm import (
     LLMTimeoutError,
     Message,
 )
-from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import parse_spec
 
 CONTEXT = CallContext(workflow_id="w", node_id="n", node_kind="llm", purpose="answer", call_index=0)

@@ -22,10 +22,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_store_and_pipeline import FEEDBACK, SPANS, Clock, Topics
 
-from cegraph.connectors.otlp_codec import decode_logs_json, decode_logs_proto, decoder_for, logs_decoder_for
-from cegraph.daemon.detector_stage import node_from_row
-from cegraph.daemon.failures import label_failures
-from cegraph.daemon.ingest import IngestPipeline
+from cegraph.connectors.otlp.codec import decode_logs_json, decode_logs_proto, decoder_for, logs_decoder_for
+from cegraph.daemon.detect.failures import label_failures
+from cegraph.daemon.detect.stage import node_from_row
+from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.store import EventStore

@@ -15,8 +15,8 @@ from fss_fixtures import node
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import encode, openinference_trace, record_spans
 
-from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.daemon.normalize import TextPolicy, distinct_node_ids, normalize, redact
+from cegraph.connectors.otlp.codec import decode_proto
+from cegraph.daemon.ingest.normalize import TextPolicy, distinct_node_ids, normalize, redact
 from cegraph.daemon.spans import Node
 
 KEEP_ALL = TextPolicy(max_chars=100_000, redact=False)

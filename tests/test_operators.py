@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
 
-from cegraph.daemon.operators import OPERATORS, Edit, EditRefused, apply_edit, cost, refusal
-from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, cost, refusal
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import example_spec
 
 TOOLS = ["calculator", "kb_search"]

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import encode, make_traces, record_spans
 
-from cegraph.connectors.otlp_codec import DecodeError, decode_json, decode_proto, decoder_for
+from cegraph.connectors.otlp.codec import DecodeError, decode_json, decode_proto, decoder_for
 from cegraph.daemon.spans import STATUS_ERROR, STATUS_OK, STATUS_UNSET, SpanRecord
 
 INT64_MAX = 2**63 - 1

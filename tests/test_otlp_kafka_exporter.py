@@ -10,11 +10,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from workflow_fixtures import QA_REVIEWED as SPEC
 from workflow_fixtures import run_qa_to_kafka
 
-from cegraph.connectors.kafka_client import kafka_python_options
-from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.daemon.normalize import TextPolicy, normalize
-from cegraph.daemon.runtime import ExecutionResult
+from cegraph.connectors.kafka.client import kafka_python_options
+from cegraph.connectors.otlp.codec import decode_proto
+from cegraph.daemon.ingest.normalize import TextPolicy, normalize
 from cegraph.daemon.settings import KafkaSettings
+from cegraph.daemon.workflows.runtime import ExecutionResult
 
 
 def attributes(item) -> dict:

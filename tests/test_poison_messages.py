@@ -23,7 +23,7 @@ from otel_traces import ExpectedTrace, encode, make_traces
 from poison import JSON_BREAKS, break_json, is_refused, malformed_payloads
 from test_store_and_pipeline import FEEDBACK, IDLE, MAX_AGE, SPANS, Clock, Topics, pipeline_on
 
-from cegraph.daemon.ingest import IngestPipeline
+from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.store import EventStore
 
 

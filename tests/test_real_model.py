@@ -22,23 +22,23 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cegraph.connectors.llm_config import evaluation, shadow_llm
-from cegraph.connectors.otlp_codec import decode_proto
-from cegraph.connectors.shadow_runtime import RuntimeShadowTarget
-from cegraph.daemon.density import NOISE
-from cegraph.daemon.detector import FailureDetector
-from cegraph.daemon.failures import label_failures
-from cegraph.daemon.llm import Completion, Message
-from cegraph.daemon.normalize import TextPolicy, normalize
-from cegraph.daemon.operators import Edit, apply_edit, refusal
-from cegraph.daemon.proposers import Counterexample, LLMProposer, ModeContext, PromptEditor
-from cegraph.daemon.replay import ReplayItem
-from cegraph.daemon.runtime import LLM_KINDS, ExecutionResult, NodeRun, WorkflowRuntime
+from cegraph.connectors.llm.config import evaluation, shadow_llm
+from cegraph.connectors.otlp.codec import decode_proto
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
+from cegraph.daemon.detect.density import NOISE
+from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.failures import label_failures
+from cegraph.daemon.ingest.normalize import TextPolicy, normalize
+from cegraph.daemon.refine.operators import Edit, apply_edit, refusal
+from cegraph.daemon.refine.proposers import Counterexample, LLMProposer, ModeContext, PromptEditor
+from cegraph.daemon.refine.replay import ReplayItem
+from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner, outcome_of
+from cegraph.daemon.refine.verification import compare
 from cegraph.daemon.settings import DetectorSettings, load_settings
-from cegraph.daemon.shadow import ShadowOutcome, ShadowRunner, outcome_of
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.spans import SpanRecord
-from cegraph.daemon.verification import compare
+from cegraph.daemon.workflows.llm import Completion, Message
+from cegraph.daemon.workflows.runtime import LLM_KINDS, ExecutionResult, NodeRun, WorkflowRuntime
 from cegraph.schemas.workflow import example_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]

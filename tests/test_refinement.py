@@ -13,14 +13,14 @@ from daemon_proc import CEGRAPH, free_port
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
-from cegraph.connectors.embedded import EmbeddedDaemon
+from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import FAILURE_OBSERVED, PROPOSAL_REJECTED
-from cegraph.daemon.operators import Edit, apply_edit
-from cegraph.daemon.registry import apply_patch
+from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.refine.shadow import ShadowOutcome
+from cegraph.daemon.refine.signing import verify_signature
+from cegraph.daemon.refine.verification import compare
 from cegraph.daemon.settings import load_settings
-from cegraph.daemon.shadow import ShadowOutcome
-from cegraph.daemon.signing import verify_signature
-from cegraph.daemon.verification import compare
+from cegraph.daemon.workflows.registry import apply_patch
 from cegraph.schemas.workflow import parse_spec
 
 KEY = "test-signing-key"

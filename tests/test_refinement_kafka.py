@@ -13,15 +13,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
-from cegraph.connectors.kafka_client import ensure_topics
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
-from cegraph.connectors.patch_publisher import KafkaPatchPublisher
-from cegraph.daemon.operators import Edit, apply_edit
-from cegraph.daemon.patch_outbox import PatchOutbox, created
-from cegraph.daemon.registry import apply_patch
+from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
+from cegraph.connectors.kafka.patch_publisher import KafkaPatchPublisher
+from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.refine.patch_outbox import PatchOutbox, created
+from cegraph.daemon.refine.signing import sign, verify_signature
 from cegraph.daemon.settings import KafkaSettings
-from cegraph.daemon.signing import sign, verify_signature
 from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.registry import apply_patch
 from cegraph.schemas.patch import WorkflowPatch
 
 KEY = "kafka-test-key"

@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from otel_traces import make_traces, to_messages
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
-from cegraph.connectors.embedded import EmbeddedDaemon
-from cegraph.connectors.otlp_codec import decoder_for
-from cegraph.connectors.shadow_http import HttpShadowTarget, shadow_endpoint
-from cegraph.connectors.shadow_runtime import RuntimeShadowTarget, sim_evaluator_for
+from cegraph.connectors.otlp.codec import decoder_for
+from cegraph.connectors.shadow.http import HttpShadowTarget, shadow_endpoint
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
@@ -28,12 +28,12 @@ from cegraph.daemon.events import (
     REFINEMENT_FINISHED,
     Event,
 )
-from cegraph.daemon.ingest import IngestPipeline, InMessage
-from cegraph.daemon.normalize import TextPolicy, normalize
-from cegraph.daemon.operators import OPERATORS, Edit
-from cegraph.daemon.proposers import parse_edits
-from cegraph.daemon.refinement_jobs import RefinementScheduler
-from cegraph.daemon.replay import ReplayItem, ReplayStore
+from cegraph.daemon.ingest.normalize import TextPolicy, normalize
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
+from cegraph.daemon.refine.jobs import RefinementScheduler
+from cegraph.daemon.refine.operators import OPERATORS, Edit
+from cegraph.daemon.refine.proposers import parse_edits
+from cegraph.daemon.refine.replay import ReplayItem, ReplayStore
 from cegraph.daemon.settings import IngestSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore

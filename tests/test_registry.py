@@ -10,11 +10,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cegraph.connectors.otlp_codec import decoder_for
-from cegraph.connectors.span_export import otlp_messages
+from cegraph.connectors.otlp.codec import decoder_for
+from cegraph.connectors.otlp.span_export import otlp_messages
 from cegraph.daemon.events import WORKFLOW_REGISTERED
-from cegraph.daemon.ingest import IngestPipeline, InMessage
-from cegraph.daemon.registry import (
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
+from cegraph.daemon.settings import IngestSettings
+from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.registry import (
     LATEST,
     PatchError,
     UnknownWorkflowError,
@@ -24,10 +27,7 @@ from cegraph.daemon.registry import (
     spec_diff,
     version_key,
 )
-from cegraph.daemon.runtime import WorkflowRuntime
-from cegraph.daemon.settings import IngestSettings
-from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.workflow import WorkflowSpec, example_spec, parse_spec
 

@@ -17,11 +17,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from pydantic import BaseModel, ValidationError
 
-from cegraph.connectors.span_export import CallbackSpanExporter, otlp_messages
-from cegraph.daemon.runtime import EvaluationResult, ExecutionResult, WorkflowRuntime, answer_key
-from cegraph.daemon.sandbox import Sandbox
+from cegraph.connectors.otlp.span_export import CallbackSpanExporter, otlp_messages
 from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.tools import ToolArgumentError
+from cegraph.daemon.workflows.runtime import EvaluationResult, ExecutionResult, WorkflowRuntime, answer_key
+from cegraph.daemon.workflows.sandbox import Sandbox
+from cegraph.daemon.workflows.tools import ToolArgumentError
 from cegraph.schemas.workflow import WorkflowSpec, WorkflowSpecError, example_spec, parse_spec
 
 RETRIEVAL_QA = {
@@ -197,7 +197,7 @@ async def test_a_raising_node_marks_its_span_and_the_root_and_skips_what_follows
         parse_spec(TOOL_CHAIN), task.input, seed=1, evaluator=world.evaluator(task)
     )
 
-    qualified = "cegraph.daemon.tools.ToolArgumentError"
+    qualified = "cegraph.daemon.workflows.tools.ToolArgumentError"
     assert result.output is None and result.error_type == qualified and result.failed
     assert [(run.node_id, run.status) for run in result.nodes] == [("look", "error"), ("explain", "skipped")]
     spans = by_trace(exporter.get_finished_spans(), result.trace_id)
@@ -407,7 +407,7 @@ def test_specs_are_frozen():
 
 def test_one_sandbox_serves_programs_from_successive_event_loops():
     """Refinement jobs and demo ticks each run their own loop over the same world's sandbox."""
-    from cegraph.daemon.sandbox import Sandbox
+    from cegraph.daemon.workflows.sandbox import Sandbox
 
     sandbox = Sandbox(max_concurrent=2)
 

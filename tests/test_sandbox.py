@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI
 
-from cegraph.daemon.sandbox import SANDBOX_UID, Sandbox, SandboxUnavailable
+from cegraph.daemon.workflows.sandbox import SANDBOX_UID, Sandbox, SandboxUnavailable
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -56,7 +56,7 @@ def run(sandbox: Sandbox, source: str, **options):
 # gets CEGRAPH_PUBLISHER__SIGNING_KEY): it runs the program from stdin and prints what it printed.
 DAEMON = """
 import asyncio, sys
-from cegraph.daemon.sandbox import Sandbox
+from cegraph.daemon.workflows.sandbox import Sandbox
 run = asyncio.run(Sandbox(**eval(sys.argv[1])).run_program(sys.stdin.read()))
 print(run.stdout, run.stderr)
 """
@@ -250,8 +250,8 @@ async def test_without_isolation_the_runtime_refuses_specs_that_run_programs(tmp
     from opentelemetry.sdk.trace import TracerProvider
     from test_runtime import ROUTED
 
-    from cegraph.daemon.runtime import WorkflowRuntime
     from cegraph.daemon.sim import SimWorld
+    from cegraph.daemon.workflows.runtime import WorkflowRuntime
     from cegraph.schemas.workflow import WorkflowSpecError, example_spec, parse_spec
 
     runtime = WorkflowRuntime(

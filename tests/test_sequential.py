@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cegraph.daemon.sequential import Arm, difference_interval, judge, rate_interval
+from cegraph.daemon.rollout.sequential import Arm, difference_interval, judge, rate_interval
 
 counts = st.integers(0, 5_000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n)))
 alphas = st.sampled_from([0.01, 0.05, 0.1, 0.3])

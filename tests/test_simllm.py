@@ -21,10 +21,10 @@ from statistics import fmean
 import jsonpatch
 from opentelemetry.sdk.trace import TracerProvider
 
-from cegraph.daemon.llm import CallContext, Message
-from cegraph.daemon.runtime import ExecutionResult, NodeRun, WorkflowRuntime
 from cegraph.daemon.sim import Rates, SimWorld, Task
 from cegraph.daemon.sim.coding import TEMPLATES
+from cegraph.daemon.workflows.llm import CallContext, Message
+from cegraph.daemon.workflows.runtime import ExecutionResult, NodeRun, WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec, example_spec, parse_spec
 
 RATES = Rates()
@@ -217,7 +217,7 @@ def argument_error_probability(task: Task) -> float:
 async def test_tool_argument_errors_fall_with_argument_validation():
     world = SimWorld(14)
     tasks = world.tasks("arithmetic", 250)
-    bad_arguments = lambda r: r.error_type == "cegraph.daemon.tools.ToolArgumentError"  # noqa: E731
+    bad_arguments = lambda r: r.error_type == "cegraph.daemon.workflows.tools.ToolArgumentError"  # noqa: E731
     plain = await run(world, spec("arithmetic-calculator"), tasks)
     assert_near(count(plain, bad_arguments), 250, fmean(argument_error_probability(t) for t in tasks))
     validated = await run(

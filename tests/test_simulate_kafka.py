@@ -23,14 +23,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from cegraph.connectors.decision_consumer import DecisionConsumer
-from cegraph.connectors.kafka_client import ensure_topics, kafka_python_options
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
-from cegraph.daemon.registry import spec_diff
-from cegraph.daemon.runtime import WorkflowRuntime
+from cegraph.connectors.kafka.client import ensure_topics, kafka_python_options
+from cegraph.connectors.kafka.decision_consumer import DecisionConsumer
+from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.traffic import TrafficGenerator
+from cegraph.daemon.sim.traffic import TrafficGenerator
+from cegraph.daemon.workflows.registry import spec_diff
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
 from cegraph.schemas.workflow import WorkflowSpec, example_spec, parse_spec

@@ -15,9 +15,9 @@ import pytest
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import ExpectedTrace, encode, make_traces, record_spans, to_messages
 
-from cegraph.connectors.otlp_codec import DecodeError, decoder_for
-from cegraph.daemon import ingest
-from cegraph.daemon.ingest import IngestPipeline, InMessage
+from cegraph.connectors.otlp.codec import DecodeError, decoder_for
+from cegraph.daemon.ingest import pipeline as ingest
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.store import EventStore
 

@@ -25,7 +25,7 @@ from test_store_and_pipeline import (
 )
 
 from cegraph.daemon.events import Event
-from cegraph.daemon.ingest import PipelineNeedsReset
+from cegraph.daemon.ingest.pipeline import PipelineNeedsReset
 from cegraph.daemon.store import EventStore, StoreError
 
 DURABLE = "COMMIT succeeded and is durable, but the autocheckpoint failed"

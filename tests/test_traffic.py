@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from cegraph.daemon.registry import spec_diff
-from cegraph.daemon.runtime import WorkflowRuntime
 from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.traffic import TrafficGenerator, infer_family
+from cegraph.daemon.sim.traffic import TrafficGenerator, infer_family
+from cegraph.daemon.workflows.registry import spec_diff
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
 from cegraph.schemas.workflow import WorkflowSpec, WorkflowSpecError, example_spec, parse_spec

@@ -13,7 +13,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from cegraph.connectors.trail import (
+from cegraph.connectors.trail.dataset import (
     CATEGORY_VARIANTS,
     LEAF_CATEGORIES,
     TAXONOMY,

@@ -8,7 +8,12 @@ import subprocess
 
 from daemon_proc import CEGRAPH, Scenario
 
-from cegraph.connectors.trail import annotations_to_feedback, iter_trail, span_id_bytes, trace_id_bytes
+from cegraph.connectors.trail.dataset import (
+    annotations_to_feedback,
+    iter_trail,
+    span_id_bytes,
+    trace_id_bytes,
+)
 from cegraph.daemon.store import EventStore
 
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cegraph.daemon.operators import Edit, apply_edit
-from cegraph.daemon.signing import sign, signed_only, verify_signature
-from cegraph.daemon.verification import judge, mcnemar, paired_bootstrap
+from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.refine.signing import sign, signed_only, verify_signature
+from cegraph.daemon.refine.verification import judge, mcnemar, paired_bootstrap
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import example_spec
 

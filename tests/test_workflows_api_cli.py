@@ -20,13 +20,13 @@ import uvicorn
 from daemon_proc import free_port
 from typer.testing import CliRunner
 
-from cegraph.connectors.http_api import create_app
-from cegraph.connectors.http_workflows import workflow_routes
+from cegraph.connectors.http.api import create_app
+from cegraph.connectors.http.workflows import workflow_routes
 from cegraph.daemon.app import build
-from cegraph.daemon.cli import app as cli_app
-from cegraph.daemon.registry import WorkflowRegistry
+from cegraph.daemon.cli.main import app as cli_app
 from cegraph.daemon.settings import Settings, StoreSettings
 from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.registry import WorkflowRegistry
 from cegraph.schemas.workflow import example_spec
 
 CEGRAPH = str(Path(sys.executable).parent / "cegraph")

@@ -8,10 +8,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from cegraph.connectors.otlp_kafka_exporter import OtlpKafkaSpanExporter
-from cegraph.daemon.runtime import ExecutionResult, WorkflowRuntime
+from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.workflows.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.schemas.workflow import parse_spec
 
 # retrieve -> answer -> review -> revise: four node spans per execution, all children of the root.

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cegraph.daemon.sim.core import Family, SimCall, Task, answer_of, unit
 from cegraph.daemon.sim.refiner_model import BRIEF
-from cegraph.daemon.tools import Retriever, Tool, ToolArgumentError
+from cegraph.daemon.workflows.tools import Retriever, Tool, ToolArgumentError
 
 PLACES = (
     ("warehouse", "crates", "crate"),

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cegraph.daemon.sandbox import TestReport, extract_code
 from cegraph.daemon.sim.core import Family, SimCall, Task
+from cegraph.daemon.workflows.sandbox import TestReport, extract_code
 
 if TYPE_CHECKING:
     from cegraph.daemon.sim.world import SimWorld

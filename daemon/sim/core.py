@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from cegraph.daemon.evaluators import blame
-from cegraph.daemon.llm import CallContext, Message
-from cegraph.daemon.runtime import ANSWER_LINE, EvaluationResult, ExecutionResult
-from cegraph.daemon.tools import Retriever, Tool
+from cegraph.daemon.workflows.evaluators import blame
+from cegraph.daemon.workflows.llm import CallContext, Message
+from cegraph.daemon.workflows.runtime import ANSWER_LINE, EvaluationResult, ExecutionResult
+from cegraph.daemon.workflows.tools import Retriever, Tool
 
 if TYPE_CHECKING:
     from cegraph.daemon.sim.world import SimWorld

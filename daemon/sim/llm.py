@@ -14,9 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cegraph.daemon.llm import CallContext, Completion, Message
 from cegraph.daemon.sim import refiner_model
 from cegraph.daemon.sim.core import Family, SimCall, answer_of, count_tokens, lenient_json, truncate
+from cegraph.daemon.workflows.llm import CallContext, Completion, Message
 
 if TYPE_CHECKING:
     from cegraph.daemon.sim.world import SimWorld

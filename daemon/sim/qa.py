@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cegraph.daemon.sim.core import Family, SimCall, Task, answer_of, rng_for, unit
-from cegraph.daemon.tools import Retriever, Tool
+from cegraph.daemon.workflows.tools import Retriever, Tool
 
 SYLLABLES = (
     "ka", "lo", "mi", "ra", "ven", "tor", "sil", "dra", "nu", "bel", "cor", "fen", "ga", "hal", "is", "jor",

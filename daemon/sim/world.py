@@ -6,15 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cegraph.daemon.runtime import EvaluationResult, ExecutionResult
-from cegraph.daemon.sandbox import Sandbox
 from cegraph.daemon.sim.arithmetic import Arithmetic
 from cegraph.daemon.sim.coding import Coding
 from cegraph.daemon.sim.core import Family, Rates, Task, rng_for
 from cegraph.daemon.sim.extraction import Extraction
 from cegraph.daemon.sim.llm import SimLLM
 from cegraph.daemon.sim.qa import QA, KnowledgeBase
-from cegraph.daemon.tools import Retriever, Tool
+from cegraph.daemon.workflows.runtime import EvaluationResult, ExecutionResult
+from cegraph.daemon.workflows.sandbox import Sandbox
+from cegraph.daemon.workflows.tools import Retriever, Tool
 
 
 @dataclass(frozen=True)

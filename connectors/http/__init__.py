@@ -1,0 +1,1 @@
+"""HTTP: the daemon's API and the user's HTTP evaluator."""

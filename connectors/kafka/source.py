@@ -1,0 +1,291 @@
+"""The Kafka edge of the ingest stage: a faststream batch subscriber on the spans and feedback topics.
+
+Commit semantics (as in arroyo): the source of truth for offsets is DuckDB, written by the pipeline's
+`flush()` together with the events. On partition assignment the consumer seeks to those offsets;
+afterwards the same offsets are committed to Kafka too, best effort, so that lag tooling sees them.
+Dead letters are published (and acknowledged by the broker) before the flush that moves past them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import IllegalStateError
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+
+from cegraph.connectors.kafka.client import make_broker, raw_body
+from cegraph.daemon.ingest.pipeline import DeadLetter, FlushResult, IngestPipeline, InMessage
+from cegraph.daemon.settings import Settings
+
+log = logging.getLogger("cegraph.ingest")
+
+DLQ_REASON = "cegraph.dlq.reason"
+LAG_INTERVAL_S = 5.0
+
+
+def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
+    message = letter.message
+    headers = {k: v.decode(errors="replace") for k, v in message.headers.items()}
+    return {
+        **headers,
+        DLQ_REASON: letter.reason[:1000],
+        "cegraph.dlq.topic": message.topic,
+        "cegraph.dlq.partition": str(message.partition),
+        "cegraph.dlq.offset": str(message.offset),
+    }
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaIngestSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.source.seek_to_stored(assigned)
+
+
+class KafkaIngestSource:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: IngestPipeline,
+        broker: KafkaBroker | None = None,
+        after_flush: Callable[[], object] | None = None,
+    ) -> None:
+        """`after_flush` runs (in a worker thread, under the same lock) after each flush that stored
+        events: the next stage catching up on what ingest wrote."""
+        self.after_flush = after_flush
+        self.settings = settings
+        self.pipeline = pipeline
+        self.broker = broker or make_broker(
+            settings.kafka, middlewares=[KafkaPrometheusMiddleware(registry=pipeline.metrics.registry)]
+        )
+        self._lock = asyncio.Lock()
+        self._failures = 0  # consecutive failed flushes or recoveries: the backoff's exponent
+        self._set_ready(True)
+        self._flusher: asyncio.Task[None] | None = None
+        self._lag: asyncio.Task[None] | None = None
+        kafka, ingest = settings.kafka, settings.ingest
+        # With a logs topic, the range assignor gives partition i of every topic to the same member:
+        # keyed by trace id alike (and as many partitions), a trace's logs meet its spans there.
+        logs = {"partition_assignment_strategy": (RangePartitionAssignor,)} if kafka.logs_topic else {}
+        self.subscriber = self.broker.subscriber(
+            kafka.spans_topic,
+            kafka.feedback_topic,
+            *([kafka.logs_topic] if kafka.logs_topic else []),
+            **logs,
+            batch=True,
+            group_id=kafka.group_id,
+            auto_offset_reset="earliest",
+            max_records=ingest.batch_size,
+            batch_timeout_ms=ingest.batch_timeout_ms,
+            listener=_SeekToStoredOffsets(self),
+            decoder=raw_body,
+            ack_policy=AckPolicy.MANUAL,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=max(kafka.session_timeout_ms // 3, 100),
+        )
+        self.subscriber(self._handle)
+
+    async def seek_to_stored(self, assigned: Any) -> None:
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        consumer = self.subscriber.consumer
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is not None and consumer is not None:
+                consumer.seek(tp, offset)
+                log.info("seek %s[%d] to stored offset %d", tp.topic, tp.partition, offset)
+
+    async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
+        records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+        async with self._lock:
+            batch = [
+                InMessage(r.topic, r.partition, r.offset, r.value or b"", r.key, dict(r.headers or ()))
+                for r in await self._current(records)
+            ]
+            try:
+                dead = self.pipeline.handle(batch)
+                for letter in dead:
+                    await self.broker.publish(
+                        letter.message.value,
+                        topic=self.settings.kafka.dlq_topic,
+                        key=letter.message.key,
+                        headers=dead_letter_headers(letter),
+                    )
+                await self._flush_locked()
+            except Exception as error:
+                # Never let faststream skip the batch: what is not stored is read again after recovery.
+                await self._recover(error)
+
+    async def _current(self, records: tuple[Any, ...]) -> list[Any]:
+        """The records of partitions this consumer still reads from where they were fetched.
+
+        A batch is fetched before its handler waits for the lock; meanwhile the periodic flush may
+        have failed and seeked every partition back to its stored offset (or a rebalance taken the
+        partition away). Such records lie ahead of the consumer's position: they will be read again
+        in order, and handling them now would store offsets past the messages in between.
+        """
+        consumer = self.subscriber.consumer
+        if consumer is None or not records:
+            return list(records)
+        ends: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            ends[tp] = max(ends.get(tp, -1), record.offset + 1)
+        stale = set()
+        for tp, end in ends.items():
+            try:
+                position = await consumer.position(tp)
+            except IllegalStateError:  # revoked since the fetch
+                position = -1
+            if end > position:
+                stale.add(tp)
+        if stale:
+            log.info("dropping records fetched before a seek or rebalance: %s", sorted(stale))
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in stale]
+
+    async def flush(self) -> FlushResult:
+        async with self._lock:
+            try:
+                return await self._flush_locked()
+            except Exception as error:
+                await self._recover(error)
+                return FlushResult()
+
+    async def _flush_locked(self) -> FlushResult:
+        result = await asyncio.to_thread(self.pipeline.flush)
+        self._failures = 0
+        if result.events:
+            await self._commit_to_kafka()
+            if self.after_flush is not None:
+                try:
+                    await asyncio.to_thread(self.after_flush)
+                except Exception:  # the next stage resumes from its own cursor; ingest goes on
+                    log.exception("the stage after ingest failed; it retries after the next flush")
+        return result
+
+    async def _recover(self, error: Exception) -> None:
+        """What was not stored is forgotten and read again from the offsets DuckDB holds.
+
+        Holds the lock until the store takes a write again, so nothing more is consumed meanwhile
+        (the consumer's lag grows, visibly); `/readyz` answers 503 from the first failure until then.
+        Attempts back off exponentially, across failed flushes too (a disk that is still full).
+        """
+        self._set_ready(False)
+        self.pipeline.metrics.store_failures.inc()
+        log.error("ingest stopped: %s: %s; reopening the store", type(error).__name__, error)
+        while True:
+            self._failures += 1
+            ingest = self.settings.ingest
+            delay = ingest.recovery_initial_s * 2 ** min(self._failures - 1, 30)
+            await asyncio.sleep(min(ingest.recovery_max_s, delay))
+            try:
+                await asyncio.to_thread(self._reload)
+                await self._seek_after_reset()
+            except Exception as cause:
+                self.pipeline.metrics.recoveries.labels("failed").inc()
+                log.warning("recovery attempt %d failed: %s: %s", self._failures, type(cause).__name__, cause)
+                continue
+            self.pipeline.metrics.recoveries.labels("succeeded").inc()
+            log.warning("ingest resumed from the stored offsets after %d attempt(s)", self._failures)
+            self._set_ready(True)
+            return
+
+    def _reload(self) -> None:
+        """Reopen the store, prove it takes a write, and reload the pipeline's state from it."""
+        store = self.pipeline.store
+        store.reopen()
+        store.append([], store.offsets())
+        self.pipeline.reset()
+
+    async def _seek_after_reset(self) -> None:
+        consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        unstored = [tp for tp in assigned if (tp.topic, tp.partition) not in stored]
+        if unstored:
+            await consumer.seek_to_beginning(*unstored)
+        await self.seek_to_stored(assigned)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.pipeline.metrics.ingest_ready.set(1 if ready else 0)
+
+    async def _commit_to_kafka(self) -> None:
+        consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        offsets = {
+            TopicPartition(topic, partition): offset
+            for (topic, partition), offset in self.pipeline.pending.committable().items()
+            if TopicPartition(topic, partition) in assigned
+        }
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except Exception as error:  # best effort: DuckDB holds the offsets that matter
+                log.debug("kafka offset commit skipped: %s", error)
+
+    async def start(self) -> None:
+        await self.broker.start()
+        self._flusher = asyncio.create_task(self._flush_periodically())
+        self._lag = asyncio.create_task(self._measure_lag_periodically())
+
+    async def stop(self) -> None:
+        for task in (self._flusher, self._lag):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.broker.stop()
+        async with self._lock:
+            try:  # one last try; what it cannot store is read again at the next start
+                await self._flush_locked()
+            except Exception as error:
+                log.error("the last flush failed (%r); the next start re-reads it", error)
+
+    async def _flush_periodically(self) -> None:
+        """Idle traces complete on time even when no message arrives; `flush()` never raises."""
+        interval = self.settings.ingest.batch_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
+
+    async def measure_lag(self) -> dict[str, int]:
+        """Per topic, messages of this consumer's partitions that are not stored yet: the latest offset
+        minus the offset DuckDB holds (or the earliest offset, before anything was stored)."""
+        consumer = self.subscriber.consumer
+        assigned = list(consumer.assignment()) if consumer is not None else []
+        if consumer is None or not assigned:
+            return {}
+        ends = await consumer.end_offsets(assigned)
+        starts = await consumer.beginning_offsets(assigned)
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        lag: dict[str, int] = {}
+        for tp in assigned:
+            position = stored.get((tp.topic, tp.partition), starts[tp])
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends[tp] - position)
+        for topic, behind in lag.items():
+            self.pipeline.metrics.consumer_lag.labels(topic).set(behind)
+        return lag
+
+    async def _measure_lag_periodically(self) -> None:
+        while True:
+            try:
+                await self.measure_lag()
+            except Exception as error:  # a metric only: the next round tries again
+                log.debug("measuring the consumer lag failed: %s", error)
+            await asyncio.sleep(LAG_INTERVAL_S)

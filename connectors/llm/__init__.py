@@ -1,0 +1,1 @@
+"""LLM endpoints: the OpenAI-compatible backend and the settings that choose one."""

@@ -1,0 +1,1 @@
+"""OTLP: the codecs of what the Collector's kafkaexporter writes, and the SDK exporters."""

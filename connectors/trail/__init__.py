@@ -1,0 +1,1 @@
+"""Annotated traces: TRAIL and the plain format, for `import-trail` and `eval-modes`."""

@@ -1,0 +1,1 @@
+"""The `cegraph` command line, one module per command group."""

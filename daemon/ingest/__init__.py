@@ -1,0 +1,1 @@
+"""Stage 1: spans from Kafka (or in process) become executions, exactly once in effect."""

@@ -1,0 +1,429 @@
+"""Propose-and-Verify for one triggered failure mode, in shadow; greedy over candidate edits.
+
+A job replays a stratified sample of recorded executions (the mode's counterexamples and control)
+through the current spec once, then, round by round: the proposers suggest edits, each admissible
+candidate runs on the same inputs and seeds, the paired comparison against the current spec decides
+(`verification.compare`: the target mode must drop significantly, nothing else may rise
+significantly, the call budget must hold), and the best accepted candidate becomes the current spec
+of the next round. It stops when no candidate helps, after `max_rounds`, or when the budget would
+be exceeded. Every step is an event; the accepted edits become one signed patch, written to the
+outbox (`PatchCreated`) together with the job's end in one transaction, so a job that dies before
+that point leaves nothing half done and is run again from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from cegraph.daemon.detect.detector import ModeClassifier
+from cegraph.daemon.events import (
+    CANDIDATE_VERIFIED,
+    FAILURE_OBSERVED,
+    PROPOSAL_REJECTED,
+    REFINEMENT_FINISHED,
+    Event,
+)
+from cegraph.daemon.refine.operators import EditRefused, apply_edit, cost
+from cegraph.daemon.refine.patch_outbox import created
+from cegraph.daemon.refine.proposers import (
+    MAX_EXCERPT,
+    Counterexample,
+    ModeContext,
+    Proposal,
+    Proposals,
+    Proposer,
+)
+from cegraph.daemon.refine.replay import ReplaySample, ReplayStore
+from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
+from cegraph.daemon.refine.signing import sign
+from cegraph.daemon.refine.text_policy import screen_edit
+from cegraph.daemon.refine.verification import compare
+from cegraph.daemon.settings import RefinerSettings
+from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.registry import UnknownWorkflowError, WorkflowRegistry, version_key
+from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
+from cegraph.schemas.workflow import WorkflowSpec
+
+log = logging.getLogger("cegraph.refiner")
+
+MIN_COUNTEREXAMPLES = 5
+EXAMPLES_SHOWN = 8  # counterexamples a proposer sees
+GOOD_ENOUGH = 0.25  # a candidate that leaves at most this share of the target mode ends its round
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    workflow_id: str
+    workflow_version: str
+    mode: str
+    until_seq: int  # the detector had seen the log up to here when the job started
+    description: dict[str, Any]
+
+
+@dataclass
+class _Spent:
+    calls: int = 0
+    tokens: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # per proposer
+    text_rejected: Counter[str] = field(default_factory=Counter)  # per text policy rule
+
+    def add_runs(self, outcomes: list[ShadowOutcome]) -> None:
+        self.calls += sum(o.llm_calls for o in outcomes)
+        self.tokens += sum(o.tokens for o in outcomes)
+
+    def add_proposals(self, proposals: Proposals) -> None:
+        self.calls += proposals.llm_calls
+        self.tokens += proposals.tokens
+
+
+@dataclass(frozen=True)
+class _Step:
+    proposal: Proposal
+    spec: WorkflowSpec
+    outcomes: list[ShadowOutcome]
+    report: Verification
+
+
+class Refiner:
+    def __init__(
+        self,
+        store: EventStore,
+        registry: WorkflowRegistry,
+        replay: ReplayStore,
+        runner: ShadowRunner,
+        proposers: list[Proposer],
+        settings: RefinerSettings,
+        *,
+        signing_key: str | None = None,
+        retrievers: list[str] | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.replay = replay
+        self.runner = runner
+        self.proposers = proposers
+        self.settings = settings
+        self.signing_key = signing_key
+        self.retrievers = retrievers or []
+        self.clock = clock
+
+    async def run(self, job: Job, classifier: ModeClassifier) -> dict[str, Any]:
+        """Run the job to its end; returns the `RefinementFinished` payload it appended."""
+        started = self.clock()
+        spent = _Spent()
+
+        def finish(outcome: str, reason: str, extra: list[Event] = (), patch: WorkflowPatch | None = None):
+            cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
+            return self._finish(job, outcome, reason, cost, extra, patch, spent)
+
+        try:
+            base = self.registry.get(job.workflow_id, job.workflow_version).spec
+        except UnknownWorkflowError as error:
+            return finish(
+                "skipped", f"{error}: register the spec (`cegraph workflows register`) to refine it"
+            )
+        sample = self.replay.sample(
+            job.workflow_id,
+            job.workflow_version,
+            job.mode,
+            self.settings.replay_sample,
+            until_seq=job.until_seq,
+        )
+        if len(sample.of("target")) < MIN_COUNTEREXAMPLES:
+            return finish(
+                "skipped",
+                f"{len(sample.of('target'))} replayable counterexamples, {MIN_COUNTEREXAMPLES} needed "
+                f"({sample.unreplayable} executions had no replayable input)",
+            )
+        target = frozenset(self.replay.mode_family(job.mode))
+        items = sample.items
+        weights = [item.weight for item in items]
+        baseline = await self.runner.run(base, items, classifier)
+        spent.add_runs(baseline)
+        current, current_outcomes, steps = base, baseline, []
+        examples = self._counterexamples(job, sample)
+        for round_ in range(1, self.settings.max_rounds + 1):
+            if not any(outcome.modes & target for outcome in current_outcomes):
+                stop = "the target mode is gone from the replayed inputs"
+                break
+            context = ModeContext(
+                current,
+                job.mode,
+                self._failing_node(job, sample, current),
+                job.description,
+                examples,
+                self.retrievers,
+            )
+            proposals = await self._propose(job, round_, context, spent)
+            best, over_budget = await self._round(
+                job, round_, current, current_outcomes, proposals, items, classifier, target, spent
+            )
+            if best is not None:
+                steps.append(best)
+                current, current_outcomes = best.spec, best.outcomes
+            if over_budget or best is None:
+                stop = (
+                    f"the budget of {self.settings.max_llm_calls} LLM calls"
+                    if over_budget
+                    else "no candidate helped"
+                )
+                break
+        else:
+            stop = f"{self.settings.max_rounds} rounds"
+        if not steps:
+            return finish("no_patch", stop)
+        spec, patch = self._patch(
+            job, base, steps, baseline, current_outcomes, weights, target, sample, spent, started
+        )
+        self.registry.register(spec)
+        report = patch.rationale.verification  # type: ignore[union-attr]
+        return finish(
+            "patched",
+            f"{len(steps)} edit(s); target mode {report.target_before:.3f} -> {report.target_after:.3f}; "
+            f"stopped: {stop}",
+            [created(job.job_id, patch)],
+            patch,
+        )
+
+    def fail(self, job: Job, reason: str) -> dict[str, Any]:
+        """End a job that raised: it is not run again (a job whose process died is)."""
+        return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
+
+    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, spent=None) -> dict[str, Any]:
+        spent = spent or _Spent()
+        payload = {
+            "job_id": job.job_id,
+            "workflow_id": job.workflow_id,
+            "workflow_version": job.workflow_version,
+            "mode": job.mode,
+            "outcome": outcome,
+            "reason": reason,
+            "finished_at": time.time(),
+            "cost": cost.model_dump(),
+            "rejected": dict(spent.rejected),
+            "text_rejected": dict(spent.text_rejected),
+            "patch": None
+            if patch is None
+            else {"new_version": patch.new_version, "content_hash": patch.content_hash},
+        }
+        self.store.append([*extra, Event(REFINEMENT_FINISHED, job.workflow_id, payload)])
+        log.info(
+            "job %s (%s@%s, mode %s): %s, %s",
+            job.job_id,
+            job.workflow_id,
+            job.workflow_version,
+            job.mode,
+            outcome,
+            reason,
+        )
+        return payload
+
+    async def _round(
+        self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
+    ):
+        """Verify the round's candidates against `current`; the best accepted one, and whether the
+        budget stopped the round."""
+        weights = [item.weight for item in items]
+        per_item = sum(o.llm_calls for o in current_outcomes) / max(len(items), 1)
+        best: _Step | None = None
+        tried: set[str | None] = {current.content_hash}
+        for proposal in proposals:
+            if len(tried) > self.settings.max_candidates:
+                break
+            try:
+                candidate, _ = apply_edit(current, proposal.edit, current.version)
+            except EditRefused as error:
+                self._reject(
+                    job, round_, spent, proposal.proposer, str(error), proposal.edit.model_dump_json()
+                )
+                continue
+            if candidate.content_hash in tried:
+                continue
+            tried.add(candidate.content_hash)
+            if spent.calls + len(items) * (per_item + cost(proposal.edit)) > self.settings.max_llm_calls:
+                return best, True
+            # Counterexamples first: a candidate that does not lower the target mode on them is
+            # refused without running the control half (most candidates stop here).
+            first = [i for i, item in enumerate(items) if item.stratum == "target"]
+            rest = [i for i, item in enumerate(items) if item.stratum != "target"]
+            early = await self.runner.run(candidate, [items[i] for i in first], classifier)
+            spent.add_runs(early)
+            report, verdict = self._compare(
+                [current_outcomes[i] for i in first], early, [weights[i] for i in first], target, spent.calls
+            )
+            outcomes = None
+            if verdict.accepted:
+                late = await self.runner.run(candidate, [items[i] for i in rest], classifier)
+                spent.add_runs(late)
+                placed = dict(zip(first, early, strict=True)) | dict(zip(rest, late, strict=True))
+                outcomes = [placed[i] for i in range(len(items))]
+                report, verdict = self._compare(current_outcomes, outcomes, weights, target, spent.calls)
+            self.store.append(
+                [
+                    Event(
+                        CANDIDATE_VERIFIED,
+                        job.workflow_id,
+                        {
+                            "job_id": job.job_id,
+                            "round": round_,
+                            "proposer": proposal.proposer,
+                            "edit": proposal.edit.model_dump(exclude_none=True),
+                            "why": proposal.why,
+                            "accepted": verdict.accepted,
+                            "reason": verdict.reason,
+                            "verification": report.model_dump(),
+                            "llm_calls": spent.calls,
+                        },
+                    )
+                ]
+            )
+            if verdict.accepted and outcomes is not None and (best is None or _better(report, best.report)):
+                best = _Step(proposal, candidate, outcomes, report)
+                if report.target_after <= report.target_before * GOOD_ENOUGH:
+                    break  # first good enough: verifying the rest would rarely pay for itself
+        return best, False
+
+    def _compare(self, base, candidate, weights, target, calls):
+        pairs = [
+            (b, c, w) for b, c, w in zip(base, candidate, weights, strict=True) if not (b.error or c.error)
+        ]
+        return compare(
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            [p[2] for p in pairs],
+            target,
+            alpha=self.settings.significance,
+            calls=calls,
+            budget=self.settings.max_llm_calls,
+        )
+
+    async def _propose(self, job: Job, round_: int, context: ModeContext, spent: _Spent) -> list[Proposal]:
+        """Every proposer's edits; each edit's free text passes the text policy here, the one way from a
+        proposer to verification and so to a patch."""
+        gathered = Proposals()
+        for proposer in self.proposers:
+            gathered.extend(await proposer.propose(context))
+        spent.add_proposals(gathered)
+        for rejection in gathered.rejections:
+            self._reject(job, round_, spent, rejection.proposer, rejection.reason, rejection.excerpt)
+        admitted = []
+        for proposal in gathered.proposals:
+            violation = screen_edit(context.spec, proposal.edit)
+            if violation is None:
+                admitted.append(proposal)
+                continue
+            spent.text_rejected[violation.rule] += 1
+            self._reject(
+                job, round_, spent, proposal.proposer, violation.reason, proposal.why[:MAX_EXCERPT],
+                text_policy={
+                    "rule": violation.rule,
+                    "base_version": context.spec.version,
+                    "edit": proposal.edit.model_dump(exclude_none=True),
+                    "rejected_at": time.time(),
+                },
+            )  # fmt: skip
+        return admitted
+
+    def _reject(
+        self,
+        job: Job,
+        round_: int,
+        spent: _Spent,
+        proposer: str,
+        reason: str,
+        excerpt: str,
+        *,
+        text_policy: dict[str, Any] | None = None,
+    ) -> None:
+        """A `ProposalRejected` event; `text_policy` (the rule, the edit and the version it was for) marks a
+        rejection by the text policy, which `cegraph patches list` shows."""
+        spent.rejected[proposer] += 1
+        payload = {"job_id": job.job_id, "round": round_, "proposer": proposer, "reason": reason,
+                   "excerpt": excerpt}  # fmt: skip
+        if text_policy is not None:
+            payload["text_policy"] = text_policy
+        self.store.append([Event(PROPOSAL_REJECTED, job.workflow_id, payload)])
+
+    def _failing_node(self, job: Job, sample: ReplaySample, spec: WorkflowSpec) -> str:
+        """The node most counterexample failures are on (one of the spec's; else its output)."""
+        counts = Counter(node for _, node in self._failures(job, sample))
+        return next((node for node, _ in counts.most_common() if node in spec.nodes), spec.output)
+
+    def _failures(self, job: Job, sample: ReplaySample) -> list[tuple[str, str]]:
+        traces = [item.trace_id for item in sample.of("target")]
+        return self.store.query(
+            "SELECT payload->>'trace_id', payload->>'node_id' FROM events WHERE type = ? "
+            "AND payload->>'trace_id' IN (SELECT unnest(?)) AND list_contains(?, payload->>'mode') "
+            "ORDER BY seq",
+            FAILURE_OBSERVED,
+            traces,
+            self.replay.mode_family(job.mode),
+        )
+
+    def _counterexamples(self, job: Job, sample: ReplaySample) -> list[Counterexample]:
+        """What the recorded failures said: verdicts, errors, outputs and inputs of the failing spans."""
+        failures = self._failures(job, sample)[:EXAMPLES_SHOWN]
+        rows = self.store.query(
+            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, "
+            "left(input_text, 500), left(output_text, 500) "
+            "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
+            [trace for trace, _ in failures],
+        )
+        return [
+            Counterexample(trace, node, "\n".join(part for part in parts if part and part != "[]"))
+            for trace, node, *parts in rows
+        ]
+
+    def _patch(self, job, base, steps, baseline, final, weights, target, sample, spent, started):
+        """The patched spec and the signed patch: the steps' edits replayed on `base` at the new version."""
+        spec, ops, version = self._versioned(base, steps)
+        report, _ = self._compare(baseline, final, weights, target, spent.calls)
+        rationale = Rationale(
+            job_id=job.job_id,
+            mode=job.mode,
+            mode_description=job.description,
+            counterexamples=[item.trace_id for item in sample.of("target")],
+            edits=[
+                {"proposer": s.proposal.proposer, **s.proposal.edit.model_dump(exclude_none=True)}
+                for s in steps
+            ],
+            verification=report,
+            cost=Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started),
+        )
+        patch = WorkflowPatch(
+            workflow_id=base.id,
+            base_version=base.version,
+            new_version=version,
+            operations=ops,
+            content_hash=spec.content_hash,
+            rationale=rationale,
+        )
+        return spec, sign(patch, self.signing_key) if self.signing_key else patch
+
+    def _versioned(self, base: WorkflowSpec, steps: list[_Step]):
+        """The next free minor version after the latest registered one, or the version a first run
+        of this job already registered with this very content (a job run again after a crash)."""
+        taken = {v.version: v.content_hash for v in self.registry.versions(base.id)}
+        latest = max(taken, key=version_key, default=base.version)
+        major, minor = (int(part) for part in base.version.split(".")[:2])
+        while True:
+            minor += 1
+            version = f"{major}.{minor}.0"
+            spec, ops = base, []
+            for step in steps:
+                spec, step_ops = apply_edit(spec, step.proposal.edit, version)
+                ops += step_ops
+            if taken.get(version) == spec.content_hash or (
+                version not in taken and version_key(version) > version_key(latest)
+            ):
+                return spec, ops, version
+
+
+def _better(report: Verification, other: Verification) -> bool:
+    return (report.target_after, report.efm_after) < (other.target_after, other.efm_after)

@@ -1,0 +1,1 @@
+"""Stage 4: the canary judge, from a deployed patch to promote or roll back."""

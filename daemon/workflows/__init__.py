@@ -1,0 +1,1 @@
+"""Workflow specs at work: the runtime, its LLM protocol, tools, sandbox, evaluators, registry."""
