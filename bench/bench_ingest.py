@@ -17,6 +17,7 @@ import asyncio
 import platform
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,12 +27,13 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "ops" / "kafka")]
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from otel_traces import make_traces, to_messages  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 from results_file import report  # noqa: E402
 
 from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage  # noqa: E402
-from cegraph.daemon.metrics import IngestMetrics  # noqa: E402
+from cegraph.daemon.runner import Backpressure, StageRunner  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
 
@@ -58,17 +60,17 @@ def end_to_end(payloads: list[bytes], batch: int, store_path: Path) -> int:
     pipeline = IngestPipeline(
         store, decode_proto, settings, spans_topic="spans", feedback_topic="feedback", clock=lambda: clock[0]
     )
-    stage = build_detector_stage(Settings(), store, IngestMetrics())
+    detect = StageRunner(store, build_detector_stage(Settings(), store, CollectorRegistry()))
     for start in range(0, len(payloads), batch):
         pipeline.handle(
             [InMessage("spans", 0, i, payloads[i]) for i in range(start, min(start + batch, len(payloads)))]
         )
         clock[0] += 0.1
         pipeline.flush()
-        stage.catch_up()
+        detect.drain()
     clock[0] += 1.0
     pipeline.flush()
-    stage.catch_up()
+    detect.drain()
     spans = store.stats()["spans"]
     store.close()
     return spans
@@ -123,17 +125,26 @@ def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
         store = EventStore(settings.store.path)
         pipeline = IngestPipeline(store, decode_proto, settings.ingest, spans_topic=topic,
                                   feedback_topic=f"{topic}-feedback")  # fmt: skip
-        stage = build_detector_stage(settings, store, IngestMetrics())
+        detect = StageRunner(store, build_detector_stage(settings, store, CollectorRegistry()))
+        backpressure = Backpressure([detect], settings.ingest.max_detector_lag)
 
         async def run() -> float:
-            source = KafkaIngestSource(settings, pipeline, after_flush=stage.catch_up)
+            # as `cegraph run` has them: the detector on a thread of its own, ingest held back by it
+            source = KafkaIngestSource(
+                settings, pipeline, after_flush=detect.wake, backpressure=backpressure.wait
+            )
+            detect.open()
+            detect.start()
             await source.start()
             started = time.perf_counter()
             while store.stats()["spans"] < expected:
                 await asyncio.sleep(0.05)
-            await asyncio.to_thread(stage.catch_up)  # the detector's share of the last flush
+            # the detector's share of the last flush
+            await asyncio.to_thread(detect.wait_until_within, 0, threading.Event())
             elapsed = time.perf_counter() - started
+            backpressure.release()
             await source.stop()
+            detect.stop()
             return elapsed
 
         e2e_seconds = asyncio.run(run())

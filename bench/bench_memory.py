@@ -32,6 +32,7 @@ from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage  # noqa: E402
 from cegraph.daemon.metrics import IngestMetrics  # noqa: E402
+from cegraph.daemon.runner import StageRunner  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, load_settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
 
@@ -76,7 +77,8 @@ def main() -> dict:
             metrics=metrics,
             clock=lambda: clock[0],
         )
-        stage = build_detector_stage(settings, store, metrics)
+        stage = build_detector_stage(settings, store, metrics.registry)
+        detect = StageRunner(store, stage)
         started = time.perf_counter()
         sent, done = 0, set()
         try:
@@ -89,12 +91,12 @@ def main() -> dict:
                 pipeline.handle(messages)
                 clock[0] += 1.0
                 pipeline.flush()
-                stage.catch_up()
+                detect.drain()
                 sent += len(messages)
                 if due := [c for c in checkpoints if c <= sent and c not in done]:
                     done.update(due)
                     pipeline.flush(drain=True)
-                    stage.catch_up()
+                    detect.drain()
                     rows.append(
                         {
                             "executions": sent,

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 
@@ -30,7 +31,13 @@ from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.detect.stage import DetectorStage, stored_modes
 from cegraph.daemon.ingest.normalize import TextPolicy
 from cegraph.daemon.ingest.pipeline import IngestPipeline
-from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
+from cegraph.daemon.metrics import (
+    CanaryMetrics,
+    DetectorMetrics,
+    IngestMetrics,
+    RefinementMetrics,
+    StageMetrics,
+)
 from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementWorker
 from cegraph.daemon.refine.patch_outbox import PatchOutbox
 from cegraph.daemon.refine.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
@@ -38,6 +45,7 @@ from cegraph.daemon.refine.refiner import Refiner
 from cegraph.daemon.refine.replay import ReplayStore
 from cegraph.daemon.refine.shadow import ShadowRunner, ShadowTarget
 from cegraph.daemon.rollout.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
+from cegraph.daemon.runner import Backpressure, Runner, StageRunner
 from cegraph.daemon.settings import Settings, is_loopback
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import WorkflowRegistry
@@ -59,20 +67,20 @@ def build_pipeline(settings: Settings, store: EventStore, metrics: IngestMetrics
     )
 
 
-def build_detector_stage(settings: Settings, store: EventStore, metrics: IngestMetrics) -> DetectorStage:
-    """Stage 2 in this process; replays the log up to its cursor to rebuild its state."""
-    detector_metrics = DetectorMetrics(metrics.registry, max_modes=settings.detector.max_mode_series)
+def build_detector_stage(settings: Settings, store: EventStore, registry: CollectorRegistry) -> DetectorStage:
+    """Stage 2 in this process (not open yet: its runner opens it, replaying the log)."""
+    detector_metrics = DetectorMetrics(registry, max_modes=settings.detector.max_mode_series)
 
     def record(detector: FailureDetector, events: list) -> None:
         detector_metrics.record(detector.modes(), detector.state()["micro_clusters"], events)
 
-    return DetectorStage(store, FailureDetector(settings.detector), on_batch=record)
+    return DetectorStage(store, lambda: FailureDetector(settings.detector), on_batch=record)
 
 
 def build_canary_judge(
     settings: Settings,
     store: EventStore,
-    metrics: IngestMetrics,
+    registry: CollectorRegistry,
     target_mode_for: TargetModeFor | None = None,
     clock: Callable[[], float] | None = None,
 ) -> CanaryJudge:
@@ -82,7 +90,7 @@ def build_canary_judge(
         store,
         settings.canary,
         target_mode_for=target_mode_for or patch_target_mode(store),
-        metrics=CanaryMetrics(metrics.registry),
+        metrics=CanaryMetrics(registry),
         clock=clock or time.time,
     )
 
@@ -127,16 +135,26 @@ def build_refinement(
 
 def build(settings: Settings) -> Starlette:
     store = EventStore(settings.store.path)
-    metrics = IngestMetrics()
-    stage = build_detector_stage(settings, store, metrics)
-    source = KafkaIngestSource(settings, build_pipeline(settings, store, metrics), after_flush=stage.catch_up)
-    refinement_metrics = RefinementMetrics(metrics.registry)
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
+    stage = build_detector_stage(settings, store, registry)
+    stage_metrics = StageMetrics(registry)
+    detect = StageRunner(store, stage, metrics=stage_metrics)
+    runner = Runner([detect])
+    backpressure = Backpressure([detect], settings.ingest.max_detector_lag, stage_metrics)
+    source = KafkaIngestSource(
+        settings,
+        build_pipeline(settings, store, metrics),
+        after_flush=runner.wake,
+        backpressure=backpressure.wait,
+    )
+    refinement_metrics = RefinementMetrics(registry)
     worker = build_refinement(settings, store, stage, refinement_metrics)
     outbox = PatchOutbox.configured(store, settings)
     publisher = KafkaPatchPublisher(
         settings.kafka, outbox, on_publish=lambda _: refinement_metrics.published.inc()
     )
-    judge = build_canary_judge(settings, store, metrics)
+    judge = build_canary_judge(settings, store, registry)
     rollouts = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
 
     @asynccontextmanager
@@ -151,7 +169,7 @@ def build(settings: Settings) -> Starlette:
             *([kafka.logs_topic] if kafka.logs_topic else []),
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
-        await asyncio.to_thread(stage.catch_up)
+        await asyncio.to_thread(runner.start)  # the detector replays the log up to its checkpoint
         if settings.publisher.signing_key is None:
             log.warning("no CEGRAPH_PUBLISHER__SIGNING_KEY: patches are kept in the outbox, not published")
         await asyncio.to_thread(publisher.start)
@@ -173,7 +191,9 @@ def build(settings: Settings) -> Starlette:
                 judging.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await judging
+            backpressure.release()
             await source.stop()
+            await asyncio.to_thread(runner.stop)
             await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(publisher.stop)
             store.close()
@@ -210,7 +230,7 @@ def build(settings: Settings) -> Starlette:
         metrics=settings.metrics.enabled,
         metrics_need_token=settings.http.metrics_need_token,
         max_body_bytes=settings.http.max_body_bytes,
-        registry=metrics.registry,
+        registry=registry,
         lifespan=lifespan,
     )
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
+
 from cegraph.connectors.otlp.span_export import CallbackSpanExporter
 from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_pipeline, build_refinement
 from cegraph.daemon.ingest.pipeline import FlushResult, InMessage
-from cegraph.daemon.metrics import IngestMetrics, RefinementMetrics
+from cegraph.daemon.metrics import IngestMetrics, RefinementMetrics, StageMetrics
 from cegraph.daemon.refine.patch_outbox import PatchOutbox
 from cegraph.daemon.rollout.canary import RolloutOutbox
+from cegraph.daemon.runner import Runner, StageRunner
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import WorkflowRegistry
@@ -32,13 +35,16 @@ class EmbeddedDaemon:
         """`clock` is the canary judge's (seconds): the demo counts time in executions."""
         self.settings = settings
         self.store = EventStore(settings.store.path)
-        self.metrics = IngestMetrics()
+        registry = CollectorRegistry()
+        self.metrics = IngestMetrics(registry)
         self.pipeline = build_pipeline(settings, self.store, self.metrics)
-        self.stage = build_detector_stage(settings, self.store, self.metrics)
-        self.refinement_metrics = RefinementMetrics(self.metrics.registry)
+        self.stage = build_detector_stage(settings, self.store, registry)
+        self.runner = Runner([StageRunner(self.store, self.stage, metrics=StageMetrics(registry))])
+        self.runner.drain()  # opens the detector from its checkpoint
+        self.refinement_metrics = RefinementMetrics(registry)
         self.worker = build_refinement(settings, self.store, self.stage, self.refinement_metrics)
         self.outbox = PatchOutbox.configured(self.store, settings)
-        self.canary_judge = build_canary_judge(settings, self.store, self.metrics, clock=clock)
+        self.canary_judge = build_canary_judge(settings, self.store, registry, clock=clock)
         self.rollouts = RolloutOutbox(self.store)
         self.registry = WorkflowRegistry(self.store)
         self.on_patch: list[Callable[[WorkflowPatch], object]] = []
@@ -65,7 +71,7 @@ class EmbeddedDaemon:
         messages.sort(key=lambda message: message.key or b"")
         self.pipeline.handle(messages)  # no dead letters here: the runtime's spans always decode
         result = self.pipeline.flush(drain=drain)
-        self.stage.catch_up()
+        self.runner.drain()
         return result
 
     def refine(self) -> list[dict]:

@@ -90,6 +90,34 @@ class IngestMetrics:
         )
 
 
+class StageMetrics:
+    """Progress of the stages after ingest (`daemon/runner.py`), one series per stage."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.position = Gauge(
+            "cegraph_stage_position", "The next event-log seq the stage reads.", ["stage"], registry=r
+        )
+        self.lag = Gauge(
+            "cegraph_stage_lag_events", "Events in the log the stage has not read yet.", ["stage"], registry=r
+        )
+        self.events = Counter(
+            "cegraph_stage_events_total", "Events the stage appended to the log.", ["stage"], registry=r
+        )
+        self.failures = Counter(
+            "cegraph_stage_failures_total",
+            "Steps that failed; the stage was reopened from its checkpoint.",
+            ["stage"],
+            registry=r,
+        )
+        self.backpressure = Counter(
+            "cegraph_stage_backpressure_seconds_total",
+            "Seconds ingest waited because the stage was too far behind.",
+            ["stage"],
+            registry=r,
+        )
+
+
 class DetectorMetrics:
     """Failure modes and their mass. Label sets are bounded: per workflow version only the
     `max_modes` heaviest modes get a series of their own, the rest are summed as mode="other"."""

@@ -139,6 +139,11 @@ class IngestSettings(_Group):
         0.5, gt=0, description="Wait before reopening the store after a failed write; doubles each time."
     )
     recovery_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts to reopen.")
+    max_detector_lag: int = Field(
+        20_000,
+        ge=1,
+        description="Events the detector may be behind ingest; past it ingest waits (backpressure).",
+    )
 
 
 class DetectorSettings(_Group):

@@ -2,9 +2,10 @@
 
 Events are the truth; `executions`, `nodes`, `feedback` and `workflow_versions` are projections
 computed by SQL over the event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a
-rebuild equals the live tables. The consumer offsets are
-written in the same transaction as the events they produced: a crash at any instant loses nothing
-and counts nothing twice. Bulk writes go through Arrow tables, never `executemany`.
+rebuild equals the live tables. The consumer offsets
+(ingest's progress) and the stage cursors (every later stage's, `daemon/stage.py`) are written in the
+same transaction as the events they produced: a crash at any instant loses nothing and counts nothing
+twice. Bulk writes go through Arrow tables, never `executemany`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cegraph.daemon.events import (
     Event,
 )
 from cegraph.daemon.spans import Node
+from cegraph.daemon.stage import Checkpoint
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -44,6 +46,18 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
     next_offset BIGINT NOT NULL,
     PRIMARY KEY (topic, partition)
 );
+CREATE TABLE IF NOT EXISTS stage_cursors (
+    stage VARCHAR PRIMARY KEY,
+    position BIGINT NOT NULL,
+    snapshot VARCHAR NOT NULL
+);
+"""
+# Stores written before `stage_cursors` kept the detector's cursor as a fake topic among the offsets.
+LEGACY_CURSORS = """
+INSERT INTO stage_cursors
+SELECT 'detect', next_offset, '{}' FROM consumer_offsets
+WHERE topic = '__cegraph.detector__' AND 'detect' NOT IN (SELECT stage FROM stage_cursors);
+DELETE FROM consumer_offsets WHERE topic = '__cegraph.detector__';
 """
 
 SPAN_LOG = """
@@ -223,6 +237,7 @@ class EventStore:
         try:
             if not self.read_only:
                 self._run(SCHEMA)
+                self._run(LEGACY_CURSORS)
                 self._run(SPAN_LOG)
                 self._run(PROJECTIONS)
             self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
@@ -231,6 +246,11 @@ class EventStore:
                 self._con.close()
             raise StoreError(f"cannot use {self.path}: {_first_line(error)}") from None
         self._broken = False
+
+    @property
+    def usable(self) -> bool:
+        """False after a failure that needs `reopen()`."""
+        return not self._broken
 
     def reopen(self) -> None:
         """After a fatal DuckDB error the connection is unusable: open the file again."""
@@ -278,8 +298,13 @@ class EventStore:
 
     # ------------------------------------------------------------------ writes
 
-    def append(self, events: list[Event], offsets: dict[tuple[str, int], int] | None = None) -> int:
-        """Append events, update projections and store offsets, all in one transaction.
+    def append(
+        self,
+        events: list[Event],
+        offsets: dict[tuple[str, int], int] | None = None,
+        cursors: dict[str, Checkpoint] | None = None,
+    ) -> int:
+        """Append events, update projections, store offsets and stage cursors, all in one transaction.
 
         Returns the seq of the last event appended.
         """
@@ -294,6 +319,8 @@ class EventStore:
                     self._project(first, first + len(events) - 1, {event.type for event in events})
                 if offsets:
                     self._store_offsets(offsets)
+                if cursors:
+                    self._store_cursors(cursors)
                 self._run("COMMIT")
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
@@ -345,6 +372,20 @@ class EventStore:
         finally:
             self._con.unregister("_offsets")
 
+    def _store_cursors(self, cursors: dict[str, Checkpoint]) -> None:
+        table = pa.table(
+            {
+                "stage": list(cursors),
+                "position": pa.array([c.position for c in cursors.values()], pa.int64()),
+                "snapshot": [orjson.dumps(c.snapshot).decode() for c in cursors.values()],
+            }
+        )
+        self._con.register("_cursors", table)
+        try:
+            self._run("INSERT OR REPLACE INTO stage_cursors SELECT * FROM _cursors")
+        finally:
+            self._con.unregister("_cursors")
+
     # ------------------------------------------------------------------ reads
 
     def last_seq(self) -> int:
@@ -354,6 +395,11 @@ class EventStore:
     def offsets(self) -> dict[tuple[str, int], int]:
         rows = self.query("SELECT topic, partition, next_offset FROM consumer_offsets")
         return {(topic, partition): offset for topic, partition, offset in rows}
+
+    def cursor(self, stage: str) -> Checkpoint | None:
+        """The last checkpoint `stage` committed, or None before its first."""
+        rows = self.query("SELECT position, snapshot FROM stage_cursors WHERE stage = ?", stage)
+        return Checkpoint(rows[0][0], orjson.loads(rows[0][1])) if rows else None
 
     def stored_spans(self, trace_ids: list[str]) -> dict[str, set[str]]:
         """For the traces among `trace_ids` that are already stored, their stored span ids."""
@@ -417,6 +463,7 @@ class EventStore:
                 f"{topic}/{partition}": offset
                 for (topic, partition), offset in sorted(self.offsets().items())
             },
+            "stages": dict(self.query("SELECT stage, position FROM stage_cursors ORDER BY stage")),
         }
 
     def workflow_versions(self, workflow_id: str | None = None) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from cegraph.daemon.ingest.pipeline import InMessage
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.rollout.canary import RolloutOutbox, patch_target_mode
+from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import CanarySettings, ConfigError, Settings, StoreSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.traffic import TrafficGenerator
@@ -78,8 +79,9 @@ class Daemon:
         self.store = EventStore(path)
         self.metrics = IngestMetrics()
         self.pipeline = build_pipeline(self.settings, self.store, self.metrics)
-        self.stage = build_detector_stage(self.settings, self.store, self.metrics)
-        self.judge = build_canary_judge(self.settings, self.store, self.metrics, target_mode_for)
+        stage = build_detector_stage(self.settings, self.store, self.metrics.registry)
+        self.detect = StageRunner(self.store, stage)
+        self.judge = build_canary_judge(self.settings, self.store, self.metrics.registry, target_mode_for)
         if clock is not None:
             self.judge.clock = clock
         self.offset = max((o for (t, _), o in self.store.offsets().items() if t == "otlp_spans"), default=0)
@@ -91,7 +93,7 @@ class Daemon:
         self.offset += len(batch)
         self.pipeline.handle(batch)
         self.pipeline.flush(drain=True)
-        self.stage.catch_up()
+        self.detect.drain()
 
     def run(self, messages, chunk: int = 400) -> dict | None:
         """Ingest in chunks, the judge looking after each; returns the decision when there is one."""
@@ -212,7 +214,7 @@ def test_the_target_mode_and_feedback_failures_are_counted(tmp_path, worse_traff
     )
     daemon.pipeline.handle([InMessage("cegraph.feedback", 0, 0, body)])
     daemon.pipeline.flush(drain=True)
-    daemon.stage.catch_up()
+    daemon.detect.drain()
     daemon.judge.step()
     after = daemon.judge.canaries()[0]["statistics"]["canary"]
     assert after["failures"] == stats["canary"]["failures"] + 1

@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import orjson
 from otel_traces import make_traces, to_messages
+from pipeline_fixtures import ingest
 
-from cegraph.connectors.otlp.codec import decode_proto
 from cegraph.daemon.detect.detector import FailureDetector
-from cegraph.daemon.detect.stage import CURSOR, DetectorStage
+from cegraph.daemon.detect.stage import DETECT, DetectorStage
 from cegraph.daemon.events import FAILURE_OBSERVED, MASS_OBSERVED
-from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
-from cegraph.daemon.settings import DetectorSettings, IngestSettings
+from cegraph.daemon.ingest.pipeline import InMessage
+from cegraph.daemon.runner import StageRunner
+from cegraph.daemon.settings import DetectorSettings
 from cegraph.daemon.store import EventStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def ingest(store: EventStore, messages: list[InMessage], decode=decode_proto) -> None:
-    clock = Clock()
-    pipeline = IngestPipeline(
-        store, decode, IngestSettings(idle_timeout_s=1), spans_topic="spans", feedback_topic="feedback",
-        clock=clock,
-    )  # fmt: skip
-    pipeline.handle(messages)
-    clock.now += 10
-    pipeline.flush()
 
 
 def feedback(trace_id: str, offset: int, critique: str) -> InMessage:
@@ -48,17 +30,17 @@ def test_failures_are_observed_once_and_a_restart_repeats_nothing(tmp_path):
     traces = make_traces(300, seed=9)
     store = EventStore(tmp_path / "s.duckdb")
     ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(to_messages(traces))])
-    stage = DetectorStage(store, FailureDetector(DetectorSettings()), batch=50)
-    assert stage.catch_up() > 0
+    stage = DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=50)
+    assert StageRunner(store, stage).drain() > 0
     failures = observed(store)
     failed_traces = {t.trace_id for t in traces if t.hard_failed or t.eval_failed}
     assert {f["trace_id"] for f in failures} == failed_traces
     assert len({f["failure_id"] for f in failures}) == len(failures)
-    assert store.offsets()[CURSOR] == stage.cursor
+    assert store.cursor(DETECT).position == stage.cursor == store.last_seq() + 1
     assert store.query("SELECT count(*) FROM events WHERE type = ?", MASS_OBSERVED)[0][0] > 0
 
-    restarted = DetectorStage(store, FailureDetector(DetectorSettings()), batch=50)
-    assert restarted.catch_up() == 0
+    restarted = DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=50)
+    assert StageRunner(store, restarted).drain() == 0
     assert observed(store) == failures
     assert restarted.detector.state() == stage.detector.state()  # state rebuilt by replay
     store.close()
@@ -70,10 +52,11 @@ def test_feedback_before_and_after_its_execution(tmp_path):
     ingest(store, [feedback(early.trace_id, 0, "answer came too early")])
     messages = to_messages([early, late])
     ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(messages)])
-    stage = DetectorStage(store, FailureDetector(DetectorSettings()))
-    stage.catch_up()
+    stage = DetectorStage(store, lambda: FailureDetector(DetectorSettings()))
+    detect = StageRunner(store, stage)
+    detect.drain()
     ingest(store, [feedback(late.trace_id, 1, "thumbs down")])
-    stage.catch_up()
+    detect.drain()
     sources = {(f["trace_id"], f["source"]) for f in observed(store)}
     assert sources == {(early.trace_id, "feedback"), (late.trace_id, "feedback")}
     executions = sum(state.tick for state in stage.detector.mass.versions.values())
@@ -88,8 +71,8 @@ def test_stored_modes_show_live_modes_with_mass_and_description(tmp_path):
     store = EventStore(tmp_path / "s.duckdb")
     assert stored_modes(store) == []
     ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(to_messages(traces))])
-    stage = DetectorStage(store, FailureDetector(DetectorSettings()), batch=40)
-    stage.catch_up()
+    stage = DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=40)
+    StageRunner(store, stage).drain()
     rows = stored_modes(store)
     live = {row["mode"] for row in stage.detector.modes()}
     assert {row["mode"] for row in rows} == live and live

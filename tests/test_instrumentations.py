@@ -18,6 +18,7 @@ from cegraph.connectors.otlp.codec import decode_logs_proto
 from cegraph.daemon.app import build_canary_judge, build_detector_stage
 from cegraph.daemon.detect.failures import ExecutionGraph, label_failures
 from cegraph.daemon.detect.signature import describe
+from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import CanarySettings, Settings
 
 CONVENTIONS = ["genai", "openinference"]
@@ -76,8 +77,9 @@ def test_failed_means_one_thing_in_the_labels_in_stats_and_for_the_canary_judge(
     assert stats["failures"]["executions_failed"] == sum(failed_by_track.values())
     assert 0 < failed_by_track["canary"] < RUNS * len(SCENARIOS) // 2
     settings = Settings(canary=CanarySettings(min_executions=1_000))  # too little traffic to decide:
-    build_detector_stage(settings, stored.store, stored.metrics).catch_up()  # the live statistics stay
-    judge = build_canary_judge(settings, stored.store, stored.metrics)
+    # the live statistics stay
+    StageRunner(stored.store, build_detector_stage(settings, stored.store, stored.metrics.registry)).drain()
+    judge = build_canary_judge(settings, stored.store, stored.metrics.registry)
     judge.step()  # starts the canary
     judge.step()  # judges it
     [canary] = judge.canaries()

@@ -61,10 +61,13 @@ class KafkaIngestSource:
         pipeline: IngestPipeline,
         broker: KafkaBroker | None = None,
         after_flush: Callable[[], object] | None = None,
+        backpressure: Callable[[], object] | None = None,
     ) -> None:
-        """`after_flush` runs (in a worker thread, under the same lock) after each flush that stored
-        events: the next stage catching up on what ingest wrote."""
+        """`after_flush` is called after each flush that stored events (it tells the next stage there
+        is work: it must return at once); `backpressure` blocks (in a worker thread) before each batch
+        while a later stage is too far behind."""
         self.after_flush = after_flush
+        self.backpressure = backpressure
         self.settings = settings
         self.pipeline = pipeline
         self.broker = broker or make_broker(
@@ -108,6 +111,8 @@ class KafkaIngestSource:
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+        if self.backpressure is not None:
+            await asyncio.to_thread(self.backpressure)
         async with self._lock:
             batch = [
                 InMessage(r.topic, r.partition, r.offset, r.value or b"", r.key, dict(r.headers or ()))
@@ -168,10 +173,7 @@ class KafkaIngestSource:
         if result.events:
             await self._commit_to_kafka()
             if self.after_flush is not None:
-                try:
-                    await asyncio.to_thread(self.after_flush)
-                except Exception:  # the next stage resumes from its own cursor; ingest goes on
-                    log.exception("the stage after ingest failed; it retries after the next flush")
+                self.after_flush()
         return result
 
     async def _recover(self, error: Exception) -> None:

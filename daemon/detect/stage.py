@@ -1,9 +1,9 @@
 """Stage 2 in one process: what ingest stored goes through the `FailureDetector`, exactly once.
 
-The stage reads the event log after its cursor (completed executions and feedback, in log order),
-runs the detector, and appends the detector's events together with the new cursor in one
-transaction; the cursor lives beside the Kafka offsets. On start the detector's in-memory state
-(signature statistics, micro-clusters, masses) is rebuilt by replaying the log up to the cursor
+The stage (a `Stage`, `daemon/stage.py`) reads the event log after its checkpoint (completed
+executions and feedback, in log order), runs the detector, and the runner appends the detector's
+events together with the new checkpoint in one transaction. On open the detector's in-memory state
+(signature statistics, micro-clusters, masses) is rebuilt by replaying the log up to the checkpoint
 without emitting anything, so a restart neither repeats nor loses a decision.
 
 Feedback that arrives before its execution is joined to it when the execution completes; feedback
@@ -21,6 +21,7 @@ import orjson
 from cegraph.daemon.detect.detector import ExecutionInput, FailureDetector, ModeClassifier, workflow_of
 from cegraph.daemon.detect.failures import FeedbackSignal
 from cegraph.daemon.events import (
+    DETECTOR_STEPPED,
     EXECUTION_COMPLETED,
     FEEDBACK_RECEIVED,
     MASS_OBSERVED,
@@ -29,9 +30,10 @@ from cegraph.daemon.events import (
     Event,
 )
 from cegraph.daemon.spans import Evaluation, Node
+from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import NODE_FIELDS, EventStore
 
-CURSOR = ("__cegraph.detector__", 0)  # next event seq to read, stored with the Kafka offsets
+DETECT = "detect"  # the stage's row in `stage_cursors`
 
 # The stage's projections are views over its events: always equal to the log, nothing to rebuild.
 VIEWS = f"""
@@ -68,6 +70,12 @@ ORDER BY now.mass DESC
 """
 
 
+def detected_until(store: EventStore) -> int:
+    """The first log seq the detector has not read yet: everything before it has been through it."""
+    checkpoint = store.cursor(DETECT)
+    return checkpoint.position if checkpoint is not None else 1
+
+
 def stored_modes(store: EventStore) -> list[dict[str, Any]]:
     """Live modes from the log: latest mass and description, and the change over the last 10 observations."""
     if not store.query("SELECT count(*) FROM duckdb_views() WHERE view_name = 'mass_history'")[0][0]:
@@ -97,49 +105,75 @@ def _signal(row: dict[str, Any]) -> FeedbackSignal:
 
 
 class DetectorStage:
+    """The detector as a `Stage`: each step runs one batch of the log through the `FailureDetector`."""
+
+    name = DETECT
+
     def __init__(
         self,
         store: EventStore,
-        detector: FailureDetector,
+        detector: Callable[[], FailureDetector],
         *,
         batch: int = 500,
         on_batch: Callable[[FailureDetector, list[Event]], None] | None = None,
     ) -> None:
+        """`detector` makes a fresh detector: `open` starts from one and replays the log into it."""
         self.store = store
-        self.detector = detector
+        self.new_detector = detector
         self.batch = batch
         self.on_batch = on_batch
-        self.cursor = store.offsets().get(CURSOR, 1)
+        self.detector = detector()
+        self.cursor = 1
         self._lock = threading.Lock()  # the detector is read by refinement workers between batches
         store.query(VIEWS)
-        self._replay(self.cursor)
 
     def classifier(self) -> ModeClassifier:
         with self._lock:
             return self.detector.classifier()
 
-    def _replay(self, until: int) -> None:
-        """Rebuild the detector's state from the log before `until`, emitting nothing."""
-        first = 1
-        while first < until:
-            last = min(first + self.batch * 10, until) - 1
-            self.detector.observe(self._inputs(first, last))
-            first = last + 1
+    def open(self, checkpoint: Checkpoint) -> None:
+        """Rebuild the detector's state from the log before the checkpoint, emitting nothing.
 
-    def catch_up(self) -> int:
-        """Process everything stored since the cursor; returns how many events the detector wrote."""
-        written = 0
+        The detector's state depends on how its input was batched (each batch ends with a
+        reclustering), so the replay runs the batches the live steps ran, as `DetectorStepped`
+        recorded them; a log written before those events existed is replayed in windows.
+        """
+        detector = self.new_detector()
+        ranges = self.store.query(
+            "SELECT (payload->>'first')::BIGINT, (payload->>'last')::BIGINT FROM events "
+            "WHERE type = ? AND (payload->>'last')::BIGINT < ? ORDER BY seq",
+            DETECTOR_STEPPED, checkpoint.position,
+        )  # fmt: skip
+        first = 1
+        for step_first, step_last in [*ranges, (checkpoint.position, checkpoint.position - 1)]:
+            while first < step_first:  # no recorded step: a log from before they were recorded
+                last = min(first + self.batch * 10, step_first) - 1
+                detector.observe(self._inputs(first, last))
+                first = last + 1
+            if step_first <= step_last:
+                detector.observe(self._inputs(step_first, step_last))
+                first = step_last + 1
+        with self._lock:
+            self.detector, self.cursor = detector, checkpoint.position
+
+    def poll(self) -> Step | None:
+        """The next batch of what ingest stored, through the detector."""
         end = self.store.last_seq()
-        while self.cursor <= end:
-            last = min(self.cursor + self.batch - 1, end)
-            with self._lock:
-                events, _ = self.detector.observe(self._inputs(self.cursor, last))
-            self.store.append(events, {CURSOR: last + 1})
+        if self.cursor > end:
+            return None
+        first, last = self.cursor, min(self.cursor + self.batch - 1, end)
+        inputs = self._inputs(first, last)
+        with self._lock:
+            events, _ = self.detector.observe(inputs)
             self.cursor = last + 1
-            written += len(events)
-            if self.on_batch is not None:
-                self.on_batch(self.detector, events)
-        return written
+        if inputs:
+            events.append(Event(DETECTOR_STEPPED, DETECT, {"first": first, "last": last}))
+        if self.on_batch is not None:
+            self.on_batch(self.detector, events)
+        return Step(events, Checkpoint(self.cursor))
+
+    def close(self) -> None:
+        return None
 
     def _inputs(self, first: int, last: int) -> list[ExecutionInput]:
         """The executions completed and the feedback received in `first..last`, in log order."""

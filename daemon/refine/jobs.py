@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from cegraph.daemon.detect.detector import ModeClassifier
-from cegraph.daemon.detect.stage import CURSOR
+from cegraph.daemon.detect.stage import detected_until
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
@@ -155,7 +155,7 @@ class RefinementScheduler:
             started = {
                 "job_id": f"job-{seq}", "trigger_seq": seq, "workflow_id": workflow,
                 "workflow_version": trigger["workflow_version"], "mode": trigger["mode"],
-                "until_seq": self.store.offsets().get(CURSOR, seq + 1), "mass": trigger.get("mass"),
+                "until_seq": detected_until(self.store), "mass": trigger.get("mass"),
                 "description": trigger.get("description") or {},
             }  # fmt: skip
             self.store.append([Event(REFINEMENT_STARTED, workflow, started)])

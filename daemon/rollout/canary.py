@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from cegraph.daemon.detect.stage import CURSOR
+from cegraph.daemon.detect.stage import detected_until
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
@@ -222,7 +222,7 @@ class CanaryJudge:
         """Start the canaries seen since the last step, judge the running ones, append what was
         decided; returns the events appended."""
         with self._lock:
-            horizon = self.store.offsets().get(CURSOR, 1)
+            horizon = detected_until(self.store)
             now = self.clock()
             events = self._start(horizon, now)
             if events:
