@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -20,15 +20,14 @@ from cegraph.connectors.http.patches import patch_routes
 from cegraph.connectors.http.reads import inspection_routes
 from cegraph.connectors.http.workflows import workflow_routes
 from cegraph.connectors.kafka.client import ensure_topics
-from cegraph.connectors.kafka.patch_publisher import KafkaPatchPublisher
-from cegraph.connectors.kafka.rollout_publisher import RolloutPublisher, judge_periodically
+from cegraph.connectors.kafka.outbox_transport import KafkaTransport
 from cegraph.connectors.kafka.source import KafkaIngestSource
 from cegraph.connectors.llm.config import shadow_llm
 from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
 from cegraph.daemon.detect.detector import FailureDetector
-from cegraph.daemon.detect.stage import DetectorStage, stored_modes
+from cegraph.daemon.detect.stage import DETECT, DetectorStage, stored_modes
 from cegraph.daemon.ingest.normalize import TextPolicy
 from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import (
@@ -38,6 +37,7 @@ from cegraph.daemon.metrics import (
     RefinementMetrics,
     StageMetrics,
 )
+from cegraph.daemon.outbox import OutboxPublisher, Transport
 from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementWorker
 from cegraph.daemon.refine.patch_outbox import PatchOutbox
 from cegraph.daemon.refine.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
@@ -133,29 +133,68 @@ def build_refinement(
     return RefinementWorker(scheduler, refiner, stage.classifier, metrics=metrics)
 
 
+@dataclass
+class Stages:
+    """The pipeline after ingest, built once for the Kafka daemon and the embedded one alike."""
+
+    detector: DetectorStage
+    worker: RefinementWorker
+    judge: CanaryJudge
+    outbox: PatchOutbox
+    runner: Runner
+    metrics: StageMetrics
+    refinement_metrics: RefinementMetrics
+
+
+def build_stages(
+    settings: Settings,
+    store: EventStore,
+    registry: CollectorRegistry,
+    transport: Callable[[str], Transport],
+    *,
+    judging: bool,
+    clock: Callable[[], float] | None = None,
+) -> Stages:
+    """Read top to bottom, this is the pipeline after ingest: the detector turns what ingest stored
+    into failures, modes and mass; the refinement worker turns triggers into patches; the canary
+    judge (when `judging`) turns canaries into decisions; two outbox publishers send patches and
+    decisions through `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
+    metrics = StageMetrics(registry)
+    detector = build_detector_stage(settings, store, registry)
+    runners = [StageRunner(store, detector, metrics=metrics)]
+    refinement_metrics = RefinementMetrics(registry)
+    worker = build_refinement(settings, store, detector, refinement_metrics)
+    judge = build_canary_judge(settings, store, registry, clock=clock)
+    if judging:
+        runners.append(StageRunner(store, judge, metrics=metrics, poll_s=settings.canary.interval_s))
+    outbox = PatchOutbox.configured(store, settings)
+    kafka = settings.kafka
+    patches = OutboxPublisher(
+        outbox, transport(kafka.patches_topic), on_sent=lambda _: refinement_metrics.published.inc()
+    )
+    rollouts = OutboxPublisher(RolloutOutbox(store), transport(kafka.rollouts_topic))
+    runners += [StageRunner(store, patches, metrics=metrics), StageRunner(store, rollouts, metrics=metrics)]
+    workers = [worker] if settings.refiner.enabled else []
+    return Stages(detector, worker, judge, outbox, Runner(runners, workers), metrics, refinement_metrics)
+
+
 def build(settings: Settings) -> Starlette:
     store = EventStore(settings.store.path)
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
-    stage = build_detector_stage(settings, store, registry)
-    stage_metrics = StageMetrics(registry)
-    detect = StageRunner(store, stage, metrics=stage_metrics)
-    runner = Runner([detect])
-    backpressure = Backpressure([detect], settings.ingest.max_detector_lag, stage_metrics)
+    stages = build_stages(
+        settings, store, registry, lambda topic: KafkaTransport(settings.kafka, topic),
+        judging=settings.canary.enabled,
+    )  # fmt: skip
+    runner = stages.runner
+    detect = runner[DETECT]
+    backpressure = Backpressure([detect], settings.ingest.max_detector_lag, stages.metrics)
     source = KafkaIngestSource(
         settings,
         build_pipeline(settings, store, metrics),
-        after_flush=runner.wake,
+        after_flush=detect.wake,
         backpressure=backpressure.wait,
     )
-    refinement_metrics = RefinementMetrics(registry)
-    worker = build_refinement(settings, store, stage, refinement_metrics)
-    outbox = PatchOutbox.configured(store, settings)
-    publisher = KafkaPatchPublisher(
-        settings.kafka, outbox, on_publish=lambda _: refinement_metrics.published.inc()
-    )
-    judge = build_canary_judge(settings, store, registry)
-    rollouts = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -169,33 +208,20 @@ def build(settings: Settings) -> Starlette:
             *([kafka.logs_topic] if kafka.logs_topic else []),
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
-        await asyncio.to_thread(runner.start)  # the detector replays the log up to its checkpoint
         if settings.publisher.signing_key is None:
             log.warning("no CEGRAPH_PUBLISHER__SIGNING_KEY: patches are kept in the outbox, not published")
-        await asyncio.to_thread(publisher.start)
-        if settings.refiner.enabled:
-            worker.start()
+        # opening replays: the detector's state from the log, the publishers' view of their topics
+        await asyncio.to_thread(runner.start)
         await source.start()
         log.info(
             "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
         )
-        judging = (
-            asyncio.create_task(judge_periodically(judge, rollouts, settings.canary.interval_s))
-            if settings.canary.enabled
-            else None
-        )
         try:
             yield
         finally:
-            if judging is not None:
-                judging.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await judging
             backpressure.release()
             await source.stop()
             await asyncio.to_thread(runner.stop)
-            await asyncio.to_thread(worker.stop)
-            await asyncio.to_thread(publisher.stop)
             store.close()
 
     async def ready() -> dict[str, bool]:
@@ -215,7 +241,7 @@ def build(settings: Settings) -> Starlette:
 
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))
-    patches = patch_routes(outbox, token=token)
+    patches = patch_routes(stages.outbox, token=token)
     return create_app(
         ready=ready,
         read_routes=[
@@ -223,7 +249,7 @@ def build(settings: Settings) -> Starlette:
             ("/modes", modes),
             *patches.read,
             *workflows.read,
-            *inspection_routes(store, judge),
+            *inspection_routes(store, stages.judge),
         ],
         write_routes=[*workflows.write, *patches.write],
         token=token,

@@ -1,10 +1,10 @@
 """The daemon in one process, with an in-process transport where `cegraph run` has Kafka.
 
 Spans arrive through `exporter()` (the same OTLP protobuf messages the collector's kafkaexporter
-writes) and go through the same `IngestPipeline`, detector stage, refinement worker and patch
-outbox as the Kafka daemon (`daemon/app.py` builds them for both). Nothing runs on its own: the
-caller pumps (`pump`, `refine`, `publish`), so a run is deterministic for a given seed; patches are
-delivered to the callables in `on_patch`, as `cegraph.patches` consumers get them.
+writes) and go through the same `IngestPipeline` and the same stages as the Kafka daemon (`build_stages`
+in `daemon/app.py` builds them for both). Nothing runs on its own: the caller pumps (`pump`, `refine`,
+`judge`, `publish`), so a run is deterministic for a given seed; patches are delivered to the callables
+in `on_patch`, as `cegraph.patches` consumers get them, decisions to `on_rollout`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from cegraph.connectors.otlp.span_export import CallbackSpanExporter
-from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_pipeline, build_refinement
+from cegraph.daemon.app import build_pipeline, build_stages
+from cegraph.daemon.detect.stage import DETECT
 from cegraph.daemon.ingest.pipeline import FlushResult, InMessage
-from cegraph.daemon.metrics import IngestMetrics, RefinementMetrics, StageMetrics
-from cegraph.daemon.refine.patch_outbox import PatchOutbox
-from cegraph.daemon.rollout.canary import RolloutOutbox
-from cegraph.daemon.runner import Runner, StageRunner
+from cegraph.daemon.metrics import IngestMetrics
+from cegraph.daemon.outbox import InProcessTransport, OutboxEntry
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import WorkflowRegistry
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
 
-IN_PROCESS = "in-process"
+PATCHES, ROLLOUTS, JUDGE = "publish.patches", "publish.rollouts", "judge"
 
 
 class EmbeddedDaemon:
@@ -38,21 +37,25 @@ class EmbeddedDaemon:
         registry = CollectorRegistry()
         self.metrics = IngestMetrics(registry)
         self.pipeline = build_pipeline(settings, self.store, self.metrics)
-        self.stage = build_detector_stage(settings, self.store, registry)
-        self.runner = Runner([StageRunner(self.store, self.stage, metrics=StageMetrics(registry))])
-        self.runner.drain()  # opens the detector from its checkpoint
-        self.refinement_metrics = RefinementMetrics(registry)
-        self.worker = build_refinement(settings, self.store, self.stage, self.refinement_metrics)
-        self.outbox = PatchOutbox.configured(self.store, settings)
-        self.canary_judge = build_canary_judge(settings, self.store, registry, clock=clock)
-        self.rollouts = RolloutOutbox(self.store)
-        self.registry = WorkflowRegistry(self.store)
         self.on_patch: list[Callable[[WorkflowPatch], object]] = []
         self.on_rollout: list[Callable[[RolloutDecision], object]] = []
+        self._delivered: list = []
+        kafka = settings.kafka
+        transports = {
+            kafka.patches_topic: InProcessTransport(kafka.patches_topic, [self._deliver(WorkflowPatch)]),
+            kafka.rollouts_topic: InProcessTransport(kafka.rollouts_topic, [self._deliver(RolloutDecision)]),
+        }
+        stages = build_stages(
+            settings, self.store, registry, transports.__getitem__, judging=True, clock=clock
+        )
+        self.stage, self.worker, self.canary_judge = stages.detector, stages.worker, stages.judge
+        self.outbox, self.runner = stages.outbox, stages.runner
+        self.refinement_metrics = stages.refinement_metrics
+        self.runner.drain(DETECT)  # opens the detector from its checkpoint
+        self.registry = WorkflowRegistry(self.store)
         self._lock = threading.Lock()
         self._queue: list[InMessage] = []
         self._next_offset = self.store.offsets().get((settings.kafka.spans_topic, 0), 0)
-        self._published = 0
 
     def exporter(self) -> CallbackSpanExporter:
         """A span exporter whose messages this daemon ingests (any thread)."""
@@ -71,7 +74,7 @@ class EmbeddedDaemon:
         messages.sort(key=lambda message: message.key or b"")
         self.pipeline.handle(messages)  # no dead letters here: the runtime's spans always decode
         result = self.pipeline.flush(drain=drain)
-        self.runner.drain()
+        self.runner.drain(DETECT)
         return result
 
     def refine(self) -> list[dict]:
@@ -79,26 +82,29 @@ class EmbeddedDaemon:
         return self.worker.run_pending()
 
     def judge(self) -> list[RolloutDecision]:
-        """Judge the canaries, deliver the decisions to `on_rollout` and record them as published."""
-        self.canary_judge.step()
-        decisions = self.rollouts.pending()
-        for decision in decisions:
-            for deliver in self.on_rollout:
-                deliver(decision)
-            self.rollouts.published(decision, IN_PROCESS, 0, self._published)
-            self._published += 1
-        return decisions
+        """Judge the canaries and deliver the decisions to `on_rollout`; returns them."""
+        self.runner.drain(JUDGE)
+        return self._publish(ROLLOUTS)
 
     def publish(self) -> list[WorkflowPatch]:
-        """Deliver the due patches to `on_patch` and record them as published."""
-        due = self.outbox.due()
-        for patch in due:
-            for deliver in self.on_patch:
-                deliver(patch)
-            self.outbox.published(patch, IN_PROCESS, 0, self._published)
-            self.refinement_metrics.published.inc()
-            self._published += 1
-        return due
+        """Deliver the due patches to `on_patch`; returns them."""
+        return self._publish(PATCHES)
+
+    def _publish(self, publisher: str) -> list:
+        self._delivered = []
+        self.runner.drain(publisher)
+        return self._delivered
+
+    def _deliver(self, model: type[WorkflowPatch] | type[RolloutDecision]) -> Callable[[OutboxEntry], None]:
+        """What the in-process topic of `model` messages does with one: what a consumer would."""
+
+        def deliver(entry: OutboxEntry) -> None:
+            message = model.model_validate_json(entry.value)
+            for consumer in self.on_patch if model is WorkflowPatch else self.on_rollout:
+                consumer(message)
+            self._delivered.append(message)
+
+        return deliver
 
     def close(self) -> None:
         self.store.close()

@@ -17,19 +17,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from otel_traces import make_traces, to_messages
 from pipeline_fixtures import ingest
+from refinement_fixtures import ARITHMETIC_SLIP
 
 from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.detect.stage import DetectorStage
-from cegraph.daemon.events import FAILURE_OBSERVED, MASS_OBSERVED, MODE_EMERGED
+from cegraph.daemon.events import (
+    CANARY_DECIDED,
+    FAILURE_OBSERVED,
+    MASS_OBSERVED,
+    MODE_EMERGED,
+    PATCH_PUBLISHED,
+    ROLLOUT_PUBLISHED,
+    Event,
+)
 from cegraph.daemon.ingest.pipeline import InMessage
+from cegraph.daemon.outbox import ID_HEADER, Location, OutboxEntry, OutboxPublisher
+from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.refine.patch_outbox import PatchOutbox, created
+from cegraph.daemon.refine.signing import sign
+from cegraph.daemon.rollout.canary import RolloutOutbox, canary_key
 from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import DetectorSettings
 from cegraph.daemon.stage import Stage
 from cegraph.daemon.store import EventStore
+from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class StageCase:
     emits: tuple[str, ...]  # the event types the stage writes
     at_least: int  # of them in an uninterrupted run: the comparisons have something to compare
     rounds: int = 2
+    on_topic: Callable[[EventStore], object] = lambda store: None  # what the stage sent outside the store
 
 
 @functools.cache
@@ -63,7 +81,104 @@ DETECT = StageCase(
     at_least=50,
 )
 
-CASES = {case.name: case for case in (DETECT,)}
+
+@dataclass
+class FileTopic:
+    """A durable topic in a JSONL file beside the store: what the outbox publisher's exactly-once
+    promise rests on (a Kafka topic in production; `tests/test_refinement_kafka.py` has that)."""
+
+    path: Path
+
+    def send(self, entry: OutboxEntry) -> Location:
+        offset = len(self._lines())
+        with self.path.open("ab") as topic:
+            record = {"headers": {ID_HEADER: entry.id}, "value": entry.value.decode()}
+            topic.write(orjson.dumps(record) + b"\n")
+            topic.flush()
+            os.fsync(topic.fileno())
+        return Location("topic", 0, offset)
+
+    def on_topic(self):
+        for offset, line in enumerate(self._lines()):
+            record = orjson.loads(line)
+            yield record["headers"], record["value"].encode(), Location("topic", 0, offset)
+
+    def ids(self) -> list[str]:
+        return [headers[ID_HEADER] for headers, _, _ in self.on_topic()]
+
+    def _lines(self) -> list[bytes]:
+        return self.path.read_bytes().splitlines() if self.path.exists() else []
+
+    def close(self) -> None:
+        return None
+
+
+def _topic(store: EventStore) -> FileTopic:
+    return FileTopic(Path(store.path).with_suffix(".topic"))
+
+
+def _patch(version: str, *, free_text: bool = False) -> WorkflowPatch:
+    """A signed patch; one that writes free text (an instruction) awaits a human's approval."""
+    edit = Edit(operator="edit_prompt", node="solve", instruction="Show the working.") if free_text else (
+        Edit(operator="programmer", node="solve"))  # fmt: skip
+    spec, ops = apply_edit(ARITHMETIC_SLIP, edit, version)
+    verification = Verification(
+        pairs=10, counterexamples=5, target_before=0.5, target_after=0.1, target_p=0.01,
+        efm_before=0.5, efm_after=0.1, efm_change_low=-0.5, efm_change_high=-0.2,
+    )  # fmt: skip
+    rationale = Rationale(
+        job_id=f"job-{version}", mode="m1", counterexamples=[], verification=verification,
+        edits=[{**edit.model_dump(), "proposer": "rules"}], cost=Cost(llm_calls=0, tokens=0, wall_s=0),
+    )  # fmt: skip
+    patch = WorkflowPatch(workflow_id=spec.id, base_version="1.0.0", new_version=version, operations=ops,
+                          content_hash=spec.content_hash, rationale=rationale)  # fmt: skip
+    return sign(patch, "conformance-key")
+
+
+def _patches_outbox(store: EventStore) -> PatchOutbox:
+    return PatchOutbox(store, approve_free_text=True, clock=lambda: 0.0)
+
+
+def _more_patches(store: EventStore, round_: int) -> None:
+    if round_ == 1:
+        _patches_outbox(store).approve("arithmetic-slip", "1.2.0", "conformance")
+    store.append([created(f"job-{round_}", _patch(f"1.{2 + round_}.0"), now=0.0)])
+
+
+PUBLISH_PATCHES = StageCase(
+    "publish.patches",
+    prepare=lambda store: store.append(
+        [created(f"job-{v}", _patch(v, free_text=v == "1.2.0"), now=0.0) for v in ("1.1.0", "1.2.0", "1.9.0")]
+    ),
+    build=lambda store: OutboxPublisher(_patches_outbox(store), _topic(store), batch=1),
+    more=_more_patches,
+    emits=(PATCH_PUBLISHED,),
+    at_least=4,
+    on_topic=lambda store: _topic(store).ids(),
+)
+
+
+def _decided(version: str) -> Event:
+    arm = {"executions": 100, "failures": 10, "failure_rate": 0.1}
+    payload = {
+        "workflow_id": "arithmetic", "version": version, "decision": "promote", "reason": "better",
+        "stable_version": "1.0.0", "decided_at": 0.0,
+        "statistics": {"alpha": 0.05, "canary": arm, "stable": arm, "difference": [-0.1, 0.1]},
+    }  # fmt: skip
+    return Event(CANARY_DECIDED, canary_key("arithmetic", version), payload)
+
+
+PUBLISH_ROLLOUTS = StageCase(
+    "publish.rollouts",
+    prepare=lambda store: store.append([_decided("1.1.0"), _decided("1.2.0"), _decided("1.3.0")]),
+    build=lambda store: OutboxPublisher(RolloutOutbox(store), _topic(store), batch=1),
+    more=lambda store, round_: store.append([_decided(f"1.{3 + round_}.0")]),
+    emits=(ROLLOUT_PUBLISHED,),
+    at_least=5,
+    on_topic=lambda store: _topic(store).ids(),
+)
+
+CASES = {case.name: case for case in (DETECT, PUBLISH_PATCHES, PUBLISH_ROLLOUTS)}
 
 
 def _kill_inside_the_next_commit(store: EventStore) -> None:

@@ -19,6 +19,7 @@ from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_p
 from cegraph.daemon.events import CANARY_DECIDED, CANARY_STARTED, PATCH_CREATED, ROLLOUT_PUBLISHED, Event
 from cegraph.daemon.ingest.pipeline import InMessage
 from cegraph.daemon.metrics import IngestMetrics
+from cegraph.daemon.outbox import InProcessTransport, OutboxPublisher
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.rollout.canary import RolloutOutbox, patch_target_mode
 from cegraph.daemon.runner import StageRunner
@@ -27,6 +28,7 @@ from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.traffic import TrafficGenerator
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.runtime import WorkflowRuntime
+from cegraph.schemas.rollout import RolloutDecision
 from cegraph.schemas.workflow import WorkflowSpec, example_spec, parse_spec
 
 BASE = example_spec("arithmetic")
@@ -84,7 +86,14 @@ class Daemon:
         self.judge = build_canary_judge(self.settings, self.store, self.metrics.registry, target_mode_for)
         if clock is not None:
             self.judge.clock = clock
+        self.judging = StageRunner(self.store, self.judge)
+        self.judging.open()
         self.offset = max((o for (t, _), o in self.store.offsets().items() if t == "otlp_spans"), default=0)
+
+    def judge_step(self) -> list:
+        """One look of the judge, committed; the events it wrote."""
+        step = self.judging.step()
+        return step.events if step is not None else []
 
     def ingest(self, messages: list[tuple[bytes | None, bytes]]) -> None:
         batch = [
@@ -99,7 +108,7 @@ class Daemon:
         """Ingest in chunks, the judge looking after each; returns the decision when there is one."""
         for first in range(0, len(messages), chunk):
             self.ingest(messages[first : first + chunk])
-            self.judge.step()
+            self.judge_step()
             decided = [c for c in self.judge.canaries() if c["state"] == "decided"]
             if decided:
                 return decided[0]
@@ -142,7 +151,7 @@ def test_a_worse_canary_is_rolled_back(tmp_path, worse_traffic):
     )
     # more traffic of a decided canary decides nothing again
     daemon.ingest(worse_traffic[-200:])
-    assert daemon.judge.step() == []
+    assert daemon.judge_step() == []
 
 
 def test_a_better_canary_is_promoted(tmp_path):
@@ -170,14 +179,14 @@ def test_the_maximum_duration_in_seconds(tmp_path):
     daemon = Daemon(tmp_path / "c.duckdb", CanarySettings(max_duration_s=60), clock=lambda: now[0])
     messages = traffic_messages(NEUTRAL, 300)
     daemon.ingest(messages)
-    daemon.judge.step()
+    daemon.judge_step()
     assert [c["state"] for c in daemon.judge.canaries()] == ["running"]
     assert daemon.metric("cegraph_canary_running", workflow="arithmetic") == 1
     assert daemon.metric("cegraph_canary_verdict", workflow="arithmetic") == 0
     now[0] += 59
-    assert daemon.judge.step() == []
+    assert daemon.judge_step() == []
     now[0] += 1
-    [event] = daemon.judge.step()
+    [event] = daemon.judge_step()
     assert event.type == CANARY_DECIDED and event.payload["reason"].startswith("max duration")
 
 
@@ -196,7 +205,7 @@ def test_the_target_mode_and_feedback_failures_are_counted(tmp_path, worse_traff
         if failure["mode"] and failure["workflow_version"] == "1.1.0":
             in_mode.setdefault(failure["mode"], set()).add(failure["trace_id"])
     modes = sorted(in_mode, key=lambda m: -len(in_mode[m]))
-    daemon.judge.step()
+    daemon.judge_step()
     assert asked == [("arithmetic", "1.1.0")]
     [running] = daemon.judge.canaries()
     stats = running["statistics"]
@@ -215,7 +224,7 @@ def test_the_target_mode_and_feedback_failures_are_counted(tmp_path, worse_traff
     daemon.pipeline.handle([InMessage("cegraph.feedback", 0, 0, body)])
     daemon.pipeline.flush(drain=True)
     daemon.detect.drain()
-    daemon.judge.step()
+    daemon.judge_step()
     after = daemon.judge.canaries()[0]["statistics"]["canary"]
     assert after["failures"] == stats["canary"]["failures"] + 1
     assert after["executions"] == stats["canary"]["executions"]
@@ -225,8 +234,8 @@ def test_decisions_are_published_once_and_survive_a_restart(tmp_path, worse_traf
     path = tmp_path / "c.duckdb"
     daemon = Daemon(path, CanarySettings(min_executions=100))
     daemon.run(worse_traffic)
-    outbox = RolloutOutbox(daemon.store)
-    [message] = outbox.pending()
+    [entry] = RolloutOutbox(daemon.store).entries(1)
+    message = RolloutDecision.model_validate_json(entry.value)
     assert (message.workflow_id, message.version, message.decision) == ("arithmetic", "1.1.0", "rollback")
     assert message.stable_version == "1.0.0" and message.statistics.difference[0] > 0
     daemon.store.close()
@@ -234,11 +243,14 @@ def test_decisions_are_published_once_and_survive_a_restart(tmp_path, worse_traf
     restarted = Daemon(path, CanarySettings(min_executions=100))  # crashed before publishing
     assert restarted.metric("cegraph_canary_verdict", workflow="arithmetic") == -1
     outbox = RolloutOutbox(restarted.store)
-    assert outbox.pending() == [message]
-    outbox.published(message, "cegraph.rollouts", 0, 7)
-    assert outbox.pending() == []
+    assert outbox.entries(1) == [entry]
+    delivered = []
+    topic = InProcessTransport("cegraph.rollouts", [delivered.append], offset=7)
+    publisher = StageRunner(restarted.store, OutboxPublisher(outbox, topic))
+    assert publisher.drain() == 1 and delivered == [entry]
+    assert outbox.entries(1) == [] and publisher.drain() == 0
     assert restarted.events(ROLLOUT_PUBLISHED) == [{"topic": "cegraph.rollouts", "partition": 0, "offset": 7}]
-    assert restarted.judge.step() == []
+    assert restarted.judge_step() == []
     assert restarted.judge.canaries()[0]["published"]["offset"] == 7
     assert b"cegraph_canary_verdict" in generate_latest(restarted.metrics.registry)
 
@@ -246,10 +258,10 @@ def test_decisions_are_published_once_and_survive_a_restart(tmp_path, worse_traf
 def test_a_canary_replaced_by_a_newer_one_is_rolled_back_as_superseded(tmp_path, worse_traffic):
     daemon = Daemon(tmp_path / "c.duckdb", CanarySettings(min_executions=10_000))
     daemon.ingest(worse_traffic[:300])
-    daemon.judge.step()
+    daemon.judge_step()
     newer = WORSE.canonical() | {"version": "1.2.0"}
     daemon.ingest(traffic_messages(parse_spec(newer), 300))
-    events = daemon.judge.step()
+    events = daemon.judge_step()
     assert [(e.type, e.key) for e in events] == [
         (CANARY_STARTED, "arithmetic@1.2.0"),
         (CANARY_DECIDED, "arithmetic@1.1.0"),

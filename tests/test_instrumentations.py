@@ -76,12 +76,11 @@ def test_failed_means_one_thing_in_the_labels_in_stats_and_for_the_canary_judge(
     stats = stored.store.stats()
     assert stats["failures"]["executions_failed"] == sum(failed_by_track.values())
     assert 0 < failed_by_track["canary"] < RUNS * len(SCENARIOS) // 2
-    settings = Settings(canary=CanarySettings(min_executions=1_000))  # too little traffic to decide:
-    # the live statistics stay
+    # too little traffic to decide: the live statistics stay
+    settings = Settings(canary=CanarySettings(min_executions=1_000))
     StageRunner(stored.store, build_detector_stage(settings, stored.store, stored.metrics.registry)).drain()
     judge = build_canary_judge(settings, stored.store, stored.metrics.registry)
-    judge.step()  # starts the canary
-    judge.step()  # judges it
+    StageRunner(stored.store, judge).drain()  # starts the canary and judges it
     [canary] = judge.canaries()
     arms = canary["statistics"]
     assert (arms["canary"]["failures"], arms["stable"]["failures"]) == (

@@ -9,16 +9,18 @@ import time
 import httpx
 import orjson
 from daemon_proc import Scenario
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
-from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.client import ensure_topics, read_topic
 from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
-from cegraph.connectors.kafka.patch_publisher import KafkaPatchPublisher
+from cegraph.connectors.kafka.outbox_transport import KafkaTransport
+from cegraph.daemon.outbox import OutboxPublisher
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.refine.patch_outbox import PatchOutbox, created
 from cegraph.daemon.refine.signing import sign, verify_signature
+from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import apply_patch
@@ -28,19 +30,7 @@ KEY = "kafka-test-key"
 
 
 def topic_messages(bootstrap: str, topic: str) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        ends = consumer.end_offsets(partitions)
-        records = []
-        while any(consumer.position(tp) < ends[tp] for tp in partitions):
-            for batch in consumer.poll(timeout_ms=1_000).values():
-                records += batch
-        return records
-    finally:
-        consumer.close()
+    return read_topic(KafkaSettings(bootstrap_servers=bootstrap), topic)
 
 
 def patches_of(daemon) -> list[dict]:
@@ -121,9 +111,10 @@ def test_a_patch_sent_before_a_crash_is_recorded_from_the_topic_not_sent_again(k
         producer.flush()
         producer.close()  # ... and the process died before it recorded PatchPublished
         outbox = PatchOutbox(store)
-        publisher = KafkaPatchPublisher(settings, outbox)
-        assert publisher.recover() == 1
-        assert publisher.publish_due() == []
+        publisher = StageRunner(
+            store, OutboxPublisher(outbox, KafkaTransport(settings, settings.patches_topic))
+        )
+        assert publisher.drain() == 1  # its PatchPublished, from the topic
         publisher.stop()
         [row] = outbox.patches()
         assert (row["state"], row["offset"]) == ("published", 0)

@@ -25,14 +25,15 @@ def the_log(store: EventStore) -> list[tuple[str, str, dict]]:
     return [(type_, key, orjson.loads(payload)) for type_, key, payload in rows]
 
 
-def finish(case: StageCase, store: EventStore, runner: StageRunner | None = None) -> list[tuple]:
-    """Drain the stage (a fresh one unless given), feed it the later rounds, return the whole log."""
+def finish(case: StageCase, store: EventStore, runner: StageRunner | None = None) -> tuple:
+    """Drain the stage (a fresh one unless given), feed it the later rounds; the whole log, and what
+    the stage sent outside the store."""
     runner = runner or StageRunner(store, case.build(store))
     runner.drain()
     for round_ in range(1, case.rounds + 1):
         case.more(store, round_)
         runner.drain()
-    return the_log(store)
+    return the_log(store), case.on_topic(store)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def prepared(case: StageCase, path: Path) -> EventStore:
 
 @cases
 def test_the_reference_run_has_stage_output_to_compare(case, reference):
-    emitted = [type_ for type_, _, _ in reference[case.name] if type_ in case.emits]
+    log, _ = reference[case.name]
+    emitted = [type_ for type_, _, _ in log if type_ in case.emits]
     assert len(emitted) >= case.at_least
 
 
@@ -74,7 +76,7 @@ def test_abandoned_between_steps_it_resumes_from_its_checkpoint(case, steps, ref
 
 
 @cases
-@pytest.mark.parametrize("steps", [0, 2])
+@pytest.mark.parametrize("steps", [0, 1])
 def test_killed_inside_a_commit_it_resumes_from_its_checkpoint(case, steps, reference, tmp_path):
     path = tmp_path / "s.duckdb"
     prepared(case, path).close()
@@ -90,15 +92,15 @@ def test_a_failed_commit_reopens_the_stage_from_its_checkpoint(case, reference, 
     store = prepared(case, tmp_path / "s.duckdb")
     runner = StageRunner(store, case.build(store))
     runner.step()
-    append, calls = store.append, []
+    append, failed = store.append, []
 
-    def failing(events, offsets=None, cursors=None):
-        calls.append(len(events))
-        if len(calls) == 1:
+    def fails_once(events, offsets=None, cursors=None):
+        if not failed:
+            failed.append(cursors)
             raise OSError("No space left on device")
         return append(events, offsets, cursors)
 
-    store.append = failing
+    store.append = fails_once
     with pytest.raises(OSError):
         runner.step()
     runner.reset()  # what the runner's thread does after a failed step

@@ -103,3 +103,22 @@ def ensure_topics(settings: KafkaSettings, topics: list[str], partitions: int = 
         return missing
     finally:
         admin.close()
+
+
+def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
+    """Every record a topic holds now, from its first offset to its current end, on every partition."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**kafka_python_options(settings), enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            for batch in consumer.poll(timeout_ms=1_000).values():
+                records += batch
+        return records
+    finally:
+        consumer.close()

@@ -157,11 +157,17 @@ class DetectorStage:
             self.detector, self.cursor = detector, checkpoint.position
 
     def poll(self) -> Step | None:
-        """The next batch of what ingest stored, through the detector."""
+        """The next batch of what ingest stored, through the detector: `batch` executions and feedback
+        (or what there is), counted in inputs, so other writers' events in between move no boundary."""
         end = self.store.last_seq()
         if self.cursor > end:
             return None
-        first, last = self.cursor, min(self.cursor + self.batch - 1, end)
+        [(count, nth)] = self.store.query(
+            "SELECT count(*), max(seq) FROM (SELECT seq FROM events "
+            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?) ORDER BY seq LIMIT ?)",
+            self.cursor, end, EXECUTION_COMPLETED, FEEDBACK_RECEIVED, self.batch,
+        )  # fmt: skip
+        first, last = self.cursor, nth if count == self.batch else end
         inputs = self._inputs(first, last)
         with self._lock:
             events, _ = self.detector.observe(inputs)

@@ -1,9 +1,5 @@
-"""The patch outbox: patches wait in the event log (`PatchCreated`) until a publisher has sent them
-and recorded it (`PatchPublished`).
-
-A publisher sends what `due()` returns and then calls `published()`; a crash in between sends the
-patch again on restart unless the publisher first looks at what the topic already holds
-(`connectors/kafka/patch_publisher.py` does), which makes publication exactly once per patch. A patch is
+"""The patch outbox: patches wait in the event log (`PatchCreated`) until the outbox publisher
+(`daemon/outbox.py`, exactly once) has sent them and recorded it (`PatchPublished`). A patch is
 held for as long as it is not signed (no signing key configured), while it waits for a human's
 approval (`approve_free_text`: a patch whose edits carry free text waits for `PatchApproved`, which
 `cegraph patches approve` records), and `hold_s` after its creation (an operator can look at it first).
@@ -16,8 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from cegraph.daemon.events import PATCH_APPROVED, PATCH_CREATED, PATCH_PUBLISHED, PROPOSAL_REJECTED, Event
+from cegraph.daemon.outbox import Location, OutboxEntry
 from cegraph.daemon.refine.operators import Edit
 from cegraph.daemon.refine.text_policy import free_text
 from cegraph.daemon.settings import Settings
@@ -123,16 +121,32 @@ class PatchOutbox:
                 row["state"] = "due"
         return rows
 
-    def due(self) -> list[WorkflowPatch]:
-        return [row["patch"] for row in self.patches() if row["state"] == "due"]
+    name = "patches"
 
-    def pending(self) -> list[WorkflowPatch]:
-        """Not published yet, held or due."""
-        return [row["patch"] for row in self.patches() if row["state"] != "published"]
+    def entries(self, since: int) -> list[OutboxEntry]:
+        """`Outbox`: the patches created at or after `since` and not published, due or held."""
+        return [
+            OutboxEntry(
+                row["seq"],
+                patch_id(row["patch"]),
+                row["patch"].workflow_id,
+                orjson.dumps(row["patch"].model_dump(mode="json", by_alias=True)),
+                due=row["state"] == "due",
+            )
+            for row in self.patches()
+            if row["seq"] >= since and row["state"] != "published"
+        ]
 
-    def published(self, patch: WorkflowPatch, topic: str, partition: int, offset: int) -> None:
-        payload = {"patch_id": patch_id(patch), "topic": topic, "partition": partition, "offset": offset}
-        self.store.append([Event(PATCH_PUBLISHED, patch.workflow_id, payload)])
+    def sent(self, entry: OutboxEntry, location: Location) -> Event:
+        payload = {"patch_id": entry.id, "topic": location.topic, "partition": location.partition,
+                   "offset": location.offset}  # fmt: skip
+        return Event(PATCH_PUBLISHED, entry.key, payload)
+
+    def identify(self, value: bytes) -> str | None:
+        try:
+            return patch_id(WorkflowPatch.model_validate(orjson.loads(value)))
+        except (orjson.JSONDecodeError, ValidationError):
+            return None
 
     def approve(self, workflow_id: str, version: str, approved_by: str) -> WorkflowPatch:
         """Record a human's approval of the patch to `version` of `workflow_id` (`PatchApproved`); only a

@@ -9,10 +9,9 @@ reads only executions and feedback the detector stage has processed (below its c
 own events lie past it), so an execution's failures and modes are all there when it is counted. The
 rule and its statistics are `sequential.judge`.
 
-A decision is a `CanaryDecided` event; the same events make the outbox of `cegraph.rollouts`: a
-publisher sends what `RolloutOutbox.pending()` returns and then records `RolloutPublished`, so a crash
-in between sends the decision again (consumers ignore a decision about a version that is no longer
-their canary). A canary replaced by a newer one of the same workflow is rolled back as superseded.
+A decision is a `CanaryDecided` event; the same events make the outbox of `cegraph.rollouts`
+(`RolloutOutbox`), which the outbox publisher sends exactly once (`daemon/outbox.py`). A canary
+replaced by a newer one of the same workflow is rolled back as superseded.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from cegraph.daemon.detect.stage import detected_until
 from cegraph.daemon.events import (
@@ -36,8 +36,10 @@ from cegraph.daemon.events import (
     Event,
 )
 from cegraph.daemon.metrics import CanaryMetrics
+from cegraph.daemon.outbox import Location, OutboxEntry
 from cegraph.daemon.rollout.sequential import Arm, Verdict, judge
 from cegraph.daemon.settings import CanarySettings
+from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.rollout import ArmStatistics, RolloutDecision, RolloutStatistics
 
@@ -164,7 +166,6 @@ class CanaryJudge:
         self.clock = clock
         self._lock = threading.Lock()
         self._live: dict[str, dict[str, Any]] = {}  # running canaries' latest statistics, by key
-        self._restore_metrics()
 
     # ------------------------------------------------------------------ reading the log
 
@@ -218,25 +219,35 @@ class CanaryJudge:
 
     # ------------------------------------------------------------------ judging
 
-    def step(self) -> list[Event]:
-        """Start the canaries seen since the last step, judge the running ones, append what was
-        decided; returns the events appended."""
+    # ------------------------------------------------------------------ the `Stage`
+
+    name = "judge"
+
+    def open(self, checkpoint: Checkpoint) -> None:
+        """Nothing to rebuild: every canary's state is in the log."""
+        self._restore_metrics()
+
+    def poll(self) -> Step | None:
+        """Start the canaries seen since the last look and judge the running ones; a step when that
+        decided anything. The checkpoint is the detector's position the look read up to."""
         with self._lock:
             horizon = detected_until(self.store)
             now = self.clock()
-            events = self._start(horizon, now)
-            if events:
-                self.store.append(events)
+            started = self._start(horizon, now)
             running = [(row["key"], orjson.loads(row["started"])) for row in self._running()]
+            running += [(event.key, event.payload) for event in started]
             superseded = self._superseded(running)
             decided = []
-            for key, started in running:
-                event = self._judge(key, started, horizon, now, superseded.get(key))
+            for key, payload in running:
+                event = self._judge(key, payload, horizon, now, superseded.get(key))
                 if event is not None:
                     decided.append(event)
-            if decided:
-                self.store.append(decided)
-            return events + decided
+            if not started and not decided:
+                return None
+            return Step(started + decided, Checkpoint(horizon))
+
+    def close(self) -> None:
+        return None
 
     def _running(self) -> list[dict[str, Any]]:
         return [r for r in self.store.query_dicts(CANARIES) if r["decided"] is None]
@@ -341,27 +352,41 @@ class CanaryJudge:
 
 
 class RolloutOutbox:
-    """Decisions not yet on `cegraph.rollouts`, and the record that one was sent."""
+    """`Outbox` of `cegraph.rollouts`: the decisions, each sent once (`daemon/outbox.py`)."""
+
+    name = "rollouts"
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
 
-    def pending(self) -> list[RolloutDecision]:
+    def entries(self, since: int) -> list[OutboxEntry]:
         rows = self.store.query(
             f"""
-            SELECT d.payload FROM events d
-            WHERE d.type = '{CANARY_DECIDED}'
+            SELECT d.seq, d.key, d.payload FROM events d
+            WHERE d.type = '{CANARY_DECIDED}' AND d.seq >= ?
               AND d.key NOT IN (SELECT key FROM events WHERE type = '{ROLLOUT_PUBLISHED}')
             ORDER BY d.seq
-            """
+            """,
+            since,
         )
-        return [decision_message(orjson.loads(payload)) for (payload,) in rows]
+        entries = []
+        for seq, key, payload in rows:
+            decision = decision_message(orjson.loads(payload))
+            headers = {"content-type": "application/json", "cegraph.canary": key}
+            value = decision.model_dump_json(exclude_none=True).encode()
+            entries.append(OutboxEntry(seq, key, decision.workflow_id, value, due=True, headers=headers))
+        return entries
 
-    def published(self, decision: RolloutDecision, topic: str, partition: int, offset: int) -> None:
-        payload = {"topic": topic, "partition": partition, "offset": offset}
-        self.store.append(
-            [Event(ROLLOUT_PUBLISHED, canary_key(decision.workflow_id, decision.version), payload)]
-        )
+    def sent(self, entry: OutboxEntry, location: Location) -> Event:
+        payload = {"topic": location.topic, "partition": location.partition, "offset": location.offset}
+        return Event(ROLLOUT_PUBLISHED, entry.id, payload)
+
+    def identify(self, value: bytes) -> str | None:
+        try:
+            decision = RolloutDecision.model_validate_json(value)
+        except ValidationError:
+            return None
+        return canary_key(decision.workflow_id, decision.version)
 
 
 def decision_message(decided: dict[str, Any]) -> RolloutDecision:
