@@ -116,8 +116,8 @@ llm-down: setup
 clean:
 	rm -rf $(VENV) .venv-llm .pytest_cache .ruff_cache build *.egg-info
 
-## readme-settings: regenerate the configuration table in README.md from the settings model
+## readme-settings: regenerate the settings table in docs/configuration.md from the settings model
 readme-settings: setup
 	$(BIN)/python -c "import re, pathlib; from cegraph.daemon.settings import settings_markdown as s; \
-	p = pathlib.Path('README.md'); t = p.read_text(); \
+	p = pathlib.Path('docs/configuration.md'); t = p.read_text(); \
 	p.write_text(re.sub(r'(<!-- settings-table:[^\n]*-->\n).*?(\n<!-- /settings-table -->)', lambda m: m.group(1) + s() + m.group(2), t, flags=re.S))"

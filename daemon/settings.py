@@ -443,7 +443,7 @@ def iter_fields(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ())
 
 
 def settings_markdown() -> str:
-    """The README's configuration table, generated from the model (a test keeps the two equal)."""
+    """The settings table of docs/configuration.md, generated from the model (a test keeps the two equal)."""
     defaults = Settings.model_construct().model_dump(mode="json")
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for path, field in iter_fields():

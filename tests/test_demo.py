@@ -7,8 +7,7 @@ import json
 import os
 import subprocess
 
-from daemon_proc import CEGRAPH
-
+from cegraph.daemon.demo.process import CEGRAPH
 from cegraph.daemon.demo.scenario import PLANTED
 from cegraph.daemon.refine.signing import verify_signature
 from cegraph.schemas.patch import WorkflowPatch

@@ -11,13 +11,14 @@ import subprocess
 
 import httpx
 import orjson
-from daemon_proc import CEGRAPH, Scenario
+from daemon_proc import Scenario
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from refinement_fixtures import run_tasks
 from test_free_text_refinement import CHATTY, FINDING
 from test_refinement_kafka import topic_messages, wait_until
 
 from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
+from cegraph.daemon.demo.process import CEGRAPH
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.schemas.workflow import parse_spec
 

@@ -12,11 +12,11 @@ import subprocess
 
 import orjson
 import pytest
-from daemon_proc import CEGRAPH, free_port
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from prometheus_client import generate_latest
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
+from cegraph.daemon.demo.process import CEGRAPH, free_port
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import PROPOSAL_REJECTED
 from cegraph.daemon.refine import refiner

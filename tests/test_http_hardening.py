@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
-from daemon_proc import free_port
 from test_settings_cli import run_cli
 
 from cegraph.connectors.http.api import create_app
+from cegraph.daemon.demo.process import free_port
 from cegraph.daemon.settings import ConfigError, is_loopback, load_settings
 
 TOKEN = "t0ken"

@@ -9,8 +9,10 @@ import os
 import subprocess
 
 import httpx
-from daemon_proc import CEGRAPH, Scenario
+from daemon_proc import Scenario
 from otel_traces import make_traces, to_messages
+
+from cegraph.daemon.demo.process import CEGRAPH
 
 
 def cli_json(command: str, env: dict[str, str]):

@@ -23,6 +23,7 @@ import promql_parser
 import pytest
 import yaml
 from conftest import IN_CI
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.testclient import TestClient
@@ -406,12 +407,18 @@ def test_dashboard_shows_what_operators_watch():
 # ---- every metric queried is one cegraph exposes ------------------------------------------------------
 
 
-def exposed_metric_names(store: Path) -> set[str]:
-    """Sample names that cegraph's /metrics serves, from the app that `cegraph run` builds (not started:
-    no Kafka needed). A labelled metric has no samples until first used, so names come from its type."""
+def metric_families(store: Path) -> list[Metric]:
+    """The metric families cegraph's /metrics serves, from the app that `cegraph run` builds (not
+    started: no Kafka needed)."""
     client = TestClient(build(Settings(_env_file=None, store={"path": store})))
     response = client.get("/metrics")
     assert response.status_code == 200
+    return list(text_string_to_metric_families(response.text))
+
+
+def exposed_metric_names(store: Path) -> set[str]:
+    """Sample names that cegraph's /metrics serves. A labelled metric has no samples until first used,
+    so names come from its type."""
     suffixes = {
         "counter": ("_total",),
         "gauge": ("",),
@@ -420,7 +427,7 @@ def exposed_metric_names(store: Path) -> set[str]:
         "info": ("_info",),
     }
     names: set[str] = set()
-    for family in text_string_to_metric_families(response.text):
+    for family in metric_families(store):
         names |= {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
         names |= {sample.name for sample in family.samples}
     return names
@@ -480,3 +487,20 @@ def test_the_name_check_sees_an_unknown_metric(tmp_path):
     assert selector_names('rate(cegraph_dead_letterz_total{topic="x"}[5m])') - known == {
         "cegraph_dead_letterz_total"
     }
+
+
+def test_the_operating_page_names_every_cegraph_metric_and_no_other(tmp_path):
+    """docs/operating.md lists the metrics: one added or renamed in code must be named there too."""
+    families = [f for f in metric_families(tmp_path / "cegraph.duckdb") if f.name.startswith("cegraph_")]
+    names = {family.name for family in families}
+    # the text format's `_created` samples of a counter or histogram parse as families of their own
+    served = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in families
+        if not (family.name.endswith("_created") and family.name.removesuffix("_created") in names)
+    }
+    page = (OPS.parent / "docs" / "operating.md").read_text()
+    section = page.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"\bcegraph_[a-z_]*[a-z]", section))
+    assert not served - named, f"served, but not in docs/operating.md: {sorted(served - named)}"
+    assert not named - served, f"in docs/operating.md, but not served: {sorted(named - served)}"

@@ -9,10 +9,10 @@ import os
 import subprocess
 
 import orjson
-from daemon_proc import CEGRAPH, free_port
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
+from cegraph.daemon.demo.process import CEGRAPH, free_port
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import FAILURE_OBSERVED, PROPOSAL_REJECTED
 from cegraph.daemon.refine.operators import Edit, apply_edit

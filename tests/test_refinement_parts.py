@@ -10,7 +10,6 @@ import time
 
 import orjson
 import uvicorn
-from daemon_proc import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -20,6 +19,7 @@ from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 from cegraph.connectors.otlp.codec import decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget, shadow_endpoint
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.demo.process import free_port
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import (
     CANARY_DECIDED,

@@ -80,6 +80,6 @@ def test_version_matches_the_package():
     assert result.stdout.strip() == version("cegraph")
 
 
-def test_readme_configuration_table_matches_the_model():
-    readme = (ROOT / "README.md").read_text()
-    assert settings_markdown() in readme, "regenerate with `make readme-settings`"
+def test_the_configuration_page_table_matches_the_model():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert settings_markdown() in page, "regenerate with `make readme-settings`"

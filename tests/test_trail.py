@@ -13,27 +13,14 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from cegraph.connectors.trail.dataset import (
-    CATEGORY_VARIANTS,
-    LEAF_CATEGORIES,
-    TAXONOMY,
-    TrailFormatError,
-    TrailTrace,
-    annotations_to_feedback,
-    fold_category,
-    gold_labels,
-    iter_otlp_spans,
-    iter_trail,
-    pack_requests,
-    parse_duration,
-    parse_timestamp,
-    publish_trail,
-    rebuild_span_trees,
-    span_id_bytes,
-    span_trees,
-    trace_id_bytes,
-    trail_to_otlp,
-)
+from cegraph.connectors.trail.labels import annotations_to_feedback, gold_labels
+from cegraph.connectors.trail.model import TrailTrace, parse_duration, parse_timestamp
+from cegraph.connectors.trail.otlp import iter_otlp_spans, span_id_bytes, trace_id_bytes
+from cegraph.connectors.trail.pack import pack_requests, trail_to_otlp
+from cegraph.connectors.trail.parse import TrailFormatError, iter_trail
+from cegraph.connectors.trail.publish import publish_trail
+from cegraph.connectors.trail.taxonomy import CATEGORY_VARIANTS, LEAF_CATEGORIES, TAXONOMY, fold_category
+from cegraph.connectors.trail.trees import rebuild_span_trees, span_trees
 from cegraph.schemas.feedback import Feedback
 
 # Facts of the GAIA split, checked below.

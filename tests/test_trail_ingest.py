@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 
-from daemon_proc import CEGRAPH, Scenario
+from daemon_proc import Scenario
 
-from cegraph.connectors.trail.dataset import (
-    annotations_to_feedback,
-    iter_trail,
-    span_id_bytes,
-    trace_id_bytes,
-)
+from cegraph.connectors.trail.labels import annotations_to_feedback
+from cegraph.connectors.trail.otlp import span_id_bytes, trace_id_bytes
+from cegraph.connectors.trail.parse import iter_trail
+from cegraph.daemon.demo.process import CEGRAPH
 from cegraph.daemon.store import EventStore
 
 

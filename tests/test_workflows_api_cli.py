@@ -17,13 +17,13 @@ from typing import NamedTuple
 import httpx
 import pytest
 import uvicorn
-from daemon_proc import free_port
 from typer.testing import CliRunner
 
 from cegraph.connectors.http.api import create_app
 from cegraph.connectors.http.workflows import workflow_routes
 from cegraph.daemon.app import build
 from cegraph.daemon.cli.main import app as cli_app
+from cegraph.daemon.demo.process import free_port
 from cegraph.daemon.settings import Settings, StoreSettings
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import WorkflowRegistry

@@ -1,6 +1,6 @@
 """The HTTP shadow target: your own service runs the candidate spec, cegraph reads its trace.
 
-The protocol (README, "Shadow endpoint") is one request per replayed input:
+The protocol (docs/operating.md, "the shadow endpoint") is one request per replayed input:
 
     POST <CEGRAPH_REFINER__SHADOW_URL>
     {"workflow": <the spec's canonical JSON>, "input": {...}, "seed": 123, "replay_of": "<trace id>"}

@@ -23,17 +23,11 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from cegraph.connectors.otlp.codec import DecodeError, decode_json, decode_proto
-from cegraph.connectors.trail.dataset import (
-    TrailFormatError,
-    TrailTrace,
-    fold_category,
-    iter_trail,
-    read_span_tree,
-    resolve_split,
-    span_id_bytes,
-    trace_id_bytes,
-    trail_to_otlp,
-)
+from cegraph.connectors.trail.model import TrailTrace
+from cegraph.connectors.trail.otlp import span_id_bytes, trace_id_bytes
+from cegraph.connectors.trail.pack import trail_to_otlp
+from cegraph.connectors.trail.parse import TrailFormatError, iter_trail, read_span_tree, resolve_split
+from cegraph.connectors.trail.taxonomy import fold_category
 from cegraph.daemon.spans import SpanRecord
 
 Taxonomy = Literal["none", "trail"]

@@ -165,7 +165,8 @@ def import_trail(
     """Send a TRAIL trace set to the spans topic as OTLP (and its annotations to the feedback topic)."""
     settings = settings_or_exit()
     from cegraph.connectors.kafka.client import kafka_python_options
-    from cegraph.connectors.trail.dataset import TrailFormatError, publish_trail
+    from cegraph.connectors.trail.parse import TrailFormatError
+    from cegraph.connectors.trail.publish import publish_trail
 
     if not dataset.exists():
         err.print(f"[bold red]cegraph:[/] no dataset at {dataset}")

@@ -14,12 +14,8 @@ same number of executions per refinement step as a fast one, not more.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +27,7 @@ import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from cegraph.connectors.kafka.client import kafka_python_options
+from cegraph.daemon.demo.process import CEGRAPH, DaemonProcess, die_with_parent
 from cegraph.daemon.demo.scenario import (
     PLANTED,
     WORKFLOW,
@@ -44,7 +41,6 @@ from cegraph.daemon.store import EventStore
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.workflow import example_spec
 
-CEGRAPH = str(Path(sys.executable).parent / "cegraph")
 POLL_S = 2.0
 
 
@@ -55,54 +51,6 @@ def settings_env(overrides: dict[str, dict[str, Any]]) -> dict[str, str]:
         for group, values in overrides.items()
         for name, value in values.items()
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in a child before exec: the kernel sends it SIGTERM when the demo dies, even by SIGKILL, so
-    no daemon or traffic process of a demo outlives it."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class _Daemon:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{env['CEGRAPH_HTTP__PORT']}"
-        self._log = log.open("ab")
-        self.process = subprocess.Popen(
-            [CEGRAPH, "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
-
-    def get(self, path: str) -> Any:
-        response = httpx.get(self.url + path, timeout=10)
-        response.raise_for_status()
-        return response.json() if path != "/metrics" else response.text
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"cegraph run exited with {self.process.returncode}; see {self._log.name}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"cegraph run was not ready within {timeout} s; see {self._log.name}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log.close()
 
 
 def _running_jobs(metrics: str) -> float:
@@ -124,21 +72,14 @@ def run_over_kafka(
     out.mkdir(parents=True, exist_ok=False)
     started = time.monotonic()
     suffix = uuid.uuid4().hex[:8]
-    base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     topics = ("spans", "feedback", "dlq", "patches", "rollouts")
     kafka = {f"{name}_topic": f"demo-{name}-{suffix}" for name in topics}
     kafka |= {"bootstrap_servers": bootstrap, "group_id": f"demo-{suffix}"}
     overrides = {**demo_overrides(out, seed), "kafka": kafka, "ingest": {"idle_timeout_s": 1.0}}
-    env = {
-        **base,
-        **settings_env(overrides),
-        "CEGRAPH_HTTP__PORT": str(_free_port()),
-        "CEGRAPH_LOG_LEVEL": "WARNING",
-    }
-    daemon = _Daemon(env, out / "daemon.log")
+    daemon = DaemonProcess(settings_env(overrides), out / "daemon.log")
     traffic: _Traffic | None = None
     try:
-        daemon.wait_ready()
+        daemon.start()
         spec = example_spec(WORKFLOW)
         httpx.post(
             daemon.url + "/workflows", content=orjson.dumps(spec.canonical()), timeout=10
@@ -146,7 +87,7 @@ def run_over_kafka(
         traffic = _Traffic(
             [CEGRAPH, "simulate", "--workflow", WORKFLOW, "--mix", "demo", "--seed", str(seed),
              "--rate", f"{rate}/s", "--count", str(max_executions), "--canary-weight", "0.3"],
-            env, out / "traffic.log",
+            daemon.env, out / "traffic.log",
         )  # fmt: skip
         ends = _EndOffsets(KafkaSettings(bootstrap_servers=bootstrap), kafka["spans_topic"])
         try:
@@ -186,7 +127,7 @@ class _Traffic:
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
             )
         self.paused = False
 
@@ -230,7 +171,7 @@ class _EndOffsets:
         self.consumer.close()
 
 
-def _state(daemon: _Daemon) -> dict[str, Any]:
+def _state(daemon: DaemonProcess) -> dict[str, Any]:
     stats = daemon.get("/stats")
     return {
         "executions": stats["executions"]["total"],

@@ -46,7 +46,7 @@ EXEMPLARS = 5
 TOP_TERMS = 8
 LABEL_TERMS = 3
 
-# A hint of the nearest category of TRAIL's taxonomy (`connectors/trail/dataset.py`), guessed only from
+# A hint of the nearest category of TRAIL's taxonomy (`connectors/trail/taxonomy.py`), guessed only from
 # unambiguous evidence, and only when most of a mode agrees: display text, never used by the loop.
 CATEGORY_RULES: tuple[tuple[str, frozenset[str]], ...] = (
     ("Timeout Issues", frozenset({"timeout", "timeouterror", "timed"})),

@@ -1,5 +1,5 @@
 """The simulated LLM world of DESIGN section 7: task families with ground truth, real evaluators and
-failure mechanisms that respond to the workflow's structure (README: "The simulated LLM world")."""
+failure mechanisms that respond to the workflow's structure (docs/simulation.md)."""
 
 from cegraph.daemon.sim.core import Rates, Task
 from cegraph.daemon.sim.llm import SimLLM

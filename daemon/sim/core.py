@@ -55,7 +55,7 @@ def truncate(text: str, max_tokens: int) -> str:
 
 @dataclass(frozen=True)
 class Rates:
-    """Every probability of the simulated world, in one place (README: "SimLLM failure mechanisms")."""
+    """Every probability of the simulated world, in one place (docs/simulation.md, the mechanisms table)."""
 
     random_slip_base: float = 0.02
     random_slip_per_temperature: float = 0.12

@@ -2,7 +2,7 @@
 
 The root span (`invoke_workflow`) carries the workflow identity, the track, the seed and the task
 input; each node execution is one child span that follows the GenAI conventions plus cegraph's own
-attributes (the table in README, "The runtime"). The evaluator's verdict becomes a
+attributes (the table in docs/workflows.md, "The runtime"). The evaluator's verdict becomes a
 `gen_ai.evaluation.result` event on the node it blames, or on the root. Spans go to the TracerProvider
 the caller passes (never the global one), so the same runtime feeds Kafka, the embedded daemon or a
 test. Node spans stay open until the verdict is known and are then ended at their recorded end times.
