@@ -22,12 +22,13 @@ from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.connectors.kafka.patch_publisher import KafkaPatchPublisher
 from cegraph.connectors.kafka.rollout_publisher import RolloutPublisher, judge_periodically
 from cegraph.connectors.kafka.source import KafkaIngestSource
-from cegraph.connectors.llm.config import shadow_llm
+from cegraph.connectors.llm.config import openai_backend, shadow_llm
 from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
 from cegraph.daemon.detect.detector import FailureDetector
-from cegraph.daemon.detect.stage import DetectorStage, stored_modes
+from cegraph.daemon.detect.naming import ModeNamer, named_modes
+from cegraph.daemon.detect.stage import DetectorStage
 from cegraph.daemon.ingest.normalize import TextPolicy
 from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import CanaryMetrics, DetectorMetrics, IngestMetrics, RefinementMetrics
@@ -125,6 +126,13 @@ def build_refinement(
     return RefinementWorker(scheduler, refiner, stage.classifier, metrics=metrics)
 
 
+def build_namer(settings: Settings, store: EventStore) -> ModeNamer | None:
+    """Mode names from the configured endpoint; none with the simulated LLM (it answers tasks only)."""
+    if settings.llm.backend != "openai":
+        return None
+    return ModeNamer(store, openai_backend(settings), model=settings.llm.proposer_model)
+
+
 def build(settings: Settings) -> Starlette:
     store = EventStore(settings.store.path)
     metrics = IngestMetrics()
@@ -138,6 +146,7 @@ def build(settings: Settings) -> Starlette:
     )
     judge = build_canary_judge(settings, store, metrics)
     rollouts = RolloutPublisher(RolloutOutbox(store), source.broker, settings.kafka.rollouts_topic)
+    namer = build_namer(settings, store)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -166,13 +175,15 @@ def build(settings: Settings) -> Starlette:
             if settings.canary.enabled
             else None
         )
+        naming = asyncio.create_task(namer.run()) if namer is not None else None
         try:
             yield
         finally:
-            if judging is not None:
-                judging.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await judging
+            for task in (judging, naming):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await source.stop()
             await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(publisher.stop)
@@ -191,7 +202,7 @@ def build(settings: Settings) -> Starlette:
         return await asyncio.to_thread(store.stats)
 
     async def modes(_: Request) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(stored_modes, store)
+        return await asyncio.to_thread(named_modes, store)
 
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))
