@@ -22,12 +22,14 @@ from cegraph.connectors.http.workflows import workflow_routes
 from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.connectors.kafka.outbox_transport import KafkaTransport
 from cegraph.connectors.kafka.source import KafkaIngestSource
-from cegraph.connectors.llm.config import shadow_llm
+from cegraph.connectors.llm.config import openai_backend, shadow_llm
 from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
 from cegraph.daemon.detect.detector import FailureDetector
-from cegraph.daemon.detect.stage import DETECT, DetectorStage, stored_modes
+from cegraph.daemon.detect.naming import INTERVAL_S as NAMING_INTERVAL_S
+from cegraph.daemon.detect.naming import ModeNamer, named_modes
+from cegraph.daemon.detect.stage import DETECT, DetectorStage
 from cegraph.daemon.ingest.normalize import TextPolicy
 from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import (
@@ -156,12 +158,16 @@ def build_stages(
     clock: Callable[[], float] | None = None,
 ) -> Stages:
     """Read top to bottom, this is the pipeline after ingest: the detector turns what ingest stored
-    into failures, modes and mass; the refinement worker turns triggers into patches; the canary
-    judge (when `judging`) turns canaries into decisions; two outbox publishers send patches and
-    decisions through `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
+    into failures, modes and mass; with an LLM endpoint the namer gives modes display names; the
+    refinement worker turns triggers into patches; the canary judge (when `judging`) turns canaries
+    into decisions; two outbox publishers send patches and decisions through `transport(topic)`.
+    Each is a `Stage` on a `StageRunner`."""
     metrics = StageMetrics(registry)
     detector = build_detector_stage(settings, store, registry)
     runners = [StageRunner(store, detector, metrics=metrics)]
+    if settings.llm.backend == "openai":  # the simulated LLM answers tasks only
+        namer = ModeNamer(store, openai_backend(settings), model=settings.llm.proposer_model)
+        runners.append(StageRunner(store, namer, metrics=metrics, poll_s=NAMING_INTERVAL_S))
     refinement_metrics = RefinementMetrics(registry)
     worker = build_refinement(settings, store, detector, refinement_metrics)
     judge = build_canary_judge(settings, store, registry, clock=clock)
@@ -237,7 +243,7 @@ def build(settings: Settings) -> Starlette:
         return await asyncio.to_thread(store.stats)
 
     async def modes(_: Request) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(stored_modes, store)
+        return await asyncio.to_thread(named_modes, store)
 
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))

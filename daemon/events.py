@@ -24,6 +24,7 @@ MODE_MASS_CROSSED = "ModeMassCrossed"
 MODE_DRIFTED = "ModeDrifted"
 MASS_OBSERVED = "MassObserved"
 DETECTOR_STEPPED = "DetectorStepped"  # the log range one detector step read: its replay runs the same
+MODE_NAMED = "ModeNamed"  # display text from the LLM (daemon/detect/naming.py), never used in a decision
 # Propose-and-Verify: one job per trigger, every step an event; PatchCreated is the outbox
 REFINEMENT_STARTED = "RefinementStarted"
 PROPOSAL_REJECTED = "ProposalRejected"

@@ -8,12 +8,15 @@ The instrumentations patch the openai SDK of the whole process, so each conventi
 `genai` is opentelemetry-instrumentation-openai-v2 (configured by the environment as a user would:
 OTEL_SEMCONV_STABILITY_OPT_IN, OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT), `openinference`
 is openinference-instrumentation-openai. Each scenario runs N times against an OpenAI-compatible
-server (the stub of tests/openai_stub.py, which obeys the X-Stub-Scenario header), one execution
-(trace) per run, its root span made by the app; with --evaluate the app judges each answer and
-sends the verdict as a `gen_ai.evaluation.result` event. Spans and log records go to a Collector through the
+server, one execution (trace) per run, its root span made by the app: the stub of
+tests/openai_stub.py, which obeys the X-Stub-Scenario header, or a real model server, where the
+scenarios of REAL_SCENARIOS make their outcomes by the request alone (a small `max_tokens`, a prompt
+longer than the context). With --evaluate the app judges each answer and sends the verdict as a
+`gen_ai.evaluation.result` event. Spans and log records go to a Collector through the
 SDK's OTLP exporters, or (--out) into DIR as OTLP protobuf exports (`spans.pb`, `logs.pb`, one
 length-prefixed ExportTraceServiceRequest / ExportLogsServiceRequest each). One JSON line per
-execution on stdout says what ran.
+execution on stdout says what ran and what the app saw of each chat call (finish reason, token
+usage, or the error raised) and of its evaluation.
 """
 
 from __future__ import annotations
@@ -59,21 +62,16 @@ SCENARIOS: dict[str, tuple[bool, str]] = {
     "app_retry": (True, "error"),  # the app calls again after a 500: the first call failed
 }
 CALLS = {"answer_twice": 2, "tool_call": 2, "app_retry": 2}  # chat calls of a scenario (else one)
+# Scenarios that mean the same on a real model server, where no header steers the answer: two
+# answered calls, a truncation by `max_tokens`, and a prompt longer than the model's context (run
+# with --overflow-words past it; the server refuses the request).
+REAL_SCENARIOS = ("answer_twice", "length", "overflow")
+TRUNCATE_AT = 2  # the `max_tokens` of the `length` scenario
 
 
 def span_count(scenario: str) -> int:
     """The spans of one execution: the root, its chat calls and (tool_call) the tool."""
     return 1 + CALLS.get(scenario, 1) + (scenario == "tool_call")
-
-
-def _chat(client: openai.OpenAI, scenario: str, content: str, **options: Any) -> Any:
-    messages = options.pop("messages", None) or [
-        {"role": "system", "content": "You are a support assistant. Be brief."},
-        {"role": "user", "content": content},
-    ]
-    return client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=64, extra_headers={"X-Stub-Scenario": scenario}, **options
-    )
 
 
 def forecast_judge(answer: str) -> dict[str, Any]:
@@ -90,16 +88,54 @@ def forecast_judge(answer: str) -> dict[str, Any]:
     }
 
 
+def error_name(error: Exception) -> str:
+    """`openai.InternalServerError`: the exception's class as the app (and cegraph) spell it."""
+    return f"{type(error).__module__.split('.')[0]}.{type(error).__name__}"
+
+
 class App:
     def __init__(
-        self, convention: str, base_url: str, tracer: trace.Tracer, evaluator: Any | None = None
+        self,
+        convention: str,
+        base_url: str,
+        tracer: trace.Tracer,
+        evaluator: Any | None = None,
+        *,
+        model: str = MODEL,
+        max_tokens: int = 64,
+        timeout_s: float = 600.0,
+        overflow_words: int = 0,
     ) -> None:
         """`evaluator`: a logger the app's evaluation events go to (None: no evaluation)."""
         self.convention = convention
         self.tracer = tracer
         self.evaluator = evaluator
-        self.client = openai.OpenAI(base_url=base_url, api_key="sk-stub-not-a-key", max_retries=0)
-        self.retrying = openai.OpenAI(base_url=base_url, api_key="sk-stub-not-a-key", max_retries=2)
+        self.model, self.max_tokens, self.overflow_words = model, max_tokens, overflow_words
+        key = "sk-stub-not-a-key"
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
+        self.retrying = openai.OpenAI(base_url=base_url, api_key=key, max_retries=2, timeout=timeout_s)
+        self.calls: list[dict[str, Any]] = []  # what the app saw of each chat call of the current run
+
+    def chat(self, client: openai.OpenAI, scenario: str, content: str, **options: Any) -> Any:
+        messages = options.pop("messages", None) or [
+            {"role": "system", "content": "You are a support assistant. Be brief."},
+            {"role": "user", "content": content},
+        ]
+        options.setdefault("max_tokens", self.max_tokens)
+        try:
+            response = client.chat.completions.create(
+                model=self.model, messages=messages, extra_headers={"X-Stub-Scenario": scenario}, **options
+            )
+        except openai.OpenAIError as error:
+            self.calls.append({"error": error_name(error)})
+            raise
+        usage = response.usage
+        self.calls.append({
+            "finish_reason": response.choices[0].finish_reason,
+            "input_tokens": usage.prompt_tokens if usage else None,
+            "output_tokens": usage.completion_tokens if usage else None,
+        })  # fmt: skip
+        return response
 
     def root_attributes(self, question: str) -> dict[str, Any]:
         if self.convention == "genai":
@@ -118,31 +154,39 @@ class App:
         attributes = self.root_attributes(question)
         if arm is not None:
             attributes |= {"cegraph.track": arm[0], "cegraph.workflow.version": arm[1]}
-        raised = ""
+        raised = verdict = ""
+        self.calls = []
         try:
             with self.tracer.start_as_current_span("support-bot", attributes=attributes) as root:
                 script = self.SCRIPTED.get(scenario)
                 if script is None:  # one call, answered as the scenario says
-                    answer = _chat(self.client, scenario, question)
+                    answer = self.chat(self.client, scenario, question)
                 else:
                     answer = script(self, question, index)
                 if self.evaluator is not None:
-                    text = answer.choices[0].message.content or ""
-                    self.evaluator.emit(
-                        event_name="gen_ai.evaluation.result", attributes=forecast_judge(text)
-                    )
+                    judged = forecast_judge(answer.choices[0].message.content or "")
+                    self.evaluator.emit(event_name="gen_ai.evaluation.result", attributes=judged)
+                    verdict = judged["gen_ai.evaluation.score.label"]
         except openai.OpenAIError as error:
-            raised = f"{type(error).__module__.split('.')[0]}.{type(error).__name__}"
+            raised = error_name(error)
         trace_id = format(root.get_span_context().trace_id, "032x")
         return {"trace_id": trace_id, "scenario": scenario, "index": index, "raised": raised,
-                "track": arm[0] if arm else ""}  # fmt: skip
+                "track": arm[0] if arm else "", "calls": self.calls, "verdict": verdict}  # fmt: skip
 
     def answer_twice(self, question: str, index: int) -> Any:
-        plan = _chat(self.client, "answer", f"Plan how to answer: {question}")
-        return _chat(self.client, "answer", f"Answer with this plan: {plan.choices[0].message.content}")
+        plan = self.chat(self.client, "answer", f"Plan how to answer: {question}")
+        return self.chat(self.client, "answer", f"Answer with this plan: {plan.choices[0].message.content}")
+
+    def length(self, question: str, index: int) -> Any:
+        return self.chat(self.client, "length", question, max_tokens=TRUNCATE_AT)
+
+    def overflow(self, question: str, index: int) -> Any:
+        """A question under a pasted document longer than the model's context."""
+        document = " ".join(["Paris"] * self.overflow_words)
+        return self.chat(self.client, "answer", f"{document}\n\n{question}")
 
     def tool_call(self, question: str, index: int) -> Any:
-        first = _chat(self.client, "tool_call", question, tools=[WEATHER_TOOL])
+        first = self.chat(self.client, "tool_call", question, tools=[WEATHER_TOOL])
         call = first.choices[0].message.tool_calls[0]
         with self.tool_span(call.function.arguments):
             result = json.dumps({"city": "Paris", "forecast": "sunny", "celsius": 21})
@@ -151,19 +195,21 @@ class App:
             first.choices[0].message.model_dump(exclude_none=True),
             {"role": "tool", "tool_call_id": call.id, "content": result},
         ]
-        return _chat(self.client, "tool_call", question, messages=messages, tools=[WEATHER_TOOL])
+        return self.chat(self.client, "tool_call", question, messages=messages, tools=[WEATHER_TOOL])
 
     def sdk_retry(self, question: str, index: int) -> Any:
-        return _chat(self.retrying, f"flaky:{self.convention}-{index}:2", question)
+        return self.chat(self.retrying, f"flaky:{self.convention}-{index}:2", question)
 
     def app_retry(self, question: str, index: int) -> Any:
         try:
-            return _chat(self.client, "server_error", question)
+            return self.chat(self.client, "server_error", question)
         except openai.InternalServerError:
-            return _chat(self.client, "answer", question)
+            return self.chat(self.client, "answer", question)
 
     SCRIPTED: ClassVar[dict[str, Callable[[App, str, int], Any]]] = {
         "answer_twice": answer_twice,
+        "length": length,
+        "overflow": overflow,
         "tool_call": tool_call,
         "sdk_retry": sdk_retry,
         "app_retry": app_retry,
@@ -224,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default="", help="track=version,...: executions take them in turn")
     parser.add_argument("--service", default="support-bot")
     parser.add_argument("--evaluate", action="store_true", help="send an evaluation event per answer")
+    parser.add_argument("--model", default=MODEL, help="the model every request asks for")
+    parser.add_argument("--max-tokens", type=int, default=64, help="of every call but `length`'s")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="of one request, in seconds")
+    parser.add_argument("--overflow-words", type=int, default=0, help="of the `overflow` prompt")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--otlp-http", help="OTLP/HTTP base URL of a Collector")
     target.add_argument("--otlp-grpc", help="OTLP/gRPC host:port of a Collector")
@@ -245,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 
         OpenAIInstrumentor().instrument(tracer_provider=tracer_provider)
     evaluator = logger_provider.get_logger("support-bot.evaluator") if args.evaluate else None
-    app = App(args.convention, args.base_url, tracer_provider.get_tracer("support-bot"), evaluator)
+    app = App(
+        args.convention, args.base_url, tracer_provider.get_tracer("support-bot"), evaluator,
+        model=args.model, max_tokens=args.max_tokens, timeout_s=args.request_timeout,
+        overflow_words=args.overflow_words,
+    )  # fmt: skip
     arms = [tuple(arm.split("=", 1)) for arm in args.arms.split(",") if arm]
     count = 0
     for index in range(args.runs):

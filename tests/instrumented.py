@@ -1,8 +1,13 @@
 """Recordings of tests/genai_app.py under a real GenAI instrumentation, and the daemon's view of them.
 
-`record` runs the app in its own process against the stub OpenAI server of tests/openai_stub.py and
-keeps its OTLP exports byte for byte; `ingest` hands them to the daemon's ingest stage, built as
-`daemon/app.py` builds it, as messages of the spans and logs topics.
+`record` runs the app in its own process against the stub OpenAI server of tests/openai_stub.py (or
+any OpenAI-compatible server, such as the real model of tests/llm_server.py) and keeps its OTLP
+exports byte for byte; `ingest` hands them to the daemon's ingest stage, built as `daemon/app.py`
+builds it, as messages of the spans and logs topics.
+
+What a failure should be comes from the stub's scenarios (`expected_source`), and on a real server,
+where nobody scripts the answers, from what the app saw (`observed_sources`): each call that raised,
+each call that stopped on `length` or `content_filter`, and a failed verdict of the app's evaluator.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genai_app import SCENARIOS, read_exports
+from genai_app import REAL_SCENARIOS, SCENARIOS, read_exports
+from llm_server import MAX_TOKENS, REQUEST_TIMEOUT_S, ModelServer
 from openai_stub import ChatServer, ScenarioResponder
 
 from cegraph.daemon.app import build_pipeline
@@ -47,6 +54,37 @@ def expected_source(convention: str, scenario: str) -> str:
     return SCENARIOS[scenario][1]
 
 
+TRUNCATING = frozenset({"length", "content_filter"})
+
+
+def real_model_flags(server: ModelServer, runs: int) -> dict[str, str]:
+    """The app's flags against a real model server: its model, the real-model tests' token cap, a
+    generous per-request timeout, REAL_SCENARIOS (`overflow` only where the context size is known:
+    a prompt past an unknown context may be a very long one to process) and the app's evaluator."""
+    scenarios = [s for s in REAL_SCENARIOS if s != "overflow" or server.context_tokens]
+    flags = {
+        "runs": str(runs), "scenarios": ",".join(scenarios), "evaluate": "", "model": server.model,
+        "max_tokens": str(MAX_TOKENS), "request_timeout": str(REQUEST_TIMEOUT_S),
+    }  # fmt: skip
+    if server.context_tokens:  # a word is at least one token: this is past the context window
+        flags["overflow_words"] = str(server.context_tokens + 256)
+    return flags
+
+
+def observed_sources(execution: dict) -> Counter[str]:
+    """The failures of one execution by what the app saw: one per call that raised or was truncated
+    (a point of failure each), and one for a failed verdict."""
+    sources: Counter[str] = Counter()
+    for call in execution["calls"]:
+        if call.get("error"):
+            sources["error"] += 1
+        elif call["finish_reason"] in TRUNCATING:
+            sources["truncated"] += 1
+    if execution["verdict"] == "fail":
+        sources["evaluation"] += 1
+    return sources
+
+
 @dataclass
 class Recording:
     convention: str
@@ -60,25 +98,42 @@ class Recording:
 
 
 def run_app(
-    convention: str, base_url: str, *target: str, content: str = "span_only", **options: str
+    convention: str,
+    base_url: str,
+    *target: str,
+    content: str = "span_only",
+    timeout: float | None = 600,
+    **options: str,
 ) -> list[dict]:
-    """Run tests/genai_app.py; `options` are its flags (`runs="2"` -> `--runs 2`, `evaluate=""`)."""
-    flags = [part for key, value in options.items() for part in (f"--{key}", value) if part]
+    """Run tests/genai_app.py; `options` are its flags (`runs="2"` -> `--runs 2`, `evaluate=""`,
+    `max_tokens="48"` -> `--max-tokens 48`). `timeout` None: a real model's pace is not bounded here
+    (each of its requests is, by the app's `--request-timeout`)."""
+    flags = [part for key, value in options.items() for part in (f"--{key.replace('_', '-')}", value) if part]
     result = subprocess.run(
         [sys.executable, str(APP), "--convention", convention, "--base-url", base_url, *target, *flags],
         env=app_environment(content),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert result.returncode == 0, f"the instrumented app failed:\n{result.stderr[-3000:]}"
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def record(convention: str, out: Path, *, content: str = "span_only", **options: str) -> Recording:
-    with ChatServer(ScenarioResponder()) as server:
-        executions = run_app(convention, server.url, "--out", str(out), content=content, **options)
-        requests = list(server.requests)
+def record(
+    convention: str, out: Path, *, base_url: str = "", content: str = "span_only", **options: str
+) -> Recording:
+    """The app's run and its exports: against `base_url`, else against a fresh stub server (whose
+    requests are kept)."""
+    if base_url:
+        executions = run_app(
+            convention, base_url, "--out", str(out), content=content, timeout=None, **options
+        )
+        requests = []
+    else:
+        with ChatServer(ScenarioResponder()) as server:
+            executions = run_app(convention, server.url, "--out", str(out), content=content, **options)
+            requests = list(server.requests)
     return Recording(
         convention, executions, read_exports(out / "spans.pb"), read_exports(out / "logs.pb"), requests
     )

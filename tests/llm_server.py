@@ -33,6 +33,7 @@ class ModelServer:
     base_url: str  # OpenAI-compatible, ending in /v1
     model: str
     kind: str  # "external" or "llama.cpp-local"
+    context_tokens: int | None = None  # the model's context window, where known (the local server's)
 
     def backend(self, *, max_tokens: int | None = MAX_TOKENS):
         """cegraph's OpenAI-compatible backend on this server, every call asking for its model."""
@@ -70,7 +71,7 @@ def llm_server(request: pytest.FixtureRequest) -> Iterator[ModelServer]:
         SERVERS_USED.append(f"external model {model} at {external} (CEGRAPH_TEST_LLM_URL)")
         yield ModelServer(external.rstrip("/"), model, "external")
         return
-    from local_llm import MODEL_ALIAS, LLMStartError, LocalLLM
+    from local_llm import MODEL_ALIAS, N_CTX, LLMStartError, LocalLLM
 
     server = LocalLLM()
     try:
@@ -82,4 +83,4 @@ def llm_server(request: pytest.FixtureRequest) -> Iterator[ModelServer]:
     SERVERS_USED.append(
         f"{MODEL_ALIAS} on llama.cpp started by the fixture (pid {server.process.pid}) at {base_url}"
     )
-    yield ModelServer(base_url, MODEL_ALIAS, "llama.cpp-local")
+    yield ModelServer(base_url, MODEL_ALIAS, "llama.cpp-local", N_CTX)

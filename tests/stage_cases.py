@@ -26,12 +26,14 @@ from pipeline_fixtures import ingest
 from refinement_fixtures import ARITHMETIC_SLIP
 
 from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.naming import ModeNamer
 from cegraph.daemon.detect.stage import DetectorStage
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     FAILURE_OBSERVED,
     MASS_OBSERVED,
     MODE_EMERGED,
+    MODE_NAMED,
     PATCH_PUBLISHED,
     ROLLOUT_PUBLISHED,
     Event,
@@ -46,6 +48,7 @@ from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import DetectorSettings
 from cegraph.daemon.stage import Stage
 from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.llm import Completion
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 
 
@@ -178,7 +181,39 @@ PUBLISH_ROLLOUTS = StageCase(
     on_topic=lambda store: _topic(store).ids(),
 )
 
-CASES = {case.name: case for case in (DETECT, PUBLISH_PATCHES, PUBLISH_ROLLOUTS)}
+
+class _Describer:
+    """An LLM for the namer that names a mode after the words it is shown (the namer's own tests run
+    it against a real model server and an OpenAI-compatible stub)."""
+
+    provider = "conformance"
+
+    async def complete(self, messages, *, model, temperature, max_tokens, seed, context) -> Completion:
+        words = " ".join(messages[-1].content.split()[-6:-3])
+        return Completion(text=f"{context.node_id}: {words}", input_tokens=1, output_tokens=1)
+
+
+def _named(store: EventStore) -> None:
+    """The log a namer reads: what the detector stage wrote over some traffic."""
+    DETECT.prepare(store)
+    StageRunner(store, DETECT.build(store)).drain()
+
+
+def _more_named(store: EventStore, round_: int) -> None:
+    DETECT.more(store, round_)
+    StageRunner(store, DETECT.build(store)).drain()
+
+
+NAME = StageCase(
+    "name",
+    prepare=_named,
+    build=lambda store: ModeNamer(store, _Describer(), batch=150),
+    more=_more_named,
+    emits=(MODE_NAMED,),
+    at_least=3,
+)
+
+CASES = {case.name: case for case in (DETECT, NAME, PUBLISH_PATCHES, PUBLISH_ROLLOUTS)}
 
 
 def _kill_inside_the_next_commit(store: EventStore) -> None:

@@ -1,5 +1,5 @@
-"""Paired verification statistics (exact McNemar, paired bootstrap, the accept rule) and patch
-signatures: one changed byte breaks a signature."""
+"""Paired verification statistics (exact McNemar, paired bootstrap, the accept rule, what counts as a
+fixed counterexample) and patch signatures: one changed byte breaks a signature."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cegraph.daemon.detect.density import NOISE
 from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.refine.signing import sign, signed_only, verify_signature
-from cegraph.daemon.refine.verification import judge, mcnemar, paired_bootstrap
+from cegraph.daemon.refine.verification import compare, judge, mcnemar, paired_bootstrap
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import example_spec
 
@@ -55,6 +57,45 @@ def test_judge_accepts_a_real_improvement_and_refuses_regressions_and_overspendi
     refused = judge(better, {"other mode": worse}, alpha=0.05, calls=100, budget=200)
     assert not refused.accepted and "other mode rose" in refused.reason
     assert "over budget" in judge(better, {}, alpha=0.05, calls=300, budget=200).reason
+
+
+def outcomes(*groups: tuple[int, bool, frozenset[str]]) -> list[ShadowOutcome]:
+    """(count, failed, modes) groups, in order: one replayed input each."""
+    return [
+        ShadowOutcome(f"{i:032x}", failed, modes, 1, 0)
+        for i, (failed, modes) in enumerate(
+            (failed, modes) for count, failed, modes in groups for _ in range(count)
+        )
+    ]
+
+
+TARGET, OTHER = frozenset({"m1"}), frozenset({"m2"})
+# The sample the real-model benchmark verified on (docs/real-model.md): the base fails on every
+# replayed input, 16 counterexamples of the target mode and 34 controls in another mode.
+FAILING_BASE = outcomes((16, True, TARGET), (34, True, OTHER))
+
+
+@pytest.mark.parametrize(
+    ("still", "where"), [(frozenset({NOISE}), "in no mode"), (frozenset({"m9"}), "in a new mode"),
+                         (OTHER, "in another mode")],
+)  # fmt: skip
+def test_a_counterexample_that_still_fails_elsewhere_is_not_fixed(still, where):
+    """The patch the real-model benchmark accepted by mistake (issue 15): a programmer node turned the
+    target mode's wrong answers into failing programs, which the frozen classifier puts in no mode.
+    The input still fails: the target mode did not drop, and the candidate is refused."""
+    moved = outcomes((16, True, still), (34, True, OTHER))
+    report, verdict = compare(FAILING_BASE, moved, [1.0] * 50, TARGET, alpha=0.05, calls=10, budget=100)
+    assert not verdict.accepted, where
+    assert report.target_before == report.target_after == 16 / 50
+    assert "did not drop" in verdict.reason
+
+
+def test_a_counterexample_that_no_longer_fails_is_fixed():
+    fixed = outcomes((16, False, frozenset()), (34, True, OTHER))
+    report, verdict = compare(FAILING_BASE, fixed, [1.0] * 50, TARGET, alpha=0.05, calls=10, budget=100)
+    assert verdict.accepted, verdict.reason
+    assert (report.target_before, report.target_after) == (16 / 50, 0.0)
+    assert report.efm_after == 34 / 50
 
 
 def patch_for(key: str) -> WorkflowPatch:

@@ -103,9 +103,9 @@ def modes(as_json: JsonFlag = False) -> None:
 
     Reads through the daemon's HTTP API while it runs, else the DuckDB file.
     """
-    from cegraph.daemon.detect.stage import stored_modes
+    from cegraph.daemon.detect.naming import named_modes
 
-    rows = from_daemon_or_store(settings_or_exit(), "/modes", stored_modes)
+    rows = from_daemon_or_store(settings_or_exit(), "/modes", named_modes)
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
@@ -116,6 +116,8 @@ def modes(as_json: JsonFlag = False) -> None:
         description = row.get("description") or {}
         trend = row.get("trend")
         what = escape(description.get("label") or ", ".join(description.get("terms", [])[:5]))
+        if row.get("name"):
+            what = f"{what} [dim](LLM name: {escape(row['name'])})[/]"
         if description.get("category"):
             what = f"{what} [dim](TRAIL hint: {escape(description['category'])})[/]"
         mass, support = f"{row['mass']:.4f}", str(row["support"])

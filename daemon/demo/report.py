@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from cegraph.daemon.demo.scenario import DemoRun
+from cegraph.daemon.detect.naming import named_modes
 from cegraph.daemon.store import EventStore
 
 MASS_PLOT = "mass_per_mode.png"
@@ -108,6 +109,7 @@ def write_report(run: DemoRun) -> dict[str, Path]:
         (patches / f"{patch.new_version}.json").write_text(patch.model_dump_json(by_alias=True, indent=2))
     store = EventStore(out / "cegraph.duckdb", read_only=True)
     try:
+        modes = named_modes(store)
         with (out / "events.jsonl").open("w") as log:
             for seq, recorded_at, kind, key, payload in store.query(
                 "SELECT seq, recorded_at, type, key, payload FROM events ORDER BY seq"
@@ -120,7 +122,12 @@ def write_report(run: DemoRun) -> dict[str, Path]:
     (out / "summary.json").write_text(json.dumps(facts, indent=2))
     (out / "report.html").write_text(
         PAGE.render(
-            run=run, summary=facts, mass_plot=MASS_PLOT, efm_plot=EFM_PLOT, store=out / "cegraph.duckdb"
+            run=run,
+            summary=facts,
+            modes=modes,
+            mass_plot=MASS_PLOT,
+            efm_plot=EFM_PLOT,
+            store=out / "cegraph.duckdb",
         )
     )
     names = ["report.html", MASS_PLOT, EFM_PLOT, "events.jsonl", "summary.json"]

@@ -1,9 +1,10 @@
 """Paired statistics for shadow verification: did the candidate spec fail less, on the same inputs?
 
 Current and candidate run on the same replayed inputs and seeds, so each input gives a pair of
-outcomes. For a 0/1 outcome (the input failed in the target mode, or failed at all) the exact
-McNemar test looks only at the discordant pairs; for a mass (failures per execution) a paired
-bootstrap gives a confidence interval of the mean difference. Pure functions, seeded.
+outcomes. For a 0/1 outcome (the input failed in the target mode, or failed at all; a counterexample
+of the target that still fails, in whatever mode, counts as failing in it) the exact McNemar test
+looks only at the discordant pairs; for a mass (failures per execution) a paired bootstrap gives a
+confidence interval of the mean difference. Pure functions, seeded.
 """
 
 from __future__ import annotations
@@ -138,17 +139,25 @@ def compare(
     unassigned: str = "",
 ) -> tuple[Verification, Verdict]:
     """The evidence that `candidate` beats `base` on the target modes, paired input by input, and
-    the verdict: the target must drop significantly and neither any other mode nor failing at all
-    may rise significantly. `weights` turn sample rates into rates of the recorded traffic."""
-    target_candidate = [not o.modes.isdisjoint(target) for o in candidate]
+    the verdict: the target must drop significantly (an input of the target that still fails, in
+    whatever mode, has not dropped) and neither any other mode nor failing at all may rise
+    significantly. `weights` turn sample rates into rates of the recorded traffic."""
     target_base = [not o.modes.isdisjoint(target) for o in base]
+    # A counterexample is fixed only when the candidate no longer fails on it. One that still fails,
+    # in another mode or in none (a wrong answer turned into a failing program the frozen modes do
+    # not know), is the same input failing: it stays in the target.
+    target_candidate = [
+        not c.modes.isdisjoint(target) or (was and c.failed)
+        for was, c in zip(target_base, candidate, strict=True)
+    ]
     target_result = mcnemar(target_base, target_candidate)
     others = {"any failure": mcnemar([o.failed for o in base], [o.failed for o in candidate])}
     # "Nothing else rises": no mode the current spec fails in (besides the target) may rise, and
     # failing at all may not rise. A kind of failure only the candidate has (a new mode, or failures
     # in no mode) is judged by the second test: per mode it would be confounded, because a failure
-    # the candidate moves from the target to a new look would count as new. For the same reason, per
-    # mode only failures on inputs that did not fail before (or failed in that mode) count.
+    # the candidate moves from the target to a new look (counted above as still in the target) would
+    # count again as new. For the same reason, per mode only failures on inputs that did not fail
+    # before (or failed in that mode) count.
     for mode in sorted(set().union(*(b.modes for b in base)) - target - {unassigned}):
         others[f"mode {mode}"] = mcnemar(
             [mode in b.modes for b in base],

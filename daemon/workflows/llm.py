@@ -14,9 +14,19 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 # The runtime's purposes, then the refiner's (proposing edits, rewriting an instruction), then an
-# LLM judge's.
+# LLM judge's, then the mode namer's.
 Purpose = Literal[
-    "answer", "code", "tool_arguments", "review", "revise", "format", "fix", "propose", "critique", "judge"
+    "answer",
+    "code",
+    "tool_arguments",
+    "review",
+    "revise",
+    "format",
+    "fix",
+    "propose",
+    "critique",
+    "judge",
+    "name",
 ]
 MAX_EXCERPT = 1_500
 _FENCE = re.compile(r"`{3,}")
