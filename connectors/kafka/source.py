@@ -1,8 +1,10 @@
 """The Kafka edge of the ingest stage: a faststream batch subscriber on the spans and feedback topics.
 
 Commit semantics (as in arroyo): the source of truth for offsets is DuckDB, written by the pipeline's
-`flush()` together with the events. On partition assignment the consumer seeks to those offsets;
-afterwards the same offsets are committed to Kafka too, best effort, so that lag tooling sees them.
+`flush()` together with the events; afterwards the same offsets are committed to Kafka too, so that
+lag tooling and the group's other members see them. A rebalance hands partitions over: the member
+losing them stores what is complete, commits, and forgets the rest; the member getting one seeks to
+the further of its stored offset and the group's committed one.
 Dead letters are published (and acknowledged by the broker) before the flush that moves past them.
 """
 
@@ -43,12 +45,12 @@ def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
     }
 
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):
+class _HandOver(ConsumerRebalanceListener):
     def __init__(self, source: KafkaIngestSource) -> None:
         self.source = source
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        return None
+        await self.source.hand_over(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self.source.seek_to_stored(assigned)
@@ -92,7 +94,7 @@ class KafkaIngestSource:
             auto_offset_reset="earliest",
             max_records=ingest.batch_size,
             batch_timeout_ms=ingest.batch_timeout_ms,
-            listener=_SeekToStoredOffsets(self),
+            listener=_HandOver(self),
             decoder=raw_body,
             ack_policy=AckPolicy.MANUAL,
             session_timeout_ms=kafka.session_timeout_ms,
@@ -100,14 +102,41 @@ class KafkaIngestSource:
         )
         self.subscriber(self._handle)
 
+    async def hand_over(self, revoked: Any) -> None:
+        """Before a rebalance moves partitions: store what is complete, commit to Kafka how far that
+        is, and forget everything not stored. Its messages are read again from the committed offsets,
+        by this member or by the partition's next owner, which starts where this one stopped."""
+        if not revoked:
+            return
+        async with self._lock:
+            try:
+                await self._flush_locked()
+                await self._commit_to_kafka()
+            except Exception as error:  # not stored, not committed: read again from the stored offsets
+                log.warning("flush before a rebalance failed: %s: %s", type(error).__name__, error)
+            self.pipeline.reset()
+        log.info("handed over %d partition(s) for a rebalance", len(revoked))
+
     async def seek_to_stored(self, assigned: Any) -> None:
-        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        """Each assigned partition from where its messages stop being stored: the offset this store
+        holds or the group's committed one (another member's progress), whichever is further; from the
+        beginning when there is neither."""
         consumer = self.subscriber.consumer
+        if consumer is None:
+            return
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        fresh = []
         for tp in assigned:
-            offset = stored.get((tp.topic, tp.partition))
-            if offset is not None and consumer is not None:
-                consumer.seek(tp, offset)
-                log.info("seek %s[%d] to stored offset %d", tp.topic, tp.partition, offset)
+            committed = await consumer.committed(tp)
+            known = [o for o in (stored.get((tp.topic, tp.partition)), committed) if o is not None]
+            if not known:
+                fresh.append(tp)
+                continue
+            consumer.seek(tp, max(known))
+            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", tp.topic, tp.partition,
+                     max(known), stored.get((tp.topic, tp.partition)), committed)  # fmt: skip
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
@@ -212,14 +241,8 @@ class KafkaIngestSource:
 
     async def _seek_after_reset(self) -> None:
         consumer = self.subscriber.consumer
-        if consumer is None:
-            return
-        assigned = consumer.assignment()
-        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
-        unstored = [tp for tp in assigned if (tp.topic, tp.partition) not in stored]
-        if unstored:
-            await consumer.seek_to_beginning(*unstored)
-        await self.seek_to_stored(assigned)
+        if consumer is not None:
+            await self.seek_to_stored(consumer.assignment())
 
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready
