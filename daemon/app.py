@@ -40,7 +40,7 @@ from cegraph.daemon.metrics import (
     StageMetrics,
 )
 from cegraph.daemon.outbox import OutboxPublisher, Transport
-from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementWorker
+from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
 from cegraph.daemon.refine.patch_outbox import PatchOutbox
 from cegraph.daemon.refine.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
 from cegraph.daemon.refine.refiner import Refiner
@@ -99,8 +99,8 @@ def build_canary_judge(
 
 def build_refinement(
     settings: Settings, store: EventStore, stage: DetectorStage, metrics: RefinementMetrics
-) -> RefinementWorker:
-    """Propose-and-Verify on a worker of its own (not started)."""
+) -> RefinementStage:
+    """Propose-and-Verify: the refine stage."""
     llm, tools, evaluator_for = shadow_llm(settings)
     refiner_settings = settings.refiner
     target: ShadowTarget = (
@@ -132,7 +132,7 @@ def build_refinement(
     scheduler = RefinementScheduler(
         store, cooldown_s=refiner_settings.cooldown_s, deploy_wait_s=refiner_settings.deploy_wait_s
     )
-    return RefinementWorker(scheduler, refiner, stage.classifier, metrics=metrics)
+    return RefinementStage(scheduler, refiner, stage.classifier, metrics=metrics)
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Stages:
     """The pipeline after ingest, built once for the Kafka daemon and the embedded one alike."""
 
     detector: DetectorStage
-    worker: RefinementWorker
+    refine: RefinementStage
     judge: CanaryJudge
     outbox: PatchOutbox
     runner: Runner
@@ -154,14 +154,15 @@ def build_stages(
     registry: CollectorRegistry,
     transport: Callable[[str], Transport],
     *,
+    refining: bool,
     judging: bool,
     clock: Callable[[], float] | None = None,
 ) -> Stages:
     """Read top to bottom, this is the pipeline after ingest: the detector turns what ingest stored
     into failures, modes and mass; with an LLM endpoint the namer gives modes display names; the
-    refinement worker turns triggers into patches; the canary judge (when `judging`) turns canaries
-    into decisions; two outbox publishers send patches and decisions through `transport(topic)`.
-    Each is a `Stage` on a `StageRunner`."""
+    refine stage (when `refining`) turns triggers into patches; the canary judge (when `judging`)
+    turns canaries into decisions; two outbox publishers send patches and decisions through
+    `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
     metrics = StageMetrics(registry)
     detector = build_detector_stage(settings, store, registry)
     runners = [StageRunner(store, detector, metrics=metrics)]
@@ -169,7 +170,9 @@ def build_stages(
         namer = ModeNamer(store, openai_backend(settings), model=settings.llm.proposer_model)
         runners.append(StageRunner(store, namer, metrics=metrics, poll_s=NAMING_INTERVAL_S))
     refinement_metrics = RefinementMetrics(registry)
-    worker = build_refinement(settings, store, detector, refinement_metrics)
+    refine = build_refinement(settings, store, detector, refinement_metrics)
+    if refining:
+        runners.append(StageRunner(store, refine, metrics=metrics))
     judge = build_canary_judge(settings, store, registry, clock=clock)
     if judging:
         runners.append(StageRunner(store, judge, metrics=metrics, poll_s=settings.canary.interval_s))
@@ -180,8 +183,7 @@ def build_stages(
     )
     rollouts = OutboxPublisher(RolloutOutbox(store), transport(kafka.rollouts_topic))
     runners += [StageRunner(store, patches, metrics=metrics), StageRunner(store, rollouts, metrics=metrics)]
-    workers = [worker] if settings.refiner.enabled else []
-    return Stages(detector, worker, judge, outbox, Runner(runners, workers), metrics, refinement_metrics)
+    return Stages(detector, refine, judge, outbox, Runner(runners), metrics, refinement_metrics)
 
 
 def build(settings: Settings) -> Starlette:
@@ -190,7 +192,7 @@ def build(settings: Settings) -> Starlette:
     metrics = IngestMetrics(registry)
     stages = build_stages(
         settings, store, registry, lambda topic: KafkaTransport(settings.kafka, topic),
-        judging=settings.canary.enabled,
+        refining=settings.refiner.enabled, judging=settings.canary.enabled,
     )  # fmt: skip
     runner = stages.runner
     detect = runner[DETECT]

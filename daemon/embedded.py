@@ -12,11 +12,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import orjson
 from prometheus_client import CollectorRegistry
 
 from cegraph.connectors.otlp.span_export import CallbackSpanExporter
 from cegraph.daemon.app import build_pipeline, build_stages
 from cegraph.daemon.detect.stage import DETECT
+from cegraph.daemon.events import REFINEMENT_FINISHED
 from cegraph.daemon.ingest.pipeline import FlushResult, InMessage
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.outbox import InProcessTransport, OutboxEntry
@@ -26,7 +28,7 @@ from cegraph.daemon.workflows.registry import WorkflowRegistry
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.rollout import RolloutDecision
 
-PATCHES, ROLLOUTS, JUDGE = "publish.patches", "publish.rollouts", "judge"
+PATCHES, ROLLOUTS, JUDGE, REFINE = "publish.patches", "publish.rollouts", "judge", "refine"
 
 
 class EmbeddedDaemon:
@@ -46,9 +48,9 @@ class EmbeddedDaemon:
             kafka.rollouts_topic: InProcessTransport(kafka.rollouts_topic, [self._deliver(RolloutDecision)]),
         }
         stages = build_stages(
-            settings, self.store, registry, transports.__getitem__, judging=True, clock=clock
+            settings, self.store, registry, transports.__getitem__, refining=True, judging=True, clock=clock
         )
-        self.stage, self.worker, self.canary_judge = stages.detector, stages.worker, stages.judge
+        self.stage, self.canary_judge = stages.detector, stages.judge
         self.outbox, self.runner = stages.outbox, stages.runner
         self.refinement_metrics = stages.refinement_metrics
         self.runner.drain(DETECT)  # opens the detector from its checkpoint
@@ -79,7 +81,12 @@ class EmbeddedDaemon:
 
     def refine(self) -> list[dict]:
         """Run the refinement jobs that are ready; their `RefinementFinished` payloads."""
-        return self.worker.run_pending()
+        after = self.store.last_seq()
+        self.runner.drain(REFINE)
+        rows = self.store.query(
+            "SELECT payload FROM events WHERE seq > ? AND type = ? ORDER BY seq", after, REFINEMENT_FINISHED
+        )
+        return [orjson.loads(payload) for (payload,) in rows]
 
     def judge(self) -> list[RolloutDecision]:
         """Judge the canaries and deliver the decisions to `on_rollout`; returns them."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
 
 from cegraph.daemon.metrics import StageMetrics
 from cegraph.daemon.stage import Checkpoint, Stage, Step
@@ -146,20 +144,11 @@ class StageRunner:
                 log.warning("the store is still unusable: %s", error)
 
 
-class Worker(Protocol):
-    """Work on a thread of its own that is not (yet) a `Stage`: the refinement worker."""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
 class Runner:
     """Every thread of a process after ingest, started and stopped together, in pipeline order."""
 
-    def __init__(self, runners: list[StageRunner], workers: Sequence[Worker] = ()) -> None:
+    def __init__(self, runners: list[StageRunner]) -> None:
         self.runners = {runner.name: runner for runner in runners}
-        self.workers = list(workers)
 
     def __getitem__(self, name: str) -> StageRunner:
         return self.runners[name]
@@ -168,12 +157,8 @@ class Runner:
         for runner in self.runners.values():
             runner.open()
             runner.start()
-        for worker in self.workers:
-            worker.start()
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
         for runner in self.runners.values():
             runner.stop()
 

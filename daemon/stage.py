@@ -1,8 +1,8 @@
 """The contract every stage after ingest keeps: read the event log from a checkpoint, append to it.
 
-A stage is a step of the pipeline (the detector, the refinement worker, the canary judge, the outbox
-publisher) that turns what the log holds after its checkpoint into new events. Its lifecycle, called
-by the `StageRunner` in this order and by nothing else:
+A stage is a step of the pipeline (the detector, the namer, the refine stage, the canary judge, the
+outbox publishers) that turns what the log holds after its checkpoint into new events. Its
+lifecycle, called by the `StageRunner` in this order and by nothing else:
 
 1. `open(checkpoint)`: rebuild the in-memory state from the log before `checkpoint.position`, emitting
    nothing (the events it would emit are already in the log). Called again after any failure, with

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
+from cegraph.daemon.events import REFINEMENT_FINISHED, Event
+from cegraph.daemon.refine.refiner import JobEnd
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.traffic import ExecutionIds, derive_ids_for
 from cegraph.daemon.workflows.runtime import ExecutionResult, WorkflowRuntime
@@ -73,3 +75,19 @@ async def run_tasks(
     assert provider.force_flush(60_000)
     provider.shutdown()
     return results
+
+
+class EndsAtOnce:
+    """A refiner whose jobs end as soon as they run, with the outcome the test sets: what is tested
+    here is which job runs when, not Propose-and-Verify."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+        self.outcome = "no_patch"
+        self.ran: list[str] = []
+
+    async def run(self, job, classifier) -> JobEnd:
+        self.ran.append(job.job_id)
+        finished = {"job_id": job.job_id, "workflow_id": job.workflow_id, "mode": job.mode,
+                    "finished_at": self.now[0], "outcome": self.outcome}  # fmt: skip
+        return JobEnd(finished, [Event(REFINEMENT_FINISHED, job.workflow_id, finished)])

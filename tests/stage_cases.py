@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from otel_traces import make_traces, to_messages
 from pipeline_fixtures import ingest
-from refinement_fixtures import ARITHMETIC_SLIP
+from refinement_fixtures import ARITHMETIC_SLIP, EndsAtOnce
 
 from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.detect.naming import ModeNamer
@@ -33,13 +33,17 @@ from cegraph.daemon.events import (
     FAILURE_OBSERVED,
     MASS_OBSERVED,
     MODE_EMERGED,
+    MODE_MASS_CROSSED,
     MODE_NAMED,
     PATCH_PUBLISHED,
+    REFINEMENT_FINISHED,
+    REFINEMENT_STARTED,
     ROLLOUT_PUBLISHED,
     Event,
 )
 from cegraph.daemon.ingest.pipeline import InMessage
 from cegraph.daemon.outbox import ID_HEADER, Location, OutboxEntry, OutboxPublisher
+from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.refine.patch_outbox import PatchOutbox, created
 from cegraph.daemon.refine.signing import sign
@@ -213,7 +217,25 @@ NAME = StageCase(
     at_least=3,
 )
 
-CASES = {case.name: case for case in (DETECT, NAME, PUBLISH_PATCHES, PUBLISH_ROLLOUTS)}
+
+def _crossed(workflow: str, mode: str, mass: float) -> Event:
+    payload = {"workflow_id": workflow, "workflow_version": "1.0.0", "mode": mode, "mass": mass}
+    return Event(MODE_MASS_CROSSED, mode, payload)
+
+
+TRIGGERS = [("a", "m1", 0.2), ("b", "m2", 0.2), ("a", "m1", 0.3), ("c", "m4", 0.2)]
+REFINE = StageCase(
+    "refine",
+    prepare=lambda store: store.append([_crossed(workflow, mode, mass) for workflow, mode, mass in TRIGGERS]),
+    build=lambda store: RefinementStage(
+        RefinementScheduler(store, cooldown_s=0, clock=lambda: 0.0), EndsAtOnce([0.0]), lambda: None
+    ),
+    more=lambda store, round_: store.append([_crossed("d", f"m{round_}", 0.2), _crossed("a", "m9", 0.5)]),
+    emits=(REFINEMENT_STARTED, REFINEMENT_FINISHED),
+    at_least=10,
+)
+
+CASES = {case.name: case for case in (DETECT, NAME, REFINE, PUBLISH_PATCHES, PUBLISH_ROLLOUTS)}
 
 
 def _kill_inside_the_next_commit(store: EventStore) -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from otel_traces import make_traces, to_messages
-from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
+from refinement_fixtures import ARITHMETIC_SLIP, EndsAtOnce, run_tasks
 
 from cegraph.connectors.otlp.codec import decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget, shadow_endpoint
@@ -25,15 +25,16 @@ from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
     MODE_MASS_CROSSED,
-    REFINEMENT_FINISHED,
+    REFINEMENT_STARTED,
     Event,
 )
 from cegraph.daemon.ingest.normalize import TextPolicy, normalize
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
-from cegraph.daemon.refine.jobs import RefinementScheduler
+from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
 from cegraph.daemon.refine.operators import OPERATORS, Edit
 from cegraph.daemon.refine.proposers import parse_edits
 from cegraph.daemon.refine.replay import ReplayItem, ReplayStore
+from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import IngestSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
@@ -89,52 +90,50 @@ def crossed(store: EventStore, workflow: str, mode: str) -> None:
     store.append([Event(MODE_MASS_CROSSED, mode, payload)])
 
 
+def refine_stage(store: EventStore, refiner, now: list[float], cooldown_s: float = 60) -> StageRunner:
+    scheduler = RefinementScheduler(store, cooldown_s=cooldown_s, clock=lambda: now[0])
+    return StageRunner(store, RefinementStage(scheduler, refiner, lambda: None))
+
+
+def started(runner: StageRunner) -> str | None:
+    """Step until a job starts (its id) or there is nothing to do (None); runs no job."""
+    while (step := runner.step()) is not None:
+        for event in step.events:
+            if event.type == REFINEMENT_STARTED:
+                return f"{event.payload['workflow_id']}/{event.payload['mode']}/{event.payload['job_id']}"
+    return None
+
+
 def test_jobs_come_from_the_log_one_per_workflow_after_its_cooldown(tmp_path):
     store = EventStore(tmp_path / "s.duckdb")
     now = [1_000.0]
-    scheduler = RefinementScheduler(store, cooldown_s=60, clock=lambda: now[0])
+    refiner = EndsAtOnce(now)
     try:
         crossed(store, "a", "m1")
         crossed(store, "a", "m1")  # the later trigger of the same mode supersedes the first
         crossed(store, "b", "m2")
-        first = scheduler.next_job()
-        assert (first.workflow_id, first.mode, first.job_id) == ("a", "m1", "job-2")
-        assert scheduler.next_job() == first  # started, never finished: a crash; it runs again
-        finished = {"job_id": first.job_id, "workflow_id": "a", "finished_at": now[0], "outcome": "no_patch"}
-        store.append([Event(REFINEMENT_FINISHED, "a", finished)])
+        assert started(refine_stage(store, refiner, now)) == "a/m1/job-2"
+        # the process dies here, the job started and not finished: the next one runs it first
+        runner = refine_stage(store, refiner, now)
+        assert started(runner) == "b/m2/job-3" and refiner.ran == ["job-2"]
         crossed(store, "a", "m3")
-        assert scheduler.next_job().workflow_id == "b"  # "a" is cooling down
-        store.append(
-            [Event(REFINEMENT_FINISHED, "b", {"job_id": "job-3", "workflow_id": "b", "finished_at": now[0]})]
-        )
-        assert scheduler.next_job() is None
+        assert started(runner) is None  # "a" is cooling down; b's job ran meanwhile
+        assert refiner.ran == ["job-2", "job-3"]
         now[0] += 61
         store.append([Event(CANARY_STARTED, "a@1.1.0", {"workflow_id": "a", "version": "1.1.0"})])
-        assert scheduler.next_job() is None  # one change at a time: "a" has a canary being judged
+        assert started(runner) is None  # one change at a time: "a" has a canary being judged
         store.append([Event(CANARY_DECIDED, "a@1.1.0", {"workflow_id": "a", "decision": "promote"})])
-        third = scheduler.next_job()
-        assert third.mode == "m3"
-        nothing = {
-            "job_id": third.job_id,
-            "workflow_id": "a",
-            "mode": "m3",
-            "finished_at": now[0],
-            "outcome": "no_patch",
-        }
-        store.append([Event(REFINEMENT_FINISHED, "a", nothing)])
+        assert started(runner).startswith("a/m3/")
+        assert started(runner) is None and len(refiner.ran) == 3  # ran, found nothing
         now[0] += 61
         crossed(store, "a", "m3")  # the same mass again: nothing helped last time, so no new job
-        assert scheduler.next_job() is None
-        store.append(
-            [
-                Event(
-                    MODE_MASS_CROSSED,
-                    "m3",
-                    {"workflow_id": "a", "workflow_version": "1.0.0", "mode": "m3", "mass": 0.35},
-                )
-            ]
-        )
-        assert scheduler.next_job().mode == "m3"  # much heavier now: worth another job
+        assert started(runner) is None
+        heavier = {"workflow_id": "a", "workflow_version": "1.0.0", "mode": "m3", "mass": 0.35}
+        store.append([Event(MODE_MASS_CROSSED, "m3", heavier)])
+        assert started(runner).startswith("a/m3/")  # much heavier now: worth another job
+        assert started(runner) is None and len(refiner.ran) == 4
+        restarted = refine_stage(store, refiner, now)
+        assert started(restarted) is None and len(refiner.ran) == 4  # nothing runs twice
     finally:
         store.close()
 
@@ -207,7 +206,9 @@ def test_a_trigger_of_the_version_a_promotion_replaced_never_starts(tmp_path):
     """Right after a promotion, executions of the replaced version are still being stored: the job must
     refine the promoted version, not the one it replaced (whose patch no service would run)."""
     store = EventStore(tmp_path / "s.duckdb")
-    scheduler = RefinementScheduler(store, cooldown_s=0)
+    now = [0.0]
+    scheduler = RefinementScheduler(store, cooldown_s=0, clock=lambda: now[0])
+    runner = refine_stage(store, EndsAtOnce(now), now, cooldown_s=0)
     try:
         promoted = {"workflow_id": "a", "version": "1.1.0", "decision": "promote"}
         store.append([Event(CANARY_STARTED, "a@1.1.0", {"workflow_id": "a", "version": "1.1.0"})])
@@ -220,11 +221,14 @@ def test_a_trigger_of_the_version_a_promotion_replaced_never_starts(tmp_path):
         pipeline.flush(drain=True)
         assert scheduler.stable_version("a") == "1.1.0"
         crossed(store, "a", "m1")  # measured on 1.0.0
-        assert scheduler.next_job() is None
+        assert started(runner) is None
         newer = {"workflow_id": "a", "workflow_version": "1.1.0", "mode": "m1", "mass": 0.2}
         store.append([Event(MODE_MASS_CROSSED, "m1", newer)])
-        job = scheduler.next_job()
-        assert (job.workflow_version, job.mode) == ("1.1.0", "m1")
+        assert started(runner).startswith("a/m1/")
+        [(version,)] = store.query(
+            "SELECT payload->>'workflow_version' FROM events WHERE type = ?", REFINEMENT_STARTED
+        )
+        assert version == "1.1.0"
     finally:
         store.close()
 

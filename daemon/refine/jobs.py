@@ -1,18 +1,21 @@
 """Refinement jobs: triggers from the density stage become Propose-and-Verify jobs, off the ingest path.
 
-The worker reads its work from the event log: a `ModeMassCrossed` event with no job yet is a
-pending trigger; a `RefinementStarted` with no `RefinementFinished` is a job a crash interrupted,
-run again first. Jobs run one at a time on the worker's own thread and event loop (so one job per
-workflow at a time), and a workflow gets no new job until `cooldown_s` after its last job ended.
-Of several pending triggers of one workflow version and mode only the latest counts. Ingest only
-appends to the log and never waits for a job.
+The refine stage (a `Stage`, `daemon/stage.py`) reads `ModeMassCrossed` triggers from the log after
+its checkpoint; the checkpoint's snapshot holds the triggers waiting for their turn (of several of one
+workflow version and mode only the latest counts) and the job it started and has not finished. One
+step starts a job (`RefinementStarted`), the next runs it to its end and appends the end (its patch in
+the outbox, `RefinementFinished`) with the checkpoint: a job a crash interrupted is run again from the
+start, and ends once. Its steps on the way (`CandidateVerified`, `ProposalRejected`) are appended as
+they happen, so a job run again records them again. Jobs run one at a time, on the stage's thread;
+when a trigger may start is the `RefinementScheduler`'s policy, read from the log alone: a workflow
+gets no new job until `cooldown_s` after its last one ended, or while one of its changes is in
+flight. Ingest only appends to the log and never waits for a job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,31 +34,19 @@ from cegraph.daemon.events import (
     Event,
 )
 from cegraph.daemon.metrics import RefinementMetrics
-from cegraph.daemon.refine.refiner import Job, Refiner
+from cegraph.daemon.refine.refiner import Job, JobEnd, Refiner
+from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import version_key
 
 log = logging.getLogger("cegraph.jobs")
 
-PENDING = f"""
-WITH triggers AS (
-    SELECT seq, payload, payload->>'workflow_id' AS workflow_id, payload->>'workflow_version' AS version,
-           payload->>'mode' AS mode,
-           row_number() OVER (PARTITION BY workflow_id, version, mode ORDER BY seq DESC) AS newest
-    FROM events WHERE type = '{MODE_MASS_CROSSED}'
-),
-started AS (
-    SELECT (payload->>'trigger_seq')::BIGINT AS trigger_seq, payload->>'workflow_id' AS workflow_id,
-           payload->>'workflow_version' AS version, payload->>'mode' AS mode
-    FROM events WHERE type = '{REFINEMENT_STARTED}'
-)
-SELECT t.seq, t.payload FROM triggers t
-WHERE t.newest = 1 AND NOT EXISTS (
-    SELECT 1 FROM started s
-    WHERE s.workflow_id = t.workflow_id AND s.version = t.version AND s.mode = t.mode
-      AND s.trigger_seq >= t.seq
-)
-ORDER BY t.seq
+# Stores written before the refine stage had a checkpoint: the triggers that already had a job, and
+# the job a crash interrupted.
+STARTED = f"""
+SELECT payload->>'workflow_id', payload->>'workflow_version', payload->>'mode',
+       max((payload->>'trigger_seq')::BIGINT)
+FROM events WHERE type = '{REFINEMENT_STARTED}' GROUP BY 1, 2, 3
 """
 UNFINISHED = f"""
 SELECT s.payload FROM events s
@@ -109,7 +100,7 @@ def _job(payload: dict[str, Any]) -> Job:
 
 
 class RefinementScheduler:
-    """Decides, from the log alone, which job runs next."""
+    """When a waiting trigger may start, from the log alone."""
 
     def __init__(
         self,
@@ -124,43 +115,27 @@ class RefinementScheduler:
         self.deploy_wait_s = deploy_wait_s
         self.clock = clock
 
-    def next_job(self) -> Job | None:
-        """An interrupted job, else the oldest pending trigger that may start (that job's start is
-        appended before it is returned). One change at a time: a trigger waits while its workflow
-        cools down after a job, has a canary being judged, or has a patch that is neither decided
-        nor running as the stable version yet (for at most `deploy_wait_s` after its creation: a
-        patch nobody deploys does not stop refinement for ever). Only the stable version is refined:
-        a trigger of a canary's version waits for its promotion, one of an older version never starts.
-        A mode whose last job found nothing waits until its mass is `RETRY_FACTOR` times higher."""
-        unfinished = self.store.query(UNFINISHED)
-        if unfinished:
-            return _job(orjson.loads(unfinished[0][0]))
-        last = dict(self.store.query(LAST_FINISHED))
+    def may_start(self, trigger: dict[str, Any]) -> bool:
+        """One change at a time: a trigger waits while its workflow cools down after a job, has a
+        canary being judged, or has a patch that is neither decided nor running as the stable version
+        yet (for at most `deploy_wait_s` after its creation: a patch nobody deploys does not stop
+        refinement for ever). Only the stable version is refined: a trigger of a canary's version waits
+        for its promotion, one of an older version never starts. A mode whose last job found nothing
+        waits until its mass is `RETRY_FACTOR` times higher."""
+        workflow = trigger["workflow_id"]
         now = self.clock()
-        for seq, payload in self.store.query(PENDING):
-            trigger = orjson.loads(payload)
-            workflow = trigger["workflow_id"]
-            if now < (last.get(workflow) or -float("inf")) + self.cooldown_s:
-                continue
-            if self.store.query(CANARY_RUNNING, workflow)[0][0]:
-                continue
-            stable = self.stable_version(workflow)
-            if stable is not None and stable != trigger["workflow_version"]:
-                continue  # a canary's mode waits for its promotion; an old version's is superseded
-            if self._awaits_deployment(workflow, stable, now):
-                continue
-            [(fruitless,)] = self.store.query(FRUITLESS_MASS, workflow, trigger["mode"])
-            if fruitless is not None and (trigger.get("mass") or 0.0) < RETRY_FACTOR * fruitless:
-                continue  # nothing helped this mode at about this mass: do not spend on it again
-            started = {
-                "job_id": f"job-{seq}", "trigger_seq": seq, "workflow_id": workflow,
-                "workflow_version": trigger["workflow_version"], "mode": trigger["mode"],
-                "until_seq": detected_until(self.store), "mass": trigger.get("mass"),
-                "description": trigger.get("description") or {},
-            }  # fmt: skip
-            self.store.append([Event(REFINEMENT_STARTED, workflow, started)])
-            return _job(started)
-        return None
+        last = dict(self.store.query(LAST_FINISHED))
+        if now < (last.get(workflow) or -float("inf")) + self.cooldown_s:
+            return False
+        if self.store.query(CANARY_RUNNING, workflow)[0][0]:
+            return False
+        stable = self.stable_version(workflow)
+        if stable is not None and stable != trigger["workflow_version"]:
+            return False  # a canary's mode waits for its promotion; an old version's is superseded
+        if self._awaits_deployment(workflow, stable, now):
+            return False
+        [(fruitless,)] = self.store.query(FRUITLESS_MASS, workflow, trigger["mode"])
+        return fruitless is None or (trigger.get("mass") or 0.0) >= RETRY_FACTOR * fruitless
 
     def stable_version(self, workflow: str) -> str | None:
         versions = [version for (version,) in self.store.query(STABLE_VERSIONS, workflow) if version]
@@ -174,8 +149,12 @@ class RefinementScheduler:
         return False
 
 
-class RefinementWorker:
-    """Runs jobs on a thread of its own until stopped."""
+def _key(trigger: dict[str, Any]) -> str:
+    return f"{trigger['workflow_id']}@{trigger['workflow_version']}/{trigger['mode']}"
+
+
+class RefinementStage:
+    name = "refine"
 
     def __init__(
         self,
@@ -183,51 +162,73 @@ class RefinementWorker:
         refiner: Refiner,
         classifier: Callable[[], ModeClassifier],
         *,
-        poll_s: float = 1.0,
         metrics: RefinementMetrics | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.store = scheduler.store
         self.refiner = refiner
         self.classifier = classifier
-        self.poll_s = poll_s
         self.metrics = metrics
-        self.running: Job | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cegraph-refiner", daemon=True)
+        self.position = 1
+        self.waiting: dict[str, dict[str, Any]] = {}  # key -> the latest trigger (its payload and seq)
+        self.running: dict[str, Any] | None = None  # the started job's `RefinementStarted` payload
+        self.skip: dict[str, int] = {}  # key -> trigger seq a job already started from (old stores)
 
-    def start(self) -> None:
-        self._thread.start()
+    def open(self, checkpoint: Checkpoint) -> None:
+        self.position = checkpoint.position
+        self.waiting = dict(checkpoint.snapshot.get("waiting", {}))
+        self.running = checkpoint.snapshot.get("running")
+        self.skip = {}
+        if checkpoint.position == 1 and not checkpoint.snapshot:  # a store from before the checkpoint
+            self.skip = {f"{w}@{v}/{m}": seq for w, v, m, seq in self.store.query(STARTED)}
+            unfinished = self.store.query(UNFINISHED)
+            self.running = orjson.loads(unfinished[0][0]) if unfinished else None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def poll(self) -> Step | None:
+        """Run the started job to its end; else take in new triggers and start the first that may."""
+        if self.running is not None:
+            end = self._run(_job(self.running))
+            self.running = None
+            return Step(end.events, self._checkpoint())
+        last = self.store.last_seq()
+        for seq, payload in self.store.query(
+            "SELECT seq, payload FROM events WHERE type = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            MODE_MASS_CROSSED, self.position, last,
+        ):  # fmt: skip
+            trigger = {**orjson.loads(payload), "seq": seq}
+            if seq > self.skip.get(_key(trigger), 0):
+                self.waiting[_key(trigger)] = trigger  # the later trigger supersedes the earlier
+        moved, self.position = self.position != last + 1, last + 1
+        for key, trigger in sorted(self.waiting.items(), key=lambda item: item[1]["seq"]):
+            if self.scheduler.may_start(trigger):
+                del self.waiting[key]
+                self.running = {
+                    "job_id": f"job-{trigger['seq']}", "trigger_seq": trigger["seq"],
+                    "workflow_id": trigger["workflow_id"], "workflow_version": trigger["workflow_version"],
+                    "mode": trigger["mode"], "until_seq": detected_until(self.store),
+                    "mass": trigger.get("mass"), "description": trigger.get("description") or {},
+                }  # fmt: skip
+                started = Event(REFINEMENT_STARTED, trigger["workflow_id"], self.running)
+                return Step([started], self._checkpoint())
+        return Step([], self._checkpoint()) if moved else None
 
-    def run_pending(self) -> list[dict[str, Any]]:
-        """Run jobs until none is ready; returns their `RefinementFinished` payloads."""
-        finished = []
-        while not self._stop.is_set() and (job := self.scheduler.next_job()) is not None:
-            self.running = job
+    def close(self) -> None:
+        return None
+
+    def _checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.position, {"waiting": self.waiting, "running": self.running})
+
+    def _run(self, job: Job) -> JobEnd:
+        if self.metrics is not None:
+            self.metrics.running.set(1)
+        try:
+            end = asyncio.run(self.refiner.run(job, self.classifier()))
+        except Exception as error:  # a bug or an outage must end this job, not the stage
+            log.exception("refinement job %s failed", job.job_id)
+            end = self.refiner.fail(job, f"{type(error).__name__}: {error}")
+        finally:
             if self.metrics is not None:
-                self.metrics.running.set(1)
-            try:
-                result = asyncio.run(self.refiner.run(job, self.classifier()))
-            except Exception as error:  # a bug or an outage must end this job, not the worker
-                log.exception("refinement job %s failed", job.job_id)
-                result = self.refiner.fail(job, f"{type(error).__name__}: {error}")
-            finally:
-                self.running = None
-                if self.metrics is not None:
-                    self.metrics.running.set(0)
-            finished.append(result)
-            if self.metrics is not None:
-                self.metrics.record(result)
-        return finished
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_pending()
-            except Exception:  # the store itself failed: log, wait, go on
-                log.exception("refinement worker")
-            self._stop.wait(self.poll_s)
+                self.metrics.running.set(0)
+        if self.metrics is not None:
+            self.metrics.record(end.finished)
+        return end

@@ -7,8 +7,9 @@ candidate runs on the same inputs and seeds, the paired comparison against the c
 significantly, the call budget must hold), and the best accepted candidate becomes the current spec
 of the next round. It stops when no candidate helps, after `max_rounds`, or when the budget would
 be exceeded. Every step is an event; the accepted edits become one signed patch, written to the
-outbox (`PatchCreated`) together with the job's end in one transaction, so a job that dies before
-that point leaves nothing half done and is run again from the start.
+outbox (`PatchCreated`) together with the job's end and the refine stage's checkpoint in one
+transaction (`daemon/refine/jobs.py`), so a job that dies before that point leaves no patch and no
+end, and is run again from the start.
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ log = logging.getLogger("cegraph.refiner")
 MIN_COUNTEREXAMPLES = 5
 EXAMPLES_SHOWN = 8  # counterexamples a proposer sees
 GOOD_ENOUGH = 0.25  # a candidate that leaves at most this share of the target mode ends its round
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """How a job ended: its `RefinementFinished` payload, and the events that end it (the patch in the
+    outbox, if any, then `RefinementFinished`), appended in one transaction by the refine stage."""
+
+    finished: dict[str, Any]
+    events: list[Event]
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,8 @@ class Refiner:
         self.retrievers = retrievers or []
         self.clock = clock
 
-    async def run(self, job: Job, classifier: ModeClassifier) -> dict[str, Any]:
-        """Run the job to its end; returns the `RefinementFinished` payload it appended."""
+    async def run(self, job: Job, classifier: ModeClassifier) -> JobEnd:
+        """Run the job to its end; returns its end, for the caller to append with its checkpoint."""
         started = self.clock()
         spent = _Spent()
 
@@ -191,11 +201,11 @@ class Refiner:
             patch,
         )
 
-    def fail(self, job: Job, reason: str) -> dict[str, Any]:
+    def fail(self, job: Job, reason: str) -> JobEnd:
         """End a job that raised: it is not run again (a job whose process died is)."""
         return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
 
-    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, spent=None) -> dict[str, Any]:
+    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, spent=None) -> JobEnd:
         spent = spent or _Spent()
         payload = {
             "job_id": job.job_id,
@@ -212,7 +222,6 @@ class Refiner:
             if patch is None
             else {"new_version": patch.new_version, "content_hash": patch.content_hash},
         }
-        self.store.append([*extra, Event(REFINEMENT_FINISHED, job.workflow_id, payload)])
         log.info(
             "job %s (%s@%s, mode %s): %s, %s",
             job.job_id,
@@ -222,7 +231,7 @@ class Refiner:
             outcome,
             reason,
         )
-        return payload
+        return JobEnd(payload, [*extra, Event(REFINEMENT_FINISHED, job.workflow_id, payload)])
 
     async def _round(
         self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
