@@ -1,14 +1,19 @@
 """The event log's vocabulary: every state change of cegraph is one of these, appended, never edited.
 
-Payloads are plain JSON-able dicts, so the log stays readable with nothing but SQL and `jq`.
+Payloads are plain JSON-able dicts, so the log stays readable with nothing but SQL and `jq`; their
+fields are declared once, below, by type.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 import orjson
+from pydantic import BaseModel
+
+from cegraph.schemas.feedback import Feedback
 
 EXECUTION_COMPLETED = "ExecutionCompleted"
 EXECUTION_AMENDED = "ExecutionAmended"
@@ -48,3 +53,220 @@ class Event:
     def payload_json(self, omit: str | None = None) -> str:
         payload = self.payload if omit is None else {k: v for k, v in self.payload.items() if k != omit}
         return orjson.dumps(payload).decode()
+
+
+# ---------------------------------------------------------------------- typed payloads
+# What each event's payload holds, for the Python that writes it and the SQL that reads it: SQL names
+# a field through its type (`MassObserved.sql("mass", "DOUBLE")`), so a field misspelled or renamed on
+# one side fails at import, not as a silent NULL.
+
+
+def _sql(type_: str, names: Iterable[str], name: str, cast: str | None, of: str, *, text: bool) -> str:
+    if name not in names:
+        raise AttributeError(f"{type_} payloads have no field {name!r}")
+    path = f"{of}->>'{name}'" if text else f"{of}->'{name}'"
+    return f"({path})::{cast}" if cast else path
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    TYPE: ClassVar[str]
+
+    @classmethod
+    def sql(cls, name: str, cast: str | None = None, *, of: str = "payload") -> str:
+        """The field as text (`payload->>'name'`, cast when asked) in SQL over the events table."""
+        return _sql(cls.TYPE, {f.name for f in fields(cls)}, name, cast, of, text=True)
+
+    @classmethod
+    def json(cls, name: str, *, of: str = "payload") -> str:
+        """The field as JSON (`payload->'name'`): an object or list to go into."""
+        return _sql(cls.TYPE, {f.name for f in fields(cls)}, name, None, of, text=False)
+
+    def event(self, key: str) -> Event:
+        return Event(self.TYPE, key, asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPayload:
+    """A payload that is a message model already (`FeedbackReceived` is a `Feedback`): SQL names its
+    fields through the model."""
+
+    TYPE: str
+    model: type[BaseModel]
+
+    def sql(self, name: str, cast: str | None = None, *, of: str = "payload") -> str:
+        return _sql(self.TYPE, self.model.model_fields, name, cast, of, text=True)
+
+    def json(self, name: str, *, of: str = "payload") -> str:
+        return _sql(self.TYPE, self.model.model_fields, name, None, of, text=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionCompletedPayload(Payload):
+    TYPE = EXECUTION_COMPLETED
+    trace_id: str
+    complete: bool
+    reason: str
+
+
+FeedbackReceivedPayload = ModelPayload(FEEDBACK_RECEIVED, Feedback)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRegisteredPayload(Payload):
+    TYPE = WORKFLOW_REGISTERED
+    workflow_id: str
+    version: str
+    content_hash: str
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FailureObservedPayload(Payload):
+    TYPE = FAILURE_OBSERVED
+    failure_id: str
+    trace_id: str
+    span_id: str | None
+    source: str
+    node_id: str
+    mode: str
+    workflow_id: str
+    workflow_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModeChangedPayload(Payload):
+    """`ModeEmerged`, `ModeFaded`, and `ModeMerged` with `into`."""
+
+    TYPE = MODE_MERGED
+    mode: str
+    workflow_id: str
+    into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MassObservedPayload(Payload):
+    """`MassObserved`, and `ModeMassCrossed` (the same observation, past the threshold)."""
+
+    TYPE = MASS_OBSERVED
+    workflow_id: str
+    workflow_version: str
+    mode: str
+    mass: float
+    support: int
+    efm: float
+    description: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSteppedPayload(Payload):
+    TYPE = DETECTOR_STEPPED
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModeNamedPayload(Payload):
+    TYPE = MODE_NAMED
+    mode: str
+    workflow_id: str
+    label: str
+    name: str
+    refused: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefinementStartedPayload(Payload):
+    TYPE = REFINEMENT_STARTED
+    job_id: str
+    trigger_seq: int
+    workflow_id: str
+    workflow_version: str
+    mode: str
+    until_seq: int
+    mass: float | None
+    description: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RefinementFinishedPayload(Payload):
+    TYPE = REFINEMENT_FINISHED
+    job_id: str
+    workflow_id: str
+    workflow_version: str
+    mode: str
+    outcome: str
+    reason: str
+    finished_at: float
+    cost: dict[str, Any]
+    rejected: dict[str, int]
+    text_rejected: dict[str, int]
+    patch: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalRejectedPayload(Payload):
+    TYPE = PROPOSAL_REJECTED
+    job_id: str
+    round: int
+    proposer: str
+    reason: str
+    excerpt: str
+    text_policy: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PatchCreatedPayload(Payload):
+    TYPE = PATCH_CREATED
+    job_id: str
+    patch_id: str
+    created_at: float
+    patch: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PatchApprovedPayload(Payload):
+    TYPE = PATCH_APPROVED
+    patch_id: str
+    approved_by: str
+    approved_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPublishedPayload(Payload):
+    """Where the outbox publisher sent a decision (keyed by its canary)."""
+
+    TYPE = ROLLOUT_PUBLISHED
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PatchPublishedPayload(RolloutPublishedPayload):
+    TYPE = PATCH_PUBLISHED
+    patch_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryStartedPayload(Payload):
+    TYPE = CANARY_STARTED
+    workflow_id: str
+    version: str
+    stable_version: str
+    start_seq: int
+    started_at: float
+    target_mode: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryDecidedPayload(Payload):
+    TYPE = CANARY_DECIDED
+    workflow_id: str
+    version: str
+    stable_version: str
+    decision: str
+    reason: str
+    decided_at: float
+    statistics: dict[str, Any]

@@ -28,6 +28,9 @@ from cegraph.daemon.events import (
     MESSAGE_DEAD_LETTERED,
     WORKFLOW_REGISTERED,
     Event,
+    ExecutionCompletedPayload,
+    FeedbackReceivedPayload,
+    WorkflowRegisteredPayload,
 )
 from cegraph.daemon.spans import Node
 from cegraph.daemon.stage import Checkpoint
@@ -95,6 +98,7 @@ CREATE TABLE IF NOT EXISTS workflow_versions (
 """
 
 PROJECTION_TABLES = ("executions", "feedback", "workflow_versions")
+_E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegisteredPayload
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED)
 NODE_FIELDS = [f.name for f in fields(Node)]
 
@@ -117,7 +121,8 @@ SELECT n.trace_id,
        coalesce(min(n.span_id) FILTER (WHERE {ROOT}), '') AS root_span_id,
        coalesce(min(n.name) FILTER (WHERE {ROOT}), '') AS root_name,
        min(n.start_ns) AS start_ns, max(n.end_ns) AS end_ns, count(*) AS span_count,
-       any_value(e.payload->>'complete')::BOOLEAN AS complete, any_value(e.payload->>'reason') AS reason,
+       any_value({_E.sql("complete", of="e.payload")})::BOOLEAN AS complete,
+       any_value({_E.sql("reason", of="e.payload")}) AS reason,
        bool_or(n.hard_failed) AS hard_failed, bool_or(n.eval_failed) AS eval_failed,
        count(*) FILTER (WHERE n.hard_failed OR n.eval_failed) AS failed_nodes,
        coalesce(sum(n.input_tokens), 0) AS input_tokens, coalesce(sum(n.output_tokens), 0) AS output_tokens,
@@ -160,15 +165,16 @@ FROM (
 """),
     (FEEDBACK_RECEIVED, f"""
 INSERT INTO feedback BY NAME
-SELECT seq, payload->>'trace_id' AS trace_id, payload->>'span_id' AS span_id, payload->>'outcome' AS outcome,
-       (payload->>'score')::DOUBLE AS score, payload->>'critique' AS critique, payload->>'source' AS source,
-       payload->>'created_at' AS created_at
+SELECT seq, {_FB.sql("trace_id")} AS trace_id, {_FB.sql("span_id")} AS span_id,
+       {_FB.sql("outcome")} AS outcome, {_FB.sql("score", "DOUBLE")} AS score,
+       {_FB.sql("critique")} AS critique, {_FB.sql("source")} AS source,
+       {_FB.sql("created_at")} AS created_at
 FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{FEEDBACK_RECEIVED}'
 """),
     (WORKFLOW_REGISTERED, f"""
 INSERT INTO workflow_versions BY NAME
-SELECT seq, payload->>'workflow_id' AS workflow_id, payload->>'version' AS version,
-       payload->>'content_hash' AS content_hash, payload->'spec' AS spec, recorded_at AS registered_at
+SELECT seq, {_W.sql("workflow_id")} AS workflow_id, {_W.sql("version")} AS version,
+       {_W.sql("content_hash")} AS content_hash, {_W.json("spec")} AS spec, recorded_at AS registered_at
 FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}'
 """),
 )  # fmt: skip

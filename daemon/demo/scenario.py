@@ -34,6 +34,7 @@ from cegraph.daemon.events import (
     PATCH_CREATED,
     PATCH_PUBLISHED,
     REFINEMENT_FINISHED,
+    FailureObservedPayload,
 )
 from cegraph.daemon.rollout.canary import decision_message
 from cegraph.daemon.settings import Settings, load_settings
@@ -245,9 +246,10 @@ def measure(store: EventStore, run: DemoRun, first_seq: int, last_seq: int) -> T
     stable = [(trace, bad) for trace, track, _, bad in rows if track == "stable"]
     failed = {trace for trace, bad in stable if bad}
     modes: dict[str, set[str]] = {}
+    observed = FailureObservedPayload
     for trace, mode, node in store.query(
-        "SELECT payload->>'trace_id', payload->>'mode', payload->>'node_id' FROM events "
-        "WHERE type = ? AND payload->>'trace_id' IN (SELECT unnest(?))",
+        f"SELECT {observed.sql('trace_id')}, {observed.sql('mode')}, {observed.sql('node_id')} FROM events "
+        f"WHERE type = ? AND {observed.sql('trace_id')} IN (SELECT unnest(?))",
         FAILURE_OBSERVED, [trace for trace, _ in stable],
     ):  # fmt: skip
         failed.add(trace)

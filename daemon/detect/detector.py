@@ -11,7 +11,7 @@ import copy
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,14 +30,14 @@ from cegraph.daemon.detect.mass import MassTracker
 from cegraph.daemon.detect.signature import SignatureFeaturizer, SignatureParts
 from cegraph.daemon.detect.trigger import DriftWatch, MassTrigger
 from cegraph.daemon.events import (
-    FAILURE_OBSERVED,
-    MASS_OBSERVED,
     MODE_DRIFTED,
     MODE_EMERGED,
     MODE_FADED,
     MODE_MASS_CROSSED,
     MODE_MERGED,
     Event,
+    FailureObservedPayload,
+    MassObservedPayload,
 )
 from cegraph.daemon.settings import DetectorSettings
 from cegraph.daemon.spans import Node
@@ -266,17 +266,17 @@ class FailureDetector:
                     description = self.descriptions.setdefault(mode, ModeDescription(mode))
                     centroid = modes_of.tracker.modes[mode].centroid
                     description.add(assignment, parts, centroid, modes_of.featurizer.idf)
-                observed = {
-                    "failure_id": failure.failure_id,
-                    "trace_id": failure.trace_id,
-                    "span_id": failure.span_id,
-                    "source": failure.source,
-                    "node_id": failure.node.node_id,
-                    "mode": mode,
-                    "workflow_id": execution.workflow_id,
-                    "workflow_version": execution.workflow_version,
-                }
-                events.append(Event(FAILURE_OBSERVED, failure.trace_id, observed))
+                observed = FailureObservedPayload(
+                    failure_id=failure.failure_id,
+                    trace_id=failure.trace_id,
+                    span_id=failure.span_id,
+                    source=failure.source,
+                    node_id=failure.node.node_id,
+                    mode=mode,
+                    workflow_id=execution.workflow_id,
+                    workflow_version=execution.workflow_version,
+                )
+                events.append(observed.event(failure.trace_id))
         touched: set[tuple[str, str, str]] = set()
         for execution in executions:
             key = (execution.workflow_id, execution.workflow_version)
@@ -339,18 +339,18 @@ class FailureDetector:
             mass = self.mass.mass((workflow, version), mode)
             support = self.mass.support((workflow, version), mode)
             description = self.descriptions.get(mode)
-            observed = {
-                "workflow_id": workflow,
-                "workflow_version": version,
-                "mode": mode,
-                "mass": mass,
-                "support": support,
-                "efm": self.mass.expected_failure_mass((workflow, version)),
-                "description": description.as_dict() if description else {},
-            }
-            events.append(Event(MASS_OBSERVED, mode, observed))
+            observed = MassObservedPayload(
+                workflow_id=workflow,
+                workflow_version=version,
+                mode=mode,
+                mass=mass,
+                support=support,
+                efm=self.mass.expected_failure_mass((workflow, version)),
+                description=description.as_dict() if description else {},
+            )
+            events.append(observed.event(mode))
             if self.trigger.observe(workflow, version, mode, mass, support, now) is not None:
-                events.append(Event(MODE_MASS_CROSSED, mode, observed))
+                events.append(Event(MODE_MASS_CROSSED, mode, asdict(observed)))
         return events
 
     def classifier(self) -> ModeClassifier:

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from cegraph.daemon.detect.stage import stored_modes
-from cegraph.daemon.events import MASS_OBSERVED, MODE_FADED, MODE_MERGED, MODE_NAMED, Event
+from cegraph.daemon.events import MASS_OBSERVED, MODE_FADED, MODE_MERGED, MODE_NAMED, Event, ModeNamedPayload
 from cegraph.daemon.ingest.normalize import redact
 from cegraph.daemon.refine.text_policy import check
 from cegraph.daemon.stage import Checkpoint, Step
@@ -100,7 +100,7 @@ class ModeNamer:
         self.named = {
             (mode, label)
             for mode, label in self.store.query(
-                "SELECT key, payload->>'label' FROM events WHERE type = ?", MODE_NAMED
+                f"SELECT key, {ModeNamedPayload.sql('label')} FROM events WHERE type = ?", MODE_NAMED
             )
         }
 
@@ -159,11 +159,7 @@ class ModeNamer:
             tokens = completion.input_tokens + completion.output_tokens
         except LLMError as error:
             name, refused, tokens = "", f"the LLM did not answer: {error}", 0
-        payload = {
-            "mode": mode, "workflow_id": workflow, "label": description["label"], "name": name,
-            "refused": refused, "tokens": tokens,
-        }  # fmt: skip
-        return Event(MODE_NAMED, mode, payload)
+        return ModeNamedPayload(mode, workflow, description["label"], name, refused, tokens).event(mode)
 
 
 def mode_names(store: EventStore) -> dict[tuple[str, str], str]:
@@ -171,7 +167,8 @@ def mode_names(store: EventStore) -> dict[tuple[str, str], str]:
     return {
         (mode, label): name
         for mode, label, name in store.query(
-            "SELECT key, payload->>'label', payload->>'name' FROM events WHERE type = ? ORDER BY seq",
+            f"SELECT key, {ModeNamedPayload.sql('label')}, {ModeNamedPayload.sql('name')} FROM events "
+            "WHERE type = ? ORDER BY seq",
             MODE_NAMED,
         )
         if name

@@ -27,7 +27,10 @@ from cegraph.daemon.events import (
     MASS_OBSERVED,
     MODE_FADED,
     MODE_MERGED,
+    DetectorSteppedPayload,
     Event,
+    MassObservedPayload,
+    ModeChangedPayload,
 )
 from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.stage import Checkpoint, Step
@@ -36,19 +39,20 @@ from cegraph.daemon.store import NODE_FIELDS, EventStore
 DETECT = "detect"  # the stage's row in `stage_cursors`
 
 # The stage's projections are views over its events: always equal to the log, nothing to rebuild.
+_M = MassObservedPayload
 VIEWS = f"""
 CREATE OR REPLACE VIEW mass_history AS
 SELECT seq, recorded_at,
-       payload->>'workflow_id' AS workflow_id,
-       payload->>'workflow_version' AS workflow_version,
-       payload->>'mode' AS mode,
-       (payload->>'mass')::DOUBLE AS mass,
-       (payload->>'support')::BIGINT AS support,
-       (payload->>'efm')::DOUBLE AS efm,
-       payload->'description' AS description
+       {_M.sql("workflow_id")} AS workflow_id,
+       {_M.sql("workflow_version")} AS workflow_version,
+       {_M.sql("mode")} AS mode,
+       {_M.sql("mass", "DOUBLE")} AS mass,
+       {_M.sql("support", "BIGINT")} AS support,
+       {_M.sql("efm", "DOUBLE")} AS efm,
+       {_M.json("description")} AS description
 FROM events WHERE type = '{MASS_OBSERVED}';
 CREATE OR REPLACE VIEW ended_modes AS
-SELECT key AS mode, type, payload->>'into' AS merged_into, seq
+SELECT key AS mode, type, {ModeChangedPayload.sql("into")} AS merged_into, seq
 FROM events WHERE type IN ('{MODE_MERGED}', '{MODE_FADED}');
 """
 
@@ -139,9 +143,10 @@ class DetectorStage:
         recorded them; a log written before those events existed is replayed in windows.
         """
         detector = self.new_detector()
+        stepped = DetectorSteppedPayload
         ranges = self.store.query(
-            "SELECT (payload->>'first')::BIGINT, (payload->>'last')::BIGINT FROM events "
-            "WHERE type = ? AND (payload->>'last')::BIGINT < ? ORDER BY seq",
+            f"SELECT {stepped.sql('first', 'BIGINT')}, {stepped.sql('last', 'BIGINT')} FROM events "
+            f"WHERE type = ? AND {stepped.sql('last', 'BIGINT')} < ? ORDER BY seq",
             DETECTOR_STEPPED, checkpoint.position,
         )  # fmt: skip
         first = 1
@@ -173,7 +178,7 @@ class DetectorStage:
             events, _ = self.detector.observe(inputs)
             self.cursor = last + 1
         if inputs:
-            events.append(Event(DETECTOR_STEPPED, DETECT, {"first": first, "last": last}))
+            events.append(DetectorSteppedPayload(first, last).event(DETECT))
         if self.on_batch is not None:
             self.on_batch(self.detector, events)
         return Step(events, Checkpoint(self.cursor))

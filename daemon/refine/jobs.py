@@ -31,7 +31,11 @@ from cegraph.daemon.events import (
     PATCH_CREATED,
     REFINEMENT_FINISHED,
     REFINEMENT_STARTED,
-    Event,
+    CanaryDecidedPayload,
+    CanaryStartedPayload,
+    PatchCreatedPayload,
+    RefinementFinishedPayload,
+    RefinementStartedPayload,
 )
 from cegraph.daemon.metrics import RefinementMetrics
 from cegraph.daemon.refine.refiner import Job, JobEnd, Refiner
@@ -41,18 +45,21 @@ from cegraph.daemon.workflows.registry import version_key
 
 log = logging.getLogger("cegraph.jobs")
 
+_S, _F = RefinementStartedPayload, RefinementFinishedPayload
+_C, _D = CanaryStartedPayload, CanaryDecidedPayload
 # Stores written before the refine stage had a checkpoint: the triggers that already had a job, and
 # the job a crash interrupted.
 STARTED = f"""
-SELECT payload->>'workflow_id', payload->>'workflow_version', payload->>'mode',
-       max((payload->>'trigger_seq')::BIGINT)
+SELECT {_S.sql("workflow_id")}, {_S.sql("workflow_version")}, {_S.sql("mode")},
+       max({_S.sql("trigger_seq", "BIGINT")})
 FROM events WHERE type = '{REFINEMENT_STARTED}' GROUP BY 1, 2, 3
 """
 UNFINISHED = f"""
 SELECT s.payload FROM events s
 WHERE s.type = '{REFINEMENT_STARTED}' AND NOT EXISTS (
     SELECT 1 FROM events f
-    WHERE f.type = '{REFINEMENT_FINISHED}' AND f.payload->>'job_id' = s.payload->>'job_id'
+    WHERE f.type = '{REFINEMENT_FINISHED}'
+      AND {_F.sql("job_id", of="f.payload")} = {_S.sql("job_id", of="s.payload")}
 )
 ORDER BY s.seq LIMIT 1
 """
@@ -63,31 +70,34 @@ STABLE_VERSIONS = f"""
 (SELECT workflow_version FROM executions
  WHERE workflow_id = $1 AND track IN ('stable', '') ORDER BY seq DESC LIMIT 1)
 UNION
-SELECT payload->>'version' FROM events
-WHERE type = '{CANARY_DECIDED}' AND payload->>'workflow_id' = $1 AND payload->>'decision' = 'promote'
+SELECT {_D.sql("version")} FROM events
+WHERE type = '{CANARY_DECIDED}' AND {_D.sql("workflow_id")} = $1 AND {_D.sql("decision")} = 'promote'
 """
 CANARY_RUNNING = f"""
 SELECT count(*) FROM events s
-WHERE s.type = '{CANARY_STARTED}' AND s.payload->>'workflow_id' = ? AND NOT EXISTS (
+WHERE s.type = '{CANARY_STARTED}' AND {_C.sql("workflow_id", of="s.payload")} = ? AND NOT EXISTS (
     SELECT 1 FROM events d WHERE d.type = '{CANARY_DECIDED}' AND d.key = s.key
 )
 """
+_NEW_VERSION = f"{PatchCreatedPayload.json('patch', of='c.payload')}->>'new_version'"
 UNDEPLOYED_PATCHES = f"""
-SELECT c.payload->'patch'->>'new_version', (c.payload->>'created_at')::DOUBLE FROM events c
+SELECT {_NEW_VERSION}, {PatchCreatedPayload.sql("created_at", "DOUBLE", of="c.payload")} FROM events c
 WHERE c.type = '{PATCH_CREATED}' AND c.key = ? AND NOT EXISTS (
-    SELECT 1 FROM events d WHERE d.type = '{CANARY_DECIDED}' AND d.payload->>'workflow_id' = c.key
-      AND d.payload->>'version' = c.payload->'patch'->>'new_version'
+    SELECT 1 FROM events d
+    WHERE d.type = '{CANARY_DECIDED}' AND {_D.sql("workflow_id", of="d.payload")} = c.key
+      AND {_D.sql("version", of="d.payload")} = {_NEW_VERSION}
 )
 """
 FRUITLESS_MASS = f"""
-SELECT max((s.payload->>'mass')::DOUBLE) FROM events f
-JOIN events s ON s.type = '{REFINEMENT_STARTED}' AND s.payload->>'job_id' = f.payload->>'job_id'
-WHERE f.type = '{REFINEMENT_FINISHED}' AND f.payload->>'outcome' = 'no_patch'
-  AND f.payload->>'workflow_id' = ? AND f.payload->>'mode' = ?
+SELECT max({_S.sql("mass", "DOUBLE", of="s.payload")}) FROM events f
+JOIN events s ON s.type = '{REFINEMENT_STARTED}'
+    AND {_S.sql("job_id", of="s.payload")} = {_F.sql("job_id", of="f.payload")}
+WHERE f.type = '{REFINEMENT_FINISHED}' AND {_F.sql("outcome", of="f.payload")} = 'no_patch'
+  AND {_F.sql("workflow_id", of="f.payload")} = ? AND {_F.sql("mode", of="f.payload")} = ?
 """
 RETRY_FACTOR = 1.5  # a mode no candidate helped gets a new job once its mass is this much higher
 LAST_FINISHED = f"""
-SELECT payload->>'workflow_id', max((payload->>'finished_at')::DOUBLE)
+SELECT {_F.sql("workflow_id")}, max({_F.sql("finished_at", "DOUBLE")})
 FROM events WHERE type = '{REFINEMENT_FINISHED}' GROUP BY 1
 """
 
@@ -202,13 +212,13 @@ class RefinementStage:
         for key, trigger in sorted(self.waiting.items(), key=lambda item: item[1]["seq"]):
             if self.scheduler.may_start(trigger):
                 del self.waiting[key]
-                self.running = {
-                    "job_id": f"job-{trigger['seq']}", "trigger_seq": trigger["seq"],
-                    "workflow_id": trigger["workflow_id"], "workflow_version": trigger["workflow_version"],
-                    "mode": trigger["mode"], "until_seq": detected_until(self.store),
-                    "mass": trigger.get("mass"), "description": trigger.get("description") or {},
-                }  # fmt: skip
-                started = Event(REFINEMENT_STARTED, trigger["workflow_id"], self.running)
+                started = RefinementStartedPayload(
+                    job_id=f"job-{trigger['seq']}", trigger_seq=trigger["seq"],
+                    workflow_id=trigger["workflow_id"], workflow_version=trigger["workflow_version"],
+                    mode=trigger["mode"], until_seq=detected_until(self.store), mass=trigger.get("mass"),
+                    description=trigger.get("description") or {},
+                ).event(trigger["workflow_id"])  # fmt: skip
+                self.running = started.payload
                 return Step([started], self._checkpoint())
         return Step([], self._checkpoint()) if moved else None
 

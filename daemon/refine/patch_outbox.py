@@ -14,7 +14,17 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from cegraph.daemon.events import PATCH_APPROVED, PATCH_CREATED, PATCH_PUBLISHED, PROPOSAL_REJECTED, Event
+from cegraph.daemon.events import (
+    PATCH_APPROVED,
+    PATCH_CREATED,
+    PATCH_PUBLISHED,
+    PROPOSAL_REJECTED,
+    Event,
+    PatchApprovedPayload,
+    PatchCreatedPayload,
+    PatchPublishedPayload,
+    ProposalRejectedPayload,
+)
 from cegraph.daemon.outbox import Location, OutboxEntry
 from cegraph.daemon.refine.operators import Edit
 from cegraph.daemon.refine.text_policy import free_text
@@ -22,24 +32,31 @@ from cegraph.daemon.settings import Settings
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.patch import WorkflowPatch
 
+_C, _P, _A = PatchCreatedPayload, PatchPublishedPayload, PatchApprovedPayload
 PATCHES = f"""
-SELECT c.seq, c.recorded_at, c.payload->>'job_id' AS job_id, c.payload->'patch' AS patch,
-       p.payload->>'topic' AS topic, (p.payload->>'partition')::INTEGER AS partition,
-       (p.payload->>'offset')::BIGINT AS offset, (c.payload->>'created_at')::DOUBLE AS created_at,
-       (SELECT min(a.payload->>'approved_by') FROM events a WHERE a.type = '{PATCH_APPROVED}'
-        AND a.key = c.key AND a.payload->>'patch_id' = c.payload->>'patch_id') AS approved_by
+SELECT c.seq, c.recorded_at, {_C.sql("job_id", of="c.payload")} AS job_id,
+       {_C.json("patch", of="c.payload")} AS patch, {_P.sql("topic", of="p.payload")} AS topic,
+       {_P.sql("partition", "INTEGER", of="p.payload")} AS partition,
+       {_P.sql("offset", "BIGINT", of="p.payload")} AS offset,
+       {_C.sql("created_at", "DOUBLE", of="c.payload")} AS created_at,
+       (SELECT min({_A.sql("approved_by", of="a.payload")}) FROM events a WHERE a.type = '{PATCH_APPROVED}'
+        AND a.key = c.key AND {_A.sql("patch_id", of="a.payload")} = {_C.sql("patch_id", of="c.payload")}
+       ) AS approved_by
 FROM events c
 LEFT JOIN events p ON p.type = '{PATCH_PUBLISHED}' AND p.key = c.key
-    AND p.payload->>'patch_id' = c.payload->>'patch_id'
+    AND {_P.sql("patch_id", of="p.payload")} = {_C.sql("patch_id", of="c.payload")}
 WHERE c.type = '{PATCH_CREATED}'
 ORDER BY c.seq
 """
+_POLICY = ProposalRejectedPayload.json("text_policy")  # what the text policy refused, and why
 TEXT_REJECTIONS = f"""
-SELECT key AS workflow_id, payload->'text_policy'->>'base_version' AS base_version,
-       payload->>'job_id' AS job_id, payload->>'proposer' AS proposer, payload->>'reason' AS reason,
-       payload->'text_policy'->>'rule' AS rule, payload->'text_policy'->'edit' AS edit,
-       (payload->'text_policy'->>'rejected_at')::DOUBLE AS created_at
-FROM events WHERE type = '{PROPOSAL_REJECTED}' AND (payload->'text_policy') IS NOT NULL
+SELECT key AS workflow_id, {_POLICY}->>'base_version' AS base_version,
+       {ProposalRejectedPayload.sql("job_id")} AS job_id,
+       {ProposalRejectedPayload.sql("proposer")} AS proposer,
+       {ProposalRejectedPayload.sql("reason")} AS reason,
+       {_POLICY}->>'rule' AS rule, {_POLICY}->'edit' AS edit,
+       ({_POLICY}->>'rejected_at')::DOUBLE AS created_at
+FROM events WHERE type = '{PROPOSAL_REJECTED}' AND coalesce(json_type({_POLICY}), 'NULL') <> 'NULL'
 ORDER BY seq
 """
 
@@ -58,13 +75,12 @@ def patch_id(patch: WorkflowPatch) -> str:
 
 
 def created(job_id: str, patch: WorkflowPatch, now: float | None = None) -> Event:
-    payload = {
-        "job_id": job_id,
-        "patch_id": patch_id(patch),
-        "created_at": time.time() if now is None else now,
-        "patch": patch.model_dump(mode="json", by_alias=True),
-    }
-    return Event(PATCH_CREATED, patch.workflow_id, payload)
+    return PatchCreatedPayload(
+        job_id=job_id,
+        patch_id=patch_id(patch),
+        created_at=time.time() if now is None else now,
+        patch=patch.model_dump(mode="json", by_alias=True),
+    ).event(patch.workflow_id)
 
 
 def carries_free_text(patch: WorkflowPatch) -> bool:
@@ -138,9 +154,8 @@ class PatchOutbox:
         ]
 
     def sent(self, entry: OutboxEntry, location: Location) -> Event:
-        payload = {"patch_id": entry.id, "topic": location.topic, "partition": location.partition,
-                   "offset": location.offset}  # fmt: skip
-        return Event(PATCH_PUBLISHED, entry.key, payload)
+        published = PatchPublishedPayload(location.topic, location.partition, location.offset, entry.id)
+        return published.event(entry.key)
 
     def identify(self, value: bytes) -> str | None:
         try:
@@ -161,12 +176,8 @@ class PatchOutbox:
         row = found[-1]
         if not row["awaits_approval"]:
             raise ApprovalError(f"the patch of {workflow_id} to {version} awaits no approval: {row['state']}")
-        payload = {
-            "patch_id": patch_id(row["patch"]),
-            "approved_by": approved_by,
-            "approved_at": self.clock(),
-        }
-        self.store.append([Event(PATCH_APPROVED, workflow_id, payload)])
+        approval = PatchApprovedPayload(patch_id(row["patch"]), approved_by, self.clock())
+        self.store.append([approval.event(workflow_id)])
         return row["patch"]
 
 

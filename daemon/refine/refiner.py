@@ -24,9 +24,10 @@ from cegraph.daemon.detect.detector import ModeClassifier
 from cegraph.daemon.events import (
     CANDIDATE_VERIFIED,
     FAILURE_OBSERVED,
-    PROPOSAL_REJECTED,
-    REFINEMENT_FINISHED,
     Event,
+    FailureObservedPayload,
+    ProposalRejectedPayload,
+    RefinementFinishedPayload,
 )
 from cegraph.daemon.refine.operators import EditRefused, apply_edit, cost
 from cegraph.daemon.refine.patch_outbox import created
@@ -207,21 +208,21 @@ class Refiner:
 
     def _finish(self, job, outcome, reason, cost, extra=(), patch=None, spent=None) -> JobEnd:
         spent = spent or _Spent()
-        payload = {
-            "job_id": job.job_id,
-            "workflow_id": job.workflow_id,
-            "workflow_version": job.workflow_version,
-            "mode": job.mode,
-            "outcome": outcome,
-            "reason": reason,
-            "finished_at": time.time(),
-            "cost": cost.model_dump(),
-            "rejected": dict(spent.rejected),
-            "text_rejected": dict(spent.text_rejected),
-            "patch": None
+        finished = RefinementFinishedPayload(
+            job_id=job.job_id,
+            workflow_id=job.workflow_id,
+            workflow_version=job.workflow_version,
+            mode=job.mode,
+            outcome=outcome,
+            reason=reason,
+            finished_at=time.time(),
+            cost=cost.model_dump(),
+            rejected=dict(spent.rejected),
+            text_rejected=dict(spent.text_rejected),
+            patch=None
             if patch is None
             else {"new_version": patch.new_version, "content_hash": patch.content_hash},
-        }
+        ).event(job.workflow_id)
         log.info(
             "job %s (%s@%s, mode %s): %s, %s",
             job.job_id,
@@ -231,7 +232,7 @@ class Refiner:
             outcome,
             reason,
         )
-        return JobEnd(payload, [*extra, Event(REFINEMENT_FINISHED, job.workflow_id, payload)])
+        return JobEnd(finished.payload, [*extra, finished])
 
     async def _round(
         self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
@@ -353,11 +354,8 @@ class Refiner:
         """A `ProposalRejected` event; `text_policy` (the rule, the edit and the version it was for) marks a
         rejection by the text policy, which `cegraph patches list` shows."""
         spent.rejected[proposer] += 1
-        payload = {"job_id": job.job_id, "round": round_, "proposer": proposer, "reason": reason,
-                   "excerpt": excerpt}  # fmt: skip
-        if text_policy is not None:
-            payload["text_policy"] = text_policy
-        self.store.append([Event(PROPOSAL_REJECTED, job.workflow_id, payload)])
+        rejected = ProposalRejectedPayload(job.job_id, round_, proposer, reason, excerpt, text_policy)
+        self.store.append([rejected.event(job.workflow_id)])
 
     def _failing_node(self, job: Job, sample: ReplaySample, spec: WorkflowSpec) -> str:
         """The node most counterexample failures are on (one of the spec's; else its output)."""
@@ -366,10 +364,11 @@ class Refiner:
 
     def _failures(self, job: Job, sample: ReplaySample) -> list[tuple[str, str]]:
         traces = [item.trace_id for item in sample.of("target")]
+        observed = FailureObservedPayload
         return self.store.query(
-            "SELECT payload->>'trace_id', payload->>'node_id' FROM events WHERE type = ? "
-            "AND payload->>'trace_id' IN (SELECT unnest(?)) AND list_contains(?, payload->>'mode') "
-            "ORDER BY seq",
+            f"SELECT {observed.sql('trace_id')}, {observed.sql('node_id')} FROM events WHERE type = ? "
+            f"AND {observed.sql('trace_id')} IN (SELECT unnest(?)) "
+            f"AND list_contains(?, {observed.sql('mode')}) ORDER BY seq",
             FAILURE_OBSERVED,
             traces,
             self.replay.mode_family(job.mode),

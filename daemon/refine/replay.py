@@ -20,10 +20,18 @@ from typing import Any, Literal
 
 import orjson
 
-from cegraph.daemon.events import FAILURE_OBSERVED, FEEDBACK_RECEIVED, MODE_MERGED
+from cegraph.daemon.events import (
+    FAILURE_OBSERVED,
+    FEEDBACK_RECEIVED,
+    MODE_MERGED,
+    FailureObservedPayload,
+    FeedbackReceivedPayload,
+    ModeChangedPayload,
+)
 from cegraph.daemon.store import EventStore
 
 Stratum = Literal["target", "other", "success"]
+_FB, _FO = FeedbackReceivedPayload, FailureObservedPayload
 
 # $1 workflow, $2 version, $3 first seq not yet seen by the detector, $4 retention, $5 the target's
 # mode ids, $6 the sampling salt
@@ -37,16 +45,16 @@ WITH roots AS (
     ORDER BY seq DESC LIMIT $4
 ),
 expected AS (
-    SELECT payload->>'trace_id' AS trace_id, arg_max(payload->'expected', seq) AS expected
+    SELECT {_FB.sql("trace_id")} AS trace_id, arg_max({_FB.json("expected")}, seq) AS expected
     FROM events
-    WHERE type = '{FEEDBACK_RECEIVED}' AND coalesce(json_type(payload->'expected'), 'NULL') <> 'NULL'
+    WHERE type = '{FEEDBACK_RECEIVED}' AND coalesce(json_type({_FB.json("expected")}), 'NULL') <> 'NULL'
     GROUP BY 1
 ),
 observed AS (
-    SELECT payload->>'trace_id' AS trace_id,
-           bool_or(list_contains($5, payload->>'mode')) AS in_target
+    SELECT {_FO.sql("trace_id")} AS trace_id,
+           bool_or(list_contains($5, {_FO.sql("mode")})) AS in_target
     FROM events WHERE type = '{FAILURE_OBSERVED}'
-      AND payload->>'workflow_id' = $1 AND payload->>'workflow_version' = $2
+      AND {_FO.sql("workflow_id")} = $1 AND {_FO.sql("workflow_version")} = $2
     GROUP BY 1
 )
 SELECT r.trace_id, r.seed, r.input_text, f.expected::VARCHAR AS reference_text,
@@ -93,7 +101,7 @@ class ReplayStore:
         """The mode and every mode merged into it (their failures are its counterexamples too)."""
         merged: dict[str, list[str]] = {}
         for key, into in self.store.query(
-            "SELECT key, payload->>'into' FROM events WHERE type = ?", MODE_MERGED
+            f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = ?", MODE_MERGED
         ):
             merged.setdefault(into, []).append(key)
         family, todo = [mode], [mode]

@@ -33,7 +33,13 @@ from cegraph.daemon.events import (
     MODE_MERGED,
     PATCH_CREATED,
     ROLLOUT_PUBLISHED,
+    CanaryDecidedPayload,
+    CanaryStartedPayload,
     Event,
+    FailureObservedPayload,
+    ModeChangedPayload,
+    PatchCreatedPayload,
+    RolloutPublishedPayload,
 )
 from cegraph.daemon.metrics import CanaryMetrics
 from cegraph.daemon.outbox import Location, OutboxEntry
@@ -81,9 +87,9 @@ WITH arm AS (
 ),
 feedback_failed AS (SELECT DISTINCT trace_id FROM feedback WHERE outcome = 'failed' AND seq < $5),
 in_mode AS (
-    SELECT DISTINCT payload->>'trace_id' AS trace_id FROM events
+    SELECT DISTINCT {FailureObservedPayload.sql("trace_id")} AS trace_id FROM events
     WHERE type = '{FAILURE_OBSERVED}' AND seq >= $4
-      AND (payload->>'mode') IN (SELECT unnest($6::VARCHAR[]))
+      AND ({FailureObservedPayload.sql("mode")}) IN (SELECT unnest($6::VARCHAR[]))
 )
 SELECT a.track, count(*) AS executions,
        count(*) FILTER (WHERE a.failed OR f.trace_id IS NOT NULL) AS failures,
@@ -95,6 +101,9 @@ GROUP BY a.track
 """
 
 
+_PATCH = PatchCreatedPayload.json("patch")
+
+
 def patch_target_mode(store: EventStore) -> TargetModeFor:
     """The mode the patch that made a version aims at (its `PatchCreated` event), for versions cegraph
     made; None for others."""
@@ -102,9 +111,9 @@ def patch_target_mode(store: EventStore) -> TargetModeFor:
     def target(workflow_id: str, version: str) -> str | None:
         rows = store.query(
             f"""
-            SELECT payload->'patch'->'rationale'->>'mode' FROM events
-            WHERE type = '{PATCH_CREATED}' AND (payload->'patch'->>'workflow_id') = ?
-              AND (payload->'patch'->>'new_version') = ?
+            SELECT {_PATCH}->'rationale'->>'mode' FROM events
+            WHERE type = '{PATCH_CREATED}' AND ({_PATCH}->>'workflow_id') = ?
+              AND ({_PATCH}->>'new_version') = ?
             ORDER BY seq DESC LIMIT 1
             """,
             workflow_id,
@@ -195,7 +204,8 @@ class CanaryJudge:
         """The mode and, along its merges, the modes its later failures are assigned to."""
         merged = dict(
             self.store.query(
-                f"SELECT key, payload->>'into' FROM events WHERE type = '{MODE_MERGED}' ORDER BY seq"
+                f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = '{MODE_MERGED}' "
+                "ORDER BY seq"
             )
         )
         family = [mode]
@@ -259,15 +269,15 @@ class CanaryJudge:
             stable = self.store.query(STABLE_VERSION, workflow, horizon, first)
             if not stable:
                 continue  # nothing to compare with yet
-            payload = {
-                "workflow_id": workflow,
-                "version": version,
-                "stable_version": stable[0][0],
-                "start_seq": first,
-                "started_at": now,
-                "target_mode": self.target_mode_for(workflow, version),
-            }
-            events.append(Event(CANARY_STARTED, canary_key(workflow, version), payload))
+            started = CanaryStartedPayload(
+                workflow_id=workflow,
+                version=version,
+                stable_version=stable[0][0],
+                start_seq=first,
+                started_at=now,
+                target_mode=self.target_mode_for(workflow, version),
+            )
+            events.append(started.event(canary_key(workflow, version)))
             log.info("canary %s@%s started against %s", workflow, version, stable[0][0])
         return events
 
@@ -320,16 +330,15 @@ class CanaryJudge:
         if self.metrics is not None:
             self.metrics.decisions.labels(verdict.decision).inc()
         log.info("canary %s: %s (%s)", key, verdict.decision, verdict.reason)
-        payload = {
-            "workflow_id": workflow,
-            "version": started["version"],
-            "stable_version": started["stable_version"],
-            "decision": verdict.decision,
-            "reason": verdict.reason,
-            "decided_at": now,
-            "statistics": statistics,
-        }
-        return Event(CANARY_DECIDED, key, payload)
+        return CanaryDecidedPayload(
+            workflow_id=workflow,
+            version=started["version"],
+            stable_version=started["stable_version"],
+            decision=verdict.decision,
+            reason=verdict.reason,
+            decided_at=now,
+            statistics=statistics,
+        ).event(key)
 
     def _restore_metrics(self) -> None:
         """After a restart: each workflow's latest canary as the log left it (running ones are
@@ -378,8 +387,7 @@ class RolloutOutbox:
         return entries
 
     def sent(self, entry: OutboxEntry, location: Location) -> Event:
-        payload = {"topic": location.topic, "partition": location.partition, "offset": location.offset}
-        return Event(ROLLOUT_PUBLISHED, entry.id, payload)
+        return RolloutPublishedPayload(location.topic, location.partition, location.offset).event(entry.id)
 
     def identify(self, value: bytes) -> str | None:
         try:

@@ -17,7 +17,7 @@ import jsonpatch
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from cegraph.daemon.events import WORKFLOW_REGISTERED, Event
+from cegraph.daemon.events import WorkflowRegisteredPayload
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.patch import WorkflowPatch
 from cegraph.schemas.workflow import SEMVER, WorkflowSpec, WorkflowSpecError, parse_spec
@@ -140,13 +140,8 @@ class WorkflowRegistry:
                         f"{spec.id}@{spec.version} is not greater than the latest registered version "
                         f"{latest.version}"
                     )
-            payload = {
-                "workflow_id": spec.id,
-                "version": spec.version,
-                "content_hash": spec.content_hash,
-                "spec": spec.canonical(),
-            }
-            self._store.append([Event(WORKFLOW_REGISTERED, spec.id, payload)])
+            registered = WorkflowRegisteredPayload(spec.id, spec.version, spec.content_hash, spec.canonical())
+            self._store.append([registered.event(spec.id)])
             created = next(v for v in self.versions(spec.id) if v.version == spec.version)
             return Registration(version=created, created=True)
 
