@@ -31,7 +31,7 @@ apt_tool = command -v $(1) >/dev/null || { \
 			apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
 	else echo "$(1) is missing: install Debian's $(2) package (apt-get install $(2)); $(3)"; fi; }
 
-## promtool: Prometheus' rule checker for tests/test_ops.py, from Debian's prometheus package (as root,
+## promtool: Prometheus' rule checker for tests/ops/test_ops.py, from Debian's prometheus package (as root,
 ## when missing; otherwise a hint: the rule tests skip, and fail under CI=true)
 promtool:
 	@$(call apt_tool,promtool,prometheus,the rule tests skip and fail under CI=true)

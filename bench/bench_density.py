@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests" / "fixtures")]
 
 from fss_fixtures import planted_stream  # noqa: E402
 from results_file import report  # noqa: E402

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "ops" / "kafka")]
+sys.path[:0] = [str(ROOT / "tests" / "fixtures"), str(ROOT / "ops" / "kafka")]
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from otel_traces import make_traces, to_messages  # noqa: E402

@@ -3,7 +3,7 @@
 Executions go through ingest and the detector stage in one process, as `cegraph run` processes them
 (decode, normalize, assemble, DuckDB commit, failure labels, signatures, clustering, mass), in
 batches of `--batch` messages with a flush and a detector catch-up after each. The payloads are
-`--pool` distinct OTLP traces from the SDK (tests/otel_traces.py: a support-bot workflow, about a
+`--pool` distinct OTLP traces from the SDK (tests/fixtures/otel_traces.py: a support-bot workflow, about a
 third failing), each sent again with a fresh trace id written over its id bytes, so a million
 executions cost no SDK time. RSS is the resident set now (not the peak), after a garbage
 collection; `duckdb_buffers_mb` is what DuckDB itself holds of it (`duckdb_memory()`: cached blocks,
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests" / "fixtures")]
 
 from otel_traces import make_traces, to_messages  # noqa: E402
 from results_file import report  # noqa: E402

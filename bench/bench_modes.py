@@ -5,7 +5,7 @@
    online modes at arrival and at the end beside span names and batch KMeans on the same vectors.
 2. Bake-off: every candidate sees the same signatures in the same order, in batches of 40
    failures, and is scored at arrival (AMI, ARI), with its learning speed; on TRAIL-GAIA (both
-   variants, seed 0) and on synthetic streams with known modes (`tests/fss_fixtures.py`): planted
+   variants, seed 0) and on synthetic streams with known modes (`tests/fixtures/fss_fixtures.py`): planted
    modes on separate nodes, and six mechanisms of which pairs share a node, one starting late (how
    many of its failures pass before it has a mode of its own).
 
@@ -25,7 +25,7 @@ from statistics import mean
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests" / "fixtures")]
 
 from fss_fixtures import mechanism_stream, planted_stream  # noqa: E402
 from results_file import report  # noqa: E402

@@ -1,6 +1,6 @@
 """Shared fixtures; above all `kafka_bootstrap`, the real broker every Kafka test talks to, and
-`start_collector`, the real OpenTelemetry Collector in front of it, and `llm_server` (tests/llm_server.py),
-the real model every real-model test talks to.
+`start_collector`, the real OpenTelemetry Collector in front of it, and `llm_server`
+(tests/fixtures/llm_server.py), the real model every real-model test talks to.
 
 Which broker, in order: `KAFKA_BOOTSTRAP_SERVERS` if set; a testcontainers Kafka when a Docker engine
 really answers; otherwise Apache Kafka started from its Maven Central jars (ops/kafka/local_kafka.py).
