@@ -8,9 +8,13 @@ with a 95% t-interval, and the paired difference to cegraph (same seed, same tas
 t-interval. Seeds run in `--jobs` processes; nothing in a run reads the clock or a random id, so the
 same arguments give the same numbers (tests/test_bench_refinement.py runs a small case twice).
 
-Scenarios (SimLLM, one base spec each):
-- `routed`: the demo's `service` spec under the demo's final mix (arithmetic, order e-mails, knowledge
-  questions 1:1:2), its three planted modes, each on its own node.
+Scenarios (SimLLM; the demo's `service` spec under the demo's final mix: arithmetic, order e-mails and
+knowledge questions 1:1:2, with its three planted modes, each on its own node):
+- `routed`: the judge explains failures in the families' own words ("calculation error in step 2").
+- `paraphrased`: the judge says what went wrong in varied words that name no mechanism or operator.
+- `labels only`: the judge says pass or fail, nothing else, and blames no node.
+- `noisy judge`: the routed judge with 15% of its verdicts flipped (recorded traffic, validation and
+  shadow runs alike); the held-out figures are always the ground truth.
 
     python bench/bench_refinement.py --seeds 20 --jobs 2 --out bench/results.json --plot docs/refinement.png
 """
@@ -22,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from refinement_methods import Curve, Setup, aflow, failure_driven, random_edits
@@ -31,6 +35,7 @@ from scipy.stats import t as student_t
 
 from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.sim.judging import Judging
 from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
@@ -40,12 +45,18 @@ TEST_OFFSET = 1_000_000  # held-out tasks: indices no method ever runs
 
 @dataclass(frozen=True)
 class Scenario:
-    name: str
     spec: str  # a shipped example
     phases: list[Phase]
+    judging: Judging = field(default_factory=Judging)
 
 
-SCENARIOS = {"routed": Scenario("routed", WORKFLOW, [Phase(0, PHASES[-1].weights)])}
+FINAL_MIX = [Phase(0, PHASES[-1].weights)]
+SCENARIOS = {
+    "routed": Scenario(WORKFLOW, FINAL_MIX),
+    "paraphrased": Scenario(WORKFLOW, FINAL_MIX, Judging("paraphrased")),
+    "labels only": Scenario(WORKFLOW, FINAL_MIX, Judging("labels")),
+    "noisy judge": Scenario(WORKFLOW, FINAL_MIX, Judging(flip=0.15)),
+}
 
 METHODS: dict[str, Callable[[Setup, int], Curve]] = {
     "cegraph": failure_driven,
@@ -60,7 +71,7 @@ METHODS: dict[str, Callable[[Setup, int], Curve]] = {
 def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int):
     """One scenario and seed: per method, the spec held at each budget and its held-out figures."""
     plan = SCENARIOS[scenario]
-    world = SimWorld(seed)
+    world = SimWorld(seed, judging=plan.judging)
     base = example_spec(plan.spec, tools=list(world.tools()))
     setup = Setup(seed, world, base, TaskMix(world, plan.phases, seed=seed), recorded=recorded,
                   validation=validation)  # fmt: skip
@@ -69,7 +80,7 @@ def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, 
 
     def score(spec: WorkflowSpec) -> dict:
         if spec.content_hash not in scored:
-            runs = setup.runs(spec, held_out)
+            runs = setup.runs(spec, held_out, truth=True)
             scored[spec.content_hash] = {
                 "failure_rate": sum(r.failed for r in runs) / len(runs),
                 "calls_per_execution": sum(r.calls for r in runs) / len(runs),

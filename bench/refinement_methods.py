@@ -40,6 +40,7 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.detect.density import ModeTracker
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
@@ -111,18 +112,29 @@ class Setup:
         self.validation = list(range(validation))  # the validation split: the first recorded inputs
         self.llm = llm or world.llm()
         self.retrievers = list(retrievers)
+        # the held-out verdicts are the truth, whatever the scenario's judge says
+        self.truth = SimWorld(seed, rates=world.rates, sandbox=world.sandbox)
         self._runtime = WorkflowRuntime(self.llm, TracerProvider(), tools=world.tools())
+        self._tasks: dict[int, Task] = {}
 
-    def runs(self, spec: WorkflowSpec, indices: Sequence[int], *, repeat: int = 0) -> list[Run]:
+    def task(self, index: int) -> Task:
+        if index not in self._tasks:
+            self._tasks[index] = self.tasks(index)
+        return self._tasks[index]
+
+    def runs(
+        self, spec: WorkflowSpec, indices: Sequence[int], *, repeat: int = 0, truth: bool = False
+    ) -> list[Run]:
         """`spec` on tasks `indices`, task `i` with seed `i` (repeat 0: the recorded seed) or a seed
-        of its own per repeat."""
+        of its own per repeat, judged by the scenario's judge (by the ground truth with `truth`)."""
+        judge = self.truth if truth else self.world
 
         async def all_of() -> list[Run]:
             async def one(index: int) -> Run:
-                task = self.tasks(index)
+                task = self.task(index)
                 seed = index if repeat == 0 else 1_000_003 * repeat + index
                 result = await self._runtime.execute(
-                    spec, task.input, seed=seed, evaluator=self.world.evaluator(task)
+                    spec, task.input, seed=seed, evaluator=judge.evaluator(task)
                 )
                 return run_of(index, result)
 
@@ -279,6 +291,10 @@ def failure_driven(
             detector={"cooldown_s": 0, "latency_trait": False},
         )  # fmt: skip
         daemon = EmbeddedDaemon(settings)
+        # shadow runs in the scenario's world, judged by its judge, as the recorded traffic was
+        daemon.worker.refiner.runner.target = RuntimeShadowTarget(
+            setup.llm, tools=setup.world.tools(), evaluator_for=sim_evaluator_for(setup.world)
+        )
         if one_mode:  # cosine distances are at most 2: one cut above that joins everything
             daemon.stage.detector.tracker_factory = lambda ids: ModeTracker(mode_distance=2.5, ids=ids)
         try:
@@ -321,7 +337,7 @@ async def _record(runtime: WorkflowRuntime, setup: Setup, spec: WorkflowSpec, in
 
     async def one(index: int) -> int:
         derive_ids_for(f"bench/{setup.seed}", index)
-        task = setup.tasks(index)
+        task = setup.task(index)
         result = await runtime.execute(spec, task.input, seed=index, evaluator=setup.world.evaluator(task))
         return run_of(index, result).calls
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--seeds", "1", "--jobs", "1", "--budgets", "500,3000", "--recorded", "800", "--validation", "30",
+SMALL = ["--scenarios", "noisy judge", "--seeds", "1", "--jobs", "1", "--budgets", "500,3000", "--recorded", "800", "--validation", "30",
          "--test", "60"]  # fmt: skip
 
 
@@ -33,7 +33,7 @@ def _run(out: Path, hash_seed: str) -> dict:
 
 def test_the_same_seed_gives_the_same_curves_twice(tmp_path):
     first, second = _run(tmp_path / "a.json", "1"), _run(tmp_path / "b.json", "2")
-    methods = first["per_seed"]["routed"]["0"]["methods"]
+    methods = first["per_seed"]["noisy judge"]["0"]["methods"]
     assert methods["cegraph"]["adopted_at"], "cegraph patched nothing: the comparison would say little"
     assert any(m["adopted_at"] for name, m in methods.items() if name != "cegraph")
     assert _without_wall_time(first) == _without_wall_time(second)
