@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--scenarios", "noisy judge", "--seeds", "1", "--jobs", "1", "--budgets", "500,3000", "--recorded", "800", "--validation", "30",
-         "--test", "60"]  # fmt: skip
+SMALL = ["--scenarios", "noisy judge", "--seeds", "1", "--jobs", "1", "--budgets", "500,3000",
+         "--recorded", "800", "--validation", "30", "--test", "60"]  # fmt: skip
 
 
 def _without_wall_time(value):
