@@ -118,8 +118,9 @@ def summarize(rows: dict[str, dict], budgets: tuple[int, ...]) -> dict:
     """Per method and budget: failure rate and calls per execution over the seeds, and the paired
     difference (method minus cegraph) of the failure rate; positive: cegraph fails less."""
     base_cost = statistics.fmean(r["base"]["calls_per_execution"] for r in rows.values())
-    out = {"base_failure_rate": interval([r["base"]["failure_rate"] for r in rows.values()]),
-           "base_calls_per_execution": base_cost, "methods": {}}  # fmt: skip
+    base_rate = interval([r["base"]["failure_rate"] for r in rows.values()])
+    out = {"seeds": len(rows), "base_failure_rate": base_rate, "base_calls_per_execution": base_cost,
+           "methods": {}}  # fmt: skip
     for name in METHODS:
         per_budget = {}
         for budget in map(str, budgets):

@@ -82,7 +82,7 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                 (
                     refinement["command"],
                     f"{scenario}: held-out failure rate at {int(last):,} calls, mean (95% interval), "
-                    f"{refinement['seeds']} seeds; base {summary['base_failure_rate']['mean']:.3f} "
+                    f"{summary['seeds']} seeds; base {summary['base_failure_rate']['mean']:.3f} "
                     "(every budget in bench/results.json)",
                     rate("cegraph"),
                     "; ".join(f"{name} {rate(name)}" for name in others),
