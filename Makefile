@@ -90,7 +90,7 @@ bench: setup
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = detection ]; then \
 		$(BIN)/python bench/bench_detection.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = refinement ]; then \
-		$(BIN)/python bench/bench_refinement.py --out bench/results.json; fi
+		$(BIN)/python bench/bench_refinement.py --out bench/results.json --plot docs/refinement-benchmark.png; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = memory ]; then \
 		$(BIN)/python bench/bench_memory.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = sandbox ]; then \

@@ -11,7 +11,7 @@ OpenAI-compatible endpoint, and the workflow's own evaluators judge every answer
   proposer and the prompt editor on the same model, paired shadow verification on the same model)
   spend up to `--budget` calls; a patch becomes the spec of the next batch, as a promoted canary
   would; at most `--batches` batches. The recorded traffic is not charged (production runs anyway).
-- scalar / random: `bench_refinement.search` (every edit of the grammar on every node, greedy on the
+- scalar / random: `search` (every edit of the grammar on every node, greedy on the
   failure rate of `--validation` tasks; or random single edits), the same budget, the same model.
 - held-out: `--test` other tasks; each final spec's failure rate overall and per mode (the daemon's
   modes, frozen after its traffic), and the calls each method spent.
@@ -24,25 +24,148 @@ One seed: one run is what fits in about 30 minutes here (about 2 s per call on a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench_refinement import Scorer, failure_driven, search
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from refinement_methods import candidate_edits
 from results_file import report
 
 from cegraph.connectors.llm.config import evaluation, openai_backend, shadow_llm
-from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.detect.density import NOISE
-from cegraph.daemon.refine.shadow import ShadowOutcome
-from cegraph.daemon.settings import load_settings
+from cegraph.daemon.detect.detector import FailureDetector, ModeClassifier
+from cegraph.daemon.detect.stage import stored_modes
+from cegraph.daemon.embedded import EmbeddedDaemon
+from cegraph.daemon.refine.operators import EditRefused, apply_edit
+from cegraph.daemon.refine.replay import ReplayItem
+from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner, ShadowTarget
+from cegraph.daemon.settings import Settings, load_settings
 from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.sim.core import Task
+from cegraph.daemon.sim.traffic import ExecutionIds
+from cegraph.daemon.workflows.llm import LLMBackend
+from cegraph.daemon.workflows.registry import apply_patch
+from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Scorer:
+    """Runs a spec on fixed tasks through a shadow target (by default the built-in runtime on the
+    simulated world): failure rate and LLM calls; `classifier` places the failures in modes."""
+
+    def __init__(
+        self, world: SimWorld, tasks, *, target: ShadowTarget | None = None, classifier=None, concurrency=16
+    ) -> None:
+        target = target or RuntimeShadowTarget(
+            world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world)
+        )
+        self.runner = ShadowRunner(target, concurrency=concurrency)
+        self.classifier = classifier or FailureDetector(load_settings().detector).classifier()
+        self.items = [
+            ReplayItem(f"task-{i}", 10_000 + i, task.input, "success", 1.0) for i, task in enumerate(tasks)
+        ]
+
+    def outcomes(self, spec: WorkflowSpec) -> list[ShadowOutcome]:
+        return asyncio.run(self.runner.run(spec, self.items, self.classifier))
+
+    def score(self, spec: WorkflowSpec) -> tuple[float, int]:
+        outcomes = self.outcomes(spec)
+        return sum(o.failed for o in outcomes) / len(outcomes), sum(o.llm_calls for o in outcomes)
+
+
+def search(spec, scorer: Scorer, budget: int, retrievers, rng: random.Random, *, greedy: bool):
+    """Scalar-metric search: greedy over all candidates (AFlow-style), or random proposals."""
+    current_rate, spent = scorer.score(spec)
+    version = 1
+    while spent < budget:
+        candidates = candidate_edits(spec, retrievers)
+        rng.shuffle(candidates)
+        if not greedy:
+            candidates = candidates[:1]
+        best = None
+        for edit in candidates:
+            if spent >= budget:
+                break
+            try:
+                candidate, _ = apply_edit(spec, edit, f"1.{version}.0")
+            except EditRefused:
+                continue
+            rate, calls = scorer.score(candidate)
+            spent += calls
+            if rate < current_rate and (best is None or rate < best[0]):
+                best = (rate, candidate)
+        if best is not None:
+            current_rate, spec = best
+            version += 1
+        elif greedy:
+            break  # no candidate helps
+    return spec, spent
+
+
+def failure_driven(
+    settings: Settings, world: SimWorld, spec: WorkflowSpec, tasks: Callable[[int], Task], budget: int, *,
+    llm: LLMBackend | None = None, evaluator_for=None, batch: int = 1_500, max_batches: int | None = None,
+    concurrency: int = 10_000,
+):  # fmt: skip
+    """cegraph's loop on recorded traffic (task `i` is `tasks(i)`, answered by `llm`, by default the
+    simulated one, and judged by `evaluator_for(spec, task)`, by default the world's judge)."""
+    daemon = EmbeddedDaemon(settings)
+    daemon.registry.register(spec)
+    provider = TracerProvider(id_generator=ExecutionIds())
+    provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
+    runtime = WorkflowRuntime(llm or world.llm(), provider, tools=world.tools())
+    judge = evaluator_for or (lambda spec, task: world.evaluator(task))
+    spent, start, idle, batches, finished = 0, 0, 0, 0, []
+    try:
+        while spent < budget and idle < 2 and (max_batches is None or batches < max_batches):
+            chunk = [tasks(i) for i in range(start, start + batch)]
+            asyncio.run(_record(runtime, spec, chunk, judge, start, concurrency))
+            start, batches = start + len(chunk), batches + 1
+            daemon.pump(drain=True)
+            jobs = daemon.refine()
+            finished += jobs
+            spent += sum(job["cost"]["llm_calls"] for job in jobs)
+            patches = daemon.publish()
+            idle = 0 if patches else idle + 1
+            for patch in patches:
+                if patch.base_version == spec.version:
+                    spec = apply_patch(spec, patch)  # promoted: the next traffic runs it
+        return Loop(spec, spent, daemon.stage.classifier(), stored_modes(daemon.store), finished, start)
+    finally:
+        daemon.close()
+
+
+@dataclass
+class Loop:
+    """What the failure-driven loop ended with."""
+
+    spec: WorkflowSpec
+    spent: int  # refinement calls (shadow runs and proposers); the recorded traffic is not charged
+    classifier: ModeClassifier  # the modes it found, frozen
+    modes: list[dict]
+    jobs: list[dict]  # RefinementFinished payloads
+    executions: int  # of recorded traffic
+
+
+async def _record(runtime, spec, tasks, judge, start, concurrency):
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(offset: int, task: Task) -> None:
+        async with slots:
+            await runtime.execute(spec, task.input, seed=start + offset, evaluator=judge(spec, task))
+
+    await asyncio.gather(*(one(offset, task) for offset, task in enumerate(tasks)))
 
 
 def per_mode(outcomes: list[ShadowOutcome]) -> dict[str, float]:

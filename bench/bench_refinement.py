@@ -1,266 +1,228 @@
-"""Refinement efficiency: expected failure mass removed per 1,000 LLM calls, three ways, same budget.
+"""Refinement: held-out failure rate against LLM calls spent, per method, at fixed budgets, many seeds.
 
-The workflow is the demo's routed `service` (`schemas/examples/service.json`) under the demo's final
-traffic mix (arithmetic, order e-mails and knowledge questions, 1:1:2), where its three planted modes
-are all active. Each method may spend `--budget` LLM calls on finding a better spec; what it ends with
-is scored on a held-out test set of `--test` tasks (scoring is not charged to anyone):
+Per scenario and seed, every method (`refinement_methods`) starts from the same recorded, labelled
+traffic of the base spec and spends up to the largest budget; the curve says which spec it held at
+each budget. Each spec held at a budget is scored on `--test` held-out tasks (scoring is charged to
+no one): its failure rate and its inference cost, LLM calls per execution. Over the seeds: the mean
+with a 95% t-interval, and the paired difference to cegraph (same seed, same tasks) with its
+t-interval. Seeds run in `--jobs` processes; nothing in a run reads the clock or a random id, so the
+same arguments give the same numbers (tests/bench/test_bench_refinement.py runs a small case twice).
 
-- cegraph: the failure-driven loop. Recorded traffic (production traffic happens anyway; not charged)
-  goes through the embedded daemon; its refinement jobs (replay of counterexamples and control, rules,
-  LLM and prompt-editor proposers, paired shadow verification) spend the budget; each patch becomes
-  the spec the next traffic runs, as a promoted canary would.
-- scalar: an AFlow-style search on one scalar, overall accuracy: every edit the same operator grammar
-  allows on every node is a candidate, evaluated on a validation sample of `--validation` tasks of the
-  same mix; greedy, the best candidate is kept if it beats the current spec; again until no candidate
-  helps or the budget is spent.
-- random: random applicable edits, each evaluated on the same validation sample and kept if it beats
-  the current spec, until the budget is spent.
+Scenarios (SimLLM; the demo's `service` spec under the demo's final mix: arithmetic, order e-mails and
+knowledge questions 1:1:2, with its three planted modes, each on its own node):
+- `routed`: the judge explains failures in the families' own words ("calculation error in step 2").
+- `paraphrased`: the judge says what went wrong in varied words that name no mechanism or operator.
+- `labels only`: the judge says pass or fail, nothing else, and blames no node.
+- `noisy judge`: the routed judge with 15% of its verdicts flipped (recorded traffic, validation and
+  shadow runs alike); the held-out figures are always the ground truth.
 
-Calls are counted from the spans of every run (the same count for every method). Per method and
-seed: reduction = failure rate of the base spec on the test set minus that of the final spec; the
-figure is reduction per 1,000 calls spent, mean and 95% t-interval over the seeds.
-
-    python bench/bench_refinement.py --seeds 5 --out bench/results.json
+    python bench/bench_refinement.py --seeds 20 --jobs 2 --out bench/results.json --plot docs/refinement.png
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from refinement_methods import Curve, Setup, aflow, failure_driven, random_edits
 from results_file import report
+from scipy.stats import t as student_t
 
-from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
-from cegraph.daemon.detect.detector import FailureDetector, ModeClassifier
-from cegraph.daemon.detect.stage import stored_modes
-from cegraph.daemon.embedded import EmbeddedDaemon
-from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
-from cegraph.daemon.refine.proposers import FALLBACK, RULES
-from cegraph.daemon.refine.replay import ReplayItem
-from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner, ShadowTarget
-from cegraph.daemon.settings import Settings, load_settings
 from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.sim.core import Task
-from cegraph.daemon.sim.traffic import ExecutionIds, Phase, TaskMix
-from cegraph.daemon.workflows.llm import LLMBackend
-from cegraph.daemon.workflows.registry import apply_patch
-from cegraph.daemon.workflows.runtime import WorkflowRuntime
+from cegraph.daemon.sim.judging import Judging
+from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
+BUDGETS = (1_000, 2_000, 5_000, 10_000, 20_000)
+TEST_OFFSET = 1_000_000  # held-out tasks: indices no method ever runs
+
+
+@dataclass(frozen=True)
+class Scenario:
+    spec: str  # a shipped example
+    phases: list[Phase]
+    judging: Judging = field(default_factory=Judging)
+
+
 FINAL_MIX = [Phase(0, PHASES[-1].weights)]
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+SCENARIOS = {
+    "routed": Scenario(WORKFLOW, FINAL_MIX),
+    "paraphrased": Scenario(WORKFLOW, FINAL_MIX, Judging("paraphrased")),
+    "labels only": Scenario(WORKFLOW, FINAL_MIX, Judging("labels")),
+    "noisy judge": Scenario(WORKFLOW, FINAL_MIX, Judging(flip=0.15)),
+}
+
+METHODS: dict[str, Callable[[Setup, int], Curve]] = {
+    "cegraph": failure_driven,
+    "cegraph, no rule proposer": lambda s, b: failure_driven(s, b, proposers=["llm", "prompt_editor"]),
+    "cegraph, one mode": lambda s, b: failure_driven(s, b, one_mode=True),
+    "aflow": aflow,
+    "random edits": random_edits,
+    "random edits, failing node": lambda s, b: random_edits(s, b, on_failing_node=True),
+}
 
 
-class Scorer:
-    """Runs a spec on fixed tasks through a shadow target (by default the built-in runtime on the
-    simulated world): failure rate and LLM calls; `classifier` places the failures in modes."""
+def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int):
+    """One scenario and seed: per method, the spec held at each budget and its held-out figures."""
+    plan = SCENARIOS[scenario]
+    world = SimWorld(seed, judging=plan.judging)
+    base = example_spec(plan.spec, tools=list(world.tools()))
+    setup = Setup(seed, world, base, TaskMix(world, plan.phases, seed=seed), recorded=recorded,
+                  validation=validation)  # fmt: skip
+    held_out = list(range(TEST_OFFSET, TEST_OFFSET + test))
+    scored: dict[str | None, dict] = {}
 
-    def __init__(
-        self, world: SimWorld, tasks, *, target: ShadowTarget | None = None, classifier=None, concurrency=16
-    ) -> None:
-        target = target or RuntimeShadowTarget(
-            world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world)
-        )
-        self.runner = ShadowRunner(target, concurrency=concurrency)
-        self.classifier = classifier or FailureDetector(load_settings().detector).classifier()
-        self.items = [
-            ReplayItem(f"task-{i}", 10_000 + i, task.input, "success", 1.0) for i, task in enumerate(tasks)
-        ]
+    def score(spec: WorkflowSpec) -> dict:
+        if spec.content_hash not in scored:
+            runs = setup.runs(spec, held_out, truth=True)
+            scored[spec.content_hash] = {
+                "failure_rate": sum(r.failed for r in runs) / len(runs),
+                "calls_per_execution": sum(r.calls for r in runs) / len(runs),
+            }
+        return scored[spec.content_hash]
 
-    def outcomes(self, spec: WorkflowSpec) -> list[ShadowOutcome]:
-        return asyncio.run(self.runner.run(spec, self.items, self.classifier))
-
-    def score(self, spec: WorkflowSpec) -> tuple[float, int]:
-        outcomes = self.outcomes(spec)
-        return sum(o.failed for o in outcomes) / len(outcomes), sum(o.llm_calls for o in outcomes)
-
-
-def candidate_edits(spec: WorkflowSpec, retrievers: list[str]) -> list[Edit]:
-    """Every edit of the grammar with the rules' argument sets, on every node, that applies."""
-    argument_sets = [dict(a) for _, options in RULES for a in options] + [dict(a) for a in FALLBACK]
-    argument_sets += [{"operator": "format", "output_format": f} for f in ("json", "number", "text")]
-    argument_sets += [{"operator": "adjust_parameter", "parameter": "temperature", "value": 0.0}]
-    argument_sets += [{"operator": "custom_generate"}, {"operator": "test"}]
-    edits: list[Edit] = []
-    for node in spec.nodes:
-        for arguments in argument_sets:
-            if arguments["operator"] == "add_retrieval":
-                arguments = {**arguments, "retriever": retrievers[0]}
-            edit = Edit(node=node, **arguments)
-            if edit not in edits and refusal(spec, edit) is None:
-                edits.append(edit)
-    assert {e.operator for e in edits} <= set(OPERATORS)
-    return edits
-
-
-def search(spec, scorer: Scorer, budget: int, retrievers, rng: random.Random, *, greedy: bool):
-    """Scalar-metric search: greedy over all candidates (AFlow-style), or random proposals."""
-    current_rate, spent = scorer.score(spec)
-    version = 1
-    while spent < budget:
-        candidates = candidate_edits(spec, retrievers)
-        rng.shuffle(candidates)
-        if not greedy:
-            candidates = candidates[:1]
-        best = None
-        for edit in candidates:
-            if spent >= budget:
-                break
-            try:
-                candidate, _ = apply_edit(spec, edit, f"1.{version}.0")
-            except EditRefused:
-                continue
-            rate, calls = scorer.score(candidate)
-            spent += calls
-            if rate < current_rate and (best is None or rate < best[0]):
-                best = (rate, candidate)
-        if best is not None:
-            current_rate, spec = best
-            version += 1
-        elif greedy:
-            break  # no candidate helps
-    return spec, spent
-
-
-def failure_driven(
-    settings: Settings, world: SimWorld, spec: WorkflowSpec, tasks: Callable[[int], Task], budget: int, *,
-    llm: LLMBackend | None = None, evaluator_for=None, batch: int = 1_500, max_batches: int | None = None,
-    concurrency: int = 10_000,
-):  # fmt: skip
-    """cegraph's loop on recorded traffic (task `i` is `tasks(i)`, answered by `llm`, by default the
-    simulated one, and judged by `evaluator_for(spec, task)`, by default the world's judge)."""
-    daemon = EmbeddedDaemon(settings)
-    daemon.registry.register(spec)
-    provider = TracerProvider(id_generator=ExecutionIds())
-    provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
-    runtime = WorkflowRuntime(llm or world.llm(), provider, tools=world.tools())
-    judge = evaluator_for or (lambda spec, task: world.evaluator(task))
-    spent, start, idle, batches, finished = 0, 0, 0, 0, []
-    try:
-        while spent < budget and idle < 2 and (max_batches is None or batches < max_batches):
-            chunk = [tasks(i) for i in range(start, start + batch)]
-            asyncio.run(_record(runtime, spec, chunk, judge, start, concurrency))
-            start, batches = start + len(chunk), batches + 1
-            daemon.pump(drain=True)
-            jobs = daemon.refine()
-            finished += jobs
-            spent += sum(job["cost"]["llm_calls"] for job in jobs)
-            patches = daemon.publish()
-            idle = 0 if patches else idle + 1
-            for patch in patches:
-                if patch.base_version == spec.version:
-                    spec = apply_patch(spec, patch)  # promoted: the next traffic runs it
-        return Loop(spec, spent, daemon.stage.classifier(), stored_modes(daemon.store), finished, start)
-    finally:
-        daemon.close()
-
-
-@dataclass
-class Loop:
-    """What the failure-driven loop ended with."""
-
-    spec: WorkflowSpec
-    spent: int  # refinement calls (shadow runs and proposers); the recorded traffic is not charged
-    classifier: ModeClassifier  # the modes it found, frozen
-    modes: list[dict]
-    jobs: list[dict]  # RefinementFinished payloads
-    executions: int  # of recorded traffic
-
-
-async def _record(runtime, spec, tasks, judge, start, concurrency):
-    slots = asyncio.Semaphore(concurrency)
-
-    async def one(offset: int, task: Task) -> None:
-        async with slots:
-            await runtime.execute(spec, task.input, seed=start + offset, evaluator=judge(spec, task))
-
-    await asyncio.gather(*(one(offset, task) for offset, task in enumerate(tasks)))
-
-
-def run_seed(seed: int, budget: int, validation: int, test: int) -> dict:
-    world = SimWorld(seed)
-    base = example_spec(WORKFLOW, tools=list(world.tools()))
-    retrievers = ["kb_search"]
-    mix = TaskMix(world, FINAL_MIX, seed=seed + 1_000)
-    validation_scorer = Scorer(world, [mix(i) for i in range(validation)])
-    test_scorer = Scorer(world, [mix(i) for i in range(50_000, 50_000 + test)])
-    base_rate, _ = test_scorer.score(base)
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="cegraph-bench-refinement-") as folder:
+    row = {"base": score(base), "methods": {}}
+    for name, method in METHODS.items():
         started = time.perf_counter()
-        settings = load_settings(
-            store={"path": str(Path(folder) / "s.duckdb")}, llm={"sim_seed": seed},
-            publisher={"signing_key": "bench"}, detector={"cooldown_s": 0},
-            refiner={"cooldown_s": 0, "max_llm_calls": min(4_000, budget)},
-        )  # fmt: skip
-        traffic = TaskMix(world, FINAL_MIX, seed=seed)
-        loop = failure_driven(settings, world, base, traffic, budget)
-        results["cegraph"] = (loop.spec, loop.spent, time.perf_counter() - started)
-    for name, greedy in (("scalar", True), ("random", False)):
-        started = time.perf_counter()
-        final, spent = search(base, validation_scorer, budget, retrievers, random.Random(seed), greedy=greedy)
-        results[name] = (final, spent, time.perf_counter() - started)
-    row = {"base_failure_rate": base_rate}
-    for name, (final, spent, wall) in results.items():
-        rate, _ = test_scorer.score(final)
-        reduction = base_rate - rate
-        row[name] = {
-            "final_failure_rate": rate, "reduction": reduction, "llm_calls": spent,
-            "reduction_per_1000_calls": reduction / (spent / 1_000) if spent else 0.0,
-            "wall_s": round(wall, 1), "final_version": final.version,
+        curve = method(setup, max(budgets))
+        points = {}
+        for budget in budgets:
+            spec = curve.at(budget)
+            nodes = sorted(f"{node_id}:{node.kind}" for node_id, node in spec.nodes.items())
+            points[str(budget)] = {**score(spec), "version": spec.version, "nodes": nodes}
+        row["methods"][name] = {
+            "budgets": points, "adopted_at": [spent for spent, _ in curve.points[1:]], "notes": curve.notes,
+            "wall_s": round(time.perf_counter() - started, 1),
         }  # fmt: skip
-    print(seed, {k: v if not isinstance(v, dict) else v["reduction_per_1000_calls"] for k, v in row.items()})
+    shown = {m: [row["methods"][m]["budgets"][str(b)]["failure_rate"] for b in budgets] for m in METHODS}
+    print(scenario, seed, f"base {row['base']['failure_rate']:.3f}", shown, flush=True)
     return row
 
 
 def interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": mean, "low": mean, "high": mean}
-    half = T_975.get(len(values), 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    half = student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def summarize(rows: dict[str, dict], budgets: tuple[int, ...]) -> dict:
+    """Per method and budget: failure rate and calls per execution over the seeds, and the paired
+    difference (method minus cegraph) of the failure rate; positive: cegraph fails less."""
+    base_cost = statistics.fmean(r["base"]["calls_per_execution"] for r in rows.values())
+    base_rate = interval([r["base"]["failure_rate"] for r in rows.values()])
+    out = {"seeds": len(rows), "base_failure_rate": base_rate, "base_calls_per_execution": base_cost,
+           "methods": {}}  # fmt: skip
+    for name in METHODS:
+        per_budget = {}
+        for budget in map(str, budgets):
+            rates = [r["methods"][name]["budgets"][budget]["failure_rate"] for r in rows.values()]
+            ours = [r["methods"]["cegraph"]["budgets"][budget]["failure_rate"] for r in rows.values()]
+            costs = [r["methods"][name]["budgets"][budget]["calls_per_execution"] for r in rows.values()]
+            per_budget[budget] = {
+                "failure_rate": interval(rates),
+                "minus_cegraph": interval([a - b for a, b in zip(rates, ours, strict=True)]),
+                "calls_per_execution": interval(costs),
+                "cost_vs_base": statistics.fmean(costs) / base_cost,
+            }
+        out["methods"][name] = per_budget
+    return out
+
+
+def table(summary: dict, budgets: tuple[int, ...]) -> str:
+    """Markdown: failure rate (95% interval) per method and budget, and the cost of the spec held."""
+    head = "| method | " + " | ".join(f"{b:,} calls" for b in budgets) + " | calls/execution at the end |"
+    lines = [head, "|" + " --- |" * (len(budgets) + 2)]
+    base = summary["base_failure_rate"]
+    lines.append(f"| base spec | {base['mean']:.3f} | " + "| " * (len(budgets) - 1)
+                 + f"{summary['base_calls_per_execution']:.2f} |")  # fmt: skip
+    for name, per_budget in summary["methods"].items():
+        cells = []
+        for budget in map(str, budgets):
+            rate, diff = per_budget[budget]["failure_rate"], per_budget[budget]["minus_cegraph"]
+            paired = (
+                ""
+                if name == "cegraph"
+                else f"; {diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+            )
+            cells.append(f"{rate['mean']:.3f} ({rate['low']:.3f}-{rate['high']:.3f}){paired}")
+        last = per_budget[str(budgets[-1])]
+        cost = f"{last['calls_per_execution']['mean']:.2f} ({last['cost_vs_base']:.2f}x)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cost} |")
+    return "\n".join(lines)
+
+
+def plot(summaries: dict[str, dict], budgets: tuple[int, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(summaries), figsize=(6.5 * len(summaries), 4.5), squeeze=False)
+    for axis, (scenario, summary) in zip(axes[0], summaries.items(), strict=True):
+        for name, per_budget in summary["methods"].items():
+            rates = [per_budget[str(b)]["failure_rate"] for b in budgets]
+            axis.plot(budgets, [r["mean"] for r in rates], marker="o", label=name)
+            axis.fill_between(budgets, [r["low"] for r in rates], [r["high"] for r in rates], alpha=0.15)
+        axis.axhline(summary["base_failure_rate"]["mean"], color="grey", linestyle=":", label="base spec")
+        axis.set(xscale="log", xlabel="LLM calls spent", ylabel="held-out failure rate", title=scenario)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=10_000)
-    parser.add_argument("--validation", type=int, default=100)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--recorded", type=int, default=1_500, help="recorded executions every method gets")
+    parser.add_argument("--validation", type=int, default=100, help="validation split of the recorded")
     parser.add_argument("--test", type=int, default=600)
+    parser.add_argument("--jobs", type=int, default=2, help="seeds run in this many processes")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, help="PNG of the curves")
     args = parser.parse_args()
-    rows = {str(seed): run_seed(seed, args.budget, args.validation, args.test) for seed in range(args.seeds)}
-    summary = {
-        name: {
-            "reduction_per_1000_calls": interval(
-                [r[name]["reduction_per_1000_calls"] for r in rows.values()]
-            ),
-            "reduction": interval([r[name]["reduction"] for r in rows.values()]),
-            "llm_calls": interval([float(r[name]["llm_calls"]) for r in rows.values()]),
-        }
-        for name in ("cegraph", "scalar", "random")
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    scenarios = args.scenarios.split(",")
+    work = [
+        (s, seed, budgets, args.recorded, args.validation, args.test)
+        for s in scenarios
+        for seed in range(args.seeds)
+    ]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(run_seed, *zip(*work, strict=True)))
+    by_scenario = {
+        s: {str(w[1]): row for w, row in zip(work, rows, strict=True) if w[0] == s} for s in scenarios
     }
-    scalar = summary["scalar"]["reduction_per_1000_calls"]["mean"]
-    ratio = summary["cegraph"]["reduction_per_1000_calls"]["mean"] / scalar if scalar > 0 else None
+    summaries = {s: summarize(seeds, budgets) for s, seeds in by_scenario.items()}
     result = {
         "command": "make bench BENCH=refinement",
-        "budget_llm_calls": args.budget, "validation_tasks": args.validation, "test_tasks": args.test,
-        "seeds": rows, "summary": summary, "ratio_to_scalar": ratio,
-        "target": ">= 3x the scalar-metric search", "met": ratio is not None and ratio >= 3,
+        "budgets_llm_calls": list(budgets), "recorded_executions": args.recorded,
+        "validation_tasks": args.validation, "test_tasks": args.test, "seeds": args.seeds,
+        "summary": summaries, "tables": {s: table(summary, budgets) for s, summary in summaries.items()},
+        "per_seed": by_scenario, "wall_s": round(time.perf_counter() - started),
     }  # fmt: skip
+    if args.plot is not None:
+        plot(summaries, budgets, args.plot)
     report(result, "refinement", args.out)
+    for scenario, text in result["tables"].items():
+        print(f"\n{scenario}\n{text}")
     return result
 
 

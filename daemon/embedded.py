@@ -50,7 +50,7 @@ class EmbeddedDaemon:
         stages = build_stages(
             settings, self.store, registry, transports.__getitem__, refining=True, judging=True, clock=clock
         )
-        self.stage, self.canary_judge = stages.detector, stages.judge
+        self.stage, self.refine_stage, self.canary_judge = stages.detector, stages.refine, stages.judge
         self.outbox, self.runner = stages.outbox, stages.runner
         self.refinement_metrics = stages.refinement_metrics
         self.runner.drain(DETECT)  # opens the detector from its checkpoint

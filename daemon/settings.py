@@ -158,6 +158,11 @@ class DetectorSettings(_Group):
     half_life_executions: int = Field(
         2_000, ge=1, description="Executions after which a failure's weight has halved."
     )
+    latency_trait: bool = Field(
+        True,
+        description="Latency relative to the node's norm as a signature trait; off where durations are the "
+        "machine's pace, not the service's (simulated runs, benchmarks): modes then repeat per seed.",
+    )
     text_features: Literal["hashed", "embedding"] = Field(
         "hashed",
         description="Signature semantics: hashed TF-IDF terms, or sentence embeddings (embeddings extra).",

@@ -229,7 +229,8 @@ class FailureDetector:
         modes = self.workflows.get(workflow)
         if modes is None:
             modes = self.workflows[workflow] = WorkflowModes(
-                SignatureFeaturizer(self.embedder), self.tracker_factory(self.ids)
+                SignatureFeaturizer(self.embedder, latency=self.settings.latency_trait),
+                self.tracker_factory(self.ids),
             )
         return modes
 

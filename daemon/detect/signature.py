@@ -14,7 +14,8 @@ A signature is a dense vector of `DIM` floats in three blocks, weighted (`BLOCK_
   `err=` feature), the normalised error message (x1.5), the critique (x1.5), the span's output (x1)
   and the part of its input that is new to it, not the shared prompt (x0.5).
 - traits (8 dims): log input and output tokens, latency relative to the node's running norm
-  (z-score, clipped to +-3), finish reason length / content filter / stop / other, has-exception.
+  (z-score, clipped to +-3; 0 with `latency=False`, where durations are the machine's pace rather
+  than the service's), finish reason length / content filter / stop / other, has-exception.
 
 Hashing uses blake2b, never Python's `hash()`, so signatures don't depend on `PYTHONHASHSEED`; the
 featurizer learns online (document frequencies, per-node latency norms) and is deterministic for the
@@ -218,11 +219,13 @@ class SignatureFeaturizer:
     """Failure -> point in the FSS. Learns document frequencies and latency norms online.
 
     With an `embedder` (the `embeddings` extra, `daemon/detect/embedding.py`) the semantics block is the
-    sentence embedding of the failure's text (384 dims) instead of hashed TF-IDF terms.
+    sentence embedding of the failure's text (384 dims) instead of hashed TF-IDF terms. Without
+    `latency` the latency trait is 0: signatures then depend on nothing the clock says.
     """
 
-    def __init__(self, embedder: TextEmbedder | None = None) -> None:
+    def __init__(self, embedder: TextEmbedder | None = None, *, latency: bool = True) -> None:
         self.embedder = embedder
+        self.use_latency = latency
         self.dim = STRUCTURE_DIM + (embedder.dim if embedder else TEXT_DIM) + TRAITS_DIM
         self.documents = 0
         self.document_frequency = np.zeros(DF_BUCKETS, dtype=np.int64)
@@ -274,7 +277,7 @@ class SignatureFeaturizer:
         traits = parts.traits.copy()
         node = failure.node
         norm = self.latency.get(f"{node.workflow_id}/{node.node_id}")
-        if norm is not None:
+        if norm is not None and self.use_latency:
             traits[2] = norm.zscore(max(node.end_ns - node.start_ns, 0) / 1e6)
         return np.concatenate(
             [

@@ -5,7 +5,8 @@ built-in runtime on the configured LLM (`connectors/shadow/runtime.py`) or the u
 behind an HTTP endpoint (`connectors/shadow/http.py`). The spans then take the production path:
 `normalize`, failure labelling, and the detector's modes (a frozen `ModeClassifier`), so a shadow
 failure is counted in the mode its production twin would be in. Calls and tokens are read from the
-spans too, so every target is costed the same way (an LLM judge's calls ride on its verdict events).
+spans too, so every target is costed the same way: one call per completion (an ensemble's samples and
+a node's retries each count), and an LLM judge's calls ride on its verdict events.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifie
     # named as ingest names a stored execution's nodes, so a replay's failures land on the same nodes
     nodes = distinct_node_ids([normalize(span, policy) for span in spans])
     failures = classifier.classify(nodes)
-    calls = sum(1 for node in nodes if node.operation in LLM_OPERATIONS)
+    # one call per completion: an ensemble's samples and a node's retries each count (a span records
+    # one finish reason per completion; a span without any is one call)
+    calls = sum(max(1, len(node.finish_reasons)) for node in nodes if node.operation in LLM_OPERATIONS)
     tokens = sum((node.input_tokens or 0) + (node.output_tokens or 0) for node in nodes)
     for span in spans:  # an LLM judge's calls are the verifier's cost too
         for event in span.events:

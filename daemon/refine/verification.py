@@ -5,6 +5,21 @@ outcomes. For a 0/1 outcome (the input failed in the target mode, or failed at a
 of the target that still fails, in whatever mode, counts as failing in it) the exact McNemar test
 looks only at the discordant pairs; for a mass (failures per execution) a paired bootstrap gives a
 confidence interval of the mean difference. Pure functions, seeded.
+
+The accept rule (`judge`) and what it guarantees, as the refiner uses it today:
+- A candidate is accepted when the one-sided exact McNemar test of its target-mode failures gives
+  p < alpha (`CEGRAPH_REFINER__SIGNIFICANCE`, 0.05), no other outcome (failing at all, each other
+  mode) rises with p < alpha / (their number), and the job's call budget held. The refiner applies
+  it twice per candidate, on the counterexamples alone and then on the whole sample; both must pass.
+- One candidate with no effect is accepted with probability at most alpha (the exact test is
+  conservative). The rule is not corrected across candidates: a round verifies up to
+  `max_candidates` (8) on the same sample, so the chance that a round accepts some candidate with
+  no effect can reach 1 - (1 - alpha)^8 = 0.34 (0.40 by the union bound) when none helps.
+- The regression guard only refuses a rise it can show: a real regression smaller than the sample
+  can resolve passes it (its power grows with the control half of the sample).
+- The before/after figures a patch reports (`Verification`) come from the sample that chose the
+  winner, so they overstate its effect (the winner's curse); a fresh sample would not.
+docs/refinement-benchmark.md measures what the rule costs and misses end to end.
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cegraph.daemon.sim.arithmetic import Arithmetic
 from cegraph.daemon.sim.coding import Coding
 from cegraph.daemon.sim.core import Family, Rates, Task, rng_for
 from cegraph.daemon.sim.extraction import Extraction
+from cegraph.daemon.sim.judging import Judging
 from cegraph.daemon.sim.llm import SimLLM
 from cegraph.daemon.sim.qa import QA, KnowledgeBase
 from cegraph.daemon.workflows.runtime import EvaluationResult, ExecutionResult
@@ -19,21 +20,36 @@ from cegraph.daemon.workflows.tools import Retriever, Tool
 
 @dataclass(frozen=True)
 class TaskEvaluator:
-    """The ground-truth evaluator of one task (the runtime's `Evaluator`)."""
+    """The evaluator of one task (the runtime's `Evaluator`): the family's ground-truth verdict, as the
+    world's `Judging` states it (with bare labels it blames no node either)."""
 
     family: Family
     task: Task
+    judging: Judging = field(default_factory=Judging)
 
     async def evaluate(self, result: ExecutionResult) -> list[EvaluationResult]:
-        return [await self.family.evaluate(self.task, result)]
+        found = await self.family.evaluate(self.task, result)
+        if self.judging == Judging():
+            return [found]
+        passed, explanation = self.judging.verdict(
+            bool(found.passed), found.explanation, self.task.input, result.seed, result.output
+        )
+        blamed = None if passed or self.judging.critiques == "labels" else found.node_id
+        score = found.score if passed == found.passed else float(passed)
+        return [found.model_copy(update={"passed": passed, "explanation": explanation, "node_id": blamed,
+                                         "score": score})]  # fmt: skip
 
 
 class SimWorld:
     """Everything in the world derives from `seed`: the knowledge base and every generated task."""
 
-    def __init__(self, seed: int = 0, *, rates: Rates | None = None, sandbox: Sandbox | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, *, rates: Rates | None = None, sandbox: Sandbox | None = None,
+        judging: Judging | None = None,
+    ) -> None:  # fmt: skip
         self.seed = seed
         self.rates = rates or Rates()
+        self.judging = judging or Judging()
         self.sandbox = sandbox or Sandbox()
         self.kb = KnowledgeBase.generate(rng_for("kb", seed), self.rates.popularity)
         families: list[Family] = [Arithmetic(self), Extraction(self), QA(self), Coding(self)]
@@ -74,7 +90,7 @@ class SimWorld:
         return {tool.name: tool for family in self.families.values() for tool in family.tools()}
 
     def evaluator(self, task: Task) -> TaskEvaluator:
-        return TaskEvaluator(self.families[task.family], task)
+        return TaskEvaluator(self.families[task.family], task, self.judging)
 
     def llm(self) -> SimLLM:
         return SimLLM(self)

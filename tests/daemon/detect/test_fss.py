@@ -376,3 +376,18 @@ def test_micro_clusters_stay_within_capacity_and_lose_no_weight(points, capacity
     assert micro.current_weights().sum() == pytest.approx(len(handed))
     live = set(micro.ids.tolist())
     assert all(micro.resolve(micro_id) in live for micro_id in handed)
+
+
+def test_without_the_latency_trait_a_signature_does_not_depend_on_durations():
+    """A simulated run's durations are the machine's pace: with `latency=False` two runs that differ
+    only in how long each span took get the same signatures."""
+    quick, slow = SignatureFeaturizer(latency=False), SignatureFeaturizer(latency=False)
+    for index, latency in enumerate((100, 110, 90, 105, 95, 100)):
+        quick.learn_one(_failure(start_ns=0, end_ns=latency * 1_000_000))
+        slow.learn_one(_failure(start_ns=0, end_ns=(latency + 50 * index) * 1_000_000))
+    late = _failure(start_ns=0, end_ns=900 * 1_000_000)
+    assert np.array_equal(quick.transform_one(late), slow.transform_one(late))
+    timed = SignatureFeaturizer()
+    for latency in (100, 110, 90, 105, 95, 100):
+        timed.learn_one(_failure(start_ns=0, end_ns=latency * 1_000_000))
+    assert not np.array_equal(timed.transform_one(late), quick.transform_one(late))

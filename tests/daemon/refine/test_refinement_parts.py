@@ -20,6 +20,7 @@ from cegraph.connectors.otlp.codec import decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget, shadow_endpoint
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.demo.process import free_port
+from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import (
     CANARY_DECIDED,
@@ -31,11 +32,12 @@ from cegraph.daemon.events import (
 from cegraph.daemon.ingest.normalize import TextPolicy, normalize
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
 from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
-from cegraph.daemon.refine.operators import OPERATORS, Edit
+from cegraph.daemon.refine.operators import OPERATORS, Edit, apply_edit
 from cegraph.daemon.refine.proposers import parse_edits
 from cegraph.daemon.refine.replay import ReplayItem, ReplayStore
+from cegraph.daemon.refine.shadow import ShadowRunner
 from cegraph.daemon.runner import StageRunner
-from cegraph.daemon.settings import IngestSettings, load_settings
+from cegraph.daemon.settings import DetectorSettings, IngestSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
 from cegraph.schemas.feedback import Feedback
@@ -267,3 +269,23 @@ def test_a_replayed_input_carries_the_latest_expected_output_its_feedback_gave(t
     assert references[traces[0]] == {"arithmetic": {"answer": 2}}
     assert references[traces[1]] is None and references[traces[2]] == "Answer: 7"
     assert sum(reference is not None for reference in references.values()) == 2
+
+
+def test_a_shadow_run_counts_every_completion_an_ensemble_samples_and_a_retry_each_one():
+    """The cost of a candidate is what the model was asked for: five samples are five calls."""
+    world = SimWorld(0)
+    spec = apply_edit(ARITHMETIC_SLIP, Edit(operator="ensemble", node="solve", samples=5), "1.1.0")[0]
+    target = RuntimeShadowTarget(world.llm(), tools=world.tools(), evaluator_for=sim_evaluator_for(world))
+    items = [ReplayItem(f"t{i}", i, world.task("arithmetic", i).input, "target", 1.0) for i in range(6)]
+
+    async def run():
+        runs = [await target.runtime.execute(spec, item.input, seed=item.seed) for item in items]
+        outcomes = await ShadowRunner(target).run(
+            spec, items, FailureDetector(DetectorSettings()).classifier()
+        )
+        return runs, outcomes
+
+    runs, outcomes = asyncio.run(run())
+    expected = [sum(node.llm_calls for node in run.nodes) for run in runs]
+    assert [outcome.llm_calls for outcome in outcomes] == expected
+    assert min(expected) >= 5  # the five samples, not the one span they share

@@ -441,3 +441,40 @@ def test_a_replayed_input_gets_the_ground_truth_its_task_was_generated_with():
             assert replayed is not None, task.input
             assert (replayed.family, replayed.truth) == (task.family, task.truth)
     assert world.task_for_input({"question": "What is the meaning of life?"}) is None
+
+
+# --- how the judge speaks: paraphrased critiques, bare labels, flipped verdicts ---
+
+
+async def test_a_paraphrasing_judge_names_no_mechanism_and_a_labelling_one_only_pass_or_fail():
+    from cegraph.daemon.refine.proposers import RULES
+    from cegraph.daemon.sim.judging import GENERIC, PARAPHRASES, Judging
+    from cegraph.daemon.sim.refiner_model import ADVICE, REWRITES
+
+    words = {w for ws, _ in RULES for w in ws} | {w for w, _ in ADVICE} | {w for w, _ in REWRITES}
+    for phrase in [*GENERIC, *(p for options in PARAPHRASES.values() for p in options)]:
+        assert not [w for w in words if w in phrase.lower()], phrase
+    spec = example_spec("service", tools=list(SimWorld(0).tools()))
+    tasks = [SimWorld(0).task(f, i) for f in ("arithmetic", "extraction", "qa") for i in range(60)]
+    worded = await run(SimWorld(0), spec, tasks)
+    paraphrased = await run(SimWorld(0, judging=Judging("paraphrased")), spec, tasks)
+    labels = await run(SimWorld(0, judging=Judging("labels")), spec, tasks)
+    assert count(worded, failed) >= 10  # enough failures for the comparison to mean something
+    assert [r.failed for r in worded] == [r.failed for r in paraphrased] == [r.failed for r in labels]
+    said = {r.evaluation.explanation for r in paraphrased if r.failed}
+    assert len(said) >= 6 and not any(w in text.lower() for text in said for w in words)
+    bare = {(r.evaluation.explanation, r.evaluation.node_id) for r in labels if r.failed}
+    assert bare == {("failed", None)}
+
+
+async def test_a_noisy_judge_flips_about_its_share_of_verdicts_the_same_way_every_time():
+    from cegraph.daemon.sim.judging import Judging
+
+    spec = example_spec("service", tools=list(SimWorld(0).tools()))
+    tasks = [SimWorld(0).task(f, i) for f in ("arithmetic", "extraction", "qa") for i in range(150)]
+    truth = await run(SimWorld(0), spec, tasks)
+    noisy = await run(SimWorld(0, judging=Judging(flip=0.15)), spec, tasks)
+    again = await run(SimWorld(0, judging=Judging(flip=0.15)), spec, tasks)
+    flipped = sum(a.failed != b.failed for a, b in zip(truth, noisy, strict=True))
+    assert_near(flipped, len(tasks), 0.15)
+    assert [r.failed for r in noisy] == [r.failed for r in again]

@@ -1,0 +1,344 @@
+"""The refinement methods the benchmark compares, each as an anytime search: a `Curve` of the specs it
+held and the LLM calls it had spent when it adopted each.
+
+Every method starts from the same recorded, labelled traffic: executions `0 .. recorded-1` of the
+task source on the base spec, with seed `i` for execution `i` (`Setup.record`). That traffic is free
+for everyone; everything after it is paid in LLM calls, counted per completion (an ensemble's five
+samples are five calls, a retry is a call, a proposer's or an LLM judge's call is a call):
+
+- `failure_driven`: cegraph's loop (the embedded daemon: ingest, modes, refinement jobs, shadow
+  verification, patches). It reads the recorded traffic; each patch becomes the spec later traffic
+  runs, as a promoted canary would, and that later traffic is charged to it (executions it reads
+  beyond the recorded ones cost what they cost the service).
+- `random_edits`: a random applicable edit, evaluated on the validation split, kept when it fails on
+  fewer validation inputs; `on_failing_node` restricts the edits to the node most validation
+  failures are blamed on (what knowing where it fails buys, without the failure modes).
+- `aflow`: AFlow's search (Zhang et al., arXiv 2410.10762, and its code) over the same operators:
+  a tree of specs, the parent drawn from the top `sample` specs by AFlow's soft mixed probability
+  (`select`), the child proposed by an LLM shown the parent spec and three of its failure logs
+  (input, output, the evaluator's explanation), each spec scored `repeats` times on the validation
+  split, the best validation score kept.
+
+Determinism: every execution's trace ids derive from (run, index) (`derive_ids_for`), seeds are task
+indices, every random choice comes from a `random.Random` seeded per run, and the signatures leave
+out latency (`CEGRAPH_DETECTOR__LATENCY_TRAIT=false`: a simulated span's duration is this machine's
+pace, and with it the modes, and so the jobs, changed between runs of one seed); the same seed gives
+the same curve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
+from cegraph.daemon.detect.density import ModeTracker
+from cegraph.daemon.embedded import EmbeddedDaemon
+from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, refusal
+from cegraph.daemon.refine.proposers import FALLBACK, RULES, Counterexample, LLMProposer, ModeContext
+from cegraph.daemon.settings import load_settings
+from cegraph.daemon.sim import SimWorld
+from cegraph.daemon.sim.core import Task
+from cegraph.daemon.sim.traffic import ExecutionIds, derive_ids_for
+from cegraph.daemon.workflows.registry import apply_patch
+from cegraph.daemon.workflows.runtime import ExecutionResult, WorkflowRuntime
+from cegraph.schemas.workflow import WorkflowSpec
+
+AFLOW_SAMPLE = 4  # specs the parent is drawn from (AFlow's `--sample`), the initial one among them
+AFLOW_ALPHA, AFLOW_LAMBDA = 0.2, 0.3  # AFlow's `_compute_probabilities` defaults (scores in percent)
+AFLOW_REPEATS = 5  # AFlow's validation rounds: each spec is scored this many times
+AFLOW_LOGS = 3  # failure logs shown to the optimizer (AFlow's `load_log` samples three)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One execution as a search sees it."""
+
+    index: int
+    failed: bool
+    calls: int  # LLM calls, per completion, the judge's included
+    node: str | None  # the node the failure is blamed on
+    log: str  # input, output and the evaluator's explanation: AFlow's failure log
+
+
+def run_of(index: int, result: ExecutionResult) -> Run:
+    evaluation = result.evaluation
+    failing = next((node.node_id for node in result.nodes if node.status == "error"), None)
+    node = (evaluation.node_id if evaluation is not None and evaluation.passed is False else None) or failing
+    explanation = evaluation.explanation if evaluation is not None else (result.error_type or "")
+    calls = sum(node.llm_calls for node in result.nodes) + sum(e.llm_calls for e in result.evaluations)
+    log = f"input: {result.input}\noutput: {(result.output or '')[:400]}\nverdict: {explanation}"
+    return Run(index, result.failed, calls, node if result.failed else None, log)
+
+
+@dataclass
+class Curve:
+    """(calls spent, spec) each time the method's answer changed; the first point is the base spec."""
+
+    points: list[tuple[int, WorkflowSpec]]
+    notes: dict = field(default_factory=dict)
+
+    def add(self, spent: int, spec: WorkflowSpec) -> None:
+        if spec.content_hash != self.points[-1][1].content_hash:
+            self.points.append((spent, spec))
+
+    def at(self, budget: int) -> WorkflowSpec:
+        """The spec the method held when it had spent at most `budget` calls."""
+        return [spec for spent, spec in self.points if spent <= budget][-1]
+
+
+class Setup:
+    """One seed's world: the base spec, the task source, the recorded traffic and the runtime that
+    every execution of every method goes through (`world.llm()` unless `llm` says otherwise)."""
+
+    def __init__(
+        self, seed: int, world: SimWorld, base: WorkflowSpec, tasks: Callable[[int], Task], *,
+        recorded: int, validation: int, llm=None, retrievers: Sequence[str] = ("kb_search",),
+    ) -> None:  # fmt: skip
+        self.seed = seed
+        self.world = world
+        self.base = base
+        self.tasks = tasks
+        self.recorded = recorded
+        self.validation = list(range(validation))  # the validation split: the first recorded inputs
+        self.llm = llm or world.llm()
+        self.retrievers = list(retrievers)
+        # the held-out verdicts are the truth, whatever the scenario's judge says
+        self.truth = SimWorld(seed, rates=world.rates, sandbox=world.sandbox)
+        self._runtime = WorkflowRuntime(self.llm, TracerProvider(), tools=world.tools())
+        self._tasks: dict[int, Task] = {}
+
+    def task(self, index: int) -> Task:
+        if index not in self._tasks:
+            self._tasks[index] = self.tasks(index)
+        return self._tasks[index]
+
+    def runs(
+        self, spec: WorkflowSpec, indices: Sequence[int], *, repeat: int = 0, truth: bool = False
+    ) -> list[Run]:
+        """`spec` on tasks `indices`, task `i` with seed `i` (repeat 0: the recorded seed) or a seed
+        of its own per repeat, judged by the scenario's judge (by the ground truth with `truth`)."""
+        judge = self.truth if truth else self.world
+
+        async def all_of() -> list[Run]:
+            async def one(index: int) -> Run:
+                task = self.task(index)
+                seed = index if repeat == 0 else 1_000_003 * repeat + index
+                result = await self._runtime.execute(
+                    spec, task.input, seed=seed, evaluator=judge.evaluator(task)
+                )
+                return run_of(index, result)
+
+            return list(await asyncio.gather(*(one(i) for i in indices)))
+
+        return asyncio.run(all_of())
+
+
+def candidate_edits(spec: WorkflowSpec, retrievers: Sequence[str], node: str | None = None) -> list[Edit]:
+    """Every edit of the grammar with the rules' argument sets that applies (on `node` when given)."""
+    argument_sets = [dict(a) for _, options in RULES for a in options] + [dict(a) for a in FALLBACK]
+    argument_sets += [{"operator": "format", "output_format": f} for f in ("json", "number", "text")]
+    argument_sets += [{"operator": "adjust_parameter", "parameter": "temperature", "value": 0.0}]
+    argument_sets += [{"operator": "custom_generate"}, {"operator": "test"}]
+    edits: list[Edit] = []
+    for node_id in [node] if node is not None else list(spec.nodes):
+        for arguments in argument_sets:
+            if arguments["operator"] == "add_retrieval":
+                arguments = {**arguments, "retriever": retrievers[0]}
+            edit = Edit(node=node_id, **arguments)
+            if edit not in edits and refusal(spec, edit) is None:
+                edits.append(edit)
+    assert {e.operator for e in edits} <= set(OPERATORS)
+    return edits
+
+
+def blamed_node(runs: Sequence[Run]) -> str | None:
+    counts = Counter(run.node for run in runs if run.node is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+# ------------------------------------------------------------------ random edits
+
+
+def random_edits(setup: Setup, budget: int, *, on_failing_node: bool = False) -> Curve:
+    rng = random.Random(f"random/{setup.seed}/{on_failing_node}")
+    spec, current = setup.base, setup.runs(setup.base, setup.validation)  # recorded: free
+    curve, spent, version = Curve([(0, spec)]), 0, 1
+    while spent < budget:
+        node = blamed_node(current) if on_failing_node else None
+        candidates = candidate_edits(spec, setup.retrievers, node) or candidate_edits(spec, setup.retrievers)
+        if not candidates:
+            break
+        try:
+            candidate, _ = apply_edit(spec, rng.choice(candidates), f"1.{version}.0")
+        except EditRefused:
+            continue
+        runs = setup.runs(candidate, setup.validation)
+        spent += sum(run.calls for run in runs)
+        if sum(run.failed for run in runs) < sum(run.failed for run in current):
+            spec, current, version = candidate, runs, version + 1
+            if spent <= budget:
+                curve.add(spent, spec)
+    curve.notes["accepted"] = version - 1
+    return curve
+
+
+# ------------------------------------------------------------------ AFlow-style MCTS
+
+
+@dataclass
+class _Round:
+    spec: WorkflowSpec
+    runs: list[Run]  # every validation run of this spec, over all repeats
+    tried: set[str] = field(default_factory=set)  # edits already expanded from it (AFlow's experience)
+
+    @property
+    def score(self) -> float:
+        return 1 - sum(run.failed for run in self.runs) / len(self.runs)
+
+
+def select(rounds: Sequence[_Round], rng: random.Random) -> _Round:
+    """AFlow's parent selection: the initial spec and the best others up to `AFLOW_SAMPLE`, drawn
+    with a mix of uniform and softmax(alpha * score in percent) probabilities."""
+    top = [rounds[0], *sorted(rounds[1:], key=lambda r: -r.score)][:AFLOW_SAMPLE]
+    top.sort(key=lambda r: -r.score)
+    best = max(r.score for r in top) * 100
+    weights = [math.exp(AFLOW_ALPHA * (r.score * 100 - best)) for r in top]
+    total = sum(weights)
+    mixed = [AFLOW_LAMBDA / len(top) + (1 - AFLOW_LAMBDA) * w / total for w in weights]
+    return rng.choices(top, weights=mixed)[0]
+
+
+def aflow(setup: Setup, budget: int, *, repeats: int = AFLOW_REPEATS) -> Curve:
+    rng = random.Random(f"aflow/{setup.seed}")
+    proposer = LLMProposer(setup.llm, model=setup.base.model or "sim-1")
+    spent = 0
+
+    def score(spec: WorkflowSpec, first: list[Run] | None = None) -> list[Run]:
+        nonlocal spent
+        runs = list(first or [])
+        for repeat in range(1 if first is not None else 0, repeats):
+            more = setup.runs(spec, setup.validation, repeat=repeat)
+            spent += sum(run.calls for run in more)
+            runs += more
+        return runs
+
+    rounds = [_Round(setup.base, score(setup.base, setup.runs(setup.base, setup.validation)))]
+    curve, expansions, from_llm = Curve([(0, setup.base)]), 0, 0
+    while spent < budget:
+        parent = select(rounds, rng)
+        failures = [run for run in parent.runs if run.failed]
+        node = blamed_node(failures) or parent.spec.output
+        logs = rng.sample(failures, min(AFLOW_LOGS, len(failures)))
+        context = ModeContext(
+            parent.spec, "aflow", node, {"node": node},
+            [Counterexample(f"log-{run.index}", run.node or node, run.log) for run in logs], setup.retrievers,
+        )  # fmt: skip
+        proposals = asyncio.run(proposer.propose(context))
+        spent += proposals.llm_calls
+        fresh = [p.edit for p in proposals.proposals if p.edit.model_dump_json() not in parent.tried]
+        if fresh:
+            edit, from_llm = fresh[0], from_llm + 1
+        else:  # the optimizer repeated itself: an untried edit of the failing node instead
+            untried = [
+                e for e in candidate_edits(parent.spec, setup.retrievers, node)
+                if e.model_dump_json() not in parent.tried
+            ]  # fmt: skip
+            if not untried:
+                parent.tried.add("exhausted")
+                if all("exhausted" in r.tried for r in rounds):
+                    break
+                continue
+            edit = rng.choice(untried)
+        parent.tried.add(edit.model_dump_json())
+        try:
+            child, _ = apply_edit(parent.spec, edit, f"1.{len(rounds)}.0")
+        except EditRefused:
+            continue
+        expansions += 1
+        rounds.append(_Round(child, score(child)))
+        best = max(rounds, key=lambda r: r.score)
+        if spent <= budget:
+            curve.add(spent, best.spec)
+    curve.notes |= {"expansions": expansions, "expansions_from_llm": from_llm}
+    return curve
+
+
+# ------------------------------------------------------------------ cegraph
+
+
+def failure_driven(
+    setup: Setup, budget: int, *, proposers: Sequence[str] | None = None, one_mode: bool = False,
+    batch: int = 500,
+) -> Curve:  # fmt: skip
+    """cegraph's loop: the recorded traffic, then `batch` executions at a time on the spec it holds,
+    each later batch charged; the daemon's refinement jobs spend the rest. `one_mode` puts every
+    failure in one mode (a mode distance no two signatures exceed); `proposers` replaces the default."""
+    refiner = {"cooldown_s": 0} | ({"proposers": list(proposers)} if proposers is not None else {})
+    with tempfile.TemporaryDirectory(prefix="cegraph-bench-refinement-") as folder:
+        settings = load_settings(
+            store={"path": str(Path(folder) / "s.duckdb")}, llm={"sim_seed": setup.seed},
+            publisher={"signing_key": "bench"}, refiner=refiner,
+            detector={"cooldown_s": 0, "latency_trait": False},
+        )  # fmt: skip
+        daemon = EmbeddedDaemon(settings)
+        # shadow runs in the scenario's world, judged by its judge, as the recorded traffic was
+        daemon.refine_stage.refiner.runner.target = RuntimeShadowTarget(
+            setup.llm, tools=setup.world.tools(), evaluator_for=sim_evaluator_for(setup.world)
+        )
+        if one_mode:  # cosine distances are at most 2: one cut above that joins everything
+            daemon.stage.detector.tracker_factory = lambda ids: ModeTracker(mode_distance=2.5, ids=ids)
+        try:
+            return _loop(setup, daemon, budget, batch)
+        finally:
+            daemon.close()
+
+
+def _loop(setup: Setup, daemon: EmbeddedDaemon, budget: int, batch: int) -> Curve:
+    spec = setup.base
+    daemon.registry.register(spec)
+    provider = TracerProvider(id_generator=ExecutionIds())
+    provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
+    runtime = WorkflowRuntime(setup.llm, provider, tools=setup.world.tools())
+    curve, spent, start, idle, jobs = Curve([(0, spec)]), 0, 0, 0, []
+    while spent < budget and idle < 2:
+        size = setup.recorded if start == 0 else batch
+        calls = asyncio.run(_record(runtime, setup, spec, range(start, start + size)))
+        spent += 0 if start == 0 else calls  # the recorded traffic is everyone's; the rest is paid
+        start += size
+        daemon.pump(drain=True)
+        for job in daemon.refine():
+            jobs.append(
+                {k: job[k] for k in ("mode", "outcome", "reason")} | {"calls": job["cost"]["llm_calls"]}
+            )
+            spent += job["cost"]["llm_calls"]
+        patches = daemon.publish()
+        idle = 0 if patches else idle + 1
+        for patch in patches:
+            if patch.base_version == spec.version:
+                spec = apply_patch(spec, patch)  # promoted: the next traffic runs it
+                if spent <= budget:
+                    curve.add(spent, spec)
+    curve.notes |= {"jobs": jobs, "executions_read": start}
+    return curve
+
+
+async def _record(runtime: WorkflowRuntime, setup: Setup, spec: WorkflowSpec, indices: range) -> int:
+    """Run executions `indices` of the traffic on `spec`; the LLM calls they took."""
+
+    async def one(index: int) -> int:
+        derive_ids_for(f"bench/{setup.seed}", index)
+        task = setup.task(index)
+        result = await runtime.execute(spec, task.input, seed=index, evaluator=setup.world.evaluator(task))
+        return run_of(index, result).calls
+
+    return sum(await asyncio.gather(*(one(index) for index in indices)))
