@@ -63,7 +63,8 @@ def test_interrupted_test_run_stops_its_broker(tmp_path):
     )
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / part) for part in ("ops/kafka", "ops/llm", "tests"))
+    paths = ("ops/kafka", "ops/llm", "tests/fixtures")
+    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / part) for part in paths)
     run = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", str(tmp_path / "test_sleeps.py")],
         stdout=subprocess.PIPE,
