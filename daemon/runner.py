@@ -162,10 +162,6 @@ class Runner:
         for runner in self.runners.values():
             runner.stop()
 
-    def wake(self) -> None:
-        for runner in self.runners.values():
-            runner.wake()
-
     def drain(self, *names: str) -> int:
         """Step the named stages (all, by default) in order until each is caught up."""
         return sum(self.runners[name].drain() for name in names or self.runners)
