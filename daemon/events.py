@@ -18,6 +18,7 @@ from cegraph.schemas.feedback import Feedback
 EXECUTION_COMPLETED = "ExecutionCompleted"
 EXECUTION_AMENDED = "ExecutionAmended"
 FEEDBACK_RECEIVED = "FeedbackReceived"
+INGEST_ADVANCED = "IngestAdvanced"  # how far ingest has stored each spans partition: the detector's watermark
 MESSAGE_DEAD_LETTERED = "MessageDeadLettered"
 WORKFLOW_REGISTERED = "WorkflowRegistered"
 # the density stage
@@ -103,10 +104,26 @@ class ModelPayload:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionCompletedPayload(Payload):
+    """`partition` and `offset`: the last spans message of the execution, its place in the detector's
+    order (absent in logs written before they were recorded)."""
+
     TYPE = EXECUTION_COMPLETED
     trace_id: str
     complete: bool
     reason: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class IngestAdvancedPayload(Payload):
+    """Per spans partition (its number as text): [the offset below which every message is stored,
+    whether that was all the partition held], for the partitions the reporting consumer reads."""
+
+    TYPE = INGEST_ADVANCED
+    topic: str
+    partitions: int
+    progress: dict[str, list[Any]]
 
 
 FeedbackReceivedPayload = ModelPayload(FEEDBACK_RECEIVED, Feedback)

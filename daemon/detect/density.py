@@ -53,15 +53,17 @@ class TrackedMode:
 
 
 class ModeIds:
-    """Mode ids m1, m2, ...; one allocator shared by the trackers of every workflow, so that an id
-    names one mode of one workflow."""
+    """Mode ids m1, m2, ... of one workflow, `m1@<workflow>` when it has an id: an id names one mode
+    of one workflow, and does not depend on the order other workflows' modes emerged in (which
+    differs between a detector that sees every workflow and one that sees some of them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, workflow: str = "") -> None:
+        self.suffix = f"@{workflow}" if workflow else ""
         self.last = 0
 
     def next(self) -> str:
         self.last += 1
-        return f"m{self.last}"
+        return f"m{self.last}{self.suffix}"
 
 
 def unit(x: np.ndarray) -> np.ndarray:

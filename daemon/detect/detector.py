@@ -210,7 +210,6 @@ class FailureDetector:
         self.settings = settings
         self.clock = clock
         self.embedder = _embedder(settings)
-        self.ids = ModeIds()
         cut = EMBEDDED_MODE_DISTANCE if self.embedder is not None else HASHED_MODE_DISTANCE
         self.tracker_factory = tracker_factory or (lambda ids: ModeTracker(mode_distance=cut, ids=ids))
         self.workflows: dict[str, WorkflowModes] = {}
@@ -230,7 +229,7 @@ class FailureDetector:
         if modes is None:
             modes = self.workflows[workflow] = WorkflowModes(
                 SignatureFeaturizer(self.embedder, latency=self.settings.latency_trait),
-                self.tracker_factory(self.ids),
+                self.tracker_factory(ModeIds(workflow)),
             )
         return modes
 

@@ -20,15 +20,19 @@ import orjson
 
 from cegraph.daemon.detect.detector import ExecutionInput, FailureDetector, ModeClassifier, workflow_of
 from cegraph.daemon.detect.failures import FeedbackSignal
+from cegraph.daemon.detect.sequencer import Key, Progress, Sequencer
 from cegraph.daemon.events import (
     DETECTOR_STEPPED,
     EXECUTION_COMPLETED,
     FEEDBACK_RECEIVED,
+    INGEST_ADVANCED,
     MASS_OBSERVED,
     MODE_FADED,
     MODE_MERGED,
     DetectorSteppedPayload,
     Event,
+    ExecutionCompletedPayload,
+    IngestAdvancedPayload,
     MassObservedPayload,
     ModeChangedPayload,
 )
@@ -37,6 +41,7 @@ from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import NODE_FIELDS, EventStore
 
 DETECT = "detect"  # the stage's row in `stage_cursors`
+LOG = "log"  # the source of executions recorded without a spans offset: always caught up
 
 # The stage's projections are views over its events: always equal to the log, nothing to rebuild.
 _M = MassObservedPayload
@@ -109,7 +114,8 @@ def _signal(row: dict[str, Any]) -> FeedbackSignal:
 
 
 class DetectorStage:
-    """The detector as a `Stage`: each step runs one batch of the log through the `FailureDetector`."""
+    """The detector as a `Stage`: each step reads a stretch of the log into the `Sequencer` and runs
+    the batches it releases through the `FailureDetector`, one workflow at a time."""
 
     name = DETECT
 
@@ -121,12 +127,14 @@ class DetectorStage:
         batch: int = 500,
         on_batch: Callable[[FailureDetector, list[Event]], None] | None = None,
     ) -> None:
-        """`detector` makes a fresh detector: `open` starts from one and replays the log into it."""
+        """`detector` makes a fresh detector: `open` starts from one and replays the log into it;
+        `batch` is the sequencer's batch (a reclustering ends each) and the inputs one step reads."""
         self.store = store
         self.new_detector = detector
         self.batch = batch
         self.on_batch = on_batch
         self.detector = detector()
+        self.sequencer: Sequencer[ExecutionInput] = Sequencer(batch=batch)
         self.cursor = 1
         self._lock = threading.Lock()  # the detector is read by refinement workers between batches
         store.query(VIEWS)
@@ -136,13 +144,15 @@ class DetectorStage:
             return self.detector.classifier()
 
     def open(self, checkpoint: Checkpoint) -> None:
-        """Rebuild the detector's state from the log before the checkpoint, emitting nothing.
+        """Rebuild the detector's and the sequencer's state from the log before the checkpoint,
+        emitting nothing.
 
-        The detector's state depends on how its input was batched (each batch ends with a
-        reclustering), so the replay runs the batches the live steps ran, as `DetectorStepped`
-        recorded them; a log written before those events existed is replayed in windows.
+        Where the sequencer releases batches depends on where steps ended (when ingest has caught
+        up, a step's end releases the short last batch), so the replay runs the steps the live run
+        ran, as `DetectorStepped` recorded them; a log written before those events existed is
+        replayed in windows.
         """
-        detector = self.new_detector()
+        detector, sequencer = self.new_detector(), Sequencer[ExecutionInput](batch=self.batch)
         stepped = DetectorSteppedPayload
         ranges = self.store.query(
             f"SELECT {stepped.sql('first', 'BIGINT')}, {stepped.sql('last', 'BIGINT')} FROM events "
@@ -153,31 +163,31 @@ class DetectorStage:
         for step_first, step_last in [*ranges, (checkpoint.position, checkpoint.position - 1)]:
             while first < step_first:  # no recorded step: a log from before they were recorded
                 last = min(first + self.batch * 10, step_first) - 1
-                detector.observe(self._inputs(first, last))
+                self._run(detector, sequencer, first, last)
                 first = last + 1
             if step_first <= step_last:
-                detector.observe(self._inputs(step_first, step_last))
+                self._run(detector, sequencer, step_first, step_last)
                 first = step_last + 1
         with self._lock:
-            self.detector, self.cursor = detector, checkpoint.position
+            self.detector, self.sequencer, self.cursor = detector, sequencer, checkpoint.position
 
     def poll(self) -> Step | None:
-        """The next batch of what ingest stored, through the detector: `batch` executions and feedback
-        (or what there is), counted in inputs, so other writers' events in between move no boundary."""
+        """The next stretch of the log through the sequencer and the detector: up to `batch` inputs
+        (executions, feedback, ingest's reports), counted in inputs, so other writers' events in
+        between move no boundary."""
         end = self.store.last_seq()
         if self.cursor > end:
             return None
         [(count, nth)] = self.store.query(
             "SELECT count(*), max(seq) FROM (SELECT seq FROM events "
-            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?) ORDER BY seq LIMIT ?)",
-            self.cursor, end, EXECUTION_COMPLETED, FEEDBACK_RECEIVED, self.batch,
+            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?, ?) ORDER BY seq LIMIT ?)",
+            self.cursor, end, EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED, self.batch,
         )  # fmt: skip
         first, last = self.cursor, nth if count == self.batch else end
-        inputs = self._inputs(first, last)
         with self._lock:
-            events, _ = self.detector.observe(inputs)
+            events = self._run(self.detector, self.sequencer, first, last)
             self.cursor = last + 1
-        if inputs:
+        if count:
             events.append(DetectorSteppedPayload(first, last).event(DETECT))
         if self.on_batch is not None:
             self.on_batch(self.detector, events)
@@ -186,17 +196,35 @@ class DetectorStage:
     def close(self) -> None:
         return None
 
-    def _inputs(self, first: int, last: int) -> list[ExecutionInput]:
-        """The executions completed and the feedback received in `first..last`, in log order."""
+    def _run(
+        self, detector: FailureDetector, sequencer: Sequencer[ExecutionInput], first: int, last: int
+    ) -> list[Event]:
+        """Feed `first..last` to the sequencer, in log order, and detect in what it releases."""
+        for entry in self._entries(first, last):
+            if isinstance(entry, IngestAdvancedPayload):
+                progress = {int(p): Progress(int(at), bool(done)) for p, (at, done) in entry.progress.items()}
+                sequencer.advance(entry.topic, entry.partitions, progress)
+            else:
+                key, execution = entry
+                sequencer.add(execution.workflow_id, key, execution)
+        events: list[Event] = []
+        for _, batch in sequencer.ready():
+            events.extend(detector.observe(batch)[0])
+        return events
+
+    def _entries(self, first: int, last: int) -> list[IngestAdvancedPayload | tuple[Key, ExecutionInput]]:
+        """The executions completed, the feedback received and ingest's reports in `first..last`, in
+        log order; each execution and late feedback with its place in the sequencer's order."""
         rows = self.store.query_dicts(
             "SELECT seq, type, key, payload FROM events "
-            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?) ORDER BY seq",
-            first, last, EXECUTION_COMPLETED, FEEDBACK_RECEIVED,
+            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?, ?) ORDER BY seq",
+            first, last, EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED,
         )  # fmt: skip
         if not rows:
             return []
+        payloads = {r["seq"]: orjson.loads(r["payload"]) for r in rows}
         executed_at = {r["key"]: r["seq"] for r in rows if r["type"] == EXECUTION_COMPLETED}
-        feedback = {r["seq"]: orjson.loads(r["payload"]) for r in rows if r["type"] == FEEDBACK_RECEIVED}
+        feedback = {r["seq"]: payloads[r["seq"]] for r in rows if r["type"] == FEEDBACK_RECEIVED}
         nodes: dict[str, list[Node]] = {}
         for row in self.store.query_dicts(
             "SELECT * FROM event_spans WHERE NOT amended AND (seq IN (SELECT unnest(?)) "
@@ -211,23 +239,49 @@ class DetectorStage:
             last,
         ):
             earlier.setdefault(row["trace_id"], []).append((row["seq"], _signal(row)))
-        inputs: list[ExecutionInput] = []
+        places = self._places(executed_at, payloads)
+        entries: list[IngestAdvancedPayload | tuple[Key, ExecutionInput]] = []
         for row in rows:
-            if row["type"] == EXECUTION_COMPLETED:
+            seq, payload = row["seq"], payloads[row["seq"]]
+            if row["type"] == INGEST_ADVANCED:
+                entries.append(IngestAdvancedPayload(**payload))
+            elif row["type"] == EXECUTION_COMPLETED:
                 trace = row["key"]
-                joined = [
-                    signal
-                    for seq, signal in sorted(earlier.get(trace, []), key=lambda s: s[0])
-                    if seq < row["seq"]
-                ]
-                inputs.append(_execution(trace, nodes.get(trace, []), joined))
+                joined = [signal for at, signal in sorted(earlier.get(trace, [])) if at < seq]
+                if "offset" not in payload:  # a log from before executions had a place: the log's order
+                    entries.append(IngestAdvancedPayload(LOG, 1, {"0": [seq + 1, True]}))
+                entries.append((places[trace], _execution(trace, nodes.get(trace, []), joined)))
             else:
-                payload = feedback[row["seq"]]
                 trace = payload["trace_id"]
-                if trace not in nodes or executed_at.get(trace, 0) > row["seq"]:
+                if trace not in nodes or executed_at.get(trace, 0) > seq:
                     continue  # not executed yet: it is joined when the execution completes
-                inputs.append(_execution(trace, nodes[trace], [_signal(payload)], feedback_only=True))
-        return inputs
+                place = (*self._place_of(trace, places), row["key"])
+                late = _execution(trace, nodes[trace], [_signal(payload)], feedback_only=True)
+                entries.append((place, late))
+        return entries
+
+    def _places(self, executed_at: dict[str, int], payloads: dict[int, dict[str, Any]]) -> dict[str, Key]:
+        places = {}
+        for trace, seq in executed_at.items():
+            payload = payloads[seq]
+            offset, partition = payload.get("offset"), payload.get("partition", 0)
+            places[trace] = (seq, 0, trace, "") if offset is None else (offset, partition, trace, "")
+        return places
+
+    def _place_of(self, trace: str, places: dict[str, Key]) -> tuple[int, int, str]:
+        """Where late feedback sorts: right behind its execution (so it is late by construction)."""
+        if trace in places:
+            return places[trace][:3]
+        completed = ExecutionCompletedPayload
+        found = self.store.query(
+            f"SELECT seq, {completed.sql('offset', 'BIGINT')}, {completed.sql('partition', 'BIGINT')} "
+            "FROM events WHERE type = ? AND key = ? ORDER BY seq LIMIT 1",
+            EXECUTION_COMPLETED, trace,
+        )  # fmt: skip
+        if not found:
+            return (0, 0, trace)
+        seq, offset, partition = found[0]
+        return (seq, 0, trace) if offset is None else (offset, partition, trace)
 
 
 def _execution(trace: str, nodes: list[Node], feedback: list[FeedbackSignal], feedback_only: bool = False):

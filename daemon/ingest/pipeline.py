@@ -22,8 +22,10 @@ from cegraph.daemon.events import (
     EXECUTION_AMENDED,
     EXECUTION_COMPLETED,
     FEEDBACK_RECEIVED,
+    INGEST_ADVANCED,
     MESSAGE_DEAD_LETTERED,
     Event,
+    IngestAdvancedPayload,
 )
 from cegraph.daemon.ingest.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
 from cegraph.daemon.ingest.normalize import TextPolicy, log_details, normalize, with_log_details
@@ -150,6 +152,7 @@ class IngestPipeline:
         self._events: list[Event] = []
         self._forced_out: list[Assembled] = []
         self._late: dict[str, _Late] = {}
+        self._reported = self._last_report()  # per spans partition, what the last report said
         # traces already stored: their re-read spans go straight to the duplicate check
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(
             self.store.recent_trace_ids(RECENT_TRACES)
@@ -297,8 +300,15 @@ class IngestPipeline:
 
     # ---------------------------------------------------------------- persist
 
-    def flush(self, *, drain: bool = False) -> FlushResult:
+    def flush(
+        self, *, drain: bool = False, ends: dict[int, int] | None = None, partitions: int | None = None
+    ) -> FlushResult:
         """Persist what became final since the last flush, with the offsets it makes safe.
+
+        `ends` (the end offset of each spans partition this consumer reads) and `partitions` (how
+        many the topic has) go into the progress report the detector sequences by
+        (`daemon/detect/sequencer.py`); without them every partition read is taken as caught up,
+        as for an in-process transport that hands over everything it has.
 
         When it raises, nothing of it may be trusted: the events may or may not be durable (DuckDB can
         commit and then fail its checkpoint), and the offsets in memory have moved past them. So the
@@ -307,17 +317,20 @@ class IngestPipeline:
         """
         self._check_usable()
         try:
-            return self._flush(drain)
+            return self._flush(drain, ends, partitions)
         except BaseException:
             self._needs_reset = True
             raise
 
-    def _flush(self, drain: bool) -> FlushResult:
+    def _flush(self, drain: bool, ends: dict[int, int] | None, partitions: int | None) -> FlushResult:
         done = self._forced_out + (self.assembler.drain() if drain else self.assembler.poll(self.clock()))
         self._forced_out = []
         late, self._late = self._late, {}
         result = FlushResult()
         if not done and not late and not self._events:
+            report = self._progress(self.pending.committable(), ends, partitions)
+            if report is not None:
+                self.store.append([report])
             return result
         candidates = [a.trace_id for a in done] + list(late)
         if self._recent_is_all:
@@ -334,12 +347,15 @@ class IngestPipeline:
                 # Evicted, reopened by later spans and out again before this flush: the second
                 # one must amend the first, not become a second execution.
                 stored[assembled.trace_id] = {node.span_id for node in assembled.nodes}
+                spans = [(o, p) for topic, p, o in assembled.messages if topic == self.spans_topic]
+                offset, partition = max(spans, default=(-1, 0))
                 events.append(
                     Event(
                         EXECUTION_COMPLETED,
                         assembled.trace_id,
                         {"trace_id": assembled.trace_id, "complete": assembled.complete,
-                         "reason": assembled.reason, "nodes": assembled.nodes},
+                         "reason": assembled.reason, "partition": partition, "offset": offset,
+                         "nodes": assembled.nodes},
                     )
                 )  # fmt: skip
                 if assembled.complete:
@@ -355,6 +371,9 @@ class IngestPipeline:
             )
             self.pending.released(pending.messages)
         offsets = self.pending.committable()
+        report = self._progress(offsets, ends, partitions)
+        if report is not None:
+            events.append(report)
         with self.metrics.commit_seconds.time():
             self.store.append(events, offsets)
         self._stored.update(offsets)
@@ -369,6 +388,36 @@ class IngestPipeline:
         self.metrics.amendments.inc(result.amended)
         self.metrics.open_traces.set(len(self.assembler))
         return result
+
+    def _progress(
+        self, offsets: dict[tuple[str, int], int], ends: dict[int, int] | None, partitions: int | None
+    ) -> Event | None:
+        """How far each spans partition this consumer read is stored, if that changed since the last
+        report: every execution whose messages all lie below a partition's position is in the log
+        before the report."""
+        stored = {p: o for (topic, p), o in {**self._stored, **offsets}.items() if topic == self.spans_topic}
+        read = set(stored) | set(ends or ())
+        progress = {
+            p: (stored.get(p, 0), ends is None or stored.get(p, 0) >= ends.get(p, 0)) for p in sorted(read)
+        }
+        if all(self._reported.get(p) == value for p, value in progress.items()):
+            return None
+        self._reported.update(progress)
+        count = partitions if partitions is not None else max(read) + 1
+        report = IngestAdvancedPayload(
+            topic=self.spans_topic,
+            partitions=count,
+            progress={str(p): list(value) for p, value in progress.items()},
+        )
+        return report.event(self.spans_topic)
+
+    def _last_report(self) -> dict[int, tuple[int, bool]]:
+        rows = self.store.query(
+            "SELECT payload FROM events WHERE type = ? ORDER BY seq DESC LIMIT 1", INGEST_ADVANCED
+        )
+        if not rows:
+            return {}
+        return {int(p): (at, done) for p, (at, done) in orjson.loads(rows[0][0])["progress"].items()}
 
     def _amend(self, events: list[Event], trace_id: str, nodes: list[Node], known: set[str]) -> int:
         """Append the spans not `known` yet as an amendment; they are `known` afterwards."""
