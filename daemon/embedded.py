@@ -65,15 +65,17 @@ class EmbeddedDaemon:
 
     def _receive(self, key: bytes | None, payload: bytes) -> None:
         with self._lock:
-            self._queue.append(InMessage(self.settings.kafka.spans_topic, 0, self._next_offset, payload, key))
-            self._next_offset += 1
+            self._queue.append(InMessage(self.settings.kafka.spans_topic, 0, -1, payload, key))
 
     def pump(self, *, drain: bool = False) -> FlushResult:
         """Ingest what arrived, then run the detector stage; `drain` completes every open trace."""
         with self._lock:
             messages, self._queue = self._queue, []
-        # in trace order, not arrival order: with derived trace ids a seeded run repeats itself
+        # in trace order, not arrival order: with derived trace ids a seeded run repeats itself (the
+        # offsets too: they are the detector's order)
         messages.sort(key=lambda message: message.key or b"")
+        for message in messages:
+            message.offset, self._next_offset = self._next_offset, self._next_offset + 1
         self.pipeline.handle(messages)  # no dead letters here: the runtime's spans always decode
         result = self.pipeline.flush(drain=drain)
         self.runner.drain(DETECT)

@@ -19,6 +19,7 @@ EXECUTION_COMPLETED = "ExecutionCompleted"
 EXECUTION_AMENDED = "ExecutionAmended"
 FEEDBACK_RECEIVED = "FeedbackReceived"
 INGEST_ADVANCED = "IngestAdvanced"  # how far ingest has stored each spans partition: the detector's watermark
+FAILURE_INPUT_RECEIVED = "FailureInputReceived"  # a detector input another process's ingest made
 MESSAGE_DEAD_LETTERED = "MessageDeadLettered"
 WORKFLOW_REGISTERED = "WorkflowRegistered"
 # the density stage
@@ -113,6 +114,15 @@ class ExecutionCompletedPayload(Payload):
     reason: str
     partition: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailureInputReceivedPayload(Payload):
+    """An execution (or late feedback) from the failures topic, with its place in the detector's order."""
+
+    TYPE = FAILURE_INPUT_RECEIVED
+    place: list[Any]
+    input: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,30 +18,24 @@ from typing import Any
 
 import orjson
 
-from cegraph.daemon.detect.detector import ExecutionInput, FailureDetector, ModeClassifier, workflow_of
-from cegraph.daemon.detect.failures import FeedbackSignal
-from cegraph.daemon.detect.sequencer import Key, Progress, Sequencer
+from cegraph.daemon.detect.detector import ExecutionInput, FailureDetector, ModeClassifier
+from cegraph.daemon.detect.inputs import DetectorInputs
+from cegraph.daemon.detect.sequencer import Progress, Sequencer
 from cegraph.daemon.events import (
     DETECTOR_STEPPED,
-    EXECUTION_COMPLETED,
-    FEEDBACK_RECEIVED,
-    INGEST_ADVANCED,
     MASS_OBSERVED,
     MODE_FADED,
     MODE_MERGED,
     DetectorSteppedPayload,
     Event,
-    ExecutionCompletedPayload,
     IngestAdvancedPayload,
     MassObservedPayload,
     ModeChangedPayload,
 )
-from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.stage import Checkpoint, Step
-from cegraph.daemon.store import NODE_FIELDS, EventStore
+from cegraph.daemon.store import EventStore
 
 DETECT = "detect"  # the stage's row in `stage_cursors`
-LOG = "log"  # the source of executions recorded without a spans offset: always caught up
 
 # The stage's projections are views over its events: always equal to the log, nothing to rebuild.
 _M = MassObservedPayload
@@ -95,24 +89,6 @@ def stored_modes(store: EventStore) -> list[dict[str, Any]]:
     return rows
 
 
-def node_from_row(row: dict[str, Any]) -> Node:
-    values = {name: row[name] for name in NODE_FIELDS}
-    values["evaluations"] = [Evaluation(**e) for e in orjson.loads(row["evaluations"] or "[]")]
-    values["finish_reasons"] = list(row["finish_reasons"] or [])
-    return Node(**values)
-
-
-def _signal(row: dict[str, Any]) -> FeedbackSignal:
-    """From a feedback projection row or a FeedbackReceived payload (same field names)."""
-    return FeedbackSignal(
-        row["trace_id"],
-        row.get("span_id"),
-        row.get("critique") or "",
-        row.get("source") or "",
-        row.get("score"),
-    )
-
-
 class DetectorStage:
     """The detector as a `Stage`: each step reads a stretch of the log into the `Sequencer` and runs
     the batches it releases through the `FailureDetector`, one workflow at a time."""
@@ -134,6 +110,7 @@ class DetectorStage:
         self.batch = batch
         self.on_batch = on_batch
         self.detector = detector()
+        self.inputs = DetectorInputs(store)
         self.sequencer: Sequencer[ExecutionInput] = Sequencer(batch=batch)
         self.cursor = 1
         self._lock = threading.Lock()  # the detector is read by refinement workers between batches
@@ -173,21 +150,15 @@ class DetectorStage:
 
     def poll(self) -> Step | None:
         """The next stretch of the log through the sequencer and the detector: up to `batch` inputs
-        (executions, feedback, ingest's reports), counted in inputs, so other writers' events in
-        between move no boundary."""
+        (executions, feedback, ingest's reports)."""
         end = self.store.last_seq()
         if self.cursor > end:
             return None
-        [(count, nth)] = self.store.query(
-            "SELECT count(*), max(seq) FROM (SELECT seq FROM events "
-            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?, ?) ORDER BY seq LIMIT ?)",
-            self.cursor, end, EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED, self.batch,
-        )  # fmt: skip
-        first, last = self.cursor, nth if count == self.batch else end
+        first, last = self.cursor, self.inputs.stretch(self.cursor, end, self.batch)
         with self._lock:
-            events = self._run(self.detector, self.sequencer, first, last)
+            events, read = self._run(self.detector, self.sequencer, first, last)
             self.cursor = last + 1
-        if count:
+        if read:
             events.append(DetectorSteppedPayload(first, last).event(DETECT))
         if self.on_batch is not None:
             self.on_batch(self.detector, events)
@@ -198,9 +169,11 @@ class DetectorStage:
 
     def _run(
         self, detector: FailureDetector, sequencer: Sequencer[ExecutionInput], first: int, last: int
-    ) -> list[Event]:
-        """Feed `first..last` to the sequencer, in log order, and detect in what it releases."""
-        for entry in self._entries(first, last):
+    ) -> tuple[list[Event], int]:
+        """Feed `first..last` to the sequencer, in log order, and detect in what it releases; the
+        events, and how many entries the stretch held."""
+        entries = self.inputs.entries(first, last)
+        for entry in entries:
             if isinstance(entry, IngestAdvancedPayload):
                 progress = {int(p): Progress(int(at), bool(done)) for p, (at, done) in entry.progress.items()}
                 sequencer.advance(entry.topic, entry.partitions, progress)
@@ -210,79 +183,4 @@ class DetectorStage:
         events: list[Event] = []
         for _, batch in sequencer.ready():
             events.extend(detector.observe(batch)[0])
-        return events
-
-    def _entries(self, first: int, last: int) -> list[IngestAdvancedPayload | tuple[Key, ExecutionInput]]:
-        """The executions completed, the feedback received and ingest's reports in `first..last`, in
-        log order; each execution and late feedback with its place in the sequencer's order."""
-        rows = self.store.query_dicts(
-            "SELECT seq, type, key, payload FROM events "
-            "WHERE seq BETWEEN ? AND ? AND type IN (?, ?, ?) ORDER BY seq",
-            first, last, EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED,
-        )  # fmt: skip
-        if not rows:
-            return []
-        payloads = {r["seq"]: orjson.loads(r["payload"]) for r in rows}
-        executed_at = {r["key"]: r["seq"] for r in rows if r["type"] == EXECUTION_COMPLETED}
-        feedback = {r["seq"]: payloads[r["seq"]] for r in rows if r["type"] == FEEDBACK_RECEIVED}
-        nodes: dict[str, list[Node]] = {}
-        for row in self.store.query_dicts(
-            "SELECT * FROM event_spans WHERE NOT amended AND (seq IN (SELECT unnest(?)) "
-            "OR (trace_id IN (SELECT unnest(?)) AND seq < ?))",
-            list(executed_at.values()), [p["trace_id"] for p in feedback.values()], first,
-        ):  # fmt: skip
-            nodes.setdefault(row["trace_id"], []).append(node_from_row(row))
-        earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
-        for row in self.store.query_dicts(
-            "SELECT * FROM feedback WHERE trace_id IN (SELECT unnest(?)) AND seq <= ?",
-            list(executed_at),
-            last,
-        ):
-            earlier.setdefault(row["trace_id"], []).append((row["seq"], _signal(row)))
-        places = self._places(executed_at, payloads)
-        entries: list[IngestAdvancedPayload | tuple[Key, ExecutionInput]] = []
-        for row in rows:
-            seq, payload = row["seq"], payloads[row["seq"]]
-            if row["type"] == INGEST_ADVANCED:
-                entries.append(IngestAdvancedPayload(**payload))
-            elif row["type"] == EXECUTION_COMPLETED:
-                trace = row["key"]
-                joined = [signal for at, signal in sorted(earlier.get(trace, [])) if at < seq]
-                if "offset" not in payload:  # a log from before executions had a place: the log's order
-                    entries.append(IngestAdvancedPayload(LOG, 1, {"0": [seq + 1, True]}))
-                entries.append((places[trace], _execution(trace, nodes.get(trace, []), joined)))
-            else:
-                trace = payload["trace_id"]
-                if trace not in nodes or executed_at.get(trace, 0) > seq:
-                    continue  # not executed yet: it is joined when the execution completes
-                place = (*self._place_of(trace, places), row["key"])
-                late = _execution(trace, nodes[trace], [_signal(payload)], feedback_only=True)
-                entries.append((place, late))
-        return entries
-
-    def _places(self, executed_at: dict[str, int], payloads: dict[int, dict[str, Any]]) -> dict[str, Key]:
-        places = {}
-        for trace, seq in executed_at.items():
-            payload = payloads[seq]
-            offset, partition = payload.get("offset"), payload.get("partition", 0)
-            places[trace] = (seq, 0, trace, "") if offset is None else (offset, partition, trace, "")
-        return places
-
-    def _place_of(self, trace: str, places: dict[str, Key]) -> tuple[int, int, str]:
-        """Where late feedback sorts: right behind its execution (so it is late by construction)."""
-        if trace in places:
-            return places[trace][:3]
-        completed = ExecutionCompletedPayload
-        found = self.store.query(
-            f"SELECT seq, {completed.sql('offset', 'BIGINT')}, {completed.sql('partition', 'BIGINT')} "
-            "FROM events WHERE type = ? AND key = ? ORDER BY seq LIMIT 1",
-            EXECUTION_COMPLETED, trace,
-        )  # fmt: skip
-        if not found:
-            return (0, 0, trace)
-        seq, offset, partition = found[0]
-        return (seq, 0, trace) if offset is None else (offset, partition, trace)
-
-
-def _execution(trace: str, nodes: list[Node], feedback: list[FeedbackSignal], feedback_only: bool = False):
-    return ExecutionInput(trace, *workflow_of(nodes), nodes, feedback, feedback_only=feedback_only)
+        return events, len(entries)

@@ -20,7 +20,9 @@ def streams(draw):
         partition = draw(st.integers(0, PARTITIONS - 1))
         workflow = draw(st.sampled_from(["a", "b"]))
         inputs.append((partition, workflow, (draw(st.integers(0, 50)), partition, f"t{n}", "")))
-    by_partition = {p: sorted((i for i in inputs if i[0] == p), key=lambda i: i[2][0]) for p in range(PARTITIONS)}
+    by_partition = {
+        p: sorted((i for i in inputs if i[0] == p), key=lambda i: i[2][0]) for p in range(PARTITIONS)
+    }
     order = []
     cursors = dict.fromkeys(range(PARTITIONS), 0)
     while any(cursors[p] < len(by_partition[p]) for p in cursors):

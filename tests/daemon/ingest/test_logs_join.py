@@ -24,7 +24,7 @@ from pipeline_fixtures import FEEDBACK, SPANS, Clock, Topics
 
 from cegraph.connectors.otlp.codec import decode_logs_json, decode_logs_proto, decoder_for, logs_decoder_for
 from cegraph.daemon.detect.failures import label_failures
-from cegraph.daemon.detect.stage import node_from_row
+from cegraph.daemon.detect.inputs import node_from_row
 from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings

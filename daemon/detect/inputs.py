@@ -1,0 +1,165 @@
+"""What the detector reads: executions with the feedback joined to them, late feedback, and ingest's
+progress reports, each execution with its place in the detector's order (`daemon/detect/sequencer.py`).
+
+From a log that ingest wrote (`ExecutionCompleted`, `FeedbackReceived`, `IngestAdvanced`), or from a
+log a failures-topic source wrote (`FailureInputReceived`, `IngestAdvanced`: the same inputs, made by
+ingest members in other processes, `daemon/detect/failures_feed.py`), read alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+
+from cegraph.daemon.detect.detector import ExecutionInput, workflow_of
+from cegraph.daemon.detect.failures import FeedbackSignal
+from cegraph.daemon.detect.sequencer import Key
+from cegraph.daemon.events import (
+    EXECUTION_COMPLETED,
+    FAILURE_INPUT_RECEIVED,
+    FEEDBACK_RECEIVED,
+    INGEST_ADVANCED,
+    ExecutionCompletedPayload,
+    IngestAdvancedPayload,
+)
+from cegraph.daemon.spans import Evaluation, Node
+from cegraph.daemon.store import NODE_FIELDS, EventStore
+
+LOG = "log"  # the source of executions recorded without a spans offset: always caught up
+READ = (EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED, FAILURE_INPUT_RECEIVED)
+
+Entry = IngestAdvancedPayload | tuple[Key, ExecutionInput]
+
+
+def node_from_row(row: dict[str, Any]) -> Node:
+    values = {name: row[name] for name in NODE_FIELDS}
+    values["evaluations"] = [Evaluation(**e) for e in orjson.loads(row["evaluations"] or "[]")]
+    values["finish_reasons"] = list(row["finish_reasons"] or [])
+    return Node(**values)
+
+
+def _signal(row: dict[str, Any]) -> FeedbackSignal:
+    """From a feedback projection row or a FeedbackReceived payload (same field names)."""
+    return FeedbackSignal(
+        row["trace_id"],
+        row.get("span_id"),
+        row.get("critique") or "",
+        row.get("source") or "",
+        row.get("score"),
+    )
+
+
+def _execution(trace: str, nodes: list[Node], feedback: list[FeedbackSignal], feedback_only: bool = False):
+    return ExecutionInput(trace, *workflow_of(nodes), nodes, feedback, feedback_only=feedback_only)
+
+
+def input_to_json(execution: ExecutionInput) -> dict[str, Any]:
+    return asdict(execution)
+
+
+def input_from_json(data: dict[str, Any]) -> ExecutionInput:
+    nodes = [
+        Node(**{**node, "evaluations": [Evaluation(**e) for e in node["evaluations"]]})
+        for node in data["nodes"]
+    ]
+    feedback = [FeedbackSignal(**signal) for signal in data["feedback"]]
+    return ExecutionInput(
+        data["trace_id"],
+        data["workflow_id"],
+        data["workflow_version"],
+        nodes,
+        feedback,
+        data["feedback_only"],
+    )
+
+
+class DetectorInputs:
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+
+    def stretch(self, first: int, end: int, count: int) -> int:
+        """The last seq of the stretch from `first` that holds `count` entries (or up to `end`),
+        counted in entries, so other writers' events in between move no boundary."""
+        marks = ", ".join("?" * len(READ))
+        [(found, nth)] = self.store.query(
+            f"SELECT count(*), max(seq) FROM (SELECT seq FROM events "
+            f"WHERE seq BETWEEN ? AND ? AND type IN ({marks}) ORDER BY seq LIMIT ?)",
+            first, end, *READ, count,
+        )  # fmt: skip
+        return nth if found == count else end
+
+    def entries(self, first: int, last: int) -> list[Entry]:
+        """The executions completed, the feedback received and ingest's reports in `first..last`, in
+        log order; each execution and late feedback with its place in the sequencer's order."""
+        marks = ", ".join("?" * len(READ))
+        rows = self.store.query_dicts(
+            f"SELECT seq, type, key, payload FROM events WHERE seq BETWEEN ? AND ? AND type IN ({marks}) "
+            "ORDER BY seq",
+            first, last, *READ,
+        )  # fmt: skip
+        if not rows:
+            return []
+        payloads = {r["seq"]: orjson.loads(r["payload"]) for r in rows}
+        executed_at = {r["key"]: r["seq"] for r in rows if r["type"] == EXECUTION_COMPLETED}
+        feedback = {r["seq"]: payloads[r["seq"]] for r in rows if r["type"] == FEEDBACK_RECEIVED}
+        nodes: dict[str, list[Node]] = {}
+        for row in self.store.query_dicts(
+            "SELECT * FROM event_spans WHERE NOT amended AND (seq IN (SELECT unnest(?)) "
+            "OR (trace_id IN (SELECT unnest(?)) AND seq < ?))",
+            list(executed_at.values()), [p["trace_id"] for p in feedback.values()], first,
+        ):  # fmt: skip
+            nodes.setdefault(row["trace_id"], []).append(node_from_row(row))
+        earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
+        for row in self.store.query_dicts(
+            "SELECT * FROM feedback WHERE trace_id IN (SELECT unnest(?)) AND seq <= ?",
+            list(executed_at),
+            last,
+        ):
+            earlier.setdefault(row["trace_id"], []).append((row["seq"], _signal(row)))
+        places = self._places(executed_at, payloads)
+        entries: list[Entry] = []
+        for row in rows:
+            seq, payload = row["seq"], payloads[row["seq"]]
+            if row["type"] == INGEST_ADVANCED:
+                entries.append(IngestAdvancedPayload(**payload))
+            elif row["type"] == FAILURE_INPUT_RECEIVED:
+                entries.append((tuple(payload["place"]), input_from_json(payload["input"])))
+            elif row["type"] == EXECUTION_COMPLETED:
+                trace = row["key"]
+                joined = [signal for at, signal in sorted(earlier.get(trace, [])) if at < seq]
+                if "offset" not in payload:  # a log from before executions had a place: the log's order
+                    entries.append(IngestAdvancedPayload(LOG, 1, {"0": [seq + 1, True]}))
+                entries.append((places[trace], _execution(trace, nodes.get(trace, []), joined)))
+            else:
+                trace = payload["trace_id"]
+                if trace not in nodes or executed_at.get(trace, 0) > seq:
+                    continue  # not executed yet: it is joined when the execution completes
+                place = (*self._place_of(trace, places), row["key"])
+                late = _execution(trace, nodes[trace], [_signal(payload)], feedback_only=True)
+                entries.append((place, late))
+        return entries
+
+    def _places(self, executed_at: dict[str, int], payloads: dict[int, dict[str, Any]]) -> dict[str, Key]:
+        places = {}
+        for trace, seq in executed_at.items():
+            payload = payloads[seq]
+            offset, partition = payload.get("offset"), payload.get("partition", 0)
+            places[trace] = (seq, 0, trace, "") if offset is None else (offset, partition, trace, "")
+        return places
+
+    def _place_of(self, trace: str, places: dict[str, Key]) -> tuple[int, int, str]:
+        """Where late feedback sorts: right behind its execution (so it is late by construction)."""
+        if trace in places:
+            return places[trace][:3]
+        completed = ExecutionCompletedPayload
+        found = self.store.query(
+            f"SELECT seq, {completed.sql('offset', 'BIGINT')}, {completed.sql('partition', 'BIGINT')} "
+            "FROM events WHERE type = ? AND key = ? ORDER BY seq LIMIT 1",
+            EXECUTION_COMPLETED, trace,
+        )  # fmt: skip
+        if not found:
+            return (0, 0, trace)
+        seq, offset, partition = found[0]
+        return (seq, 0, trace) if offset is None else (offset, partition, trace)
