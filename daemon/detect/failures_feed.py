@@ -23,17 +23,23 @@ so a report never overtakes an input that went to another partition.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from cegraph.daemon.detect.failures import label_failures
 from cegraph.daemon.detect.inputs import DetectorInputs, input_to_json
-from cegraph.daemon.events import IngestAdvancedPayload
+from cegraph.daemon.events import (
+    FAILURE_INPUT_RECEIVED,
+    Event,
+    FailureInputReceivedPayload,
+    IngestAdvancedPayload,
+)
 from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
 
 PUBLISH_FAILURES = "publish.failures"
+RECEIVE_FAILURES = "receive.failures"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +108,101 @@ class FailuresPublisher:
 
     def close(self) -> None:
         self.transport.close()
+
+
+class RecordSource(Protocol):
+    def open(self, offsets: dict[int, int]) -> list[int]:
+        """Read from these offsets (a partition not named: from its beginning); the partitions read."""
+        ...
+
+    def poll(self, max_records: int) -> list[tuple[int, int, bytes]]:
+        """The next records as (partition, offset, value), in order per partition; [] when none came."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FailuresReceiver:
+    """Stage 2's start when ingest runs elsewhere: the failures topic, into this process's log.
+
+    Its checkpoint is the topic's offsets and the latest report seen on each partition, committed
+    with the events they produced: a record is appended once however often it is read again.
+    """
+
+    name = RECEIVE_FAILURES
+
+    def __init__(self, store: EventStore, source: RecordSource, *, batch: int = 500) -> None:
+        self.store = store
+        self.source = source
+        self.batch = batch
+        self.offsets: dict[int, int] = {}
+        self.partitions: list[int] = []
+        self.reports: dict[int, dict[str, dict[str, Any]]] = {}  # partition read -> spans topic -> report
+        self.merged: dict[str, dict[str, Any]] = {}  # spans topic -> the last report appended
+
+    def open(self, checkpoint: Checkpoint) -> None:
+        snapshot = checkpoint.snapshot
+        self.offsets = {int(p): o for p, o in snapshot.get("offsets", {}).items()}
+        self.reports = {int(p): r for p, r in snapshot.get("reports", {}).items()}
+        self.merged = dict(snapshot.get("merged", {}))
+        self.partitions = self.source.open(self.offsets)
+
+    def poll(self) -> Step | None:
+        records = self.source.poll(self.batch)
+        if not records:
+            return None
+        inputs: dict[str, Event] = {}
+        for partition, offset, value in records:
+            self.offsets[partition] = offset + 1
+            message = orjson.loads(value)
+            if "report" in message:
+                report = message["report"]
+                self.reports.setdefault(partition, {}).setdefault(report["topic"], {"progress": {}})
+                known = self.reports[partition][report["topic"]]
+                known["partitions"] = report["partitions"]
+                for spans_partition, (at, done) in report["progress"].items():
+                    before = known["progress"].get(spans_partition, [at, done])[0]
+                    known["progress"][spans_partition] = [max(at, before), done]
+                continue
+            key = input_record_key(message["place"])
+            inputs.setdefault(key, FailureInputReceivedPayload(message["place"], message["input"]).event(key))
+        events = self._unseen(list(inputs.values())) + self._merged_reports()
+        snapshot = {
+            "offsets": {str(p): o for p, o in self.offsets.items()},
+            "reports": {str(p): r for p, r in self.reports.items()},
+            "merged": self.merged,
+        }
+        return Step(events, Checkpoint(1, snapshot))
+
+    def _unseen(self, events: list[Event]) -> list[Event]:
+        """Those whose key the log does not hold yet (sent again by a member, or by two members)."""
+        if not events:
+            return []
+        rows = self.store.query(
+            "SELECT key FROM events WHERE type = ? AND key IN (SELECT unnest(?::VARCHAR[]))",
+            FAILURE_INPUT_RECEIVED, [event.key for event in events],
+        )  # fmt: skip
+        seen = {key for (key,) in rows}
+        return [event for event in events if event.key not in seen]
+
+    def _merged_reports(self) -> list[Event]:
+        """Per spans partition, the least advanced report over the partitions read: an input sent
+        to one partition before a report is read before the report is taken as covering it."""
+        events = []
+        for topic in sorted({t for reports in self.reports.values() for t in reports}):
+            per_partition = [self.reports.get(p, {}).get(topic) for p in self.partitions]
+            if any(report is None for report in per_partition):
+                continue
+            progress: dict[str, list[Any]] = {}
+            for spans_partition in set.intersection(*(set(r["progress"]) for r in per_partition)):
+                seen = [r["progress"][spans_partition] for r in per_partition]
+                progress[spans_partition] = [min(at for at, _ in seen), all(done for _, done in seen)]
+            count = max(r["partitions"] for r in per_partition)
+            merged = {"topic": topic, "partitions": count, "progress": progress}
+            if progress and merged != self.merged.get(topic):
+                self.merged[topic] = merged
+                events.append(IngestAdvancedPayload(**merged).event(topic))
+        return events
+
+    def close(self) -> None:
+        self.source.close()

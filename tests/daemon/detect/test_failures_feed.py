@@ -1,0 +1,165 @@
+"""Scale-out in one process: three ingest members (one of them replaced after a crash, so part of its
+input is sent twice) publish the detector's inputs to a two-partition topic, one detect member reads
+them in whatever order the topic gives; its modes, mass and triggers equal those of a single ingest
+feeding its own detector."""
+
+from __future__ import annotations
+
+import random
+
+from pipeline_fixtures import Clock
+from scale_cases import PARTITIONS, detected, partition_of, workload
+
+from cegraph.connectors.otlp.codec import decode_proto
+from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.failures_feed import FailuresPublisher, FailuresReceiver, Record
+from cegraph.daemon.detect.stage import DetectorStage
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
+from cegraph.daemon.runner import StageRunner
+from cegraph.daemon.settings import DetectorSettings, IngestSettings
+from cegraph.daemon.store import EventStore
+
+SPANS = "otlp_spans"
+
+
+class MemoryTopic:
+    """A topic of a few partitions in memory: records in order per partition, read from offsets."""
+
+    def __init__(self, partitions: int) -> None:
+        self.logs: list[list[bytes]] = [[] for _ in range(partitions)]
+
+    def transport(self) -> MemoryTopic:
+        return self
+
+    def partitions(self) -> int:
+        return len(self.logs)
+
+    def send(self, records: list[Record]) -> None:
+        for record in records:
+            partition = record.partition
+            if partition is None:
+                partition = partition_of(record.key, len(self.logs))
+            self.logs[partition].append(record.value)
+
+    def close(self) -> None:
+        return None
+
+
+class Reader:
+    """The detect member's side of `MemoryTopic`, taking partitions in a random order."""
+
+    def __init__(self, topic: MemoryTopic, rng: random.Random) -> None:
+        self.topic, self.rng = topic, rng
+        self.next: dict[int, int] = {}
+
+    def open(self, offsets: dict[int, int]) -> list[int]:
+        self.next = {p: offsets.get(p, 0) for p in range(len(self.topic.logs))}
+        return sorted(self.next)
+
+    def poll(self, max_records: int) -> list[tuple[int, int, bytes]]:
+        ready = [p for p, at in self.next.items() if at < len(self.topic.logs[p])]
+        if not ready:
+            return []
+        partition = self.rng.choice(ready)
+        start = self.next[partition]
+        taken = self.topic.logs[partition][start : start + self.rng.randint(1, max_records)]
+        self.next[partition] = start + len(taken)
+        return [(partition, start + i, value) for i, value in enumerate(taken)]
+
+    def close(self) -> None:
+        return None
+
+
+def member(store: EventStore, clock: Clock) -> IngestPipeline:
+    settings = IngestSettings(idle_timeout_s=1, max_trace_age_s=30)
+    return IngestPipeline(store, decode_proto, settings, spans_topic=SPANS, feedback_topic="fb", clock=clock)
+
+
+def by_partition(messages: list[tuple[bytes, bytes]]) -> list[list[InMessage]]:
+    partitions: list[list[InMessage]] = [[] for _ in range(PARTITIONS)]
+    for key, value in messages:
+        p = partition_of(key, PARTITIONS)
+        partitions[p].append(InMessage(SPANS, p, len(partitions[p]), value, key))
+    return partitions
+
+
+def consume(pipeline: IngestPipeline, clock: Clock, messages: list[InMessage], ends: dict[int, int]) -> None:
+    """Hand the messages over in batches, as a consumer would, flushing after each."""
+    for start in range(0, len(messages), 25):
+        pipeline.handle(messages[start : start + 25])
+        clock.advance(2)
+        pipeline.flush(ends=ends, partitions=PARTITIONS)
+
+
+def detector_stage(store: EventStore) -> StageRunner:
+    return StageRunner(store, DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=40))
+
+
+def test_scaled_out_detection_equals_one_process(tmp_path):
+    partitions = by_partition(workload())
+    ends = {p: len(messages) for p, messages in enumerate(partitions)}
+
+    # one process: one ingest reading every partition (round robin), its detector on the same log
+    single = EventStore(tmp_path / "single.duckdb")
+    clock, pipeline, detect = Clock(), member(single, Clock()), detector_stage(single)
+    pipeline.clock = clock
+    rounds = max(len(m) for m in partitions)
+    for start in range(0, rounds, 25):
+        batch = [m for messages in partitions for m in messages[start : start + 25]]
+        pipeline.handle(batch)
+        clock.advance(2)
+        pipeline.flush(ends=ends, partitions=PARTITIONS)
+        detect.drain()
+    clock.advance(60)
+    pipeline.flush(ends=ends, partitions=PARTITIONS)
+    detect.drain()
+
+    # scaled out: a member per partition; member 0 crashes after half of its partition and a new
+    # member takes over from an earlier offset (what it committed to Kafka), reading some again
+    topic, rng = MemoryTopic(2), random.Random(3)
+    detect_store = EventStore(tmp_path / "detect.duckdb")
+    receive = StageRunner(detect_store, FailuresReceiver(detect_store, Reader(topic, rng), batch=30))
+    detect_scaled = detector_stage(detect_store)
+    members = []
+    for p, messages in enumerate(partitions):
+        store, member_clock = EventStore(tmp_path / f"ingest{p}.duckdb"), Clock()
+        members.append(
+            (
+                member(store, member_clock),
+                member_clock,
+                StageRunner(store, FailuresPublisher(store, topic)),
+                messages,
+            )
+        )
+    half = len(partitions[0]) // 2
+    crashed, crashed_clock, crashed_publisher, _ = members[0]
+    consume(crashed, crashed_clock, partitions[0][:half], {0: ends[0]})
+    crashed_publisher.drain()
+    replacement = EventStore(tmp_path / "ingest0b.duckdb")
+    again = Clock()
+    members[0] = (
+        member(replacement, again),
+        again,
+        StageRunner(replacement, FailuresPublisher(replacement, topic)),
+        partitions[0][half - 30 :],
+    )
+    for pipeline_, member_clock, publisher, messages in members:
+        consume(pipeline_, member_clock, messages, {messages[0].partition: ends[messages[0].partition]})
+        member_clock.advance(60)
+        pipeline_.flush(ends={messages[0].partition: ends[messages[0].partition]}, partitions=PARTITIONS)
+        publisher.drain()
+        for _ in range(5):  # the detect member reads part of what is there, at its own pace
+            receive.step()
+            detect_scaled.drain()
+    receive.drain()
+    detect_scaled.drain()
+
+    sent = sum(1 for log in topic.logs for value in log if b'"place"' in value)
+    [(received,)] = detect_store.query("SELECT count(*) FROM events WHERE type = 'FailureInputReceived'")
+    assert received == sum(len(m) for m in partitions) < sent  # the replacement's repeats dropped
+
+    reference, scaled = detected(single), detected(detect_store)
+    assert set(reference) == {"support-bot", "qa-bot"}
+    for workflow in reference:
+        assert any(kind == "ModeEmerged" for kind, _, _ in reference[workflow])
+        assert scaled[workflow] == reference[workflow], workflow
