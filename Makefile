@@ -77,12 +77,14 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: benchmarks (not tests); BENCH=ingest|density|modes|detection|refinement|memory|sandbox runs one
+## bench: benchmarks (not tests); BENCH=ingest|scale|density|modes|detection|refinement|memory|sandbox runs one
 ## part; figures go to bench/results.json. BENCH=real (the real model, about 30 minutes) runs only when asked for.
 BENCH ?= all
 bench: setup
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = ingest ]; then \
 		$(BIN)/python bench/bench_ingest.py --kafka --out bench/results.json; fi
+	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = scale ]; then \
+		$(BIN)/python bench/bench_scale.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = density ]; then \
 		$(BIN)/python bench/bench_density.py --out bench/results.json; fi
 	@if [ "$(BENCH)" = all ] || [ "$(BENCH)" = modes ]; then \

@@ -20,6 +20,7 @@ from cegraph.connectors.http.patches import patch_routes
 from cegraph.connectors.http.reads import inspection_routes
 from cegraph.connectors.http.workflows import workflow_routes
 from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.failures import KafkaRecordSource, KafkaRecordTransport
 from cegraph.connectors.kafka.outbox_transport import KafkaTransport
 from cegraph.connectors.kafka.source import KafkaIngestSource
 from cegraph.connectors.llm.config import openai_backend, shadow_llm
@@ -27,6 +28,12 @@ from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
 from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.failures_feed import (
+    PUBLISH_FAILURES,
+    FailuresPublisher,
+    FailuresReceiver,
+    RecordSource,
+)
 from cegraph.daemon.detect.naming import INTERVAL_S as NAMING_INTERVAL_S
 from cegraph.daemon.detect.naming import ModeNamer, named_modes
 from cegraph.daemon.detect.stage import DETECT, DetectorStage
@@ -157,15 +164,20 @@ def build_stages(
     refining: bool,
     judging: bool,
     clock: Callable[[], float] | None = None,
+    received: RecordSource | None = None,
 ) -> Stages:
-    """Read top to bottom, this is the pipeline after ingest: the detector turns what ingest stored
-    into failures, modes and mass; with an LLM endpoint the namer gives modes display names; the
-    refine stage (when `refining`) turns triggers into patches; the canary judge (when `judging`)
-    turns canaries into decisions; two outbox publishers send patches and decisions through
-    `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
+    """Read top to bottom, this is the pipeline after ingest: with ingest in other processes, the
+    failures topic's records come into the log (`received`); the detector turns what ingest stored
+    (or sent) into failures, modes and mass; with an LLM endpoint the namer gives modes display
+    names; the refine stage (when `refining`) turns triggers into patches; the canary judge (when
+    `judging`) turns canaries into decisions; two outbox publishers send patches and decisions
+    through `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
     metrics = StageMetrics(registry)
+    runners = (
+        [] if received is None else [StageRunner(store, FailuresReceiver(store, received), metrics=metrics)]
+    )
     detector = build_detector_stage(settings, store, registry)
-    runners = [StageRunner(store, detector, metrics=metrics)]
+    runners.append(StageRunner(store, detector, metrics=metrics))
     if settings.llm.backend == "openai":  # the simulated LLM answers tasks only
         namer = ModeNamer(store, openai_backend(settings), model=settings.llm.proposer_model)
         runners.append(StageRunner(store, namer, metrics=metrics, poll_s=NAMING_INTERVAL_S))
@@ -187,26 +199,39 @@ def build_stages(
 
 
 def build(settings: Settings) -> Starlette:
+    """The process `cegraph run` serves: every stage (the default), or those `settings.stages`
+    names: ingest members publish to the failures topic what a detect member reads."""
     store = EventStore(settings.store.path)
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
-    stages = build_stages(
-        settings, store, registry, lambda topic: KafkaTransport(settings.kafka, topic),
-        refining=settings.refiner.enabled, judging=settings.canary.enabled,
-    )  # fmt: skip
-    runner = stages.runner
-    detect = runner[DETECT]
-    backpressure = Backpressure([detect], settings.ingest.max_detector_lag, stages.metrics)
-    source = KafkaIngestSource(
-        settings,
-        build_pipeline(settings, store, metrics),
-        after_flush=detect.wake,
-        backpressure=backpressure.wait,
-    )
+    kafka = settings.kafka
+    ingest, detecting = settings.runs("ingest"), settings.runs("detect")
+    stages = None
+    if detecting:
+        stages = build_stages(
+            settings, store, registry, lambda topic: KafkaTransport(kafka, topic),
+            refining=settings.runs("refine") and settings.refiner.enabled,
+            judging=settings.runs("rollout") and settings.canary.enabled,
+            received=None if ingest else KafkaRecordSource(kafka, kafka.failures_topic),
+        )  # fmt: skip
+        runner = stages.runner
+    else:
+        publisher = FailuresPublisher(store, KafkaRecordTransport(kafka, kafka.failures_topic))
+        runner = Runner([StageRunner(store, publisher, metrics=StageMetrics(registry))])
+    source = None
+    if ingest:
+        after = runner[DETECT if detecting else PUBLISH_FAILURES]
+        backpressure = Backpressure([after], settings.ingest.max_detector_lag, after.metrics)
+        source = KafkaIngestSource(
+            settings,
+            build_pipeline(settings, store, metrics),
+            after_flush=after.wake,
+            backpressure=backpressure.wait,
+            handed_on=None if detecting else after.position,
+        )
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        kafka = settings.kafka
         topics = [
             kafka.spans_topic,
             kafka.feedback_topic,
@@ -214,52 +239,66 @@ def build(settings: Settings) -> Starlette:
             kafka.patches_topic,
             kafka.rollouts_topic,
             *([kafka.logs_topic] if kafka.logs_topic else []),
+            *([kafka.failures_topic] if not (ingest and detecting) else []),
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
-        if settings.publisher.signing_key is None:
+        if detecting and settings.publisher.signing_key is None:
             log.warning("no CEGRAPH_PUBLISHER__SIGNING_KEY: patches are kept in the outbox, not published")
         # opening replays: the detector's state from the log, the publishers' view of their topics
         await asyncio.to_thread(runner.start)
-        await source.start()
-        log.info(
-            "consuming %s and %s from %s", kafka.spans_topic, kafka.feedback_topic, kafka.bootstrap_servers
-        )
+        if source is not None:
+            await source.start()
+        log.info("running %s against %s", settings.stages, kafka.bootstrap_servers)
         try:
             yield
         finally:
-            backpressure.release()
-            await source.stop()
+            if source is not None:
+                backpressure.release()
+                await source.stop()
             await asyncio.to_thread(runner.stop)
             store.close()
 
     async def ready() -> dict[str, bool]:
-        kafka_ok = bool(await source.broker.ping(timeout=2.0))
         try:
             await asyncio.to_thread(store.query, "SELECT 1")
             store_ok = True
         except Exception:
             store_ok = False
+        if source is None:
+            return {"store": store_ok}
+        kafka_ok = bool(await source.broker.ping(timeout=2.0))
         return {"kafka": kafka_ok, "store": store_ok, "ingest": source.ready}
 
     async def stats(_: Request) -> dict[str, Any]:
-        return await asyncio.to_thread(store.stats)
+        """This process's store, and which stages it runs: with stages apart, the deployment's
+        executions are the sum over the ingest members, its modes the detect member's."""
+        covers: dict[str, Any] = {"runs": settings.stages}
+        if source is not None:
+            covers["assigned"] = source.assigned()
+        if stages is not None:
+            covers["sequenced"] = stages.detector.sequenced()
+        return {**covers, **await asyncio.to_thread(store.stats)}
 
     async def modes(_: Request) -> list[dict[str, Any]]:
         return await asyncio.to_thread(named_modes, store)
 
     token = settings.http.token.get_secret_value() if settings.http.token else None
     workflows = workflow_routes(WorkflowRegistry(store))
-    patches = patch_routes(stages.outbox, token=token)
-    return create_app(
-        ready=ready,
-        read_routes=[
-            ("/stats", stats),
+    read_routes: list = [("/stats", stats)]
+    write_routes: list = []
+    if stages is not None:
+        patches = patch_routes(stages.outbox, token=token)
+        read_routes += [
             ("/modes", modes),
             *patches.read,
             *workflows.read,
             *inspection_routes(store, stages.judge),
-        ],
-        write_routes=[*workflows.write, *patches.write],
+        ]
+        write_routes += [*workflows.write, *patches.write]
+    return create_app(
+        ready=ready,
+        read_routes=read_routes,
+        write_routes=write_routes,
         token=token,
         metrics=settings.metrics.enabled,
         metrics_need_token=settings.http.metrics_need_token,

@@ -74,10 +74,13 @@ class StageRunner:
             written += len(step.events)
         return written
 
+    def position(self) -> int:
+        """The log position the stage's committed checkpoint has read up to (1 before it opens)."""
+        return self.checkpoint.position if self.checkpoint is not None else 1
+
     def lag(self) -> int:
         """Events in the log the stage has not read yet."""
-        position = self.checkpoint.position if self.checkpoint is not None else 1
-        return max(0, self.store.last_seq() + 1 - position)
+        return max(0, self.store.last_seq() + 1 - self.position())
 
     def wait_until_within(self, max_lag: int, stop: threading.Event) -> float:
         """Block while the stage is more than `max_lag` events behind, or until `stop`; seconds waited."""

@@ -49,6 +49,12 @@ class KafkaSettings(_Group):
     )
     patches_topic: str = Field("cegraph.patches", min_length=1, description="Published workflow patches.")
     rollouts_topic: str = Field("cegraph.rollouts", min_length=1, description="Canary decisions.")
+    failures_topic: str = Field(
+        "cegraph.failures",
+        min_length=1,
+        description="Detector inputs from ingest members to the detect member, when they run apart "
+        "(`cegraph run --stages`); keyed by workflow id.",
+    )
     dlq_topic: str = Field("cegraph.dlq", min_length=1, description="Messages that could not be decoded.")
     session_timeout_ms: int = Field(
         10_000,
@@ -375,6 +381,9 @@ class MetricsSettings(_Group):
     enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics on the HTTP port.")
 
 
+STAGES = ("ingest", "detect", "refine", "rollout")
+
+
 class Settings(BaseSettings):
     """The effective configuration of one cegraph process."""
 
@@ -387,6 +396,12 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    stages: str = Field(
+        ",".join(STAGES),
+        description="The stages this process runs, comma-separated, of ingest, detect, refine, rollout "
+        "(`cegraph run --stages`): `ingest` alone publishes the detector's inputs to the failures "
+        "topic, `detect` without ingest reads them from there; refine and rollout run with detect.",
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -398,6 +413,20 @@ class Settings(BaseSettings):
     canary: CanarySettings = Field(default_factory=CanarySettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: str) -> str:
+        named = [part.strip() for part in value.split(",") if part.strip()]
+        unknown = sorted(set(named) - set(STAGES))
+        if unknown or not named:
+            raise ValueError(f"name one or more of {', '.join(STAGES)} (got {value!r})")
+        if {"refine", "rollout"} & set(named) and "detect" not in named:
+            raise ValueError("refine and rollout run in the process that runs detect")
+        return ",".join(stage for stage in STAGES if stage in named)
+
+    def runs(self, stage: str) -> bool:
+        return stage in self.stages.split(",")
 
 
 class ConfigError(Exception):

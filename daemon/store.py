@@ -24,6 +24,7 @@ import pyarrow as pa
 from cegraph.daemon.events import (
     EXECUTION_AMENDED,
     EXECUTION_COMPLETED,
+    FAILURE_INPUT_RECEIVED,
     FEEDBACK_RECEIVED,
     MESSAGE_DEAD_LETTERED,
     WORKFLOW_REGISTERED,
@@ -101,6 +102,8 @@ PROJECTION_TABLES = ("executions", "feedback", "workflow_versions")
 _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegisteredPayload
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED)
 NODE_FIELDS = [f.name for f in fields(Node)]
+# the cursor ingest moves once the consumer group holds the offsets it stored (the Kafka source)
+CONFIRMED = "ingest.confirmed"
 
 ROOT = "(n.parent_span_id = '' OR n.parent_is_remote)"  # as `Node.is_root`
 
@@ -449,6 +452,14 @@ class EventStore:
             "SELECT count(DISTINCT f.trace_id) FROM feedback f JOIN executions e USING (trace_id) "
             "WHERE f.outcome = 'failed' AND NOT (e.hard_failed OR e.eval_failed)"
         )
+        confirmed = self.cursor(CONFIRMED)
+        unconfirmed = 0
+        if confirmed is not None:
+            unconfirmed = self._scalar(
+                "SELECT count(*) FROM events WHERE type = ? AND seq >= ?",
+                EXECUTION_COMPLETED,
+                confirmed.position,
+            )
         return {
             "spans": int(executions["spans"]),
             "executions": {
@@ -456,12 +467,14 @@ class EventStore:
                 "incomplete": executions["incomplete"],
                 "total": executions["complete"] + executions["incomplete"],
             },
+            "unconfirmed": unconfirmed,
             "failures": {
                 "executions_failed": executions["failed"] + feedback_failed,
                 "from_spans": executions["failed"],
                 "from_feedback_only": feedback_failed,
             },
             "feedback": counts.get(FEEDBACK_RECEIVED, 0),
+            "received": counts.get(FAILURE_INPUT_RECEIVED, 0),
             "amendments": counts.get(EXECUTION_AMENDED, 0),
             "dead_letters": counts.get(MESSAGE_DEAD_LETTERED, 0),
             "events": sum(counts.values()),

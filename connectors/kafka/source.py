@@ -24,13 +24,23 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 
 from cegraph.connectors.kafka.client import make_broker, raw_body
-from cegraph.daemon.ingest.pipeline import DeadLetter, FlushResult, IngestPipeline, InMessage
+from cegraph.daemon.ingest.pipeline import (
+    DeadLetter,
+    FlushResult,
+    IngestPipeline,
+    InMessage,
+    PartitionsRead,
+)
 from cegraph.daemon.settings import Settings
+from cegraph.daemon.stage import Checkpoint
+from cegraph.daemon.store import CONFIRMED
 
 log = logging.getLogger("cegraph.ingest")
 
 DLQ_REASON = "cegraph.dlq.reason"
 LAG_INTERVAL_S = 5.0
+UNKNOWN_END = 2**62  # a partition not fetched from yet: not caught up
+HAND_OVER_WAIT_S = 30.0  # how long a rebalance waits for stored events to be sent on
 
 
 def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
@@ -64,12 +74,23 @@ class KafkaIngestSource:
         broker: KafkaBroker | None = None,
         after_flush: Callable[[], object] | None = None,
         backpressure: Callable[[], object] | None = None,
+        handed_on: Callable[[], int] | None = None,
     ) -> None:
         """`after_flush` is called after each flush that stored events (it tells the next stage there
         is work: it must return at once); `backpressure` blocks (in a worker thread) before each batch
-        while a later stage is too far behind."""
+        while a later stage is too far behind. `handed_on` is the store position below which a later
+        stage has sent every event on (the failures publisher of an ingest-only member): offsets are
+        committed to Kafka only once what they cover has left, so a member killed before that leaves
+        it to the partition's next owner. Without it, the store is where events stay."""
         self.after_flush = after_flush
         self.backpressure = backpressure
+        self.handed_on = handed_on
+        self._starts: dict[int, int] = {}  # spans partition -> the offset reading it began at
+        # the partitions handed to this member and sought to their stored offsets: between a revoke
+        # and the next assignment, none (a batch fetched before the revoke is not this member's)
+        self._reading: set[TopicPartition] = set()
+        # (store position stored below, the offsets that makes committable), oldest first
+        self._uncommitted: list[tuple[int, dict[tuple[str, int], int]]] = []
         self.settings = settings
         self.pipeline = pipeline
         self.broker = broker or make_broker(
@@ -109,12 +130,15 @@ class KafkaIngestSource:
         if not revoked:
             return
         async with self._lock:
+            self._reading.clear()
             try:
                 await self._flush_locked()
-                await self._commit_to_kafka()
+                await self._wait_handed_on(HAND_OVER_WAIT_S)
             except Exception as error:  # not stored, not committed: read again from the stored offsets
                 log.warning("flush before a rebalance failed: %s: %s", type(error).__name__, error)
             self.pipeline.reset()
+            self._uncommitted.clear()
+            self._starts = {}
         log.info("handed over %d partition(s) for a rebalance", len(revoked))
 
     async def seek_to_stored(self, assigned: Any) -> None:
@@ -129,6 +153,8 @@ class KafkaIngestSource:
         for tp in assigned:
             committed = await consumer.committed(tp)
             known = [o for o in (stored.get((tp.topic, tp.partition)), committed) if o is not None]
+            if tp.topic == self.settings.kafka.spans_topic:
+                self._starts[tp.partition] = max(known, default=0)
             if not known:
                 fresh.append(tp)
                 continue
@@ -137,6 +163,7 @@ class KafkaIngestSource:
                      max(known), stored.get((tp.topic, tp.partition)), committed)  # fmt: skip
         if fresh:
             await consumer.seek_to_beginning(*fresh)
+        self._reading.update(assigned)
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
@@ -165,9 +192,11 @@ class KafkaIngestSource:
         """The records of partitions this consumer still reads from where they were fetched.
 
         A batch is fetched before its handler waits for the lock; meanwhile the periodic flush may
-        have failed and seeked every partition back to its stored offset (or a rebalance taken the
-        partition away). Such records lie ahead of the consumer's position: they will be read again
-        in order, and handling them now would store offsets past the messages in between.
+        have failed and seeked every partition back to its stored offset, or a rebalance begun:
+        from the revoke to the next assignment this member reads nothing (the consumer still
+        answers for the old assignment then). Such records lie ahead of where reading resumes: they
+        are read again in order, and handling them now would store offsets past the messages in
+        between, so that a commit would skip those messages for good.
         """
         consumer = self.subscriber.consumer
         if consumer is None or not records:
@@ -176,7 +205,7 @@ class KafkaIngestSource:
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             ends[tp] = max(ends.get(tp, -1), record.offset + 1)
-        stale = set()
+        stale = {tp for tp in ends if tp not in self._reading}
         for tp, end in ends.items():
             try:
                 position = await consumer.position(tp)
@@ -197,13 +226,44 @@ class KafkaIngestSource:
                 return FlushResult()
 
     async def _flush_locked(self) -> FlushResult:
-        result = await asyncio.to_thread(self.pipeline.flush)
+        result = await asyncio.to_thread(self.pipeline.flush, read=self._partitions_read())
         self._failures = 0
         if result.events:
-            await self._commit_to_kafka()
+            self._uncommitted.append(
+                (self.pipeline.store.last_seq() + 1, self.pipeline.pending.committable())
+            )
             if self.after_flush is not None:
                 self.after_flush()
+        await self._commit_to_kafka()
         return result
+
+    async def _wait_handed_on(self, timeout_s: float) -> None:
+        """Commit what a later stage sends on meanwhile, until everything stored is committed or
+        `timeout_s` passed (the rest is read again by the partitions' next owners)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._uncommitted and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            await self._commit_to_kafka()
+
+    def assigned(self) -> list[int]:
+        """The spans partitions this member reads now: the part of the deployment its store covers."""
+        return sorted(self._partitions_read().ends)
+
+    def _partitions_read(self) -> PartitionsRead:
+        """The spans partitions this member reads: each one's end offset as the last fetch saw it
+        (not fetched yet: unknown, so not caught up), where reading began, and how many there are."""
+        consumer = self.subscriber.consumer
+        topic = self.settings.kafka.spans_topic
+        if consumer is None:
+            return PartitionsRead({}, {}, None)
+        ends = {
+            tp.partition: consumer.highwater(tp) if consumer.highwater(tp) is not None else UNKNOWN_END
+            for tp in consumer.assignment()
+            if tp.topic == topic
+        }
+        known = consumer.partitions_for_topic(topic)
+        return PartitionsRead(ends, dict(self._starts), len(known) if known else None)
 
     async def _recover(self, error: Exception) -> None:
         """What was not stored is forgotten and read again from the offsets DuckDB holds.
@@ -249,20 +309,32 @@ class KafkaIngestSource:
         self.pipeline.metrics.ingest_ready.set(1 if ready else 0)
 
     async def _commit_to_kafka(self) -> None:
+        """Commit the offsets of the latest flush whose events have all been sent on, and note in
+        the store how far the group knows this member stored: what it stored after that is in doubt
+        until the next commit (a member killed in between leaves it to the partition's next owner,
+        which reads it again: `stats` counts it as unconfirmed)."""
         consumer = self.subscriber.consumer
-        if consumer is None:
+        handed_on = self.handed_on() if self.handed_on is not None else float("inf")
+        ready = [entry for entry in self._uncommitted if entry[0] <= handed_on]
+        if consumer is None or not ready:
             return
+        stored_until, committable = ready[-1]
         assigned = consumer.assignment()
         offsets = {
             TopicPartition(topic, partition): offset
-            for (topic, partition), offset in self.pipeline.pending.committable().items()
+            for (topic, partition), offset in committable.items()
             if TopicPartition(topic, partition) in assigned
         }
-        if offsets:
-            try:
+        try:
+            if offsets:
                 await consumer.commit(offsets)
-            except Exception as error:  # best effort: DuckDB holds the offsets that matter
-                log.debug("kafka offset commit skipped: %s", error)
+            await asyncio.to_thread(
+                self.pipeline.store.append, [], cursors={CONFIRMED: Checkpoint(stored_until)}
+            )
+        except Exception as error:  # best effort: DuckDB holds the offsets that matter; next time
+            log.debug("kafka offset commit skipped: %s", error)
+            return
+        del self._uncommitted[: len(ready)]
 
     async def start(self) -> None:
         await self.broker.start()

@@ -75,8 +75,21 @@ def version() -> None:
 
 
 @app.command()
-def run() -> None:
+def run(
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            help="Stages this process runs, of ingest,detect,refine,rollout (default: all, or "
+            "CEGRAPH_STAGES). Several `--stages ingest` members share the spans partitions and "
+            "publish to the failures topic; one `--stages detect,refine,rollout` reads it.",
+        ),
+    ] = None,
+) -> None:
     """Run the daemon: consume traces from Kafka, serve the HTTP API and metrics."""
+    import os
+
+    if stages is not None:
+        os.environ["CEGRAPH_STAGES"] = stages  # validated with the rest, named as the setting
     settings = settings_or_exit()
     from cegraph.daemon.app import serve
     from cegraph.daemon.store import StoreError

@@ -58,14 +58,22 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.env[f'{ENV_PREFIX}HTTP__PORT']}"
 
     def start(self, timeout: float = 90) -> None:
-        """Start it and wait until it is ready; an exit or no readiness within `timeout` is an error that
-        shows the end of its log."""
+        """Start it and wait until it is ready."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start it without waiting: several processes then boot side by side."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [CEGRAPH, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
             )  # fmt: skip
         self.starts += 1
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """An exit or no readiness within `timeout` is an error that shows the end of its log."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -29,6 +29,7 @@ import orjson
 
 from cegraph.daemon.detect.failures import label_failures
 from cegraph.daemon.detect.inputs import DetectorInputs, input_to_json
+from cegraph.daemon.detect.sequencer import Progress, newer
 from cegraph.daemon.events import (
     FAILURE_INPUT_RECEIVED,
     Event,
@@ -161,8 +162,9 @@ class FailuresReceiver:
                 known = self.reports[partition][report["topic"]]
                 known["partitions"] = report["partitions"]
                 for spans_partition, (at, done) in report["progress"].items():
-                    before = known["progress"].get(spans_partition, [at, done])[0]
-                    known["progress"][spans_partition] = [max(at, before), done]
+                    before = known["progress"].get(spans_partition)
+                    taken = newer(Progress(*before) if before else None, Progress(at, done))
+                    known["progress"][spans_partition] = [taken.position, taken.caught_up]
                 continue
             key = input_record_key(message["place"])
             inputs.setdefault(key, FailureInputReceivedPayload(message["place"], message["input"]).event(key))

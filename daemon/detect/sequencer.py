@@ -40,6 +40,13 @@ class Progress:
     caught_up: bool  # that was everything the partition held
 
 
+def newer(known: Progress | None, reported: Progress) -> Progress:
+    """A report behind the known position is stale, whole: its member read the partition before
+    it moved (a report it sent late, or a new owner before its first fetch), and its `caught_up`
+    says nothing of now. At the same position, the later report holds (new messages arrived)."""
+    return known if known is not None and reported.position < known.position else reported
+
+
 @dataclass(slots=True)
 class _Workflow(Generic[T]):
     pending: list[tuple[Key, int, T]] = field(default_factory=list)  # a heap; the int keeps ties stable
@@ -65,12 +72,10 @@ class Sequencer(Generic[T]):
         heapq.heappush(state.pending, (key, self._added, item))
 
     def advance(self, topic: str, partitions: int, progress: dict[int, Progress]) -> None:
-        """Take a report; a position never moves back (a partition's new owner may report less)."""
+        """Take a report (see `newer`)."""
         self.partitions[topic] = max(partitions, self.partitions.get(topic, 0))
         for partition, reported in progress.items():
-            known = self.progress.get((topic, partition))
-            position = max(reported.position, known.position) if known else reported.position
-            self.progress[(topic, partition)] = Progress(position, reported.caught_up)
+            self.progress[(topic, partition)] = newer(self.progress.get((topic, partition)), reported)
 
     def watermark(self) -> float:
         """Inputs at an earlier offset are closed; inf when every partition is caught up."""

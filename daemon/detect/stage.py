@@ -120,6 +120,11 @@ class DetectorStage:
         with self._lock:
             return self.detector.classifier()
 
+    def sequenced(self) -> dict[str, int]:
+        """Inputs read but not released yet (waiting for a partition behind), and late ones so far."""
+        with self._lock:
+            return {"pending": self.sequencer.pending(), "late": self.sequencer.late}
+
     def open(self, checkpoint: Checkpoint) -> None:
         """Rebuild the detector's and the sequencer's state from the log before the checkpoint,
         emitting nothing.

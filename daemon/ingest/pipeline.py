@@ -60,6 +60,15 @@ class DeadLetter:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionsRead:
+    """The spans partitions a consumer reads now, as its progress report needs them."""
+
+    ends: dict[int, int]  # each one's end offset as the last fetch saw it
+    starts: dict[int, int]  # where reading it began: every message below was stored, here or before
+    count: int | None  # how many partitions the topic has (None: not known yet)
+
+
 @dataclass(slots=True)
 class FlushResult:
     completed: int = 0
@@ -300,15 +309,12 @@ class IngestPipeline:
 
     # ---------------------------------------------------------------- persist
 
-    def flush(
-        self, *, drain: bool = False, ends: dict[int, int] | None = None, partitions: int | None = None
-    ) -> FlushResult:
+    def flush(self, *, drain: bool = False, read: PartitionsRead | None = None) -> FlushResult:
         """Persist what became final since the last flush, with the offsets it makes safe.
 
-        `ends` (the end offset of each spans partition this consumer reads) and `partitions` (how
-        many the topic has) go into the progress report the detector sequences by
-        (`daemon/detect/sequencer.py`); without them every partition read is taken as caught up,
-        as for an in-process transport that hands over everything it has.
+        `read` (the spans partitions the consumer reads now) goes into the progress report the
+        detector sequences by (`daemon/detect/sequencer.py`); without it every partition stored is
+        taken as caught up, as for an in-process transport that hands over everything it has.
 
         When it raises, nothing of it may be trusted: the events may or may not be durable (DuckDB can
         commit and then fail its checkpoint), and the offsets in memory have moved past them. So the
@@ -317,18 +323,18 @@ class IngestPipeline:
         """
         self._check_usable()
         try:
-            return self._flush(drain, ends, partitions)
+            return self._flush(drain, read)
         except BaseException:
             self._needs_reset = True
             raise
 
-    def _flush(self, drain: bool, ends: dict[int, int] | None, partitions: int | None) -> FlushResult:
+    def _flush(self, drain: bool, read: PartitionsRead | None) -> FlushResult:
         done = self._forced_out + (self.assembler.drain() if drain else self.assembler.poll(self.clock()))
         self._forced_out = []
         late, self._late = self._late, {}
         result = FlushResult()
         if not done and not late and not self._events:
-            report = self._progress(self.pending.committable(), ends, partitions)
+            report = self._progress(self.pending.committable(), read)
             if report is not None:
                 self.store.append([report])
             return result
@@ -371,7 +377,7 @@ class IngestPipeline:
             )
             self.pending.released(pending.messages)
         offsets = self.pending.committable()
-        report = self._progress(offsets, ends, partitions)
+        report = self._progress(offsets, read)
         if report is not None:
             events.append(report)
         with self.metrics.commit_seconds.time():
@@ -389,21 +395,22 @@ class IngestPipeline:
         self.metrics.open_traces.set(len(self.assembler))
         return result
 
-    def _progress(
-        self, offsets: dict[tuple[str, int], int], ends: dict[int, int] | None, partitions: int | None
-    ) -> Event | None:
-        """How far each spans partition this consumer read is stored, if that changed since the last
+    def _progress(self, offsets: dict[tuple[str, int], int], read: PartitionsRead | None) -> Event | None:
+        """How far each spans partition the consumer reads is stored, if that changed since the last
         report: every execution whose messages all lie below a partition's position is in the log
-        before the report."""
+        before the report (or was sent on by the partition's previous owner). Only the partitions
+        read now: one this member lost is its new owner's to report."""
         stored = {p: o for (topic, p), o in {**self._stored, **offsets}.items() if topic == self.spans_topic}
-        read = set(stored) | set(ends or ())
-        progress = {
-            p: (stored.get(p, 0), ends is None or stored.get(p, 0) >= ends.get(p, 0)) for p in sorted(read)
-        }
+        if read is None:
+            progress = {p: (at, True) for p, at in sorted(stored.items())}
+            count = max(stored, default=-1) + 1
+        else:
+            positions = {p: max(stored.get(p, 0), read.starts.get(p, 0)) for p in sorted(read.ends)}
+            progress = {p: (at, at >= read.ends[p]) for p, at in positions.items()}
+            count = read.count if read.count is not None else max(read.ends, default=-1) + 1
         if all(self._reported.get(p) == value for p, value in progress.items()):
             return None
         self._reported.update(progress)
-        count = partitions if partitions is not None else max(read) + 1
         report = IngestAdvancedPayload(
             topic=self.spans_topic,
             partitions=count,

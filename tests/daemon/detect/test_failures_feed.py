@@ -14,7 +14,7 @@ from cegraph.connectors.otlp.codec import decode_proto
 from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.detect.failures_feed import FailuresPublisher, FailuresReceiver, Record
 from cegraph.daemon.detect.stage import DetectorStage
-from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, PartitionsRead
 from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import DetectorSettings, IngestSettings
 from cegraph.daemon.store import EventStore
@@ -83,12 +83,12 @@ def by_partition(messages: list[tuple[bytes, bytes]]) -> list[list[InMessage]]:
     return partitions
 
 
-def consume(pipeline: IngestPipeline, clock: Clock, messages: list[InMessage], ends: dict[int, int]) -> None:
+def consume(pipeline: IngestPipeline, clock: Clock, messages: list[InMessage], read: PartitionsRead) -> None:
     """Hand the messages over in batches, as a consumer would, flushing after each."""
     for start in range(0, len(messages), 25):
         pipeline.handle(messages[start : start + 25])
         clock.advance(2)
-        pipeline.flush(ends=ends, partitions=PARTITIONS)
+        pipeline.flush(read=read)
 
 
 def detector_stage(store: EventStore) -> StageRunner:
@@ -98,6 +98,7 @@ def detector_stage(store: EventStore) -> StageRunner:
 def test_scaled_out_detection_equals_one_process(tmp_path):
     partitions = by_partition(workload())
     ends = {p: len(messages) for p, messages in enumerate(partitions)}
+    everything = PartitionsRead(ends, {}, PARTITIONS)
 
     # one process: one ingest reading every partition (round robin), its detector on the same log
     single = EventStore(tmp_path / "single.duckdb")
@@ -108,10 +109,10 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
         batch = [m for messages in partitions for m in messages[start : start + 25]]
         pipeline.handle(batch)
         clock.advance(2)
-        pipeline.flush(ends=ends, partitions=PARTITIONS)
+        pipeline.flush(read=everything)
         detect.drain()
     clock.advance(60)
-    pipeline.flush(ends=ends, partitions=PARTITIONS)
+    pipeline.flush(read=everything)
     detect.drain()
 
     # scaled out: a member per partition; member 0 crashes after half of its partition and a new
@@ -133,7 +134,7 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
         )
     half = len(partitions[0]) // 2
     crashed, crashed_clock, crashed_publisher, _ = members[0]
-    consume(crashed, crashed_clock, partitions[0][:half], {0: ends[0]})
+    consume(crashed, crashed_clock, partitions[0][:half], PartitionsRead({0: ends[0]}, {}, PARTITIONS))
     crashed_publisher.drain()
     replacement = EventStore(tmp_path / "ingest0b.duckdb")
     again = Clock()
@@ -144,9 +145,11 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
         partitions[0][half - 30 :],
     )
     for pipeline_, member_clock, publisher, messages in members:
-        consume(pipeline_, member_clock, messages, {messages[0].partition: ends[messages[0].partition]})
+        p, start = messages[0].partition, messages[0].offset
+        read = PartitionsRead({p: ends[p]}, {p: start}, PARTITIONS)
+        consume(pipeline_, member_clock, messages, read)
         member_clock.advance(60)
-        pipeline_.flush(ends={messages[0].partition: ends[messages[0].partition]}, partitions=PARTITIONS)
+        pipeline_.flush(read=read)
         publisher.drain()
         for _ in range(5):  # the detect member reads part of what is there, at its own pace
             receive.step()

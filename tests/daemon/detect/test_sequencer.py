@@ -97,3 +97,14 @@ def test_a_position_never_moves_back_when_a_new_owner_reports_less():
     sequencer.advance("spans", 1, {0: Progress(10, False)})
     sequencer.advance("spans", 1, {0: Progress(4, False)})
     assert sequencer.watermark() == 10
+
+
+def test_a_stale_report_does_not_undo_a_partition_caught_up():
+    """A report behind the known position (a member that lost the partition, sending late) says
+    nothing of now: the partition stays caught up, so nothing waits for it for ever."""
+    sequencer = Sequencer(batch=1)
+    sequencer.advance("spans", 1, {0: Progress(10, True)})
+    sequencer.advance("spans", 1, {0: Progress(4, False)})
+    assert sequencer.watermark() == float("inf")
+    sequencer.advance("spans", 1, {0: Progress(10, False)})  # same position, later: new messages came
+    assert sequencer.watermark() == 10
