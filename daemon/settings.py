@@ -106,10 +106,19 @@ class KafkaSettings(_Group):
         return self
 
 
+MEMORY_SIZE = r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"  # as DuckDB reads one
+
+
 class StoreSettings(_Group):
     """The DuckDB file that holds the event log and its projections."""
 
     path: Path = Field(Path("cegraph.duckdb"), description="DuckDB file; its folder must exist.")
+    memory_limit: str = Field(
+        "256MiB",
+        pattern=MEMORY_SIZE,
+        description="DuckDB's memory limit (its own default is 80% of RAM, which its block cache "
+        "fills as the store grows); larger work spills to disk.",
+    )
 
     @field_validator("path")
     @classmethod

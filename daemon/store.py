@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import re
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -33,6 +34,7 @@ from cegraph.daemon.events import (
     FeedbackReceivedPayload,
     WorkflowRegisteredPayload,
 )
+from cegraph.daemon.settings import MEMORY_SIZE
 from cegraph.daemon.spans import Node
 from cegraph.daemon.stage import Checkpoint
 
@@ -223,6 +225,12 @@ class StoreError(RuntimeError):
     """The DuckDB file can't be opened or written; the message says which file and why."""
 
 
+def _memory_size(value: str) -> str:
+    if not re.match(MEMORY_SIZE, value):
+        raise ValueError(f"not a memory size like 256MiB: {value!r}")
+    return value
+
+
 def _first_line(error: Exception) -> str:
     """DuckDB's messages can run to a stack trace; an operator needs their first line."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -231,9 +239,11 @@ def _first_line(error: Exception) -> str:
 class EventStore:
     """Single writer of one DuckDB file. Thread-safe: one lock around every statement."""
 
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False, memory_limit: str | None = None) -> None:
+        """`memory_limit` caps DuckDB's memory (`CEGRAPH_STORE__MEMORY_LIMIT`; None: DuckDB's own)."""
         self.path = str(path)
         self.read_only = read_only
+        self.memory_limit = _memory_size(memory_limit) if memory_limit else None
         self._lock = threading.RLock()
         self._open()
 
@@ -244,6 +254,8 @@ class EventStore:
         except duckdb.Error as error:
             raise StoreError(f"cannot open {self.path}: {_first_line(error)}") from None
         try:
+            if self.memory_limit:  # SET, not a connect option: another open of the file needn't repeat it
+                self._run(f"SET memory_limit = '{self.memory_limit}'")
             if not self.read_only:
                 self._run(SCHEMA)
                 self._run(LEGACY_CURSORS)

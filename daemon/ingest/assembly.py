@@ -62,7 +62,7 @@ class TraceAssembler:
         self.max_open = max_open
         self.join_logs = join_logs
         self._open: OrderedDict[str, OpenTrace] = OrderedDict()  # least recently updated first
-        self._by_age: list[tuple[float, str]] = []  # (first_seen, trace_id), lazily pruned
+        self._by_age: list[tuple[float, str]] = []  # (first_seen, trace_id), pruned in poll()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -131,6 +131,11 @@ class TraceAssembler:
             if trace is not None and trace.first_seen == first_seen:
                 del self._open[trace_id]
                 done.append(self._finish(trace, complete=trace.root_ended, reason="max-age"))
+        if len(self._by_age) > 2 * len(self._open) + 1024:
+            # most entries are of traces that completed: rebuilt from the open ones, the heap stays
+            # proportional to them instead of to the traffic of the last `max_age_s`
+            self._by_age = [(trace.first_seen, trace.trace_id) for trace in self._open.values()]
+            heapq.heapify(self._by_age)
         return done
 
     def drain(self) -> list[Assembled]:

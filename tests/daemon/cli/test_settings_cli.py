@@ -46,6 +46,8 @@ def test_dotenv_file_is_read(tmp_path):
         ("CEGRAPH_HTTP__PORT", "70000", "less than or equal to 65535"),
         ("CEGRAPH_KAFKA__SECURITY_PROTOCOL", "SASL_SSL", "needs sasl_mechanism"),
         ("CEGRAPH_KAFKA__BOOTSTRAP_SERVER", "h:1", "not a known setting"),
+        ("CEGRAPH_STORE__MEMORY_LIMIT", "lots", "should match pattern"),
+        ("CEGRAPH_STAGES", "ingest,learn", "learn"),
     ],
 )
 def test_run_refuses_a_bad_value_naming_the_setting(tmp_path, variable, value, rule):

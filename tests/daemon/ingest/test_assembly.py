@@ -119,6 +119,26 @@ def test_max_age_completes_a_busy_trace_with_its_root_as_complete():
     assert (done.complete, done.reason) == (True, "max-age")
 
 
+def test_the_age_bookkeeping_stays_proportional_to_the_open_traces():
+    """Traces that complete leave the age heap long before `max_age_s` passes (at a few thousand
+    traces a second it held every trace of the last minutes), and a long-lived trace among them is
+    still completed by its age."""
+    busy = [n for n in nodes_of(6) if n.parent_span_id]
+    template = nodes_of(7)
+    a = assembler(max_open=100_000)
+    a.add(busy[:1], ref(0), now=0.0)
+    for step in range(1, 5_001):
+        now = step * 0.01
+        trace_id = f"{step:032x}"
+        a.add([dataclasses.replace(n, trace_id=trace_id) for n in template], ref(step), now=now)
+        a.add(busy[step % len(busy) : step % len(busy) + 1], ref(step), now=now)  # never idle
+        completed = a.poll(now)
+        assert all(done.reason == "root-ended" for done in completed)
+        assert len(a._by_age) <= 2 * len(a) + 1024
+    [done] = [d for d in a.poll(MAX_AGE) if d.trace_id == busy[0].trace_id]
+    assert (done.complete, done.reason) == (False, "max-age")
+
+
 def test_max_open_evicts_the_least_recently_updated_trace():
     first, second, third = nodes_of(0), nodes_of(1), nodes_of(2)
     a = assembler(max_open=2)

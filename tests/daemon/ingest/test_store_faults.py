@@ -163,3 +163,13 @@ def test_a_durable_failure_does_not_double_an_executions_spans(tmp_path):
     rows = store.query("SELECT span_count FROM executions WHERE trace_id = ?", big.trace_id)
     assert rows == [(big.span_count,)]
     store.close()
+
+
+def test_the_store_memory_limit_reaches_duckdb(tmp_path):
+    """DuckDB's own default (80% of RAM) lets its block cache grow with the store."""
+    path = tmp_path / "limited.duckdb"
+    store = EventStore(path, memory_limit="96MiB")
+    try:
+        assert store.query("SELECT current_setting('memory_limit')") == [("96.0 MiB",)]
+    finally:
+        store.close()
