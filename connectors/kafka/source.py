@@ -239,12 +239,14 @@ class KafkaIngestSource:
 
     async def _wait_handed_on(self, timeout_s: float) -> None:
         """Commit what a later stage sends on meanwhile, until everything stored is committed or
-        `timeout_s` passed (the rest is read again by the partitions' next owners)."""
+        `timeout_s` passed, or the group refused a commit (the rest is read again by the partitions'
+        next owners)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self._uncommitted and loop.time() < deadline:
             await asyncio.sleep(0.05)
-            await self._commit_to_kafka()
+            if not await self._commit_to_kafka():
+                return
 
     def assigned(self) -> list[int]:
         """The spans partitions this member reads now: the part of the deployment its store covers."""
@@ -308,16 +310,16 @@ class KafkaIngestSource:
         self.ready = ready
         self.pipeline.metrics.ingest_ready.set(1 if ready else 0)
 
-    async def _commit_to_kafka(self) -> None:
+    async def _commit_to_kafka(self) -> bool:
         """Commit the offsets of the latest flush whose events have all been sent on, and note in
         the store how far the group knows this member stored: what it stored after that is in doubt
         until the next commit (a member killed in between leaves it to the partition's next owner,
-        which reads it again: `stats` counts it as unconfirmed)."""
+        which reads it again: `stats` counts it as unconfirmed). False when the commit failed."""
         consumer = self.subscriber.consumer
         handed_on = self.handed_on() if self.handed_on is not None else float("inf")
         ready = [entry for entry in self._uncommitted if entry[0] <= handed_on]
         if consumer is None or not ready:
-            return
+            return True
         stored_until, committable = ready[-1]
         assigned = consumer.assignment()
         offsets = {
@@ -333,8 +335,9 @@ class KafkaIngestSource:
             )
         except Exception as error:  # best effort: DuckDB holds the offsets that matter; next time
             log.debug("kafka offset commit skipped: %s", error)
-            return
+            return False
         del self._uncommitted[: len(ready)]
+        return True
 
     async def start(self) -> None:
         await self.broker.start()
