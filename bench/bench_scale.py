@@ -46,6 +46,19 @@ def stats(process: DaemonProcess) -> dict:
     return process.get("/stats")
 
 
+def wait_until(condition, what: str, cap_s: float = 1_800.0) -> None:
+    """Poll `condition()`; a deployment that stops making progress ends the run with `what`."""
+    deadline = time.monotonic() + cap_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_scale: {what} did not happen within {cap_s:.0f} s")
+        time.sleep(0.2)
+
+
+def stored(members: list[DaemonProcess]) -> int:
+    return sum(stats(m)["executions"]["total"] for m in members)
+
+
 def learnt(detect: dict, traces: int) -> bool:
     """The detect member has every execution and released all of it to its detector."""
     return detect["received"] >= traces and detect["sequenced"]["pending"] == 0
@@ -88,12 +101,12 @@ def deployment(members: int, broker: LocalKafka, spans_topic: str, traces: int, 
             member.wait_ready()
         started = time.monotonic()
         spans_before = sum(stats(m)["spans"] for m in ingest)
-        while sum(stats(m)["executions"]["total"] for m in ingest) < traces:
-            time.sleep(0.2)
+        wait_until(
+            lambda: sum(stats(m)["executions"]["total"] for m in ingest) >= traces, "every execution stored"
+        )
         stored_s = time.monotonic() - started
         spans = sum(stats(m)["spans"] for m in ingest) - spans_before
-        while not learnt(stats(detect), traces):
-            time.sleep(0.2)
+        wait_until(lambda: learnt(stats(detect), traces), "the detect member learning everything")
         learnt_s = time.monotonic() - started
         cpu = {f"ingest{i}": cpu_seconds(m.process.pid) for i, m in enumerate(ingest)}
         cpu["detect"] = cpu_seconds(detect.process.pid)

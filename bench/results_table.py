@@ -53,9 +53,10 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                 scale["command"],
                 "ingest members' spans/s through the broker, 1 and 2 members (+ a detect member)",
                 f"{one['ingest_spans_per_s']:,.0f} and {two['ingest_spans_per_s']:,.0f} "
-                f"({scale['speedup_2_over_1']:.2f}x)",
-                f"cores busy {one['cores_busy']:.1f} and {two['cores_busy']:.1f} of {scale['machine_cores']}",
-                "1.7-1.9x (prototype)",
+                f"({scale['speedup_2_over_1']:.2f}x); cores busy {one['cores_busy']:.1f} and "
+                f"{two['cores_busy']:.1f} of {scale['machine_cores']}",
+                "prototype 1.7-1.9x",
+                "",
             )
         )
     if density := results.get("density"):

@@ -2,9 +2,11 @@
 
 Commit semantics (as in arroyo): the source of truth for offsets is DuckDB, written by the pipeline's
 `flush()` together with the events; afterwards the same offsets are committed to Kafka too, so that
-lag tooling and the group's other members see them. A rebalance hands partitions over: the member
-losing them stores what is complete, commits, and forgets the rest; the member getting one seeks to
-the further of its stored offset and the group's committed one.
+lag tooling and the group's other members see them (with the stages apart, only once the failures
+publisher has sent on what they cover: `handed_on`). A rebalance hands partitions over: the member
+losing them stores what is complete, commits, forgets the rest and handles nothing until its next
+assignment; the member getting one seeks to the further of its stored offset and the group's
+committed one.
 Dead letters are published (and acknowledged by the broker) before the flush that moves past them.
 """
 

@@ -7,6 +7,7 @@ the setting, before anything connects or writes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -86,8 +87,6 @@ def run(
     ] = None,
 ) -> None:
     """Run the daemon: consume traces from Kafka, serve the HTTP API and metrics."""
-    import os
-
     if stages is not None:
         os.environ["CEGRAPH_STAGES"] = stages  # validated with the rest, named as the setting
     settings = settings_or_exit()
