@@ -7,7 +7,7 @@ fields are declared once, below, by type.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import orjson
@@ -118,11 +118,27 @@ class ExecutionCompletedPayload(Payload):
 
 @dataclass(frozen=True, slots=True)
 class FailureInputReceivedPayload(Payload):
-    """An execution (or late feedback) from the failures topic, with its place in the detector's order."""
+    """An execution (or late feedback) from the failures topic, with its place in the detector's order.
+
+    An execution's `nodes` (all of them when it failed, its roots otherwise: the task input and seed a
+    replay needs) go to the span log, as a locally completed execution's do, and `execution` (its row
+    in the sending member's `executions`) to this log's: refinement and the canary judge read both.
+    Late feedback has no `execution`, and its copy of the nodes stays in `input`: the span log holds
+    each execution once.
+    """
 
     TYPE = FAILURE_INPUT_RECEIVED
     place: list[Any]
     input: dict[str, Any]
+    execution: dict[str, Any] | None = None
+    nodes: list[Any] = field(default_factory=list)
+
+    def event(self, key: str) -> Event:
+        """`nodes` stay `Node`s: the store writes them to the span log a column at a time."""
+        return Event(
+            self.TYPE, key,
+            {"place": self.place, "input": self.input, "execution": self.execution, "nodes": self.nodes},
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

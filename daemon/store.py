@@ -31,6 +31,7 @@ from cegraph.daemon.events import (
     WORKFLOW_REGISTERED,
     Event,
     ExecutionCompletedPayload,
+    FailureInputReceivedPayload,
     FeedbackReceivedPayload,
     WorkflowRegisteredPayload,
 )
@@ -83,12 +84,16 @@ ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS refusal VARCHAR;
 CREATE OR REPLACE VIEW nodes AS SELECT * FROM event_spans;
 """
 
-PROJECTIONS = """
+EXECUTION_COLUMNS = {
+    "trace_id": "VARCHAR", "workflow_id": "VARCHAR", "workflow_version": "VARCHAR", "track": "VARCHAR",
+    "root_span_id": "VARCHAR", "root_name": "VARCHAR", "start_ns": "BIGINT", "end_ns": "BIGINT",
+    "span_count": "INTEGER", "complete": "BOOLEAN", "reason": "VARCHAR", "hard_failed": "BOOLEAN",
+    "eval_failed": "BOOLEAN", "failed_nodes": "INTEGER", "input_tokens": "BIGINT", "output_tokens": "BIGINT",
+    "amendments": "INTEGER",
+}  # fmt: skip
+PROJECTIONS = f"""
 CREATE TABLE IF NOT EXISTS executions (
-    trace_id VARCHAR, workflow_id VARCHAR, workflow_version VARCHAR, track VARCHAR,
-    root_span_id VARCHAR, root_name VARCHAR, start_ns BIGINT, end_ns BIGINT, span_count INTEGER,
-    complete BOOLEAN, reason VARCHAR, hard_failed BOOLEAN, eval_failed BOOLEAN, failed_nodes INTEGER,
-    input_tokens BIGINT, output_tokens BIGINT, amendments INTEGER, seq BIGINT
+    {", ".join(f"{name} {kind}" for name, kind in EXECUTION_COLUMNS.items())}, seq BIGINT
 );
 CREATE TABLE IF NOT EXISTS feedback (
     seq BIGINT, trace_id VARCHAR, span_id VARCHAR, outcome VARCHAR, score DOUBLE, critique VARCHAR,
@@ -102,7 +107,8 @@ CREATE TABLE IF NOT EXISTS workflow_versions (
 
 PROJECTION_TABLES = ("executions", "feedback", "workflow_versions")
 _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegisteredPayload
-SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED)
+_R = FailureInputReceivedPayload
+SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
 NODE_FIELDS = [f.name for f in fields(Node)]
 # the cursor ingest moves once the consumer group holds the offsets it stored (the Kafka source)
 CONFIRMED = "ingest.confirmed"
@@ -134,7 +140,15 @@ SELECT n.trace_id,
        0 AS amendments, n.seq
 FROM event_spans n JOIN events e ON e.seq = n.seq
 WHERE n.seq BETWEEN $1 AND $2 AND e.seq BETWEEN $1 AND $2 AND NOT n.amended
+  AND e.type = '{EXECUTION_COMPLETED}'
 GROUP BY n.trace_id, n.seq
+"""),
+    # an execution an ingest member sent on: its row as that member's log has it
+    (FAILURE_INPUT_RECEIVED, f"""
+INSERT INTO executions BY NAME
+SELECT unnest(json_transform({_R.json("execution")}, '{orjson.dumps(EXECUTION_COLUMNS).decode()}')), seq
+FROM events
+WHERE seq BETWEEN $1 AND $2 AND type = '{FAILURE_INPUT_RECEIVED}' AND json_type({_R.json("execution")}) = 'OBJECT'
 """),
     (EXECUTION_AMENDED, f"""
 UPDATE executions SET

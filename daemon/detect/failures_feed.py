@@ -7,8 +7,9 @@ feedback, and ingest's progress reports) to the failures topic, and the detect m
 appends them to its own log as `FailureInputReceived` and `IngestAdvanced` events, which its
 `DetectorStage` reads as it reads a local log.
 
-Only the executions that failed carry their nodes (the detector needs the rest for the execution
-count of the mass only), and nothing is weighted here: the featurizer's document frequencies and
+Each execution goes with its row of `executions`; one that failed carries all its nodes, the others
+their roots only (the detector counts them for the mass; refinement replays their task input and
+seed, and the canary judge counts them). Nothing is weighted here: the featurizer's document frequencies and
 latency norms stay in the one detector of each workflow, so a failure's vector does not depend on
 which member saw it.
 
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import orjson
 
 from cegraph.daemon.detect.failures import label_failures
-from cegraph.daemon.detect.inputs import DetectorInputs, input_to_json
+from cegraph.daemon.detect.inputs import DetectorInputs, input_from_json, input_to_json
 from cegraph.daemon.detect.sequencer import Progress, newer
 from cegraph.daemon.events import (
     FAILURE_INPUT_RECEIVED,
@@ -92,20 +93,30 @@ class FailuresPublisher:
         last = self.inputs.stretch(self.position, end, self.batch)
         records: list[Record] = []
         fanout = self.transport.partitions()
-        for entry in self.inputs.entries(self.position, last):
+        entries = self.inputs.entries(self.position, last)
+        rows = self._rows([e[1].trace_id for e in entries if isinstance(e, tuple) and not e[1].feedback_only])
+        for entry in entries:
             if isinstance(entry, IngestAdvancedPayload):
                 value = orjson.dumps({"report": entry})
                 records.extend(Record(entry.topic.encode(), value, partition) for partition in range(fanout))
                 continue
             place, execution = entry
             if not label_failures(execution.nodes, execution.feedback):
-                execution.nodes = []  # counted, not learnt from: the nodes stay with ingest
-            value = orjson.dumps({"place": list(place), "input": input_to_json(execution)})
+                execution.nodes = [node for node in execution.nodes if node.is_root]  # counted, replayable
+            row = None if execution.feedback_only else rows.get(execution.trace_id)
+            value = orjson.dumps({"place": list(place), "input": input_to_json(execution), "execution": row})
             records.append(Record(execution.workflow_id.encode(), value))
         if records:
             self.transport.send(records)
         self.position = last + 1
         return Step([], Checkpoint(self.position))
+
+    def _rows(self, traces: list[str]) -> dict[str, dict[str, Any]]:
+        """The executions' rows as this log has them (seq aside: the receiving log numbers its own)."""
+        found = self.store.query_dicts(
+            "SELECT * EXCLUDE (seq) FROM executions WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))", traces
+        )
+        return {row["trace_id"]: row for row in found}
 
     def close(self) -> None:
         self.transport.close()
@@ -121,6 +132,16 @@ class RecordSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def received(message: dict[str, Any]) -> FailureInputReceivedPayload:
+    """An execution's nodes move from its input to the span log; late feedback keeps its copy."""
+    execution = message.get("execution")
+    data = message["input"]
+    if execution is None:
+        return FailureInputReceivedPayload(message["place"], data)
+    nodes = input_from_json(data).nodes
+    return FailureInputReceivedPayload(message["place"], {**data, "nodes": []}, execution, nodes)
 
 
 class FailuresReceiver:
@@ -167,7 +188,8 @@ class FailuresReceiver:
                     known["progress"][spans_partition] = [taken.position, taken.caught_up]
                 continue
             key = input_record_key(message["place"])
-            inputs.setdefault(key, FailureInputReceivedPayload(message["place"], message["input"]).event(key))
+            if key not in inputs:
+                inputs[key] = received(message).event(key)
         events = self._unseen(list(inputs.values())) + self._merged_reports()
         snapshot = {
             "offsets": {str(p): o for p, o in self.offsets.items()},

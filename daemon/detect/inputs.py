@@ -104,13 +104,19 @@ class DetectorInputs:
         payloads = {r["seq"]: orjson.loads(r["payload"]) for r in rows}
         executed_at = {r["key"]: r["seq"] for r in rows if r["type"] == EXECUTION_COMPLETED}
         feedback = {r["seq"]: payloads[r["seq"]] for r in rows if r["type"] == FEEDBACK_RECEIVED}
-        nodes: dict[str, list[Node]] = {}
+        received = {r["seq"] for r in rows if r["type"] == FAILURE_INPUT_RECEIVED}
+        nodes: dict[str, list[Node]] = {}  # of the executions this log completed, by trace
+        received_nodes: dict[int, list[Node]] = {}  # of those received, by the receiving event
         for row in self.store.query_dicts(
             "SELECT * FROM event_spans WHERE NOT amended AND (seq IN (SELECT unnest(?)) "
             "OR (trace_id IN (SELECT unnest(?)) AND seq < ?))",
-            list(executed_at.values()), [p["trace_id"] for p in feedback.values()], first,
+            [*executed_at.values(), *received], [p["trace_id"] for p in feedback.values()], first,
         ):  # fmt: skip
-            nodes.setdefault(row["trace_id"], []).append(node_from_row(row))
+            node = node_from_row(row)
+            if row["seq"] in received:
+                received_nodes.setdefault(row["seq"], []).append(node)
+            else:
+                nodes.setdefault(row["trace_id"], []).append(node)
         earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
         for row in self.store.query_dicts(
             "SELECT * FROM feedback WHERE trace_id IN (SELECT unnest(?)) AND seq <= ?",
@@ -125,7 +131,9 @@ class DetectorInputs:
             if row["type"] == INGEST_ADVANCED:
                 entries.append(IngestAdvancedPayload(**payload))
             elif row["type"] == FAILURE_INPUT_RECEIVED:
-                entries.append((tuple(payload["place"]), input_from_json(payload["input"])))
+                execution = input_from_json(payload["input"])
+                execution.nodes = execution.nodes or received_nodes.get(seq, [])
+                entries.append((tuple(payload["place"]), execution))
             elif row["type"] == EXECUTION_COMPLETED:
                 trace = row["key"]
                 joined = [signal for at, signal in sorted(earlier.get(trace, [])) if at < seq]

@@ -166,3 +166,18 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
     for workflow in reference:
         assert any(kind == "ModeEmerged" for kind, _, _ in reference[workflow])
         assert scaled[workflow] == reference[workflow], workflow
+
+    # what refinement and the canary judge read is there too: the executions, the roots' inputs and
+    # seeds (replay), the failing spans (counterexamples), rebuilt from the log as they were made live
+    for query in (
+        "SELECT * EXCLUDE (seq) FROM executions",
+        "SELECT trace_id, workflow_id, workflow_version, seed, input_text FROM event_spans "
+        "WHERE parent_span_id = '' AND operation = 'invoke_workflow'",
+        "SELECT * EXCLUDE (seq) FROM event_spans WHERE hard_failed OR eval_failed",
+    ):
+        expected = sorted(single.query(query), key=repr)
+        assert sorted(detect_store.query(query), key=repr) == expected, query
+    assert len(expected) > 0
+    live = detect_store.projection_digest()
+    detect_store.rebuild()
+    assert detect_store.projection_digest() == live
