@@ -148,7 +148,8 @@ GROUP BY n.trace_id, n.seq
 INSERT INTO executions BY NAME
 SELECT unnest(json_transform({_R.json("execution")}, '{orjson.dumps(EXECUTION_COLUMNS).decode()}')), seq
 FROM events
-WHERE seq BETWEEN $1 AND $2 AND type = '{FAILURE_INPUT_RECEIVED}' AND json_type({_R.json("execution")}) = 'OBJECT'
+WHERE seq BETWEEN $1 AND $2 AND type = '{FAILURE_INPUT_RECEIVED}'
+  AND json_type({_R.json("execution")}) = 'OBJECT'
 """),
     (EXECUTION_AMENDED, f"""
 UPDATE executions SET
