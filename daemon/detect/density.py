@@ -322,6 +322,26 @@ class ModeTracker:
         factor = self.micro.decay ** (self.micro.tick - self.micro.ticks[rows])
         return unit((self.micro.centres[rows] * factor[:, None]).sum(0))
 
+    def frozen(self) -> dict[str, Any]:
+        """What `classify` reads, and no more: the micro-clusters in a mode, their modes, the cut."""
+        rows = np.array([m in self._micro_mode for m in self.micro.ids.tolist()], dtype=bool)
+        ids = self.micro.ids[rows] if len(self.micro) else np.zeros(0, np.int64)
+        return {
+            "mode_distance": self.mode_distance,
+            "ids": ids.copy(),
+            "centres": self.micro.centres[rows].copy() if len(self.micro) else np.zeros((0, 0)),
+            "modes": [self._micro_mode[int(i)] for i in ids.tolist()],
+        }
+
+    @classmethod
+    def thawed(cls, frozen: dict[str, Any]) -> ModeTracker:
+        """A tracker that classifies as the one `frozen()` was taken from did (it is not for learning)."""
+        tracker = cls(mode_distance=frozen["mode_distance"])
+        tracker.micro.centres = np.asarray(frozen["centres"], dtype=np.float64)
+        tracker.micro.ids = np.asarray(frozen["ids"], dtype=np.int64)
+        tracker._micro_mode = dict(zip(tracker.micro.ids.tolist(), frozen["modes"], strict=True))
+        return tracker
+
     def state(self) -> dict[str, Any]:
         """Counts for metrics and the bounded-state benchmark."""
         return {"micro_clusters": len(self.micro), "modes": len(self.modes), "seen": self.seen}

@@ -7,7 +7,6 @@ drift and for mass crossings. Everything it decides is returned as events for th
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from cegraph.daemon.detect.density import (
 )
 from cegraph.daemon.detect.failures import Failure, FeedbackSignal, label_failures
 from cegraph.daemon.detect.mass import MassTracker
-from cegraph.daemon.detect.signature import SignatureFeaturizer, SignatureParts
+from cegraph.daemon.detect.signature import SignatureFeaturizer, SignatureParts, TextEmbedder
 from cegraph.daemon.detect.trigger import DriftWatch, MassTrigger
 from cegraph.daemon.events import (
     MODE_DRIFTED,
@@ -169,9 +168,21 @@ class WorkflowModes:
 @dataclass(frozen=True)
 class ModeClassifier:
     """A frozen copy of the detector's featurizers and modes. It places the failures of shadow runs in
-    the modes production has, learning nothing from them: shadow traffic must not move the density."""
+    the modes production has, learning nothing from them: shadow traffic must not move the density.
+
+    Made from `FailureDetector.frozen()` (plain data: a refinement job carries it to a refine worker
+    in another process, `daemon/refine/job_messages.py`), so a job classifies alike wherever it runs.
+    """
 
     workflows: dict[str, WorkflowModes]
+
+    @classmethod
+    def of(cls, frozen: dict[str, Any], embedder: TextEmbedder | None = None) -> ModeClassifier:
+        thaw = SignatureFeaturizer.thawed
+        return cls({
+            workflow: WorkflowModes(thaw(state["featurizer"], embedder), ModeTracker.thawed(state["tracker"]))
+            for workflow, state in frozen.items()
+        })  # fmt: skip
 
     def classify(self, nodes: list[Node]) -> list[tuple[Failure, str]]:
         """Each failure of one execution and its mode (NOISE when it falls in none, or its workflow
@@ -353,9 +364,17 @@ class FailureDetector:
                 events.append(Event(MODE_MASS_CROSSED, mode, asdict(observed)))
         return events
 
+    def frozen(self, workflow: str | None = None) -> dict[str, Any]:
+        """What a `ModeClassifier` of every workflow (or of one) is made of, as plain data."""
+        return {
+            name: {"featurizer": modes.featurizer.frozen(), "tracker": modes.tracker.frozen()}
+            for name, modes in self.workflows.items()
+            if workflow is None or name == workflow
+        }
+
     def classifier(self) -> ModeClassifier:
         """A snapshot for shadow verification (the embedding model, if any, is shared, not copied)."""
-        return ModeClassifier(copy.deepcopy(self.workflows, {id(self.embedder): self.embedder}))
+        return ModeClassifier.of(self.frozen(), self.embedder)
 
     def modes(self) -> list[dict[str, Any]]:
         """Every live mode per workflow version: mass, support and description."""

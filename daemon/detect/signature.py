@@ -29,7 +29,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -230,6 +230,27 @@ class SignatureFeaturizer:
         self.documents = 0
         self.document_frequency = np.zeros(DF_BUCKETS, dtype=np.int64)
         self.latency: OrderedDict[str, _RunningNorm] = OrderedDict()
+
+    def frozen(self) -> dict[str, Any]:
+        """What `transform_one` reads: document frequencies (the buckets in use) and latency norms."""
+        buckets = np.flatnonzero(self.document_frequency)
+        return {
+            "documents": self.documents,
+            "buckets": buckets,
+            "counts": self.document_frequency[buckets],
+            "latency": [[key, n.count, n.mean, n.m2] for key, n in self.latency.items()],
+            "use_latency": self.use_latency,
+        }
+
+    @classmethod
+    def thawed(cls, frozen: dict[str, Any], embedder: TextEmbedder | None = None) -> SignatureFeaturizer:
+        featurizer = cls(embedder, latency=frozen["use_latency"])
+        featurizer.documents = frozen["documents"]
+        featurizer.document_frequency[np.asarray(frozen["buckets"], dtype=np.int64)] = frozen["counts"]
+        for key, count, mean, m2 in frozen["latency"]:
+            norm = featurizer.latency[key] = _RunningNorm()
+            norm.count, norm.mean, norm.m2 = count, mean, m2
+        return featurizer
 
     def learn_one(self, failure: Failure, parts: SignatureParts | None = None) -> None:
         parts = parts or describe(failure)
