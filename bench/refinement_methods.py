@@ -292,7 +292,7 @@ def failure_driven(
         )  # fmt: skip
         daemon = EmbeddedDaemon(settings)
         # shadow runs in the scenario's world, judged by its judge, as the recorded traffic was
-        daemon.refine_stage.refiner.runner.target = RuntimeShadowTarget(
+        daemon.refine_stage.jobs.refiner.runner.target = RuntimeShadowTarget(
             setup.llm, tools=setup.world.tools(), evaluator_for=sim_evaluator_for(setup.world)
         )
         if one_mode:  # cosine distances are at most 2: one cut above that joins everything

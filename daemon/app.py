@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,18 +22,20 @@ from cegraph.connectors.http.reads import inspection_routes
 from cegraph.connectors.http.workflows import workflow_routes
 from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.connectors.kafka.failures import KafkaRecordSource, KafkaRecordTransport
+from cegraph.connectors.kafka.jobs import MAX_JOB_BYTES, KafkaRefineWorker
 from cegraph.connectors.kafka.outbox_transport import KafkaTransport
 from cegraph.connectors.kafka.source import KafkaIngestSource
 from cegraph.connectors.llm.config import openai_backend, shadow_llm
 from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
-from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.detector import FailureDetector, embedder_for
 from cegraph.daemon.detect.failures_feed import (
     PUBLISH_FAILURES,
     FailuresPublisher,
     FailuresReceiver,
     RecordSource,
+    RecordTransport,
 )
 from cegraph.daemon.detect.naming import INTERVAL_S as NAMING_INTERVAL_S
 from cegraph.daemon.detect.naming import ModeNamer, named_modes
@@ -47,10 +50,11 @@ from cegraph.daemon.metrics import (
     StageMetrics,
 )
 from cegraph.daemon.outbox import OutboxPublisher, Transport
-from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
+from cegraph.daemon.refine.jobs import JobExecutor, LocalJobs, RefinementScheduler, RefinementStage
 from cegraph.daemon.refine.patch_outbox import PatchOutbox
 from cegraph.daemon.refine.proposers import LLMProposer, PromptEditor, Proposer, RuleProposer
-from cegraph.daemon.refine.refiner import Refiner
+from cegraph.daemon.refine.refiner import JobReader, Refiner
+from cegraph.daemon.refine.remote import RefineWorker, RemoteJobs
 from cegraph.daemon.refine.replay import ReplayStore
 from cegraph.daemon.refine.shadow import ShadowRunner, ShadowTarget
 from cegraph.daemon.rollout.canary import CanaryJudge, RolloutOutbox, TargetModeFor, patch_target_mode
@@ -104,10 +108,9 @@ def build_canary_judge(
     )
 
 
-def build_refinement(
-    settings: Settings, store: EventStore, stage: DetectorStage, metrics: RefinementMetrics
-) -> RefinementStage:
-    """Propose-and-Verify: the refine stage."""
+def build_refiner(settings: Settings) -> Refiner:
+    """Propose-and-Verify itself: the shadow target and the proposers, no store (it also runs on
+    refine workers)."""
     llm, tools, evaluator_for = shadow_llm(settings)
     refiner_settings = settings.refiner
     target: ShadowTarget = (
@@ -121,11 +124,7 @@ def build_refinement(
         "llm": LLMProposer(llm, model=model),
         "prompt_editor": PromptEditor(llm, model=model),
     }
-    key = settings.publisher.signing_key
-    refiner = Refiner(
-        store,
-        WorkflowRegistry(store),
-        ReplayStore(store, retention=refiner_settings.replay_retention),
+    return Refiner(
         ShadowRunner(
             target,
             TextPolicy(settings.ingest.max_text_chars, settings.ingest.redact),
@@ -133,13 +132,35 @@ def build_refinement(
         ),
         [proposers[name] for name in refiner_settings.proposers],
         refiner_settings,
-        signing_key=key.get_secret_value() if key else None,
         retrievers=[name for name, tool in tools.items() if isinstance(tool, Retriever)],
+    )
+
+
+def build_refinement(
+    settings: Settings,
+    store: EventStore,
+    stage: DetectorStage,
+    metrics: RefinementMetrics,
+    workers: tuple[RecordTransport, RecordSource] | None = None,
+) -> RefinementStage:
+    """The refine stage: triggers become jobs, run here or, with `workers` (the jobs topic out, the
+    job-results topic in), on refine workers."""
+    refiner_settings = settings.refiner
+    registry = WorkflowRegistry(store)
+    replay = ReplayStore(store, retention=refiner_settings.replay_retention)
+    reader = JobReader(store, registry, replay, sample=refiner_settings.replay_sample)
+    jobs: JobExecutor = (
+        LocalJobs(reader, build_refiner(settings), stage.classifier)
+        if workers is None
+        else RemoteJobs(reader, stage.frozen, *workers)
     )
     scheduler = RefinementScheduler(
         store, cooldown_s=refiner_settings.cooldown_s, deploy_wait_s=refiner_settings.deploy_wait_s
     )
-    return RefinementStage(scheduler, refiner, stage.classifier, metrics=metrics)
+    key = settings.publisher.signing_key
+    return RefinementStage(
+        scheduler, jobs, registry, signing_key=key.get_secret_value() if key else None, metrics=metrics
+    )
 
 
 @dataclass
@@ -165,13 +186,16 @@ def build_stages(
     judging: bool,
     clock: Callable[[], float] | None = None,
     received: RecordSource | None = None,
+    workers: tuple[RecordTransport, RecordSource] | None = None,
 ) -> Stages:
     """Read top to bottom, this is the pipeline after ingest: with ingest in other processes, the
-    failures topic's records come into the log (`received`); the detector turns what ingest stored
-    (or sent) into failures, modes and mass; with an LLM endpoint the namer gives modes display
-    names; the refine stage (when `refining`) turns triggers into patches; the canary judge (when
-    `judging`) turns canaries into decisions; two outbox publishers send patches and decisions
-    through `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
+        failures topic's records come into the log (`received`); the detector turns what ingest stored
+        (or sent) into failures, modes and mass; with an LLM endpoint the namer gives modes display
+        names; the refine stage (when `refining`) turns triggers into patches (here, or through the jobs
+    topic on refine workers: `workers`, the jobs topic out and the job-results topic in); the canary
+    judge (when
+        `judging`) turns canaries into decisions; two outbox publishers send patches and decisions
+        through `transport(topic)`. Each is a `Stage` on a `StageRunner`."""
     metrics = StageMetrics(registry)
     runners = (
         [] if received is None else [StageRunner(store, FailuresReceiver(store, received), metrics=metrics)]
@@ -182,7 +206,7 @@ def build_stages(
         namer = ModeNamer(store, openai_backend(settings), model=settings.llm.proposer_model)
         runners.append(StageRunner(store, namer, metrics=metrics, poll_s=NAMING_INTERVAL_S))
     refinement_metrics = RefinementMetrics(registry)
-    refine = build_refinement(settings, store, detector, refinement_metrics)
+    refine = build_refinement(settings, store, detector, refinement_metrics, workers if refining else None)
     if refining:
         runners.append(StageRunner(store, refine, metrics=metrics))
     judge = build_canary_judge(settings, store, registry, clock=clock)
@@ -205,19 +229,28 @@ def build(settings: Settings) -> Starlette:
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
     kafka = settings.kafka
-    ingest, detecting = settings.runs("ingest"), settings.runs("detect")
-    stages = None
+    ingest, detecting, refining = settings.runs("ingest"), settings.runs("detect"), settings.runs("refine")
+    stages = worker = None
     if detecting:
+        workers = (
+            KafkaRecordTransport(kafka, kafka.jobs_topic, max_request_size=MAX_JOB_BYTES),
+            KafkaRecordSource(kafka, kafka.job_results_topic),
+        )
         stages = build_stages(
             settings, store, registry, lambda topic: KafkaTransport(kafka, topic),
-            refining=settings.runs("refine") and settings.refiner.enabled,
-            judging=settings.runs("rollout") and settings.canary.enabled,
+            refining=settings.refiner.enabled, judging=settings.runs("rollout") and settings.canary.enabled,
             received=None if ingest else KafkaRecordSource(kafka, kafka.failures_topic),
+            workers=None if refining else workers,
         )  # fmt: skip
         runner = stages.runner
-    else:
+    elif ingest:
         publisher = FailuresPublisher(store, KafkaRecordTransport(kafka, kafka.failures_topic))
         runner = Runner([StageRunner(store, publisher, metrics=StageMetrics(registry))])
+    else:
+        runner = Runner([])
+    if refining and not detecting:
+        embedder = functools.partial(embedder_for, settings.detector)
+        worker = KafkaRefineWorker(kafka, RefineWorker(build_refiner(settings), embedder))
     source = None
     if ingest:
         after = runner[DETECT if detecting else PUBLISH_FAILURES]
@@ -242,12 +275,18 @@ def build(settings: Settings) -> Starlette:
             *([kafka.failures_topic] if not (ingest and detecting) else []),
         ]
         await asyncio.to_thread(ensure_topics, kafka, topics)
+        if detecting != refining:  # jobs go between processes
+            big = {"max.message.bytes": str(MAX_JOB_BYTES)}
+            await asyncio.to_thread(ensure_topics, kafka, [kafka.jobs_topic], kafka.jobs_partitions, big)
+            await asyncio.to_thread(ensure_topics, kafka, [kafka.job_results_topic], 1, big)
         if detecting and settings.publisher.signing_key is None:
             log.warning("no CEGRAPH_PUBLISHER__SIGNING_KEY: patches are kept in the outbox, not published")
         # opening replays: the detector's state from the log, the publishers' view of their topics
         await asyncio.to_thread(runner.start)
         if source is not None:
             await source.start()
+        if worker is not None:
+            worker.start()
         log.info("running %s against %s", settings.stages, kafka.bootstrap_servers)
         try:
             yield
@@ -255,6 +294,8 @@ def build(settings: Settings) -> Starlette:
             if source is not None:
                 backpressure.release()
                 await source.stop()
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(runner.stop)
             store.close()
 
@@ -277,6 +318,8 @@ def build(settings: Settings) -> Starlette:
             covers["assigned"] = source.assigned()
         if stages is not None:
             covers["sequenced"] = stages.detector.sequenced()
+        if worker is not None:
+            covers["jobs"] = {"done": worker.done, "running": worker.running}
         return {**covers, **await asyncio.to_thread(store.stats)}
 
     async def modes(_: Request) -> list[dict[str, Any]]:

@@ -55,6 +55,19 @@ class KafkaSettings(_Group):
         description="Detector inputs from ingest members to the detect member, when they run apart "
         "(`cegraph run --stages`); keyed by workflow id.",
     )
+    jobs_topic: str = Field(
+        "cegraph.jobs",
+        min_length=1,
+        description="Refinement jobs from the detect member to refine workers, when they run apart "
+        "(`cegraph run --stages`); keyed by workflow id. Workers share it as the group `<group id>.refine`.",
+    )
+    jobs_partitions: int = Field(
+        4, ge=1, description="Partitions of the jobs topic when cegraph creates it: how many refine workers "
+        "can work at once.",
+    )  # fmt: skip
+    job_results_topic: str = Field(
+        "cegraph.job-results", min_length=1, description="Ends of refinement jobs, from refine workers."
+    )
     dlq_topic: str = Field("cegraph.dlq", min_length=1, description="Messages that could not be decoded.")
     session_timeout_ms: int = Field(
         10_000,
@@ -408,8 +421,10 @@ class Settings(BaseSettings):
     stages: str = Field(
         ",".join(STAGES),
         description="The stages this process runs, comma-separated, of ingest, detect, refine, rollout "
-        "(`cegraph run --stages`): `ingest` alone publishes the detector's inputs to the failures "
-        "topic, `detect` without ingest reads them from there; refine and rollout run with detect.",
+        "(`cegraph run --stages`): `ingest` without detect publishes the detector's inputs to the "
+        "failures topic, `detect` without ingest reads them from there; `detect` without refine sends "
+        "refinement jobs to the jobs topic, `refine` without detect is a refine worker reading it; "
+        "rollout runs with detect.",
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -430,8 +445,8 @@ class Settings(BaseSettings):
         unknown = sorted(set(named) - set(STAGES))
         if unknown or not named:
             raise ValueError(f"name one or more of {', '.join(STAGES)} (got {value!r})")
-        if {"refine", "rollout"} & set(named) and "detect" not in named:
-            raise ValueError("refine and rollout run in the process that runs detect")
+        if "rollout" in named and "detect" not in named:
+            raise ValueError("rollout runs in the process that runs detect")
         return ",".join(stage for stage in STAGES if stage in named)
 
     def runs(self, stage: str) -> bool:

@@ -85,12 +85,16 @@ async def raw_body(message: Any) -> bytes:
     return message.body
 
 
-def ensure_topics(settings: KafkaSettings, topics: list[str], partitions: int = 1) -> list[str]:
-    """Create the topics that don't exist yet (a fresh cluster may not auto-create); returns those created."""
+def ensure_topics(
+    settings: KafkaSettings, topics: list[str], partitions: int = 1, configs: dict[str, str] | None = None
+) -> list[str]:
+    """Create the topics that don't exist yet (a fresh cluster may not auto-create), with `partitions`
+    and the topic `configs`; returns those created."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    configs = configs or {}
     admin = KafkaAdminClient(**kafka_python_options(settings))
     try:
         existing = set(admin.list_topics())
@@ -98,7 +102,10 @@ def ensure_topics(settings: KafkaSettings, topics: list[str], partitions: int = 
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                    [
+                        NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=configs)
+                        for t in missing
+                    ]
                 )
         return missing
     finally:

@@ -16,13 +16,19 @@ POLL_MS = 500
 
 
 class KafkaRecordTransport:
-    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+    """`max_request_size`: the largest record it may send (kafka-python's default is 1 MB)."""
+
+    def __init__(self, settings: KafkaSettings, topic: str, *, max_request_size: int = 1_048_576) -> None:
         self.settings, self.topic = settings, topic
+        self.max_request_size = max_request_size
         self._producer: KafkaProducer | None = None
 
     def _open(self) -> KafkaProducer:
         if self._producer is None:
-            self._producer = KafkaProducer(**kafka_python_options(self.settings), acks="all", linger_ms=5)
+            self._producer = KafkaProducer(
+                **kafka_python_options(self.settings), acks="all", linger_ms=5,
+                max_request_size=self.max_request_size,
+            )  # fmt: skip
         return self._producer
 
     def partitions(self) -> int:

@@ -202,7 +202,7 @@ def guess_category(parts: SignatureParts) -> str | None:
     return None
 
 
-def _embedder(settings: DetectorSettings):
+def embedder_for(settings: DetectorSettings):
     if settings.text_features != "embedding":
         return None
     from cegraph.daemon.detect.embedding import shared_embedder
@@ -220,7 +220,7 @@ class FailureDetector:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.embedder = _embedder(settings)
+        self.embedder = embedder_for(settings)
         cut = EMBEDDED_MODE_DISTANCE if self.embedder is not None else HASHED_MODE_DISTANCE
         self.tracker_factory = tracker_factory or (lambda ids: ModeTracker(mode_distance=cut, ids=ids))
         self.workflows: dict[str, WorkflowModes] = {}
@@ -372,9 +372,9 @@ class FailureDetector:
             if workflow is None or name == workflow
         }
 
-    def classifier(self) -> ModeClassifier:
+    def classifier(self, workflow: str | None = None) -> ModeClassifier:
         """A snapshot for shadow verification (the embedding model, if any, is shared, not copied)."""
-        return ModeClassifier.of(self.frozen(), self.embedder)
+        return ModeClassifier.of(self.frozen(workflow), self.embedder)
 
     def modes(self) -> list[dict[str, Any]]:
         """Every live mode per workflow version: mass, support and description."""

@@ -240,10 +240,17 @@ class SignatureFeaturizer:
             "counts": self.document_frequency[buckets],
             "latency": [[key, n.count, n.mean, n.m2] for key, n in self.latency.items()],
             "use_latency": self.use_latency,
+            "embedded": self.embedder is not None,
         }
 
     @classmethod
     def thawed(cls, frozen: dict[str, Any], embedder: TextEmbedder | None = None) -> SignatureFeaturizer:
+        if frozen["embedded"] != (embedder is not None):
+            made = "with" if frozen["embedded"] else "without"
+            raise ValueError(
+                f"these modes were made {made} sentence embeddings: CEGRAPH_DETECTOR__TEXT_FEATURES must "
+                "be the same here as in the process that made them"
+            )
         featurizer = cls(embedder, latency=frozen["use_latency"])
         featurizer.documents = frozen["documents"]
         featurizer.document_frequency[np.asarray(frozen["buckets"], dtype=np.int64)] = frozen["counts"]

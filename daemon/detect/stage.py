@@ -116,9 +116,14 @@ class DetectorStage:
         self._lock = threading.Lock()  # the detector is read by refinement workers between batches
         store.query(VIEWS)
 
-    def classifier(self) -> ModeClassifier:
+    def classifier(self, workflow: str | None = None) -> ModeClassifier:
         with self._lock:
-            return self.detector.classifier()
+            return self.detector.classifier(workflow)
+
+    def frozen(self, workflow: str | None = None) -> dict[str, Any]:
+        """The modes a refinement job on a refine worker classifies with (`FailureDetector.frozen`)."""
+        with self._lock:
+            return self.detector.frozen(workflow)
 
     def sequenced(self) -> dict[str, int]:
         """Inputs read but not released yet (waiting for a partition behind), and late ones so far."""

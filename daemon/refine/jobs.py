@@ -18,7 +18,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
 
@@ -33,15 +34,18 @@ from cegraph.daemon.events import (
     REFINEMENT_STARTED,
     CanaryDecidedPayload,
     CanaryStartedPayload,
+    Event,
     PatchCreatedPayload,
     RefinementFinishedPayload,
     RefinementStartedPayload,
 )
 from cegraph.daemon.metrics import RefinementMetrics
-from cegraph.daemon.refine.refiner import Job, JobEnd, Refiner
+from cegraph.daemon.refine.patch_outbox import created
+from cegraph.daemon.refine.refiner import Job, JobEnd, JobInputs, JobReader, Record, Refiner
+from cegraph.daemon.refine.signing import sign
 from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
-from cegraph.daemon.workflows.registry import version_key
+from cegraph.daemon.workflows.registry import WorkflowRegistry, version_key
 
 log = logging.getLogger("cegraph.jobs")
 
@@ -163,43 +167,133 @@ def _key(trigger: dict[str, Any]) -> str:
     return f"{trigger['workflow_id']}@{trigger['workflow_version']}/{trigger['mode']}"
 
 
+class JobExecutor(Protocol):
+    """Where jobs run: in this process (`LocalJobs`), or on refine workers behind the jobs topic
+    (`RemoteJobs`, `daemon/refine/remote.py`)."""
+
+    def open(self, snapshot: dict[str, Any]) -> None:
+        """From what `snapshot()` returned at the refine stage's last checkpoint."""
+        ...
+
+    def submit(self, job: Job) -> JobEnd | None:
+        """Run or send the job: its end when it ended here, None when `ended()` will bring it."""
+        ...
+
+    def ended(self) -> list[EndedJob]:
+        """Ends of sent jobs that came back since the last call (any job, possibly twice)."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EndedJob:
+    job_id: str
+    steps: list[Event]  # its steps on the way, recorded where it ran
+    end: JobEnd
+
+
+class LocalJobs:
+    """Jobs run here, to their end, on the refine stage's thread; their steps go to the log as they
+    happen."""
+
+    def __init__(
+        self, reader: JobReader, refiner: Refiner, classifier: Callable[[str], ModeClassifier]
+    ) -> None:
+        self.reader = reader
+        self.refiner = refiner
+        self.classifier = classifier
+
+    def open(self, snapshot: dict[str, Any]) -> None:
+        return None
+
+    def submit(self, job: Job) -> JobEnd:
+        return run_job(self.refiner, job, self.reader.read(job), self.classifier(job.workflow_id),
+                       self.reader.store.append)  # fmt: skip
+
+    def ended(self) -> list[EndedJob]:
+        return []
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        return None
+
+
+def run_job(
+    refiner: Refiner, job: Job, inputs: JobInputs, classifier: ModeClassifier, record: Record
+) -> JobEnd:
+    """A job to its end, wherever it runs: an exception (a bug, an outage) ends the job, not the stage."""
+    try:
+        return asyncio.run(refiner.run(job, inputs, classifier, record))
+    except Exception as error:
+        log.exception("refinement job %s failed", job.job_id)
+        return refiner.fail(job, f"{type(error).__name__}: {error}")
+
+
 class RefinementStage:
     name = "refine"
 
     def __init__(
         self,
         scheduler: RefinementScheduler,
-        refiner: Refiner,
-        classifier: Callable[[], ModeClassifier],
+        jobs: JobExecutor,
+        registry: WorkflowRegistry,
         *,
+        signing_key: str | None = None,
         metrics: RefinementMetrics | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.store = scheduler.store
-        self.refiner = refiner
-        self.classifier = classifier
+        self.jobs = jobs
+        self.registry = registry
+        self.signing_key = signing_key
         self.metrics = metrics
         self.position = 1
         self.waiting: dict[str, dict[str, Any]] = {}  # key -> the latest trigger (its payload and seq)
-        self.running: dict[str, Any] | None = None  # the started job's `RefinementStarted` payload
+        self.running: dict[str, dict[str, Any]] = {}  # job id -> its `RefinementStarted` payload
+        self.sent: set[str] = set()  # running jobs handed to the executor (sent to workers)
         self.skip: dict[str, int] = {}  # key -> trigger seq a job already started from (old stores)
 
     def open(self, checkpoint: Checkpoint) -> None:
+        snapshot = checkpoint.snapshot
         self.position = checkpoint.position
-        self.waiting = dict(checkpoint.snapshot.get("waiting", {}))
-        self.running = checkpoint.snapshot.get("running")
+        self.waiting = dict(snapshot.get("waiting", {}))
+        running = snapshot.get("running")
+        if isinstance(running, dict) and "job_id" in running:  # a checkpoint of one job at a time
+            running = {running["job_id"]: running}
+        self.running = dict(running or {})
+        self.sent = set(snapshot.get("sent", []))
+        self.jobs.open(snapshot.get("jobs", {}))
         self.skip = {}
-        if checkpoint.position == 1 and not checkpoint.snapshot:  # a store from before the checkpoint
+        if checkpoint.position == 1 and not snapshot:  # a store from before the checkpoint
             self.skip = {f"{w}@{v}/{m}": seq for w, v, m, seq in self.store.query(STARTED)}
             unfinished = self.store.query(UNFINISHED)
-            self.running = orjson.loads(unfinished[0][0]) if unfinished else None
+            if unfinished:
+                payload = orjson.loads(unfinished[0][0])
+                self.running = {payload["job_id"]: payload}
+        self._gauge()
 
     def poll(self) -> Step | None:
-        """Run the started job to its end; else take in new triggers and start the first that may."""
-        if self.running is not None:
-            end = self._run(_job(self.running))
-            self.running = None
-            return Step(end.events, self._checkpoint())
+        """Hand a started job to the executor (here: run it to its end); else take in the ends that
+        came back; else take in new triggers and start the first that may."""
+        for job_id, payload in self.running.items():
+            if job_id in self.sent:
+                continue
+            end = self.jobs.submit(_job(payload))
+            if end is None:
+                self.sent.add(job_id)
+                return Step([], self._checkpoint())
+            return Step(self._end(job_id, end), self._checkpoint())
+        events: list[Event] = []
+        for ended in self.jobs.ended():
+            if ended.job_id in self.running:  # else ended already: sent twice, or run by two workers
+                events += ended.steps + self._end(ended.job_id, ended.end)
+        if events:
+            return Step(events, self._checkpoint())
         last = self.store.last_seq()
         for seq, payload in self.store.query(
             "SELECT seq, payload FROM events WHERE type = ? AND seq BETWEEN ? AND ? ORDER BY seq",
@@ -209,8 +303,9 @@ class RefinementStage:
             if seq > self.skip.get(_key(trigger), 0):
                 self.waiting[_key(trigger)] = trigger  # the later trigger supersedes the earlier
         moved, self.position = self.position != last + 1, last + 1
+        busy = {job["workflow_id"] for job in self.running.values()}
         for key, trigger in sorted(self.waiting.items(), key=lambda item: item[1]["seq"]):
-            if self.scheduler.may_start(trigger):
+            if trigger["workflow_id"] not in busy and self.scheduler.may_start(trigger):
                 del self.waiting[key]
                 started = RefinementStartedPayload(
                     job_id=f"job-{trigger['seq']}", trigger_seq=trigger["seq"],
@@ -218,27 +313,32 @@ class RefinementStage:
                     mode=trigger["mode"], until_seq=detected_until(self.store), mass=trigger.get("mass"),
                     description=trigger.get("description") or {},
                 ).event(trigger["workflow_id"])  # fmt: skip
-                self.running = started.payload
+                self.running[started.payload["job_id"]] = started.payload
+                self._gauge()
                 return Step([started], self._checkpoint())
         return Step([], self._checkpoint()) if moved else None
 
     def close(self) -> None:
-        return None
+        self.jobs.close()
 
     def _checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.position, {"waiting": self.waiting, "running": self.running})
+        snapshot = {"waiting": self.waiting, "running": self.running, "sent": sorted(self.sent)}
+        return Checkpoint(self.position, {**snapshot, "jobs": self.jobs.snapshot()})
 
-    def _run(self, job: Job) -> JobEnd:
-        if self.metrics is not None:
-            self.metrics.running.set(1)
-        try:
-            end = asyncio.run(self.refiner.run(job, self.classifier()))
-        except Exception as error:  # a bug or an outage must end this job, not the stage
-            log.exception("refinement job %s failed", job.job_id)
-            end = self.refiner.fail(job, f"{type(error).__name__}: {error}")
-        finally:
-            if self.metrics is not None:
-                self.metrics.running.set(0)
+    def _end(self, job_id: str, end: JobEnd) -> list[Event]:
+        """The events that end a job: its spec registered, its patch signed into the outbox, its end."""
+        del self.running[job_id]
+        self.sent.discard(job_id)
+        self._gauge()
+        events = []
+        if end.patch is not None and end.spec is not None:
+            self.registry.register(end.spec)  # idempotent: a job ended again registers the same content
+            patch = sign(end.patch, self.signing_key) if self.signing_key else end.patch
+            events.append(created(job_id, patch))
         if self.metrics is not None:
             self.metrics.record(end.finished)
-        return end
+        return [*events, Event(REFINEMENT_FINISHED, end.finished["workflow_id"], end.finished)]
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.running.set(len(self.running))

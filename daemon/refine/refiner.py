@@ -6,10 +6,14 @@ candidate runs on the same inputs and seeds, the paired comparison against the c
 (`verification.compare`: the target mode must drop significantly, nothing else may rise
 significantly, the call budget must hold), and the best accepted candidate becomes the current spec
 of the next round. It stops when no candidate helps, after `max_rounds`, or when the budget would
-be exceeded. Every step is an event; the accepted edits become one signed patch, written to the
+be exceeded. Every step is an event; the accepted edits become one patch, signed and written to the
 outbox (`PatchCreated`) together with the job's end and the refine stage's checkpoint in one
 transaction (`daemon/refine/jobs.py`), so a job that dies before that point leaves no patch and no
 end, and is run again from the start.
+
+What a job reads from the log (the base spec, the replay sample, the recorded failures) is gathered
+where the log is (`JobReader`), so the `Refiner` itself touches no store: it runs in the process that
+holds the log or in a refine worker that got the job from the jobs topic (`daemon/refine/worker.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +35,6 @@ from cegraph.daemon.events import (
     RefinementFinishedPayload,
 )
 from cegraph.daemon.refine.operators import EditRefused, apply_edit, cost
-from cegraph.daemon.refine.patch_outbox import created
 from cegraph.daemon.refine.proposers import (
     MAX_EXCERPT,
     Counterexample,
@@ -41,7 +45,6 @@ from cegraph.daemon.refine.proposers import (
 )
 from cegraph.daemon.refine.replay import ReplaySample, ReplayStore
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
-from cegraph.daemon.refine.signing import sign
 from cegraph.daemon.refine.text_policy import screen_edit
 from cegraph.daemon.refine.verification import compare
 from cegraph.daemon.settings import RefinerSettings
@@ -59,11 +62,25 @@ GOOD_ENOUGH = 0.25  # a candidate that leaves at most this share of the target m
 
 @dataclass(frozen=True)
 class JobEnd:
-    """How a job ended: its `RefinementFinished` payload, and the events that end it (the patch in the
-    outbox, if any, then `RefinementFinished`), appended in one transaction by the refine stage."""
+    """How a job ended: its `RefinementFinished` payload, and the patch (unsigned) and patched spec when
+    it made one; the refine stage signs and registers them (`daemon/refine/jobs.py`)."""
 
     finished: dict[str, Any]
-    events: list[Event]
+    patch: WorkflowPatch | None = None
+    spec: WorkflowSpec | None = None
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a job reads from the log, read once when it starts."""
+
+    base: WorkflowSpec | None  # None: the version is not registered (`missing` says why)
+    sample: ReplaySample
+    target: list[str]  # the mode and the modes merged into it
+    failures: list[tuple[str, str]]  # (trace, node) of the counterexamples' recorded failures, log order
+    counterexamples: list[Counterexample]
+    versions: dict[str, str]  # the workflow's registered versions and their content hashes
+    missing: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,12 @@ class Job:
     description: dict[str, Any]
 
 
+Record = Callable[[list[Event]], None]
+
+
 @dataclass
 class _Spent:
+    record: Record  # where a job's steps on the way go as they happen
     calls: int = 0
     tokens: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # per proposer
@@ -100,65 +121,95 @@ class _Step:
     report: Verification
 
 
+class JobReader:
+    """A job's inputs from the log it was started from."""
+
+    def __init__(self, store: EventStore, registry: WorkflowRegistry, replay: ReplayStore, *, sample: int):
+        self.store = store
+        self.registry = registry
+        self.replay = replay
+        self.sample_size = sample
+
+    def read(self, job: Job) -> JobInputs:
+        sample = self.replay.sample(
+            job.workflow_id, job.workflow_version, job.mode, self.sample_size, until_seq=job.until_seq
+        )
+        target = self.replay.mode_family(job.mode)
+        versions = {v.version: v.content_hash for v in self.registry.versions(job.workflow_id)}
+        try:
+            base, missing = self.registry.get(job.workflow_id, job.workflow_version).spec, ""
+        except UnknownWorkflowError as error:
+            base, missing = None, f"{error}: register the spec (`cegraph workflows register`) to refine it"
+        failures = self._failures(sample, target)
+        return JobInputs(base, sample, target, failures, self._counterexamples(failures), versions, missing)
+
+    def _failures(self, sample: ReplaySample, target: list[str]) -> list[tuple[str, str]]:
+        traces = [item.trace_id for item in sample.of("target")]
+        observed = FailureObservedPayload
+        rows = self.store.query(
+            f"SELECT {observed.sql('trace_id')}, {observed.sql('node_id')} FROM events WHERE type = ? "
+            f"AND {observed.sql('trace_id')} IN (SELECT unnest(?)) "
+            f"AND list_contains(?, {observed.sql('mode')}) ORDER BY seq",
+            FAILURE_OBSERVED, traces, target,
+        )  # fmt: skip
+        return [(trace, node) for trace, node in rows]
+
+    def _counterexamples(self, failures: list[tuple[str, str]]) -> list[Counterexample]:
+        """What the recorded failures said: verdicts, errors, outputs and inputs of the failing spans."""
+        rows = self.store.query(
+            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, "
+            "left(input_text, 500), left(output_text, 500) "
+            "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
+            [trace for trace, _ in failures[:EXAMPLES_SHOWN]],
+        )
+        return [
+            Counterexample(trace, node, "\n".join(part for part in parts if part and part != "[]"))
+            for trace, node, *parts in rows
+        ]
+
+
 class Refiner:
     def __init__(
         self,
-        store: EventStore,
-        registry: WorkflowRegistry,
-        replay: ReplayStore,
         runner: ShadowRunner,
         proposers: list[Proposer],
         settings: RefinerSettings,
         *,
-        signing_key: str | None = None,
         retrievers: list[str] | None = None,
         clock=time.monotonic,
     ) -> None:
-        self.store = store
-        self.registry = registry
-        self.replay = replay
         self.runner = runner
         self.proposers = proposers
         self.settings = settings
-        self.signing_key = signing_key
         self.retrievers = retrievers or []
         self.clock = clock
 
-    async def run(self, job: Job, classifier: ModeClassifier) -> JobEnd:
-        """Run the job to its end; returns its end, for the caller to append with its checkpoint."""
+    async def run(self, job: Job, inputs: JobInputs, classifier: ModeClassifier, record: Record) -> JobEnd:
+        """Run the job to its end, its steps on the way through `record`; returns its end, for the
+        refine stage to append with its checkpoint."""
         started = self.clock()
-        spent = _Spent()
+        spent = _Spent(record)
 
-        def finish(outcome: str, reason: str, extra: list[Event] = (), patch: WorkflowPatch | None = None):
+        def finish(outcome: str, reason: str, patch: WorkflowPatch | None = None, spec=None) -> JobEnd:
             cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
-            return self._finish(job, outcome, reason, cost, extra, patch, spent)
+            return self._finish(job, outcome, reason, cost, patch, spec, spent)
 
-        try:
-            base = self.registry.get(job.workflow_id, job.workflow_version).spec
-        except UnknownWorkflowError as error:
-            return finish(
-                "skipped", f"{error}: register the spec (`cegraph workflows register`) to refine it"
-            )
-        sample = self.replay.sample(
-            job.workflow_id,
-            job.workflow_version,
-            job.mode,
-            self.settings.replay_sample,
-            until_seq=job.until_seq,
-        )
+        base, sample = inputs.base, inputs.sample
+        if base is None:
+            return finish("skipped", inputs.missing)
         if len(sample.of("target")) < MIN_COUNTEREXAMPLES:
             return finish(
                 "skipped",
                 f"{len(sample.of('target'))} replayable counterexamples, {MIN_COUNTEREXAMPLES} needed "
                 f"({sample.unreplayable} executions had no replayable input)",
             )
-        target = frozenset(self.replay.mode_family(job.mode))
+        target = frozenset(inputs.target)
         items = sample.items
         weights = [item.weight for item in items]
         baseline = await self.runner.run(base, items, classifier)
         spent.add_runs(baseline)
         current, current_outcomes, steps = base, baseline, []
-        examples = self._counterexamples(job, sample)
+        examples = inputs.counterexamples
         for round_ in range(1, self.settings.max_rounds + 1):
             if not any(outcome.modes & target for outcome in current_outcomes):
                 stop = "the target mode is gone from the replayed inputs"
@@ -166,7 +217,7 @@ class Refiner:
             context = ModeContext(
                 current,
                 job.mode,
-                self._failing_node(job, sample, current),
+                _failing_node(inputs.failures, current),
                 job.description,
                 examples,
                 self.retrievers,
@@ -190,24 +241,23 @@ class Refiner:
         if not steps:
             return finish("no_patch", stop)
         spec, patch = self._patch(
-            job, base, steps, baseline, current_outcomes, weights, target, sample, spent, started
+            job, base, steps, baseline, current_outcomes, weights, target, inputs, spent, started
         )
-        self.registry.register(spec)
         report = patch.rationale.verification  # type: ignore[union-attr]
         return finish(
             "patched",
             f"{len(steps)} edit(s); target mode {report.target_before:.3f} -> {report.target_after:.3f}; "
             f"stopped: {stop}",
-            [created(job.job_id, patch)],
             patch,
+            spec,
         )
 
     def fail(self, job: Job, reason: str) -> JobEnd:
         """End a job that raised: it is not run again (a job whose process died is)."""
         return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
 
-    def _finish(self, job, outcome, reason, cost, extra=(), patch=None, spent=None) -> JobEnd:
-        spent = spent or _Spent()
+    def _finish(self, job, outcome, reason, cost, patch=None, spec=None, spent=None) -> JobEnd:
+        spent = spent or _Spent(lambda _: None)
         finished = RefinementFinishedPayload(
             job_id=job.job_id,
             workflow_id=job.workflow_id,
@@ -222,7 +272,7 @@ class Refiner:
             patch=None
             if patch is None
             else {"new_version": patch.new_version, "content_hash": patch.content_hash},
-        ).event(job.workflow_id)
+        )
         log.info(
             "job %s (%s@%s, mode %s): %s, %s",
             job.job_id,
@@ -232,7 +282,7 @@ class Refiner:
             outcome,
             reason,
         )
-        return JobEnd(finished.payload, [*extra, finished])
+        return JobEnd(finished.event(job.workflow_id).payload, patch, spec)
 
     async def _round(
         self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
@@ -274,7 +324,7 @@ class Refiner:
                 placed = dict(zip(first, early, strict=True)) | dict(zip(rest, late, strict=True))
                 outcomes = [placed[i] for i in range(len(items))]
                 report, verdict = self._compare(current_outcomes, outcomes, weights, target, spent.calls)
-            self.store.append(
+            spent.record(
                 [
                     Event(
                         CANDIDATE_VERIFIED,
@@ -355,42 +405,12 @@ class Refiner:
         rejection by the text policy, which `cegraph patches list` shows."""
         spent.rejected[proposer] += 1
         rejected = ProposalRejectedPayload(job.job_id, round_, proposer, reason, excerpt, text_policy)
-        self.store.append([rejected.event(job.workflow_id)])
+        spent.record([rejected.event(job.workflow_id)])
 
-    def _failing_node(self, job: Job, sample: ReplaySample, spec: WorkflowSpec) -> str:
-        """The node most counterexample failures are on (one of the spec's; else its output)."""
-        counts = Counter(node for _, node in self._failures(job, sample))
-        return next((node for node, _ in counts.most_common() if node in spec.nodes), spec.output)
-
-    def _failures(self, job: Job, sample: ReplaySample) -> list[tuple[str, str]]:
-        traces = [item.trace_id for item in sample.of("target")]
-        observed = FailureObservedPayload
-        return self.store.query(
-            f"SELECT {observed.sql('trace_id')}, {observed.sql('node_id')} FROM events WHERE type = ? "
-            f"AND {observed.sql('trace_id')} IN (SELECT unnest(?)) "
-            f"AND list_contains(?, {observed.sql('mode')}) ORDER BY seq",
-            FAILURE_OBSERVED,
-            traces,
-            self.replay.mode_family(job.mode),
-        )
-
-    def _counterexamples(self, job: Job, sample: ReplaySample) -> list[Counterexample]:
-        """What the recorded failures said: verdicts, errors, outputs and inputs of the failing spans."""
-        failures = self._failures(job, sample)[:EXAMPLES_SHOWN]
-        rows = self.store.query(
-            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, "
-            "left(input_text, 500), left(output_text, 500) "
-            "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
-            [trace for trace, _ in failures],
-        )
-        return [
-            Counterexample(trace, node, "\n".join(part for part in parts if part and part != "[]"))
-            for trace, node, *parts in rows
-        ]
-
-    def _patch(self, job, base, steps, baseline, final, weights, target, sample, spent, started):
-        """The patched spec and the signed patch: the steps' edits replayed on `base` at the new version."""
-        spec, ops, version = self._versioned(base, steps)
+    def _patch(self, job, base, steps, baseline, final, weights, target, inputs, spent, started):
+        """The patched spec and its patch: the steps' edits replayed on `base` at the new version."""
+        sample = inputs.sample
+        spec, ops, version = _versioned(base, steps, inputs.versions)
         report, _ = self._compare(baseline, final, weights, target, spent.calls)
         rationale = Rationale(
             job_id=job.job_id,
@@ -412,25 +432,31 @@ class Refiner:
             content_hash=spec.content_hash,
             rationale=rationale,
         )
-        return spec, sign(patch, self.signing_key) if self.signing_key else patch
+        return spec, patch
 
-    def _versioned(self, base: WorkflowSpec, steps: list[_Step]):
-        """The next free minor version after the latest registered one, or the version a first run
-        of this job already registered with this very content (a job run again after a crash)."""
-        taken = {v.version: v.content_hash for v in self.registry.versions(base.id)}
-        latest = max(taken, key=version_key, default=base.version)
-        major, minor = (int(part) for part in base.version.split(".")[:2])
-        while True:
-            minor += 1
-            version = f"{major}.{minor}.0"
-            spec, ops = base, []
-            for step in steps:
-                spec, step_ops = apply_edit(spec, step.proposal.edit, version)
-                ops += step_ops
-            if taken.get(version) == spec.content_hash or (
-                version not in taken and version_key(version) > version_key(latest)
-            ):
-                return spec, ops, version
+
+def _failing_node(failures: list[tuple[str, str]], spec: WorkflowSpec) -> str:
+    """The node most counterexample failures are on (one of the spec's; else its output)."""
+    counts = Counter(node for _, node in failures)
+    return next((node for node, _ in counts.most_common() if node in spec.nodes), spec.output)
+
+
+def _versioned(base: WorkflowSpec, steps: list[_Step], taken: dict[str, str]):
+    """The next free minor version after the latest registered one, or the version a first run of
+    this job already registered with this very content (a job run again after a crash)."""
+    latest = max(taken, key=version_key, default=base.version)
+    major, minor = (int(part) for part in base.version.split(".")[:2])
+    while True:
+        minor += 1
+        version = f"{major}.{minor}.0"
+        spec, ops = base, []
+        for step in steps:
+            spec, step_ops = apply_edit(spec, step.proposal.edit, version)
+            ops += step_ops
+        if taken.get(version) == spec.content_hash or (
+            version not in taken and version_key(version) > version_key(latest)
+        ):
+            return spec, ops, version
 
 
 def _better(report: Verification, other: Verification) -> bool:

@@ -40,6 +40,7 @@ from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import DetectorSettings, IngestSettings, load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.store import EventStore
+from cegraph.daemon.workflows.registry import WorkflowRegistry
 from cegraph.schemas.feedback import Feedback
 
 json_values = st.recursive(
@@ -94,7 +95,7 @@ def crossed(store: EventStore, workflow: str, mode: str) -> None:
 
 def refine_stage(store: EventStore, refiner, now: list[float], cooldown_s: float = 60) -> StageRunner:
     scheduler = RefinementScheduler(store, cooldown_s=cooldown_s, clock=lambda: now[0])
-    return StageRunner(store, RefinementStage(scheduler, refiner, lambda: None))
+    return StageRunner(store, RefinementStage(scheduler, refiner, WorkflowRegistry(store)))
 
 
 def started(runner: StageRunner) -> str | None:
