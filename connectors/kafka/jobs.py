@@ -86,14 +86,14 @@ class KafkaRefineWorker:
             for stray, records in consumer.poll(timeout_ms=POLL_MS).items():
                 consumer.seek(stray, records[0].offset)  # assigned while the job ran: read it later
             consumer.pause(*consumer.assignment())
-        self.running = None
         if not answer:
             return  # stopping: the job is not committed and goes to the next worker
         if answer[0] is not None:
             results.send([Record(record.key or b"", answer[0])])
-        self.done += 1
         try:
             consumer.commit({partition: OffsetAndMetadata(record.offset + 1, None, -1)})
         except KafkaError as error:  # the partition moved on: its next owner runs the job again
             log.warning("job at %s offset %d not committed: %s", partition, record.offset, error)
+        self.done += 1
+        self.running = None  # the job was this worker's until its offset was committed
         consumer.resume(*consumer.paused())
