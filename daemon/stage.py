@@ -12,7 +12,8 @@ lifecycle, called by the `StageRunner` in this order and by nothing else:
    the runner appends the step's events and its checkpoint in one DuckDB transaction, so a crash at
    any instant resumes from a checkpoint that matches the log exactly; nothing is emitted twice and
    nothing is skipped. A stage with side effects outside the store (a Kafka send) makes them
-   idempotent in `open` (the publisher reads what the topic already holds).
+   idempotent in `open` (the outbox publisher reads what the topic already holds), or where they land
+   (the failures publisher sends at least once; its receiver drops what its log already holds).
 3. `close()`: release what the stage holds (connections, threads); the state in memory is dropped.
 
 Progress lives in one place, the store's `stage_cursors` table (stage, position, snapshot): the

@@ -5,14 +5,13 @@ feeding its own detector."""
 
 from __future__ import annotations
 
-import random
-
+from failures_topic import MemoryTopic, Reader
 from pipeline_fixtures import Clock
 from scale_cases import PARTITIONS, detected, partition_of, workload
 
 from cegraph.connectors.otlp.codec import decode_proto
 from cegraph.daemon.detect.detector import FailureDetector
-from cegraph.daemon.detect.failures_feed import FailuresPublisher, FailuresReceiver, Record
+from cegraph.daemon.detect.failures_feed import FailuresPublisher, FailuresReceiver
 from cegraph.daemon.detect.stage import DetectorStage
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, PartitionsRead
 from cegraph.daemon.runner import StageRunner
@@ -20,54 +19,6 @@ from cegraph.daemon.settings import DetectorSettings, IngestSettings
 from cegraph.daemon.store import EventStore
 
 SPANS = "otlp_spans"
-
-
-class MemoryTopic:
-    """A topic of a few partitions in memory: records in order per partition, read from offsets."""
-
-    def __init__(self, partitions: int) -> None:
-        self.logs: list[list[bytes]] = [[] for _ in range(partitions)]
-
-    def transport(self) -> MemoryTopic:
-        return self
-
-    def partitions(self) -> int:
-        return len(self.logs)
-
-    def send(self, records: list[Record]) -> None:
-        for record in records:
-            partition = record.partition
-            if partition is None:
-                partition = partition_of(record.key, len(self.logs))
-            self.logs[partition].append(record.value)
-
-    def close(self) -> None:
-        return None
-
-
-class Reader:
-    """The detect member's side of `MemoryTopic`, taking partitions in a random order."""
-
-    def __init__(self, topic: MemoryTopic, rng: random.Random) -> None:
-        self.topic, self.rng = topic, rng
-        self.next: dict[int, int] = {}
-
-    def open(self, offsets: dict[int, int]) -> list[int]:
-        self.next = {p: offsets.get(p, 0) for p in range(len(self.topic.logs))}
-        return sorted(self.next)
-
-    def poll(self, max_records: int) -> list[tuple[int, int, bytes]]:
-        ready = [p for p, at in self.next.items() if at < len(self.topic.logs[p])]
-        if not ready:
-            return []
-        partition = self.rng.choice(ready)
-        start = self.next[partition]
-        taken = self.topic.logs[partition][start : start + self.rng.randint(1, max_records)]
-        self.next[partition] = start + len(taken)
-        return [(partition, start + i, value) for i, value in enumerate(taken)]
-
-    def close(self) -> None:
-        return None
 
 
 def member(store: EventStore, clock: Clock) -> IngestPipeline:
@@ -117,9 +68,9 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
 
     # scaled out: a member per partition; member 0 crashes after half of its partition and a new
     # member takes over from an earlier offset (what it committed to Kafka), reading some again
-    topic, rng = MemoryTopic(2), random.Random(3)
+    topic = MemoryTopic(2)
     detect_store = EventStore(tmp_path / "detect.duckdb")
-    receive = StageRunner(detect_store, FailuresReceiver(detect_store, Reader(topic, rng), batch=30))
+    receive = StageRunner(detect_store, FailuresReceiver(detect_store, Reader(topic, seed=3), batch=30))
     detect_scaled = detector_stage(detect_store)
     members = []
     for p, messages in enumerate(partitions):

@@ -6,16 +6,11 @@ survive a restart."""
 
 from __future__ import annotations
 
-import asyncio
-
 import orjson
 import pytest
-from canary_fixtures import BASE, BETTER, NEUTRAL, SEED, WORSE
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from canary_fixtures import BETTER, NEUTRAL, WORSE, at_version, traffic_messages
 from prometheus_client import generate_latest
 
-from cegraph.connectors.otlp.span_export import CallbackSpanExporter
 from cegraph.daemon.app import build_canary_judge, build_detector_stage, build_pipeline
 from cegraph.daemon.events import CANARY_DECIDED, CANARY_STARTED, PATCH_CREATED, ROLLOUT_PUBLISHED, Event
 from cegraph.daemon.ingest.pipeline import InMessage
@@ -24,33 +19,8 @@ from cegraph.daemon.outbox import InProcessTransport, OutboxPublisher
 from cegraph.daemon.rollout.canary import RolloutOutbox, patch_target_mode
 from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import CanarySettings, ConfigError, Settings, StoreSettings, load_settings
-from cegraph.daemon.sim import SimWorld
-from cegraph.daemon.sim.traffic import TrafficGenerator
 from cegraph.daemon.store import EventStore
-from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.rollout import RolloutDecision
-from cegraph.schemas.workflow import WorkflowSpec, parse_spec
-
-
-def traffic_messages(
-    canary: WorkflowSpec, executions: int, weight: float = 0.5
-) -> list[tuple[bytes | None, bytes]]:
-    """Seeded traffic split between BASE and `canary`, as the collector's kafkaexporter would write it."""
-    messages: list[tuple[bytes | None, bytes]] = []
-    provider = TracerProvider()
-    provider.add_span_processor(
-        SimpleSpanProcessor(
-            CallbackSpanExporter(lambda k, v: messages.append((k, v)), partition_by_trace=True)
-        )
-    )
-    world = SimWorld(SEED)
-    runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
-    traffic = TrafficGenerator(
-        runtime, world, BASE, family="arithmetic", canary=canary, canary_weight=weight, rate=1e6, seed=SEED
-    )
-    asyncio.run(traffic.run(count=executions))
-    provider.shutdown()
-    return messages
 
 
 class Daemon:
@@ -239,8 +209,7 @@ def test_a_canary_replaced_by_a_newer_one_is_rolled_back_as_superseded(tmp_path,
     daemon = Daemon(tmp_path / "c.duckdb", CanarySettings(min_executions=10_000))
     daemon.ingest(worse_traffic[:300])
     daemon.judge_step()
-    newer = WORSE.canonical() | {"version": "1.2.0"}
-    daemon.ingest(traffic_messages(parse_spec(newer), 300))
+    daemon.ingest(traffic_messages(at_version(WORSE, "1.2.0"), 300))
     events = daemon.judge_step()
     assert [(e.type, e.key) for e in events] == [
         (CANARY_STARTED, "arithmetic@1.2.0"),
