@@ -13,6 +13,7 @@ from cegraph.daemon import events
 from cegraph.daemon.events import (
     CanaryDecidedPayload,
     ExecutionCompletedPayload,
+    FailureInputReceivedPayload,
     FeedbackReceivedPayload,
     MassObservedPayload,
     PatchPublishedPayload,
@@ -21,11 +22,13 @@ from cegraph.daemon.events import (
 from cegraph.daemon.store import EventStore
 
 ROOT = Path(events.__file__).resolve().parents[1]
-# every payload type but ExecutionCompleted's, whose spans the store keeps apart (`event_spans`)
+# every payload type but those whose spans the store keeps apart (`event_spans`): an execution's, here
+# or received (tests/daemon/detect/test_failures_feed.py reads those back through the projections)
+SPAN_CARRYING = (ExecutionCompletedPayload, FailureInputReceivedPayload)
 PAYLOADS = [
     t
     for t in vars(events).values()
-    if isinstance(t, type) and issubclass(t, Payload) and t not in (Payload, ExecutionCompletedPayload)
+    if isinstance(t, type) and issubclass(t, Payload) and t not in (Payload, *SPAN_CARRYING)
 ]
 
 
