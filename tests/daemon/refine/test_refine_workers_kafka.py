@@ -5,19 +5,13 @@ signed patch, with one end per job in its log."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
-import httpx
-import orjson
 from daemon_proc import Daemon, Scenario, patches_of, wait_until
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
+from refinement_fixtures import ARITHMETIC_SLIP, register_and_send
 
-from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.events import REFINEMENT_FINISHED, REFINEMENT_STARTED
 from cegraph.daemon.refine.signing import verify_signature
-from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import apply_patch
 from cegraph.schemas.patch import WorkflowPatch
@@ -48,14 +42,7 @@ def test_a_job_whose_refine_worker_is_killed_is_run_by_the_other_and_ends_once(k
         worker.wait_ready()
     detect.start()
     try:
-        response = httpx.post(f"{detect.url}/workflows", content=orjson.dumps(ARITHMETIC_SLIP.canonical()))
-        assert response.status_code == 201, response.text
-        exporter = OtlpKafkaSpanExporter(
-            KafkaSettings(bootstrap_servers=kafka_bootstrap),
-            topic=scenario.spans_topic,
-            partition_by_trace=True,
-        )
-        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(600), BatchSpanProcessor(exporter)))
+        register_and_send(detect.url, kafka_bootstrap, scenario.spans_topic, ARITHMETIC_SLIP, range(600))
 
         busy = wait_until(lambda: [w for w in workers if w.stats()["jobs"]["running"]], detect)
         killed = busy[0]

@@ -3,18 +3,14 @@ exactly once, also when it is SIGKILLed between verification and publication."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import httpx
 import orjson
 from daemon_proc import Scenario, patches_of, topic_messages, wait_until
 from kafka import KafkaProducer
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
+from refinement_fixtures import ARITHMETIC_SLIP, register_and_send
 
 from cegraph.connectors.kafka.client import ensure_topics
-from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.connectors.kafka.outbox_transport import KafkaTransport
 from cegraph.daemon.outbox import OutboxPublisher
 from cegraph.daemon.refine.operators import Edit, apply_edit
@@ -39,14 +35,7 @@ def test_a_sigkill_between_verification_and_publication_still_publishes_exactly_
     patches_topic = daemon.env["CEGRAPH_KAFKA__PATCHES_TOPIC"]
     daemon.start()
     try:
-        response = httpx.post(f"{daemon.url}/workflows", content=orjson.dumps(ARITHMETIC_SLIP.canonical()))
-        assert response.status_code == 201, response.text
-        exporter = OtlpKafkaSpanExporter(
-            KafkaSettings(bootstrap_servers=kafka_bootstrap),
-            topic=scenario.spans_topic,
-            partition_by_trace=True,
-        )
-        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(600), BatchSpanProcessor(exporter)))
+        register_and_send(daemon.url, kafka_bootstrap, scenario.spans_topic, ARITHMETIC_SLIP, range(600))
         # verified, signed and in the outbox, held: the daemon dies before it publishes
         [held] = wait_until(lambda: patches_of(daemon), daemon)
         assert held["state"].startswith("held for")
