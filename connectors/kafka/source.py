@@ -7,6 +7,9 @@ publisher has sent on what they cover: `handed_on`). A rebalance hands partition
 losing them stores what is complete, commits, forgets the rest and handles nothing until its next
 assignment; the member getting one seeks to the further of its stored offset and the group's
 committed one.
+With the stages apart, a member's store is one of several: what the group reads again elsewhere must
+leave it. So a member losing partitions (at a rebalance, or by a crash, found when it starts again)
+gives up what it stored from its last commit of each on (`give_up`, `reread_from`).
 Dead letters are published (and acknowledged by the broker) before the flush that moves past them.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -25,7 +28,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 
-from cegraph.connectors.kafka.client import make_broker, raw_body
+from cegraph.connectors.kafka.client import group_offsets, make_broker, raw_body
 from cegraph.daemon.ingest.pipeline import (
     DeadLetter,
     FlushResult,
@@ -35,7 +38,7 @@ from cegraph.daemon.ingest.pipeline import (
 )
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.stage import Checkpoint
-from cegraph.daemon.store import CONFIRMED
+from cegraph.daemon.store import COMMITTING, CONFIRMED
 
 log = logging.getLogger("cegraph.ingest")
 
@@ -43,6 +46,38 @@ DLQ_REASON = "cegraph.dlq.reason"
 LAG_INTERVAL_S = 5.0
 UNKNOWN_END = 2**62  # a partition not fetched from yet: not caught up
 HAND_OVER_WAIT_S = 30.0  # how long a rebalance waits for stored events to be sent on
+Partition = tuple[str, int]  # topic, partition
+
+
+def keyed(offsets: Mapping[Partition, int]) -> dict[str, int]:
+    """Offsets as a cursor's snapshot keeps them: "topic/partition" -> offset."""
+    return {f"{topic}/{partition}": at for (topic, partition), at in sorted(offsets.items())}
+
+
+def unkeyed(checkpoint: Checkpoint | None) -> dict[Partition, int]:
+    """The "group" offsets of a CONFIRMED or COMMITTING cursor (none in stores from before them)."""
+    group = checkpoint.snapshot.get("group", {}) if checkpoint is not None else {}
+    return {(key.rsplit("/", 1)[0], int(key.rsplit("/", 1)[1])): at for key, at in group.items()}
+
+
+def reread_from(known: int | None, committing: int | None, group: int | None, first: int) -> int | None:
+    """Where the consumer group reads a partition again from once this member stopped reading it: the
+    group's offset at that moment.
+
+    That is the last offset the member knew the group held (`known`: its last commit, or the offset it
+    found at assignment), unless the commit it was making then (`committing`) took. The group's offset
+    now (`group`) tells: members only move it further, so below `committing` it did not take; at or
+    past it, it is taken as having taken (had it not, and another member moved past it since, what
+    lies between is kept here and stored there too: twice, never lost). A store from before `known`
+    was recorded takes the group's offset now, likewise. Never below `first`, the partition's first
+    offset (nobody reads again what retention deleted). None when nothing says: nothing is given up.
+    """
+    at = known if known is not None else group
+    if at is None:
+        return None
+    if committing is not None and committing > at and group is not None and group >= committing:
+        at = committing
+    return max(at, first)
 
 
 def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
@@ -87,6 +122,10 @@ class KafkaIngestSource:
         self.after_flush = after_flush
         self.backpressure = backpressure
         self.handed_on = handed_on
+        # the store is not where executions stay but one of the members' (the stages apart): what the
+        # group reads again elsewhere must leave it (`give_up`)
+        self.gives_up = handed_on is not None
+        self._group: dict[Partition, int] = {}  # the group's offsets as this member last knew them
         self._starts: dict[int, int] = {}  # spans partition -> the offset reading it began at
         # the partitions handed to this member and sought to their stored offsets: between a revoke
         # and the next assignment, none (a batch fetched before the revoke is not this member's)
@@ -136,8 +175,10 @@ class KafkaIngestSource:
             try:
                 await self._flush_locked()
                 await self._wait_handed_on(HAND_OVER_WAIT_S)
+                if self.gives_up:
+                    await self.give_up({(tp.topic, tp.partition) for tp in revoked}, reason="hand-over")
             except Exception as error:  # not stored, not committed: read again from the stored offsets
-                log.warning("flush before a rebalance failed: %s: %s", type(error).__name__, error)
+                log.warning("hand-over before a rebalance failed: %s: %s", type(error).__name__, error)
             self.pipeline.reset()
             self._uncommitted.clear()
             self._starts = {}
@@ -152,8 +193,10 @@ class KafkaIngestSource:
             return
         stored = await asyncio.to_thread(self.pipeline.stored_offsets)
         fresh = []
+        group = {}
         for tp in assigned:
             committed = await consumer.committed(tp)
+            group[(tp.topic, tp.partition)] = committed if committed is not None else 0
             known = [o for o in (stored.get((tp.topic, tp.partition)), committed) if o is not None]
             if tp.topic == self.settings.kafka.spans_topic:
                 self._starts[tp.partition] = max(known, default=0)
@@ -165,6 +208,9 @@ class KafkaIngestSource:
                      max(known), stored.get((tp.topic, tp.partition)), committed)  # fmt: skip
         if fresh:
             await consumer.seek_to_beginning(*fresh)
+        if group:  # where the group reads these again should this member stop reading them
+            self._group.update(group)
+            await asyncio.to_thread(self._confirm, None)
         self._reading.update(assigned)
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
@@ -315,8 +361,9 @@ class KafkaIngestSource:
     async def _commit_to_kafka(self) -> bool:
         """Commit the offsets of the latest flush whose events have all been sent on, and note in
         the store how far the group knows this member stored: what it stored after that is in doubt
-        until the next commit (a member killed in between leaves it to the partition's next owner,
-        which reads it again: `stats` counts it as unconfirmed). False when the commit failed."""
+        until the next commit (`stats` counts it as unconfirmed; a member killed in between gives it
+        up when it starts again). A member that gives up notes the commit first (COMMITTING): after
+        a crash, it may have taken. False when the commit failed."""
         consumer = self.subscriber.consumer
         handed_on = self.handed_on() if self.handed_on is not None else float("inf")
         ready = [entry for entry in self._uncommitted if entry[0] <= handed_on]
@@ -325,23 +372,73 @@ class KafkaIngestSource:
         stored_until, committable = ready[-1]
         assigned = consumer.assignment()
         offsets = {
-            TopicPartition(topic, partition): offset
+            (topic, partition): offset
             for (topic, partition), offset in committable.items()
             if TopicPartition(topic, partition) in assigned
         }
         try:
             if offsets:
-                await consumer.commit(offsets)
-            await asyncio.to_thread(
-                self.pipeline.store.append, [], cursors={CONFIRMED: Checkpoint(stored_until)}
-            )
+                if self.gives_up:
+                    cursors = {COMMITTING: Checkpoint(stored_until, {"group": keyed(offsets)})}
+                    await asyncio.to_thread(self.pipeline.store.append, [], cursors=cursors)
+                await consumer.commit({TopicPartition(*tp): offset for tp, offset in offsets.items()})
+                self._group.update(offsets)
+            await asyncio.to_thread(self._confirm, stored_until)
         except Exception as error:  # best effort: DuckDB holds the offsets that matter; next time
             log.debug("kafka offset commit skipped: %s", error)
             return False
         del self._uncommitted[: len(ready)]
         return True
 
+    def _confirm(self, position: int | None, committing: dict[Partition, int] | None = None) -> None:
+        """Note in the store how far the group knows this member stored (`position`; None: as noted
+        before) and the group's offsets as it knows them; `committing`: the commit still in doubt."""
+        store = self.pipeline.store
+        if position is None:
+            noted = store.cursor(CONFIRMED)
+            position = noted.position if noted is not None else store.last_seq() + 1
+        cursors = {CONFIRMED: Checkpoint(position, {"group": keyed(self._group)})}
+        if committing is not None:
+            cursors[COMMITTING] = Checkpoint(position, {"group": keyed(committing)})
+        store.append([], cursors=cursors)
+
+    async def give_up(self, partitions: Iterable[Partition], *, reason: str) -> list[str]:
+        """Leave to the consumer group what it reads again once this member does not read these
+        partitions: the pipeline retracts what this store holds of them from `reread_from` on. Then
+        nothing stored is in doubt any more. Returns the trace ids retracted."""
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return []
+        kafka, store = self.settings.kafka, self.pipeline.store
+        group, firsts = await asyncio.to_thread(group_offsets, kafka, kafka.group_id, wanted)
+        committing = unkeyed(await asyncio.to_thread(store.cursor, COMMITTING))
+        cut = {}
+        for tp in wanted:
+            at = reread_from(self._group.get(tp), committing.get(tp), group.get(tp), firsts.get(tp, 0))
+            if at is not None:
+                cut[tp] = at
+        retracted = await asyncio.to_thread(self.pipeline.give_up, cut, reason=reason)
+        self._group.update(cut)
+        still = {tp: at for tp, at in committing.items() if tp not in cut}
+        await asyncio.to_thread(self._confirm, store.last_seq() + 1, still)
+        log.info(
+            "gave up %d execution(s) at a %s; the group reads again from %s",
+            len(retracted),
+            reason,
+            keyed(cut),
+        )
+        return retracted
+
     async def start(self) -> None:
+        """A member that gives up first gives up what a crash may have left in its store: the group
+        has read it again elsewhere since, or will."""
+        store = self.pipeline.store
+        self._group = unkeyed(await asyncio.to_thread(store.cursor, CONFIRMED))
+        if self.gives_up:
+            kafka = self.settings.kafka
+            read = {kafka.spans_topic, kafka.feedback_topic, kafka.logs_topic} - {""}
+            stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+            await self.give_up([tp for tp in stored if tp[0] in read], reason="restart")
         await self.broker.start()
         self._flusher = asyncio.create_task(self._flush_periodically())
         self._lag = asyncio.create_task(self._measure_lag_periodically())
