@@ -429,16 +429,19 @@ class KafkaIngestSource:
         )
         return retracted
 
+    async def give_up_after_a_crash(self) -> list[str]:
+        """Before joining the group: what a crash may have left in the store past the member's last
+        commit, the group has read again elsewhere since, or will (with the stages apart)."""
+        self._group = unkeyed(await asyncio.to_thread(self.pipeline.store.cursor, CONFIRMED))
+        if not self.gives_up:
+            return []
+        kafka = self.settings.kafka
+        read = {kafka.spans_topic, kafka.feedback_topic, kafka.logs_topic} - {""}
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        return await self.give_up([tp for tp in stored if tp[0] in read], reason="restart")
+
     async def start(self) -> None:
-        """A member that gives up first gives up what a crash may have left in its store: the group
-        has read it again elsewhere since, or will."""
-        store = self.pipeline.store
-        self._group = unkeyed(await asyncio.to_thread(store.cursor, CONFIRMED))
-        if self.gives_up:
-            kafka = self.settings.kafka
-            read = {kafka.spans_topic, kafka.feedback_topic, kafka.logs_topic} - {""}
-            stored = await asyncio.to_thread(self.pipeline.stored_offsets)
-            await self.give_up([tp for tp in stored if tp[0] in read], reason="restart")
+        await self.give_up_after_a_crash()
         await self.broker.start()
         self._flusher = asyncio.create_task(self._flush_periodically())
         self._lag = asyncio.create_task(self._measure_lag_periodically())
