@@ -192,25 +192,25 @@ class KafkaIngestSource:
         if consumer is None:
             return
         stored = await asyncio.to_thread(self.pipeline.stored_offsets)
-        fresh = []
-        group = {}
-        for tp in assigned:
-            committed = await consumer.committed(tp)
-            group[(tp.topic, tp.partition)] = committed if committed is not None else 0
-            known = [o for o in (stored.get((tp.topic, tp.partition)), committed) if o is not None]
-            if tp.topic == self.settings.kafka.spans_topic:
-                self._starts[tp.partition] = max(known, default=0)
-            if not known:
-                fresh.append(tp)
-                continue
-            consumer.seek(tp, max(known))
-            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", tp.topic, tp.partition,
-                     max(known), stored.get((tp.topic, tp.partition)), committed)  # fmt: skip
-        if fresh:
-            await consumer.seek_to_beginning(*fresh)
-        if group:  # where the group reads these again should this member stop reading them
-            self._group.update(group)
+        committed = {tp: await consumer.committed(tp) for tp in assigned}
+        known = {
+            tp: [o for o in (stored.get((tp.topic, tp.partition)), committed[tp]) if o is not None]
+            for tp in assigned
+        }
+        fresh = [tp for tp in assigned if not known[tp]]
+        firsts = await consumer.beginning_offsets(fresh) if fresh else {}
+        if assigned:  # where the group reads these again should this member stop reading them
+            self._group.update({(tp.topic, tp.partition): at or 0 for tp, at in committed.items()})
             await asyncio.to_thread(self._confirm, None)
+        # From the first seek until they are read, nothing awaits: a batch handled in between would
+        # be of positions from before the seeks, dropped as stale, and then skipped for good.
+        for tp in assigned:
+            if tp.topic == self.settings.kafka.spans_topic:
+                self._starts[tp.partition] = max(known[tp], default=0)
+            at = max(known[tp]) if known[tp] else firsts[tp]
+            consumer.seek(tp, at)
+            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", tp.topic, tp.partition, at,
+                     stored.get((tp.topic, tp.partition)), committed[tp])  # fmt: skip
         self._reading.update(assigned)
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
