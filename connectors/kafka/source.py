@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import orjson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import IllegalStateError
@@ -46,6 +48,7 @@ DLQ_REASON = "cegraph.dlq.reason"
 LAG_INTERVAL_S = 5.0
 UNKNOWN_END = 2**62  # a partition not fetched from yet: not caught up
 HAND_OVER_WAIT_S = 30.0  # how long a rebalance waits for stored events to be sent on
+HANDED_KEPT = 8  # members whose hand-over of a partition each commit's metadata passes on
 Partition = tuple[str, int]  # topic, partition
 
 
@@ -60,18 +63,50 @@ def unkeyed(checkpoint: Checkpoint | None) -> dict[Partition, int]:
     return {(key.rsplit("/", 1)[0], int(key.rsplit("/", 1)[1])): at for key, at in group.items()}
 
 
-def reread_from(known: int | None, committing: int | None, group: int | None, first: int) -> int | None:
-    """Where the consumer group reads a partition again from once this member stopped reading it: the
-    group's offset at that moment.
+def handed_over(found: tuple[int, str] | None) -> dict[str, int]:
+    """Per member, the offset at which a later owner of the partition found that member's last commit:
+    what the metadata of the commit `found` passes on, and its own committer's at its offset (the
+    most recent last, `HANDED_KEPT` of them). Metadata another client wrote says nothing."""
+    if found is None:
+        return {}
+    offset, metadata = found
+    try:
+        said = orjson.loads(metadata) if metadata else {}
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(said, dict) or not isinstance(said.get("handed", {}), dict):
+        return {}
+    by = said.get("by")
+    handed = {m: at for m, at in said.get("handed", {}).items() if m != by and isinstance(at, int)}
+    if isinstance(by, str):
+        handed[by] = offset
+    return dict(list(handed.items())[-HANDED_KEPT:])
 
-    That is the last offset the member knew the group held (`known`: its last commit, or the offset it
-    found at assignment), unless the commit it was making then (`committing`) took. The group's offset
-    now (`group`) tells: members only move it further, so below `committing` it did not take; at or
-    past it, it is taken as having taken (had it not, and another member moved past it since, what
-    lies between is kept here and stored there too: twice, never lost). A store from before `known`
-    was recorded takes the group's offset now, likewise. Never below `first`, the partition's first
-    offset (nobody reads again what retention deleted). None when nothing says: nothing is given up.
+
+def commit_metadata(member: str, handed: dict[str, int]) -> str:
+    """What a commit says besides its offset: who made it, and the hand-overs it passes on."""
+    return orjson.dumps({"by": member, "handed": {m: at for m, at in handed.items() if m != member}}).decode()
+
+
+def reread_from(
+    known: int | None, committing: int | None, group: int | None, first: int, handed: int | None = None
+) -> int | None:
+    """Where the consumer group reads a partition again from once this member stopped reading it: the
+    group's offset at that moment, which is this member's last commit that took, or the offset it
+    found at assignment when none did.
+
+    `handed`, the offset at which the group's metadata says a later owner found this member's last
+    commit (or its commit is the group's offset still), is exact; `known`, the last offset the member
+    noted the group held, is behind it only when the member was killed after a commit took and
+    before it noted it. Without `handed` (a hand-over passed on too long ago, a store from before
+    these were recorded), the commit it was making (`committing`) is taken as having taken when the
+    group holds at least as much now (had it not, and others moved past it since, what lies between
+    is kept here and stored there too: twice, never lost); a store from before `known` was recorded
+    takes the group's offset now, likewise. Never below `first`, the partition's first offset (nobody
+    reads again what retention deleted). None when nothing says: nothing is given up.
     """
+    if handed is not None:
+        return max(handed, known if known is not None else handed, first)
     at = known if known is not None else group
     if at is None:
         return None
@@ -126,6 +161,8 @@ class KafkaIngestSource:
         # group reads again elsewhere must leave it (`give_up`)
         self.gives_up = handed_on is not None
         self._group: dict[Partition, int] = {}  # the group's offsets as this member last knew them
+        self._member = uuid.uuid4().hex[:16]  # the store's, once it is read (its commits say it)
+        self._handed: dict[Partition, dict[str, int]] = {}  # what the commit found at assignment passed on
         self._starts: dict[int, int] = {}  # spans partition -> the offset reading it began at
         # the partitions handed to this member and sought to their stored offsets: between a revoke
         # and the next assignment, none (a batch fetched before the revoke is not this member's)
@@ -192,25 +229,25 @@ class KafkaIngestSource:
         if consumer is None:
             return
         stored = await asyncio.to_thread(self.pipeline.stored_offsets)
-        committed = {tp: await consumer.committed(tp) for tp in assigned}
-        known = {
-            tp: [o for o in (stored.get((tp.topic, tp.partition)), committed[tp]) if o is not None]
-            for tp in assigned
-        }
-        fresh = [tp for tp in assigned if not known[tp]]
-        firsts = await consumer.beginning_offsets(fresh) if fresh else {}
-        if assigned:  # where the group reads these again should this member stop reading them
-            self._group.update({(tp.topic, tp.partition): at or 0 for tp, at in committed.items()})
+        kafka = self.settings.kafka
+        wanted = [(tp.topic, tp.partition) for tp in assigned]
+        found, firsts = await asyncio.to_thread(group_offsets, kafka, kafka.group_id, wanted)
+        committed = {tp: at[0] if (at := found.get(tp)) else None for tp in wanted}
+        known = {tp: [o for o in (stored.get(tp), committed[tp]) if o is not None] for tp in wanted}
+        if wanted:  # where the group reads these again should this member stop reading them
+            self._group.update({tp: at or 0 for tp, at in committed.items()})
+            self._handed.update({tp: handed_over(found.get(tp)) for tp in wanted})
             await asyncio.to_thread(self._confirm, None)
         # From the first seek until they are read, nothing awaits: a batch handled in between would
         # be of positions from before the seeks, dropped as stale, and then skipped for good.
-        for tp in assigned:
-            if tp.topic == self.settings.kafka.spans_topic:
-                self._starts[tp.partition] = max(known[tp], default=0)
+        for topic, partition in wanted:
+            tp = (topic, partition)
+            if topic == kafka.spans_topic:
+                self._starts[partition] = max(known[tp], default=0)
             at = max(known[tp]) if known[tp] else firsts[tp]
-            consumer.seek(tp, at)
-            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", tp.topic, tp.partition, at,
-                     stored.get((tp.topic, tp.partition)), committed[tp])  # fmt: skip
+            consumer.seek(TopicPartition(topic, partition), at)
+            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", topic, partition, at,
+                     stored.get(tp), committed[tp])  # fmt: skip
         self._reading.update(assigned)
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
@@ -381,7 +418,12 @@ class KafkaIngestSource:
                 if self.gives_up:
                     cursors = {COMMITTING: Checkpoint(stored_until, {"group": keyed(offsets)})}
                     await asyncio.to_thread(self.pipeline.store.append, [], cursors=cursors)
-                await consumer.commit({TopicPartition(*tp): offset for tp, offset in offsets.items()})
+                await consumer.commit(
+                    {
+                        TopicPartition(*tp): (offset, commit_metadata(self._member, self._handed.get(tp, {})))
+                        for tp, offset in offsets.items()
+                    }
+                )
                 self._group.update(offsets)
             await asyncio.to_thread(self._confirm, stored_until)
         except Exception as error:  # best effort: DuckDB holds the offsets that matter; next time
@@ -397,7 +439,7 @@ class KafkaIngestSource:
         if position is None:
             noted = store.cursor(CONFIRMED)
             position = noted.position if noted is not None else store.last_seq() + 1
-        cursors = {CONFIRMED: Checkpoint(position, {"group": keyed(self._group)})}
+        cursors = {CONFIRMED: Checkpoint(position, {"member": self._member, "group": keyed(self._group)})}
         if committing is not None:
             cursors[COMMITTING] = Checkpoint(position, {"group": keyed(committing)})
         store.append([], cursors=cursors)
@@ -414,7 +456,11 @@ class KafkaIngestSource:
         committing = unkeyed(await asyncio.to_thread(store.cursor, COMMITTING))
         cut = {}
         for tp in wanted:
-            at = reread_from(self._group.get(tp), committing.get(tp), group.get(tp), firsts.get(tp, 0))
+            found = group.get(tp)
+            at = reread_from(
+                self._group.get(tp), committing.get(tp), found[0] if found else None, firsts.get(tp, 0),
+                handed_over(found).get(self._member),
+            )  # fmt: skip
             if at is not None:
                 cut[tp] = at
         retracted = await asyncio.to_thread(self.pipeline.give_up, cut, reason=reason)
@@ -432,7 +478,10 @@ class KafkaIngestSource:
     async def give_up_after_a_crash(self) -> list[str]:
         """Before joining the group: what a crash may have left in the store past the member's last
         commit, the group has read again elsewhere since, or will (with the stages apart)."""
-        self._group = unkeyed(await asyncio.to_thread(self.pipeline.store.cursor, CONFIRMED))
+        confirmed = await asyncio.to_thread(self.pipeline.store.cursor, CONFIRMED)
+        self._group = unkeyed(confirmed)
+        if confirmed is not None:
+            self._member = confirmed.snapshot.get("member", self._member)
         if not self.gives_up:
             return []
         kafka = self.settings.kafka

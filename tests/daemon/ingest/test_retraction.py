@@ -24,7 +24,7 @@ from pipeline_fixtures import (
     settle,
 )
 
-from cegraph.connectors.kafka.source import reread_from
+from cegraph.connectors.kafka.source import commit_metadata, handed_over, reread_from
 from cegraph.daemon.events import EXECUTIONS_RETRACTED
 from cegraph.daemon.ingest.pipeline import InMessage
 from cegraph.daemon.store import EventStore
@@ -214,19 +214,35 @@ def test_rebuild_equals_live_across_retractions_of_the_same_execution(stores):
 
 
 @pytest.mark.parametrize(
-    ("known", "committing", "group", "first", "expected"),
+    ("known", "committing", "group", "first", "handed", "expected"),
     [
-        (40, None, 40, 0, 40),  # the last commit it knew of
-        (40, None, 90, 0, 40),  # others read on from there since: theirs, not this member's
-        (40, 55, 55, 0, 55),  # killed after a commit took, before its cursor was written
-        (40, 55, 90, 0, 55),  # ... and others moved on since
-        (40, 55, 40, 0, 40),  # killed before the commit took
-        (40, 55, None, 0, 40),
-        (55, 40, 55, 0, 55),  # a commit noted before an older one: not in doubt
-        (None, None, 30, 0, 30),  # a store from before: the group's offset now, never less
-        (None, None, None, 0, None),  # nothing says: nothing is given up
-        (0, None, None, 12, 12),  # retention deleted the start: nobody reads it again
+        (40, None, 40, 0, 40, 40),  # its last commit is the group's offset still
+        (40, None, 90, 0, 40, 40),  # others read on from there since
+        (40, 55, 90, 0, 55, 55),  # killed after a commit took, before its cursor was written
+        (40, 55, 90, 0, 40, 40),  # killed before the commit took
+        (40, None, 90, 0, 12, 40),  # its commit found last is from an ownership before the last
+        (40, None, 90, 0, None, 40),  # without a hand-over passed on: the last commit it knew of
+        (40, 55, 55, 0, None, 55),  # ... or the one it was making, when the group holds that much
+        (40, 55, 90, 0, None, 55),  # ... even if others moved on (possibly twice, never lost)
+        (40, 55, 40, 0, None, 40),  # ... but not when the group holds less
+        (40, 55, None, 0, None, 40),
+        (55, 40, 55, 0, None, 55),  # a commit noted before an older one: not in doubt
+        (None, None, 30, 0, None, 30),  # a store from before: the group's offset now, never less
+        (None, None, None, 0, None, None),  # nothing says: nothing is given up
+        (0, None, None, 12, None, 12),  # retention deleted the start: nobody reads it again
     ],
 )
-def test_where_the_group_reads_a_partition_again(known, committing, group, first, expected):
-    assert reread_from(known, committing, group, first) == expected
+def test_where_the_group_reads_a_partition_again(known, committing, group, first, handed, expected):
+    assert reread_from(known, committing, group, first, handed) == expected
+
+
+def test_each_commit_passes_on_where_members_handed_the_partition_over():
+    """The metadata of the commit a member finds at assignment, and its own commits' metadata after."""
+    assert handed_over(None) == {} and handed_over((7, "")) == {} and handed_over((7, "not json")) == {}
+    found = handed_over((40, commit_metadata("a", {})))
+    assert found == {"a": 40}
+    assert handed_over((90, commit_metadata("b", found))) == {"a": 40, "b": 90}
+    again = handed_over((120, commit_metadata("a", {"a": 40, "b": 90})))
+    assert list(again.items()) == [("b", 90), ("a", 120)], "a member's latest, the most recent last"
+    many = {f"m{i}": i for i in range(20)}
+    assert list(handed_over((99, commit_metadata("z", many)))) == [f"m{i}" for i in range(13, 20)] + ["z"]

@@ -3,7 +3,9 @@
 The store is left as a SIGKILL in the middle of a commit leaves it: the cursor confirms an older
 commit (offset 4) and notes the one being made (offset 8). Whether that commit took is only in
 Kafka: had it taken, retracting from the confirmed offset would drop executions nobody reads again;
-had it not, keeping them would store them twice.
+had it not, keeping them would store them twice. Also when another member took the partition and
+moved the group's offset on (to 12) since: its commit's metadata passes on where it found this
+member's last commit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from otel_traces import encode
 from pipeline_fixtures import TRACES, Clock, Topics, feed, pipeline_on, settle
 
 from cegraph.connectors.kafka.client import ensure_topics, kafka_python_options
-from cegraph.connectors.kafka.source import KafkaIngestSource, keyed, unkeyed
+from cegraph.connectors.kafka.source import KafkaIngestSource, commit_metadata, handed_over, keyed, unkeyed
 from cegraph.daemon.settings import KafkaSettings, Settings, StoreSettings
 from cegraph.daemon.stage import Checkpoint
 from cegraph.daemon.store import COMMITTING, CONFIRMED, EventStore
@@ -25,8 +27,9 @@ from cegraph.daemon.store import COMMITTING, CONFIRMED, EventStore
 pytestmark = pytest.mark.kafka
 
 
+@pytest.mark.parametrize("moved_on", [False, True], ids=["alone", "another-member-moved-on"])
 @pytest.mark.parametrize("took", [True, False], ids=["the-commit-took", "the-commit-was-lost"])
-async def test_a_restart_gives_up_from_the_commit_that_took(kafka_bootstrap, tmp_path, took):
+async def test_a_restart_gives_up_from_the_commit_that_took(kafka_bootstrap, tmp_path, took, moved_on):
     suffix = uuid.uuid4().hex[:8]
     kafka = KafkaSettings(
         bootstrap_servers=kafka_bootstrap, spans_topic=f"spans-{suffix}", feedback_topic=f"fb-{suffix}",
@@ -44,7 +47,7 @@ async def test_a_restart_gives_up_from_the_commit_that_took(kafka_bootstrap, tmp
     store.append(
         [],
         cursors={
-            CONFIRMED: Checkpoint(5, {"group": keyed({tp: 4})}),
+            CONFIRMED: Checkpoint(5, {"member": "killed", "group": keyed({tp: 4})}),
             COMMITTING: Checkpoint(9, {"group": keyed({tp: 8})}),
         },
     )
@@ -53,7 +56,11 @@ async def test_a_restart_gives_up_from_the_commit_that_took(kafka_bootstrap, tmp
     )
     try:
         committer.assign([TopicPartition(*tp)])
-        committer.commit({TopicPartition(*tp): OffsetAndMetadata(8 if took else 4, "", -1)})
+        last = (8 if took else 4, commit_metadata("killed", {}))  # as the killed member committed it
+        committer.commit({TopicPartition(*tp): OffsetAndMetadata(*last, -1)})
+        if moved_on:  # the next owner found `last` at its assignment, read on and committed
+            later = commit_metadata("next-owner", handed_over(last))
+            committer.commit({TopicPartition(*tp): OffsetAndMetadata(12, later, -1)})
     finally:
         committer.close()
 
