@@ -1,8 +1,9 @@
 """The event store: an append-only `events` table in DuckDB, its projections, and consumer offsets.
 
-Events are the truth; `executions`, `nodes`, `feedback` and `workflow_versions` are projections
-computed by SQL over the event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a
-rebuild equals the live tables. The consumer offsets
+Events are the truth; `executions`, `nodes`, `feedback`, `workflow_versions` and `retracted` (what an
+ingest member gave up to another, which reads it again) are projections computed by SQL over the
+event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a rebuild equals the live
+tables. The consumer offsets
 (ingest's progress) and the stage cursors (every later stage's, `daemon/stage.py`) are written in the
 same transaction as the events they produced: a crash at any instant loses nothing and counts nothing
 twice. Bulk writes go through Arrow tables, never `executemany`.
