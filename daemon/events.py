@@ -19,6 +19,8 @@ EXECUTION_COMPLETED = "ExecutionCompleted"
 EXECUTION_AMENDED = "ExecutionAmended"
 FEEDBACK_RECEIVED = "FeedbackReceived"
 INGEST_ADVANCED = "IngestAdvanced"  # how far ingest has stored each spans partition: the detector's watermark
+# executions an ingest member leaves to its spans partitions' next owner, which reads them again
+EXECUTIONS_RETRACTED = "ExecutionsRetracted"
 FAILURE_INPUT_RECEIVED = "FailureInputReceived"  # a detector input another process's ingest made
 MESSAGE_DEAD_LETTERED = "MessageDeadLettered"
 WORKFLOW_REGISTERED = "WorkflowRegistered"
@@ -106,7 +108,9 @@ class ModelPayload:
 @dataclass(frozen=True, slots=True)
 class ExecutionCompletedPayload(Payload):
     """`partition` and `offset`: the last spans message of the execution, its place in the detector's
-    order (absent in logs written before they were recorded)."""
+    order; `first_offset`: its first spans message on that partition, which says whether a consumer
+    reading the partition from some offset on reads all of it (`ExecutionsRetracted`). Each is absent
+    in logs written before it was recorded."""
 
     TYPE = EXECUTION_COMPLETED
     trace_id: str
@@ -114,6 +118,22 @@ class ExecutionCompletedPayload(Payload):
     reason: str
     partition: int
     offset: int
+    first_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionsRetractedPayload(Payload):
+    """Executions this store stops counting as its own, because the consumer group reads every spans
+    message of each again elsewhere: `cut` is, per spans partition (its number as text), the offset
+    the group reads it from once this member no longer does (its last commit); the executions whose
+    first message lies at or past it are `trace_ids`. `reason`: "restart" (the member came back
+    after a crash) or "hand-over" (a rebalance took the partitions)."""
+
+    TYPE = EXECUTIONS_RETRACTED
+    topic: str
+    cut: dict[str, int]
+    trace_ids: list[str]
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,13 @@ class IngestMetrics:
             "Open traces completed as incomplete because max_open_traces was reached.",
             registry=r,
         )
+        self.retracted = Counter(
+            "cegraph_ingest_retracted_executions_total",
+            "Executions left to their spans partition's next owner, which reads them again, by reason "
+            "(restart, hand-over).",
+            ["reason"],
+            registry=r,
+        )
         self.amendments = Counter(
             "cegraph_ingest_amendments_total", "Late spans added to an already stored execution.", registry=r
         )

@@ -1,8 +1,9 @@
 """The event store: an append-only `events` table in DuckDB, its projections, and consumer offsets.
 
-Events are the truth; `executions`, `nodes`, `feedback` and `workflow_versions` are projections
-computed by SQL over the event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a
-rebuild equals the live tables. The consumer offsets
+Events are the truth; `executions`, `nodes`, `feedback`, `workflow_versions` and `retracted` (what an
+ingest member gave up to another, which reads it again) are projections computed by SQL over the
+event payloads (`PROJECT`), the same statements live and in `rebuild()`, so a rebuild equals the live
+tables. The consumer offsets
 (ingest's progress) and the stage cursors (every later stage's, `daemon/stage.py`) are written in the
 same transaction as the events they produced: a crash at any instant loses nothing and counts nothing
 twice. Bulk writes go through Arrow tables, never `executemany`.
@@ -25,12 +26,14 @@ import pyarrow as pa
 from cegraph.daemon.events import (
     EXECUTION_AMENDED,
     EXECUTION_COMPLETED,
+    EXECUTIONS_RETRACTED,
     FAILURE_INPUT_RECEIVED,
     FEEDBACK_RECEIVED,
     MESSAGE_DEAD_LETTERED,
     WORKFLOW_REGISTERED,
     Event,
     ExecutionCompletedPayload,
+    ExecutionsRetractedPayload,
     FailureInputReceivedPayload,
     FeedbackReceivedPayload,
     WorkflowRegisteredPayload,
@@ -81,7 +84,6 @@ CREATE TABLE IF NOT EXISTS event_spans (
 -- stores written before these columns existed
 ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS seed BIGINT;
 ALTER TABLE event_spans ADD COLUMN IF NOT EXISTS refusal VARCHAR;
-CREATE OR REPLACE VIEW nodes AS SELECT * FROM event_spans;
 """
 
 EXECUTION_COLUMNS = {
@@ -89,12 +91,17 @@ EXECUTION_COLUMNS = {
     "root_span_id": "VARCHAR", "root_name": "VARCHAR", "start_ns": "BIGINT", "end_ns": "BIGINT",
     "span_count": "INTEGER", "complete": "BOOLEAN", "reason": "VARCHAR", "hard_failed": "BOOLEAN",
     "eval_failed": "BOOLEAN", "failed_nodes": "INTEGER", "input_tokens": "BIGINT", "output_tokens": "BIGINT",
-    "amendments": "INTEGER",
+    "amendments": "INTEGER", "partition": "INTEGER", "first_offset": "BIGINT",
 }  # fmt: skip
 PROJECTIONS = f"""
 CREATE TABLE IF NOT EXISTS executions (
     {", ".join(f"{name} {kind}" for name, kind in EXECUTION_COLUMNS.items())}, seq BIGINT
 );
+-- stores written before these columns existed (their rows: NULL, never retracted)
+ALTER TABLE executions ADD COLUMN IF NOT EXISTS partition INTEGER;
+ALTER TABLE executions ADD COLUMN IF NOT EXISTS first_offset BIGINT;
+-- the executions retracted (`seq`: the retraction's), with their spans up to it
+CREATE TABLE IF NOT EXISTS retracted (trace_id VARCHAR, seq BIGINT);
 CREATE TABLE IF NOT EXISTS feedback (
     seq BIGINT, trace_id VARCHAR, span_id VARCHAR, outcome VARCHAR, score DOUBLE, critique VARCHAR,
     source VARCHAR, created_at VARCHAR
@@ -104,14 +111,24 @@ CREATE TABLE IF NOT EXISTS workflow_versions (
     registered_at TIMESTAMP
 );
 """
+# The spans of the executions stored: a retracted execution's spans are not (those of the execution
+# stored again under its trace id, after the retraction, are).
+NODES = """
+CREATE OR REPLACE VIEW nodes AS
+SELECT n.* FROM event_spans n ANTI JOIN retracted r ON r.trace_id = n.trace_id AND n.seq < r.seq;
+"""
 
-PROJECTION_TABLES = ("executions", "feedback", "workflow_versions")
+PROJECTION_TABLES = ("executions", "feedback", "workflow_versions", "retracted")
 _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegisteredPayload
-_R = FailureInputReceivedPayload
+_RECEIVED, _R = FailureInputReceivedPayload, ExecutionsRetractedPayload
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
 NODE_FIELDS = [f.name for f in fields(Node)]
-# the cursor ingest moves once the consumer group holds the offsets it stored (the Kafka source)
+# The Kafka source's cursors. CONFIRMED moves once the consumer group holds the offsets stored before
+# its position; its snapshot's "group" is, per "topic/partition", the group's offset as this member
+# last knew it (its last commit, or what it found at assignment). COMMITTING's "group" holds the
+# offsets of a commit being made, written before it is sent: after a crash it may or may not have taken.
 CONFIRMED = "ingest.confirmed"
+COMMITTING = "ingest.committing"
 
 ROOT = "(n.parent_span_id = '' OR n.parent_is_remote)"  # as `Node.is_root`
 
@@ -119,6 +136,7 @@ ROOT = "(n.parent_span_id = '' OR n.parent_is_remote)"  # as `Node.is_root`
 # rebuild() over the whole log: one definition, so rebuilt tables equal the live ones by construction.
 # Completed executions are inserted before amendments are applied, which is also their order in time.
 # Each statement reads one event type: a live batch without that type skips it (it would change nothing).
+# A retraction applies to what came before it only: `_project` splits a range at each one (`segments`).
 PROJECT: tuple[tuple[str, str], ...] = (
     (EXECUTION_COMPLETED, f"""
 INSERT INTO executions BY NAME
@@ -137,7 +155,9 @@ SELECT n.trace_id,
        bool_or(n.hard_failed) AS hard_failed, bool_or(n.eval_failed) AS eval_failed,
        count(*) FILTER (WHERE n.hard_failed OR n.eval_failed) AS failed_nodes,
        coalesce(sum(n.input_tokens), 0) AS input_tokens, coalesce(sum(n.output_tokens), 0) AS output_tokens,
-       0 AS amendments, n.seq
+       0 AS amendments, n.seq,
+       any_value({_E.sql("partition", "INTEGER", of="e.payload")}) AS partition,
+       any_value({_E.sql("first_offset", "BIGINT", of="e.payload")}) AS first_offset
 FROM event_spans n JOIN events e ON e.seq = n.seq
 WHERE n.seq BETWEEN $1 AND $2 AND e.seq BETWEEN $1 AND $2 AND NOT n.amended
   AND e.type = '{EXECUTION_COMPLETED}'
@@ -146,10 +166,10 @@ GROUP BY n.trace_id, n.seq
     # an execution an ingest member sent on: its row as that member's log has it
     (FAILURE_INPUT_RECEIVED, f"""
 INSERT INTO executions BY NAME
-SELECT unnest(json_transform({_R.json("execution")}, '{orjson.dumps(EXECUTION_COLUMNS).decode()}')), seq
+SELECT unnest(json_transform({_RECEIVED.json("execution")}, '{orjson.dumps(EXECUTION_COLUMNS).decode()}')), seq
 FROM events
 WHERE seq BETWEEN $1 AND $2 AND type = '{FAILURE_INPUT_RECEIVED}'
-  AND json_type({_R.json("execution")}) = 'OBJECT'
+  AND json_type({_RECEIVED.json("execution")}) = 'OBJECT'
 """),
     (EXECUTION_AMENDED, f"""
 UPDATE executions SET
@@ -197,7 +217,24 @@ SELECT seq, {_W.sql("workflow_id")} AS workflow_id, {_W.sql("version")} AS versi
        {_W.sql("content_hash")} AS content_hash, {_W.json("spec")} AS spec, recorded_at AS registered_at
 FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{WORKFLOW_REGISTERED}'
 """),
+    (EXECUTIONS_RETRACTED, f"""
+INSERT INTO retracted BY NAME
+SELECT unnest(from_json({_R.json("trace_ids")}, '["VARCHAR"]')) AS trace_id, seq
+FROM events WHERE seq BETWEEN $1 AND $2 AND type = '{EXECUTIONS_RETRACTED}'
+"""),
+    (EXECUTIONS_RETRACTED, """
+DELETE FROM executions x USING retracted r
+WHERE r.seq BETWEEN $1 AND $2 AND x.trace_id = r.trace_id AND x.seq < r.seq
+"""),
 )  # fmt: skip
+
+
+def segments(first: int, last: int, retractions: list[int]) -> list[tuple[int, int]]:
+    """`first`..`last` cut before each retraction in it: each range's statements then see the
+    executions the retraction names as they were when it was appended, and one stored again after it
+    is not retracted (nor amended by what its first incarnation was)."""
+    starts = [first, *(seq for seq in sorted(retractions) if first < seq <= last)]
+    return [(start, end - 1) for start, end in zip(starts, [*starts[1:], last + 1], strict=True)]
 
 
 _NODE_COLUMNS = [(name, operator.attrgetter(name)) for name in NODE_FIELDS]
@@ -276,6 +313,7 @@ class EventStore:
                 self._run(LEGACY_CURSORS)
                 self._run(SPAN_LOG)
                 self._run(PROJECTIONS)
+                self._run(NODES)
             self._next_seq = self._scalar("SELECT coalesce(max(seq), 0) + 1 FROM events")
         except duckdb.Error as error:
             with contextlib.suppress(duckdb.Error):
@@ -390,9 +428,17 @@ class EventStore:
 
     def _project(self, first: int, last: int, types: set[str] | None = None) -> None:
         """Project events `first`..`last`; `types`, when given, are the only event types among them."""
-        for event_type, statement in PROJECT:
-            if types is None or event_type in types:
-                self._con.execute(statement, [first, last]).fetchall()
+        retractions: list[int] = []
+        if types is None or EXECUTIONS_RETRACTED in types:
+            rows = self._con.execute(
+                "SELECT seq FROM events WHERE type = ? AND seq BETWEEN ? AND ?",
+                [EXECUTIONS_RETRACTED, first, last],
+            ).fetchall()
+            retractions = [seq for (seq,) in rows]
+        for low, high in segments(first, last, retractions):
+            for event_type, statement in PROJECT:
+                if types is None or event_type in types:
+                    self._con.execute(statement, [low, high]).fetchall()
 
     def _store_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
         table = pa.table(
@@ -459,6 +505,23 @@ class EventStore:
             found.setdefault(trace_id, set()).add(span_id)
         return found
 
+    def executions_from(self, cut: dict[int, int]) -> list[str]:
+        """The stored executions whose first spans message lies at or past `cut` (per spans partition,
+        an offset), oldest first: those a consumer reading each partition from there reads whole."""
+        if not cut:
+            return []
+        rows = self.query(
+            """
+            SELECT x.trace_id FROM executions x
+            JOIN (SELECT unnest(?::INTEGER[]) AS partition, unnest(?::BIGINT[]) AS at) c
+              ON x.partition = c.partition AND x.first_offset >= c.at
+            ORDER BY x.seq
+            """,
+            list(cut),
+            list(cut.values()),
+        )
+        return [trace_id for (trace_id,) in rows]
+
     def recent_trace_ids(self, limit: int) -> list[str]:
         """The most recently stored executions, oldest first."""
         rows = self.query("SELECT trace_id FROM executions ORDER BY seq DESC LIMIT ?", limit)
@@ -482,11 +545,7 @@ class EventStore:
         confirmed = self.cursor(CONFIRMED)
         unconfirmed = 0
         if confirmed is not None:
-            unconfirmed = self._scalar(
-                "SELECT count(*) FROM events WHERE type = ? AND seq >= ?",
-                EXECUTION_COMPLETED,
-                confirmed.position,
-            )
+            unconfirmed = self._scalar("SELECT count(*) FROM executions WHERE seq >= ?", confirmed.position)
         return {
             "spans": int(executions["spans"]),
             "executions": {
@@ -495,6 +554,7 @@ class EventStore:
                 "total": executions["complete"] + executions["incomplete"],
             },
             "unconfirmed": unconfirmed,
+            "retracted": self._scalar("SELECT count(*) FROM retracted"),
             "failures": {
                 "executions_failed": executions["failed"] + feedback_failed,
                 "from_spans": executions["failed"],
@@ -559,6 +619,7 @@ class EventStore:
                 for table in PROJECTION_TABLES:
                     self._run(f"DROP TABLE IF EXISTS {table}")
                 self._run(PROJECTIONS)
+                self._run(NODES)
                 last = self._next_seq - 1
                 self._project(1, last)
                 self._run("COMMIT")

@@ -129,3 +129,23 @@ def read_topic(settings: KafkaSettings, topic: str) -> list[Any]:
         return records
     finally:
         consumer.close()
+
+
+def group_offsets(
+    settings: KafkaSettings, group_id: str, partitions: list[tuple[str, int]]
+) -> tuple[dict[tuple[str, int], tuple[int, str] | None], dict[tuple[str, int], int]]:
+    """The offset and metadata `group_id` committed for each partition (None: never) and each
+    partition's first offset (what retention has not deleted), read by a client outside the group."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**kafka_python_options(settings), group_id=group_id, enable_auto_commit=False)
+    try:
+        wanted = [TopicPartition(topic, partition) for topic, partition in partitions]
+        committed: dict[tuple[str, int], tuple[int, str] | None] = {}
+        for tp in wanted:
+            found = consumer.committed(tp, metadata=True)
+            committed[(tp.topic, tp.partition)] = (found.offset, found.metadata or "") if found else None
+        firsts = consumer.beginning_offsets(wanted) if wanted else {}
+        return committed, {(tp.topic, tp.partition): at for tp, at in firsts.items()}
+    finally:
+        consumer.close()

@@ -7,6 +7,9 @@ publisher has sent on what they cover: `handed_on`). A rebalance hands partition
 losing them stores what is complete, commits, forgets the rest and handles nothing until its next
 assignment; the member getting one seeks to the further of its stored offset and the group's
 committed one.
+With the stages apart, a member's store is one of several: what the group reads again elsewhere must
+leave it. So a member losing partitions (at a rebalance, or by a crash, found when it starts again)
+gives up what it stored from its last commit of each on (`give_up`, `reread_from`).
 Dead letters are published (and acknowledged by the broker) before the flush that moves past them.
 """
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import orjson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import IllegalStateError
@@ -25,7 +30,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 
-from cegraph.connectors.kafka.client import make_broker, raw_body
+from cegraph.connectors.kafka.client import group_offsets, make_broker, raw_body
 from cegraph.daemon.ingest.pipeline import (
     DeadLetter,
     FlushResult,
@@ -35,7 +40,7 @@ from cegraph.daemon.ingest.pipeline import (
 )
 from cegraph.daemon.settings import Settings
 from cegraph.daemon.stage import Checkpoint
-from cegraph.daemon.store import CONFIRMED
+from cegraph.daemon.store import COMMITTING, CONFIRMED
 
 log = logging.getLogger("cegraph.ingest")
 
@@ -43,6 +48,71 @@ DLQ_REASON = "cegraph.dlq.reason"
 LAG_INTERVAL_S = 5.0
 UNKNOWN_END = 2**62  # a partition not fetched from yet: not caught up
 HAND_OVER_WAIT_S = 30.0  # how long a rebalance waits for stored events to be sent on
+HANDED_KEPT = 8  # members whose hand-over of a partition each commit's metadata passes on
+Partition = tuple[str, int]  # topic, partition
+
+
+def keyed(offsets: Mapping[Partition, int]) -> dict[str, int]:
+    """Offsets as a cursor's snapshot keeps them: "topic/partition" -> offset."""
+    return {f"{topic}/{partition}": at for (topic, partition), at in sorted(offsets.items())}
+
+
+def unkeyed(checkpoint: Checkpoint | None) -> dict[Partition, int]:
+    """The "group" offsets of a CONFIRMED or COMMITTING cursor (none in stores from before them)."""
+    group = checkpoint.snapshot.get("group", {}) if checkpoint is not None else {}
+    return {(key.rsplit("/", 1)[0], int(key.rsplit("/", 1)[1])): at for key, at in group.items()}
+
+
+def handed_over(found: tuple[int, str] | None) -> dict[str, int]:
+    """Per member, the offset at which a later owner of the partition found that member's last commit:
+    what the metadata of the commit `found` passes on, and its own committer's at its offset (the
+    most recent last, `HANDED_KEPT` of them). Metadata another client wrote says nothing."""
+    if found is None:
+        return {}
+    offset, metadata = found
+    try:
+        said = orjson.loads(metadata) if metadata else {}
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(said, dict) or not isinstance(said.get("handed", {}), dict):
+        return {}
+    by = said.get("by")
+    handed = {m: at for m, at in said.get("handed", {}).items() if m != by and isinstance(at, int)}
+    if isinstance(by, str):
+        handed[by] = offset
+    return dict(list(handed.items())[-HANDED_KEPT:])
+
+
+def commit_metadata(member: str, handed: dict[str, int]) -> str:
+    """What a commit says besides its offset: who made it, and the hand-overs it passes on."""
+    return orjson.dumps({"by": member, "handed": {m: at for m, at in handed.items() if m != member}}).decode()
+
+
+def reread_from(
+    known: int | None, committing: int | None, group: int | None, first: int, handed: int | None = None
+) -> int | None:
+    """Where the consumer group reads a partition again from once this member stopped reading it: the
+    group's offset at that moment, which is this member's last commit that took, or the offset it
+    found at assignment when none did.
+
+    `handed`, the offset at which the group's metadata says a later owner found this member's last
+    commit (or its commit is the group's offset still), is exact; `known`, the last offset the member
+    noted the group held, is behind it only when the member was killed after a commit took and
+    before it noted it. Without `handed` (a hand-over passed on too long ago, a store from before
+    these were recorded), the commit it was making (`committing`) is taken as having taken when the
+    group holds at least as much now (had it not, and others moved past it since, what lies between
+    is kept here and stored there too: twice, never lost); a store from before `known` was recorded
+    takes the group's offset now, likewise. Never below `first`, the partition's first offset (nobody
+    reads again what retention deleted). None when nothing says: nothing is given up.
+    """
+    if handed is not None:
+        return max(handed, known if known is not None else handed, first)
+    at = known if known is not None else group
+    if at is None:
+        return None
+    if committing is not None and committing > at and group is not None and group >= committing:
+        at = committing
+    return max(at, first)
 
 
 def dead_letter_headers(letter: DeadLetter) -> dict[str, str]:
@@ -87,6 +157,12 @@ class KafkaIngestSource:
         self.after_flush = after_flush
         self.backpressure = backpressure
         self.handed_on = handed_on
+        # the store is not where executions stay but one of the members' (the stages apart): what the
+        # group reads again elsewhere must leave it (`give_up`)
+        self.gives_up = handed_on is not None
+        self._group: dict[Partition, int] = {}  # the group's offsets as this member last knew them
+        self._member = uuid.uuid4().hex[:16]  # the store's, once it is read (its commits say it)
+        self._handed: dict[Partition, dict[str, int]] = {}  # what the commit found at assignment passed on
         self._starts: dict[int, int] = {}  # spans partition -> the offset reading it began at
         # the partitions handed to this member and sought to their stored offsets: between a revoke
         # and the next assignment, none (a batch fetched before the revoke is not this member's)
@@ -136,8 +212,10 @@ class KafkaIngestSource:
             try:
                 await self._flush_locked()
                 await self._wait_handed_on(HAND_OVER_WAIT_S)
+                if self.gives_up:
+                    await self.give_up({(tp.topic, tp.partition) for tp in revoked}, reason="hand-over")
             except Exception as error:  # not stored, not committed: read again from the stored offsets
-                log.warning("flush before a rebalance failed: %s: %s", type(error).__name__, error)
+                log.warning("hand-over before a rebalance failed: %s: %s", type(error).__name__, error)
             self.pipeline.reset()
             self._uncommitted.clear()
             self._starts = {}
@@ -151,20 +229,25 @@ class KafkaIngestSource:
         if consumer is None:
             return
         stored = await asyncio.to_thread(self.pipeline.stored_offsets)
-        fresh = []
-        for tp in assigned:
-            committed = await consumer.committed(tp)
-            known = [o for o in (stored.get((tp.topic, tp.partition)), committed) if o is not None]
-            if tp.topic == self.settings.kafka.spans_topic:
-                self._starts[tp.partition] = max(known, default=0)
-            if not known:
-                fresh.append(tp)
-                continue
-            consumer.seek(tp, max(known))
-            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", tp.topic, tp.partition,
-                     max(known), stored.get((tp.topic, tp.partition)), committed)  # fmt: skip
-        if fresh:
-            await consumer.seek_to_beginning(*fresh)
+        kafka = self.settings.kafka
+        wanted = [(tp.topic, tp.partition) for tp in assigned]
+        found, firsts = await asyncio.to_thread(group_offsets, kafka, kafka.group_id, wanted)
+        committed = {tp: at[0] if (at := found.get(tp)) else None for tp in wanted}
+        known = {tp: [o for o in (stored.get(tp), committed[tp]) if o is not None] for tp in wanted}
+        if wanted:  # where the group reads these again should this member stop reading them
+            self._group.update({tp: at or 0 for tp, at in committed.items()})
+            self._handed.update({tp: handed_over(found.get(tp)) for tp in wanted})
+            await asyncio.to_thread(self._confirm, None)
+        # From the first seek until they are read, nothing awaits: a batch handled in between would
+        # be of positions from before the seeks, dropped as stale, and then skipped for good.
+        for topic, partition in wanted:
+            tp = (topic, partition)
+            if topic == kafka.spans_topic:
+                self._starts[partition] = max(known[tp], default=0)
+            at = max(known[tp]) if known[tp] else firsts[tp]
+            consumer.seek(TopicPartition(topic, partition), at)
+            log.info("seek %s[%d] to offset %d (stored %s, committed %s)", topic, partition, at,
+                     stored.get(tp), committed[tp])  # fmt: skip
         self._reading.update(assigned)
 
     async def _handle(self, bodies: list[bytes], message: KafkaMessage) -> None:
@@ -315,8 +398,9 @@ class KafkaIngestSource:
     async def _commit_to_kafka(self) -> bool:
         """Commit the offsets of the latest flush whose events have all been sent on, and note in
         the store how far the group knows this member stored: what it stored after that is in doubt
-        until the next commit (a member killed in between leaves it to the partition's next owner,
-        which reads it again: `stats` counts it as unconfirmed). False when the commit failed."""
+        until the next commit (`stats` counts it as unconfirmed; a member killed in between gives it
+        up when it starts again). A member that gives up notes the commit first (COMMITTING): after
+        a crash, it may have taken. False when the commit failed."""
         consumer = self.subscriber.consumer
         handed_on = self.handed_on() if self.handed_on is not None else float("inf")
         ready = [entry for entry in self._uncommitted if entry[0] <= handed_on]
@@ -325,23 +409,88 @@ class KafkaIngestSource:
         stored_until, committable = ready[-1]
         assigned = consumer.assignment()
         offsets = {
-            TopicPartition(topic, partition): offset
+            (topic, partition): offset
             for (topic, partition), offset in committable.items()
             if TopicPartition(topic, partition) in assigned
         }
         try:
             if offsets:
-                await consumer.commit(offsets)
-            await asyncio.to_thread(
-                self.pipeline.store.append, [], cursors={CONFIRMED: Checkpoint(stored_until)}
-            )
+                if self.gives_up:
+                    cursors = {COMMITTING: Checkpoint(stored_until, {"group": keyed(offsets)})}
+                    await asyncio.to_thread(self.pipeline.store.append, [], cursors=cursors)
+                await consumer.commit(
+                    {
+                        TopicPartition(*tp): (offset, commit_metadata(self._member, self._handed.get(tp, {})))
+                        for tp, offset in offsets.items()
+                    }
+                )
+                self._group.update(offsets)
+            await asyncio.to_thread(self._confirm, stored_until)
         except Exception as error:  # best effort: DuckDB holds the offsets that matter; next time
             log.debug("kafka offset commit skipped: %s", error)
             return False
         del self._uncommitted[: len(ready)]
         return True
 
+    def _confirm(self, position: int | None, committing: dict[Partition, int] | None = None) -> None:
+        """Note in the store how far the group knows this member stored (`position`; None: as noted
+        before) and the group's offsets as it knows them; `committing`: the commit still in doubt."""
+        store = self.pipeline.store
+        if position is None:
+            noted = store.cursor(CONFIRMED)
+            position = noted.position if noted is not None else store.last_seq() + 1
+        cursors = {CONFIRMED: Checkpoint(position, {"member": self._member, "group": keyed(self._group)})}
+        if committing is not None:
+            cursors[COMMITTING] = Checkpoint(position, {"group": keyed(committing)})
+        store.append([], cursors=cursors)
+
+    async def give_up(self, partitions: Iterable[Partition], *, reason: str) -> list[str]:
+        """Leave to the consumer group what it reads again once this member does not read these
+        partitions: the pipeline retracts what this store holds of them from `reread_from` on. Then
+        nothing stored is in doubt any more. Returns the trace ids retracted."""
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return []
+        kafka, store = self.settings.kafka, self.pipeline.store
+        group, firsts = await asyncio.to_thread(group_offsets, kafka, kafka.group_id, wanted)
+        committing = unkeyed(await asyncio.to_thread(store.cursor, COMMITTING))
+        cut = {}
+        for tp in wanted:
+            found = group.get(tp)
+            at = reread_from(
+                self._group.get(tp), committing.get(tp), found[0] if found else None, firsts.get(tp, 0),
+                handed_over(found).get(self._member),
+            )  # fmt: skip
+            if at is not None:
+                cut[tp] = at
+        retracted = await asyncio.to_thread(self.pipeline.give_up, cut, reason=reason)
+        self._group.update(cut)
+        still = {tp: at for tp, at in committing.items() if tp not in cut}
+        await asyncio.to_thread(self._confirm, store.last_seq() + 1, still)
+        log.info(
+            "gave up %d execution(s) at a %s; the group reads again from %s",
+            len(retracted),
+            reason,
+            keyed(cut),
+        )
+        return retracted
+
+    async def give_up_after_a_crash(self) -> list[str]:
+        """Before joining the group: what a crash may have left in the store past the member's last
+        commit, the group has read again elsewhere since, or will (with the stages apart)."""
+        confirmed = await asyncio.to_thread(self.pipeline.store.cursor, CONFIRMED)
+        self._group = unkeyed(confirmed)
+        if confirmed is not None:
+            self._member = confirmed.snapshot.get("member", self._member)
+        if not self.gives_up:
+            return []
+        kafka = self.settings.kafka
+        read = {kafka.spans_topic, kafka.feedback_topic, kafka.logs_topic} - {""}
+        stored = await asyncio.to_thread(self.pipeline.stored_offsets)
+        return await self.give_up([tp for tp in stored if tp[0] in read], reason="restart")
+
     async def start(self) -> None:
+        await self.give_up_after_a_crash()
         await self.broker.start()
         self._flusher = asyncio.create_task(self._flush_periodically())
         self._lag = asyncio.create_task(self._measure_lag_periodically())

@@ -25,6 +25,7 @@ from cegraph.daemon.events import (
     INGEST_ADVANCED,
     MESSAGE_DEAD_LETTERED,
     Event,
+    ExecutionsRetractedPayload,
     IngestAdvancedPayload,
 )
 from cegraph.daemon.ingest.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
@@ -355,13 +356,14 @@ class IngestPipeline:
                 stored[assembled.trace_id] = {node.span_id for node in assembled.nodes}
                 spans = [(o, p) for topic, p, o in assembled.messages if topic == self.spans_topic]
                 offset, partition = max(spans, default=(-1, 0))
+                first = min((o for o, p in spans if p == partition), default=-1)
                 events.append(
                     Event(
                         EXECUTION_COMPLETED,
                         assembled.trace_id,
                         {"trace_id": assembled.trace_id, "complete": assembled.complete,
                          "reason": assembled.reason, "partition": partition, "offset": offset,
-                         "nodes": assembled.nodes},
+                         "first_offset": first, "nodes": assembled.nodes},
                     )
                 )  # fmt: skip
                 if assembled.complete:
@@ -394,6 +396,36 @@ class IngestPipeline:
         self.metrics.amendments.inc(result.amended)
         self.metrics.open_traces.set(len(self.assembler))
         return result
+
+    def give_up(self, cut: dict[tuple[str, int], int], *, reason: str) -> list[str]:
+        """Leave to the partitions' next owners what the consumer group reads again: per partition,
+        everything from `cut` on (the offset the group reads it from once this member does not).
+
+        The executions whose first spans message lies there are retracted (their next owner reads
+        them whole); one that began below is kept, since nobody reads its start again. `cut` becomes
+        the stored offset where that is further, so this member, given a partition back, reads the
+        retracted ones again. Returns their trace ids.
+        """
+        self._check_usable()
+        stored = self.store.offsets()
+        lowered = {tp: at for tp, at in cut.items() if stored.get(tp, at) > at}
+        spans = {partition: at for (topic, partition), at in cut.items() if topic == self.spans_topic}
+        retracted = self.store.executions_from(spans)
+        events = []
+        if retracted:
+            payload = ExecutionsRetractedPayload(
+                self.spans_topic, {str(p): at for p, at in sorted(spans.items())}, retracted, reason
+            )
+            events.append(payload.event(self.spans_topic))
+        if events or lowered:
+            try:
+                self.store.append(events, lowered)
+            except BaseException:  # stored or not: as after a failed flush
+                self._needs_reset = True
+                raise
+            self.reset()
+        self.metrics.retracted.labels(reason).inc(len(retracted))
+        return retracted
 
     def _progress(self, offsets: dict[tuple[str, int], int], read: PartitionsRead | None) -> Event | None:
         """How far each spans partition the consumer reads is stored, if that changed since the last
