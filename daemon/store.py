@@ -121,6 +121,7 @@ SELECT n.* FROM event_spans n ANTI JOIN retracted r ON r.trace_id = n.trace_id A
 PROJECTION_TABLES = ("executions", "feedback", "workflow_versions", "retracted")
 _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegisteredPayload
 _RECEIVED, _R = FailureInputReceivedPayload, ExecutionsRetractedPayload
+_EXECUTION_STRUCT = orjson.dumps(EXECUTION_COLUMNS).decode()
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
 NODE_FIELDS = [f.name for f in fields(Node)]
 # The Kafka source's cursors. CONFIRMED moves once the consumer group holds the offsets stored before
@@ -166,7 +167,7 @@ GROUP BY n.trace_id, n.seq
     # an execution an ingest member sent on: its row as that member's log has it
     (FAILURE_INPUT_RECEIVED, f"""
 INSERT INTO executions BY NAME
-SELECT unnest(json_transform({_RECEIVED.json("execution")}, '{orjson.dumps(EXECUTION_COLUMNS).decode()}')), seq
+SELECT unnest(json_transform({_RECEIVED.json("execution")}, '{_EXECUTION_STRUCT}')), seq
 FROM events
 WHERE seq BETWEEN $1 AND $2 AND type = '{FAILURE_INPUT_RECEIVED}'
   AND json_type({_RECEIVED.json("execution")}) = 'OBJECT'
