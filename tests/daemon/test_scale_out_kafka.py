@@ -1,15 +1,18 @@
 """Scale-out against a real broker, as separate `cegraph run` processes: three `--stages ingest`
 members in one consumer group (one SIGKILLed mid-stream, one more added after, the killed one started
-again on its own store), one `--stages detect` member reading the failures topic. Every execution is
+again on its own store), one `--stages detect` member reading the failures topic, and two
+`--stages refine` workers running its refinement jobs from the jobs topic. Every execution is
 stored exactly once across the members' stores (the killed member gives up its unconfirmed tail,
 which the partitions' next owners stored), and the modes, mass and triggers per workflow equal those
 of a single `cegraph run` on the same spans topic."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import Counter
 
+import httpx
 from daemon_proc import Daemon
 from kafka import KafkaProducer
 from scale_cases import detected, workload
@@ -34,6 +37,15 @@ def stored(path, *, after_confirmed: bool = False, retracted: bool = False) -> s
         return {t for (t,) in store.query("SELECT trace_id FROM executions WHERE seq >= ?", since)}
     finally:
         store.close()
+
+
+def jobs_running(detect: Daemon) -> float:
+    metrics = httpx.get(f"{detect.url}/metrics", timeout=10).text
+    return float(re.search(r"^cegraph_refinement_jobs_running (\S+)$", metrics, re.M).group(1))
+
+
+def answered(worker: Daemon) -> int:
+    return worker.stats()["jobs"]["done"]
 
 
 def settled(stats: dict, *, executions: int) -> bool:
@@ -74,7 +86,8 @@ def test_three_ingest_members_and_a_detect_member_equal_one_process(kafka_bootst
             "CEGRAPH_KAFKA__SESSION_TIMEOUT_MS": "2000",
             "CEGRAPH_STORE__PATH": str(home / "cegraph.duckdb"),
             "CEGRAPH_INGEST__IDLE_TIMEOUT_S": "0.5",
-            "CEGRAPH_REFINER__ENABLED": "false",
+            "CEGRAPH_KAFKA__JOBS_TOPIC": f"jobs-{suffix}",
+            "CEGRAPH_KAFKA__JOB_RESULTS_TOPIC": f"ends-{suffix}",
             **extra,
         }
         return Daemon(env, home / "daemon.log")
@@ -87,13 +100,18 @@ def test_three_ingest_members_and_a_detect_member_equal_one_process(kafka_bootst
     finally:
         single.stop()
 
-    detect = process("detect", "scaled", CEGRAPH_STAGES="detect")
+    detect = process("detect", "scaled", CEGRAPH_STAGES="detect")  # its jobs go to the refine workers
+    workers = [process(name, "scaled", CEGRAPH_STAGES="refine") for name in ("r1", "r2")]
     # small batches (a flush and a commit each) keep the members busy long enough to share the work
     ingest = [
         process(name, "scaled", CEGRAPH_STAGES="ingest", CEGRAPH_INGEST__BATCH_SIZE="2") for name in "abcd"
     ]
     a, b, c, d = ingest
     store_of = {m: tmp_path / m.log_path.parent.name / "cegraph.duckdb" for m in ingest}
+    for worker in workers:
+        worker.launch()
+    for worker in workers:
+        worker.wait_ready()
     detect.start()
     try:
         # booted side by side, so the group shares the partitions before one member has read them
@@ -118,8 +136,11 @@ def test_three_ingest_members_and_a_detect_member_equal_one_process(kafka_bootst
             member.wait_for(lambda s: s["unconfirmed"] == 0, timeout=120)
         a.wait_for(lambda _: sum(m.stats()["executions"]["total"] for m in ingest) == EXECUTIONS, timeout=120)
         late = detect.stats()["sequenced"]["late"]
+        # the triggers' jobs went to the refine workers and came back
+        detect.wait_for(lambda _: jobs_running(detect) == 0 and sum(answered(w) for w in workers) > 0)
+        answers = sum(answered(w) for w in workers)
     finally:
-        for member in (*ingest, detect):
+        for member in (*ingest, detect, *workers):
             member.stop()
 
     held = {m: stored(store_of[m]) for m in ingest}
@@ -140,7 +161,15 @@ def test_three_ingest_members_and_a_detect_member_equal_one_process(kafka_bootst
     store.close()
     store = EventStore(tmp_path / "detect" / "cegraph.duckdb", read_only=True)
     scaled = detected(store)
+    jobs = store.query(
+        "SELECT s.payload->>'job_id', f.payload->>'outcome', f.payload->>'reason' FROM events s "
+        "LEFT JOIN events f ON f.type = 'RefinementFinished' AND f.payload->>'job_id' = s.payload->>'job_id' "
+        "WHERE s.type = 'RefinementStarted'"
+    )
     store.close()
+    # each job ended once, by a worker: the workload's workflows have no registered spec to refine
+    assert jobs and len({job for job, _, _ in jobs}) == len(jobs) <= answers
+    assert all(outcome == "skipped" and "register the spec" in reason for _, outcome, reason in jobs), jobs
     assert set(reference) == {"support-bot", "qa-bot"}
     for workflow in reference:
         assert any(kind == "ModeEmerged" for kind, _, _ in reference[workflow]), workflow
