@@ -153,8 +153,11 @@ def test_a_trace_over_max_message_bytes_is_dropped_by_the_collector_and_says_so(
 
     assert wait_until(failed_records, "the Collector to count the dropped record") == 1
     assert metric_names(run.collector_metrics()) >= COLLECTOR_SERIES  # what the alert rule reads
-    failed_spans = metric_sum(run.collector_metrics(), "otelcol_exporter_send_failed_spans", exporter="kafka")
-    assert failed_spans >= big.span_count
+
+    def failed_spans() -> float:  # the exporter's own count, which the Collector records a moment later
+        return metric_sum(run.collector_metrics(), "otelcol_exporter_send_failed_spans", exporter="kafka")
+
+    wait_until(lambda: failed_spans() >= big.span_count, "the Collector to count the big trace's spans as failed")
     wait_until(lambda: "exceeds max message size" in run.collector.log_text(), "the Collector's error log")
     spans = sum(t.span_count for t in traces)
     stats = run.daemon.wait_for(lambda s: s["spans"] >= spans and s["executions"]["complete"] >= len(traces))
