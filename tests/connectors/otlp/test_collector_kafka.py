@@ -157,7 +157,7 @@ def test_a_trace_over_max_message_bytes_is_dropped_by_the_collector_and_says_so(
     def failed_spans() -> float:  # the exporter's own count, which the Collector records a moment later
         return metric_sum(run.collector_metrics(), "otelcol_exporter_send_failed_spans", exporter="kafka")
 
-    wait_until(lambda: failed_spans() >= big.span_count, "the Collector to count the big trace's spans as failed")
+    wait_until(lambda: failed_spans() >= big.span_count, "the big trace's spans counted as failed")
     wait_until(lambda: "exceeds max message size" in run.collector.log_text(), "the Collector's error log")
     spans = sum(t.span_count for t in traces)
     stats = run.daemon.wait_for(lambda s: s["spans"] >= spans and s["executions"]["complete"] >= len(traces))
