@@ -523,6 +523,12 @@ class EventStore:
         )
         return [trace_id for (trace_id,) in rows]
 
+    def trace_ids(self) -> list[str]:
+        """Every stored execution's trace id (an Arrow column: no row tuples for a million ids)."""
+        with self._lock:
+            table = self._usable().sql("SELECT trace_id FROM executions").to_arrow_table()
+        return table.column("trace_id").to_pylist()
+
     def recent_trace_ids(self, limit: int) -> list[str]:
         """The most recently stored executions, oldest first."""
         rows = self.query("SELECT trace_id FROM executions ORDER BY seq DESC LIMIT ?", limit)

@@ -30,6 +30,7 @@ from cegraph.daemon.events import (
 )
 from cegraph.daemon.ingest.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
 from cegraph.daemon.ingest.normalize import TextPolicy, log_details, normalize, with_log_details
+from cegraph.daemon.ingest.stored_traces import StoredTraces
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.spans import InvalidMessage, Node, SpanLog, SpanRecord
@@ -167,9 +168,7 @@ class IngestPipeline:
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(
             self.store.recent_trace_ids(RECENT_TRACES)
         )
-        # While `_recent` holds every stored trace, a trace outside it is known not to be stored
-        # and flush() needn't look its spans up in the store (a scan that grows with the store).
-        self._recent_is_all = len(self._recent) < RECENT_TRACES
+        self._stored_traces = StoredTraces(self.store.trace_ids)
         self._needs_reset = False
 
     def _check_usable(self) -> None:
@@ -340,9 +339,7 @@ class IngestPipeline:
                 self.store.append([report])
             return result
         candidates = [a.trace_id for a in done] + list(late)
-        if self._recent_is_all:
-            candidates = [trace_id for trace_id in candidates if trace_id in self._recent]
-        stored = self.store.stored_spans(candidates)
+        stored = self.store.stored_spans(self._stored_traces.maybe(candidates))
         events = self._events
         self._events = []
         for assembled in done:
@@ -385,6 +382,7 @@ class IngestPipeline:
         with self.metrics.commit_seconds.time():
             self.store.append(events, offsets)
         self._stored.update(offsets)
+        self._stored_traces.add(a.trace_id for a in done if a.nodes)
         for assembled in done:
             if assembled.nodes:
                 self._remember(assembled.trace_id)
@@ -472,4 +470,3 @@ class IngestPipeline:
         self._recent[trace_id] = None
         if len(self._recent) > RECENT_TRACES:
             self._recent.popitem(last=False)
-            self._recent_is_all = False

@@ -1,0 +1,43 @@
+"""Which traces may be stored already, in constant time per trace whatever the store holds.
+
+Ingest asks this of every trace it completes (a trace read again after a crash or a rebalance must
+amend the stored execution, not become a second one). Asking the store each time costs a scan that
+grows with it (246 ms per flush at 1,000,000 executions, measured for issue 19). A Bloom filter over
+every stored trace id answers "certainly not" for new traces at a fixed cost; only its hits, the
+traces really stored and about 1% of the others, are looked up exactly in the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from rbloom import Bloom
+
+FALSE_POSITIVES = 0.01
+MIN_CAPACITY = 100_000
+
+
+class StoredTraces:
+    """`load` gives every stored trace id (read again when the filter is full and grows two-fold)."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self.load = load
+        self._fill(list(load()))
+
+    def _fill(self, trace_ids: list[str]) -> None:
+        self.capacity = max(MIN_CAPACITY, 2 * len(trace_ids))
+        self.count = len(trace_ids)
+        self._filter = Bloom(self.capacity, FALSE_POSITIVES)
+        self._filter.update(trace_ids)
+
+    def add(self, trace_ids: Iterable[str]) -> None:
+        added = list(trace_ids)
+        self.count += len(added)
+        if self.count > self.capacity:  # past capacity the false positives grow: start again bigger
+            self._fill(list(self.load()))
+        else:
+            self._filter.update(added)
+
+    def maybe(self, trace_ids: Iterable[str]) -> list[str]:
+        """Those that may be stored (every stored one is among them)."""
+        return [trace_id for trace_id in trace_ids if trace_id in self._filter]
