@@ -82,7 +82,8 @@ def run(
         typer.Option(
             help="Stages this process runs, of ingest,detect,refine,rollout (default: all, or "
             "CEGRAPH_STAGES). Several `--stages ingest` members share the spans partitions and "
-            "publish to the failures topic; one `--stages detect,refine,rollout` reads it.",
+            "publish to the failures topic; one `--stages detect,rollout` reads it and sends "
+            "refinement jobs to `--stages refine` workers (with refine as well, it runs them itself).",
         ),
     ] = None,
 ) -> None:
