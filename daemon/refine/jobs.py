@@ -6,10 +6,12 @@ workflow version and mode only the latest counts) and the job it started and has
 step starts a job (`RefinementStarted`), the next runs it to its end and appends the end (its patch in
 the outbox, `RefinementFinished`) with the checkpoint: a job a crash interrupted is run again from the
 start, and ends once. Its steps on the way (`CandidateVerified`, `ProposalRejected`) are appended as
-they happen, so a job run again records them again. Jobs run one at a time, on the stage's thread;
-when a trigger may start is the `RefinementScheduler`'s policy, read from the log alone: a workflow
-gets no new job until `cooldown_s` after its last one ended, or while one of its changes is in
-flight. Ingest only appends to the log and never waits for a job.
+they happen, so a job run again records them again. Where a job runs is the stage's executor: here,
+one at a time on the stage's thread (`LocalJobs`), or on refine workers behind the jobs topic, one per
+workflow out at once (`RemoteJobs`, `daemon/refine/remote.py`). When a trigger may start is the
+`RefinementScheduler`'s policy, read from the log alone: a workflow gets no new job until
+`cooldown_s` after its last one ended, or while one of its changes is in flight. Ingest only
+appends to the log and never waits for a job.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ end, and is run again from the start.
 
 What a job reads from the log (the base spec, the replay sample, the recorded failures) is gathered
 where the log is (`JobReader`), so the `Refiner` itself touches no store: it runs in the process that
-holds the log or in a refine worker that got the job from the jobs topic (`daemon/refine/worker.py`).
+holds the log or in a refine worker that got the job from the jobs topic (`daemon/refine/remote.py`).
 """
 
 from __future__ import annotations
