@@ -23,6 +23,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from cegraph.daemon.carried_spans import CarriedSpans
 from cegraph.daemon.events import (
     EXECUTION_AMENDED,
     EXECUTION_COMPLETED,
@@ -39,7 +40,7 @@ from cegraph.daemon.events import (
     WorkflowRegisteredPayload,
 )
 from cegraph.daemon.settings import MEMORY_SIZE
-from cegraph.daemon.spans import Node
+from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.stage import Checkpoint
 
 SCHEMA = """
@@ -123,6 +124,7 @@ _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegist
 _RECEIVED, _R = FailureInputReceivedPayload, ExecutionsRetractedPayload
 _EXECUTION_STRUCT = orjson.dumps(EXECUTION_COLUMNS).decode()
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
+CARRYING_EVENTS = (EXECUTION_COMPLETED, FAILURE_INPUT_RECEIVED)  # an execution's nodes, not amendments
 NODE_FIELDS = [f.name for f in fields(Node)]
 # The Kafka source's cursors. CONFIRMED moves once the consumer group holds the offsets stored before
 # its position; its snapshot's "group" is, per "topic/partition", the group's offset as this member
@@ -274,6 +276,14 @@ def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
     return pa.table(columns, schema=SPAN_SCHEMA)
 
 
+def node_from_row(row: dict[str, Any]) -> Node:
+    """A node as `_span_table` stored it."""
+    values = {name: row[name] for name in NODE_FIELDS}
+    values["evaluations"] = [Evaluation(**e) for e in orjson.loads(row["evaluations"] or "[]")]
+    values["finish_reasons"] = list(row["finish_reasons"] or [])
+    return Node(**values)
+
+
 class StoreError(RuntimeError):
     """The DuckDB file can't be opened or written; the message says which file and why."""
 
@@ -298,6 +308,7 @@ class EventStore:
         self.read_only = read_only
         self.memory_limit = _memory_size(memory_limit) if memory_limit else None
         self._lock = threading.RLock()
+        self.carried = CarriedSpans()
         self._open()
 
     def _open(self) -> None:
@@ -403,6 +414,7 @@ class EventStore:
                 self._resync()
                 raise
             self._next_seq = first + len(events)
+            self.carried.add((seq, e.payload["nodes"]) for seq, e in numbered if e.type in CARRYING_EVENTS)
             return self._next_seq - 1
 
     def _insert_events(self, numbered: list[tuple[int, Event]]) -> None:
@@ -504,6 +516,21 @@ class EventStore:
         found: dict[str, set[str]] = {}
         for trace_id, span_id in rows:
             found.setdefault(trace_id, set()).add(span_id)
+        return found
+
+    def execution_nodes(self, seqs: list[int]) -> dict[int, list[Node]]:
+        """The nodes an `ExecutionCompleted` or `FailureInputReceived` carried, by its seq: those this
+        store just appended from memory (taken, so each is handed out once), the others from the span log.
+        """
+        with self._lock:
+            found, missing = self.carried.take(seqs)
+            if missing:
+                for row in self.query_dicts(
+                    "SELECT * FROM event_spans WHERE NOT amended AND seq BETWEEN ? AND ? "
+                    "AND seq IN (SELECT unnest(?))",
+                    min(missing), max(missing), missing,
+                ):  # fmt: skip
+                    found.setdefault(row["seq"], []).append(node_from_row(row))
         return found
 
     def executions_from(self, cut: dict[int, int]) -> list[str]:
