@@ -503,19 +503,25 @@ class EventStore:
         with self._lock:
             self._con.register("_ids", pa.table({"trace_id": trace_ids}))
             try:
+                since = dict(
+                    self._con.execute(
+                        "SELECT e.trace_id, e.seq FROM executions e SEMI JOIN _ids i USING (trace_id)"
+                    ).fetchall()
+                )
+                # A stored execution's spans are those from its ExecutionCompleted on (it and its
+                # amendments; a retraction would have removed it from `executions`): reading from the
+                # earliest seq lets DuckDB skip the row groups of the span log before it.
                 rows = self._con.execute(
-                    """
-                    SELECT n.trace_id, n.span_id FROM nodes n
-                    WHERE n.trace_id IN (
-                        SELECT e.trace_id FROM executions e SEMI JOIN _ids i ON e.trace_id = i.trace_id
-                    )
-                    """
-                ).fetchall()
+                    "SELECT trace_id, span_id, seq FROM event_spans "
+                    "WHERE seq >= ? AND trace_id IN (SELECT unnest(?))",
+                    [min(since.values()), list(since)],
+                ).fetchall() if since else []  # fmt: skip
             finally:
                 self._con.unregister("_ids")
         found: dict[str, set[str]] = {}
-        for trace_id, span_id in rows:
-            found.setdefault(trace_id, set()).add(span_id)
+        for trace_id, span_id, seq in rows:
+            if seq >= since[trace_id]:
+                found.setdefault(trace_id, set()).add(span_id)
         return found
 
     def execution_nodes(self, seqs: list[int]) -> dict[int, list[Node]]:
