@@ -15,6 +15,7 @@ import contextlib
 import operator
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -556,11 +557,17 @@ class EventStore:
         )
         return [trace_id for (trace_id,) in rows]
 
-    def trace_ids(self) -> list[str]:
-        """Every stored execution's trace id (an Arrow column: no row tuples for a million ids)."""
+    def execution_count(self) -> int:
+        return self._scalar("SELECT count(*) FROM executions")
+
+    def trace_ids(self, batch: int = 65_536) -> Iterator[list[str]]:
+        """Every stored execution's trace id, `batch` at a time: read as one Arrow column (no row
+        tuples) and made into Python strings a slice at a time, so a million ids never sit in memory
+        as objects at once (the freed strings would leave the heap fragmented, not smaller)."""
         with self._lock:
             table = self._usable().sql("SELECT trace_id FROM executions").to_arrow_table()
-        return table.column("trace_id").to_pylist()
+        for chunk in table.to_batches(max_chunksize=batch):
+            yield chunk.column(0).to_pylist()
 
     def recent_trace_ids(self, limit: int) -> list[str]:
         """The most recently stored executions, oldest first."""

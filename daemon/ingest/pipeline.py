@@ -168,7 +168,7 @@ class IngestPipeline:
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(
             self.store.recent_trace_ids(RECENT_TRACES)
         )
-        self._stored_traces = StoredTraces(self.store.trace_ids)
+        self._stored_traces = StoredTraces(self.store.trace_ids, self.store.execution_count)
         self._needs_reset = False
 
     def _check_usable(self) -> None:

@@ -20,23 +20,26 @@ MIN_CAPACITY = 100_000
 
 
 class StoredTraces:
-    """`load` gives every stored trace id (read again when the filter is full and grows two-fold)."""
+    """`load` gives every stored trace id, in batches (read again when the filter is full and grows);
+    `count` is how many there are, to size the filter before reading them."""
 
-    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, load: Callable[[], Iterable[list[str]]], count: Callable[[], int]) -> None:
         self.load = load
-        self._fill(list(load()))
+        self.stored = count
+        self._fill()
 
-    def _fill(self, trace_ids: list[str]) -> None:
-        self.capacity = max(MIN_CAPACITY, 2 * len(trace_ids))
-        self.count = len(trace_ids)
+    def _fill(self) -> None:
+        self.count = self.stored()
+        self.capacity = max(MIN_CAPACITY, 2 * self.count)
         self._filter = Bloom(self.capacity, FALSE_POSITIVES)
-        self._filter.update(trace_ids)
+        for batch in self.load():
+            self._filter.update(batch)
 
     def add(self, trace_ids: Iterable[str]) -> None:
         added = list(trace_ids)
         self.count += len(added)
         if self.count > self.capacity:  # past capacity the false positives grow: start again bigger
-            self._fill(list(self.load()))
+            self._fill()
         else:
             self._filter.update(added)
 
