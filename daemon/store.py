@@ -125,6 +125,7 @@ _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegist
 _RECEIVED, _R = FailureInputReceivedPayload, ExecutionsRetractedPayload
 _EXECUTION_STRUCT = orjson.dumps(EXECUTION_COLUMNS).decode()
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
+MESSAGE_EVENTS = (FEEDBACK_RECEIVED, MESSAGE_DEAD_LETTERED)  # keyed by their message: a re-delivery adds none
 CARRYING_EVENTS = (EXECUTION_COMPLETED, FAILURE_INPUT_RECEIVED)  # an execution's nodes, not amendments
 NODE_FIELDS = [f.name for f in fields(Node)]
 # The Kafka source's cursors. CONFIRMED moves once the consumer group holds the offsets stored before
@@ -560,12 +561,23 @@ class EventStore:
     def execution_count(self) -> int:
         return self._scalar("SELECT count(*) FROM executions")
 
-    def trace_ids(self, batch: int = 65_536) -> Iterator[list[str]]:
-        """Every stored execution's trace id, `batch` at a time: read as one Arrow column (no row
-        tuples) and made into Python strings a slice at a time, so a million ids never sit in memory
-        as objects at once (the freed strings would leave the heap fragmented, not smaller)."""
+    def trace_ids(self) -> Iterator[list[str]]:
+        """Every stored execution's trace id, in batches (`_strings`)."""
+        return self._strings("SELECT trace_id FROM executions")
+
+    def message_key_count(self) -> int:
+        return self._scalar(f"SELECT count(*) FROM events WHERE type IN {MESSAGE_EVENTS}")
+
+    def message_keys(self) -> Iterator[list[str]]:
+        """The keys of the events one message each makes (feedback, dead letters), in batches."""
+        return self._strings(f"SELECT key FROM events WHERE type IN {MESSAGE_EVENTS}")
+
+    def _strings(self, sql: str, batch: int = 65_536) -> Iterator[list[str]]:
+        """A query's one column, read as Arrow (no row tuples) and made into Python strings a slice
+        at a time, so a million ids never sit in memory as objects at once (the freed strings would
+        leave the heap fragmented, not smaller)."""
         with self._lock:
-            table = self._usable().sql("SELECT trace_id FROM executions").to_arrow_table()
+            table = self._usable().sql(sql).to_arrow_table()
         for chunk in table.to_batches(max_chunksize=batch):
             yield chunk.column(0).to_pylist()
 

@@ -1,10 +1,11 @@
-"""Which traces may be stored already, in constant time per trace whatever the store holds.
+"""Which keys may be stored already, in constant time per key whatever the store holds.
 
 Ingest asks this of every trace it completes (a trace read again after a crash or a rebalance must
-amend the stored execution, not become a second one). Asking the store each time costs a scan that
-grows with it (246 ms per flush at 1,000,000 executions, measured for issue 19). A Bloom filter over
-every stored trace id answers "certainly not" for new traces at a fixed cost; only its hits, the
-traces really stored and about one in 10,000 of the others, are looked up exactly in the store.
+amend the stored execution, not become a second one) and of every feedback and dead letter (one
+delivered again adds nothing). Asking the store each time costs a scan that grows with it (246 ms
+per flush at 1,000,000 executions, measured for issue 19). A Bloom filter over every stored key
+answers "certainly not" for new ones at a fixed cost; only its hits, the keys really stored and
+about one in 10,000 of the others, are looked up exactly in the store.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ FALSE_POSITIVES = 1e-4
 MIN_CAPACITY = 100_000
 
 
-class StoredTraces:
-    """`load` gives every stored trace id, in batches (read again when the filter is full and grows);
+class StoredKeys:
+    """`load` gives every stored key, in batches (read again when the filter is full and grows);
     `count` is how many there are, to size the filter before reading them."""
 
     def __init__(self, load: Callable[[], Iterable[list[str]]], count: Callable[[], int]) -> None:
@@ -35,14 +36,14 @@ class StoredTraces:
         for batch in self.load():
             self._filter.update(batch)
 
-    def add(self, trace_ids: Iterable[str]) -> None:
-        added = list(trace_ids)
+    def add(self, keys: Iterable[str]) -> None:
+        added = list(keys)
         self.count += len(added)
         if self.count > self.capacity:  # past capacity the false positives grow: start again bigger
             self._fill()
         else:
             self._filter.update(added)
 
-    def maybe(self, trace_ids: Iterable[str]) -> list[str]:
+    def maybe(self, keys: Iterable[str]) -> list[str]:
         """Those that may be stored (every stored one is among them)."""
-        return [trace_id for trace_id in trace_ids if trace_id in self._filter]
+        return [key for key in keys if key in self._filter]
