@@ -166,8 +166,10 @@ def _failure_message(node: Node, source: str) -> str:
 
 def label_failures(nodes: list[Node], feedback: list[FeedbackSignal] = ()) -> list[Failure]:
     """Every point of failure of one execution, in execution order, at most one per (span, source)."""
-    if not nodes:
-        return []
+    if not feedback and not any(
+        node.hard_failure_source() or any(e.failed for e in node.evaluations) for node in nodes
+    ):
+        return []  # most executions: no graph to build
     graph = ExecutionGraph(nodes)
     found: dict[tuple[str, str], Failure] = {}
 
