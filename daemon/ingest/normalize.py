@@ -796,7 +796,7 @@ def normalize_columns(batch: ProtoSpans, policy: TextPolicy) -> list[Node]:
                 finish_reasons, input_tokens[row], output_tokens[row], tool_name[row] or "",
                 input_texts[row], output_texts[row], evaluated,
                 bool(hard_failure_source(status, exception_type, error_type, finish_reasons, "")),
-                any(evaluation.failed for evaluation in evaluated), remote[row], seed[row], "",
+                bool(evaluated) and any(e.failed for e in evaluated), remote[row], seed[row], "",
             )
         )  # fmt: skip
     if unsettled.any():

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import encode, record_spans
-from pipeline_fixtures import Clock
+from pipeline_fixtures import Clock, reference_decode
 
 from cegraph.connectors.otlp.codec import decode_proto
 from cegraph.daemon.ingest.normalize import EVENT_KEYS, RESOURCE_KEYS, SPAN_KEYS, TextPolicy
@@ -24,12 +24,6 @@ from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_node
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.spans import Node
 from cegraph.daemon.store import EventStore
-
-
-def reference_decode(payload: bytes):
-    """`decode_proto` without its columnar twin: the pipeline takes the per-span path with it."""
-    return decode_proto(payload)
-
 
 MESSAGE_KEYS = [
     f"llm.{side}_messages.{i}.message.{field}"
