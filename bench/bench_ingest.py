@@ -222,6 +222,9 @@ def main() -> dict:
                 ]
                 stage_1[name] = min(runs, key=lambda r: r[1])
         e2e_spans, e2e_s = timed(ingest, payloads, args.batch, Path(tmp) / "bench.duckdb")
+        e2e_reference_s = timed(
+            ingest, payloads, args.batch, Path(tmp) / "reference.duckdb", reference_decode
+        )[1]
         counts = {
             ceiling_spans,
             e2e_spans,
@@ -248,6 +251,7 @@ def main() -> dict:
                 "stage_1_ratio_to_ceiling": ceiling_s / stage_1["columnar"][1],
                 "stage_1_reference_ratio_to_ceiling": ceiling_s / stage_1["reference"][1],
                 "end_to_end_spans_per_s": e2e_spans / e2e_s,
+                "end_to_end_reference_spans_per_s": spans / e2e_reference_s,
                 "us_per_span": {part: seconds / spans * 1e6 for part, seconds in per_span.items()},
             },
         }
