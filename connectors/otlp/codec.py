@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -160,16 +161,12 @@ class ProtoSpans:
     suspect: list[int]
 
 
-_TRACE_HANDLER: Any = None
-
-
+@functools.cache
 def _trace_handler() -> Any:
-    global _TRACE_HANDLER
-    if _TRACE_HANDLER is None:
-        _TRACE_HANDLER = HandlerPool([ExportTraceServiceRequest.DESCRIPTOR.file]).get_for_message(
-            ExportTraceServiceRequest.DESCRIPTOR
-        )
-    return _TRACE_HANDLER
+    """ptars' converter of `ExportTraceServiceRequest`: made once (it compiles the descriptors)."""
+    return HandlerPool([ExportTraceServiceRequest.DESCRIPTOR.file]).get_for_message(
+        ExportTraceServiceRequest.DESCRIPTOR
+    )
 
 
 def _parses(payload: bytes) -> bool:

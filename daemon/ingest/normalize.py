@@ -1,13 +1,17 @@
 """Spans of either convention (OpenTelemetry GenAI or OpenInference) onto one `Node` shape.
 
 Users keep their instrumentation; this module is the only place that knows attribute names.
-Text is cut and, when asked, redacted here, before anything is stored.
+Text is cut and, when asked, redacted here, before anything is stored. `normalize` is one span at a
+time, the reference; `normalize_columns` the same for a decoded batch, on its columns, and it turns
+only the keys of `SPAN_KEYS` (and the flattened messages) into Python: a key `normalize` reads must
+be among them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -689,7 +693,7 @@ def _by_key(pairs: _Pairs, key_index: np.ndarray, values: list[Any], keys: tuple
     return {owner: value for owner, (_, value) in out.items()}
 
 
-def _texts(texts: list[str], apply: Any, policy: TextPolicy) -> list[str]:
+def _texts(texts: list[str], apply: Callable[[str], str], policy: TextPolicy) -> list[str]:
     """`apply` of each text, called only on those it can change: over the length or maybe redacted."""
     array = pa.array(texts, pa.string())
     change = pc.greater(pc.utf8_length(array), policy.max_chars)
