@@ -612,24 +612,30 @@ def _kvlist_value(item: dict[str, list[bytes]]) -> dict[str, Any]:
 _NESTED = {_ARRAY: _array_value, _ANY_VALUE_FIELDS.index("kvlist_value"): _kvlist_value}
 
 
-def _python_values(pairs: _Pairs) -> list[Any]:
-    """The pairs' values as `codec._attributes` makes them (ptars keeps nested values serialized)."""
-    out: list[Any] = [None] * len(pairs.kind)
+def _python_values(pairs: _Pairs) -> np.ndarray:
+    """The pairs' values as `codec._attributes` makes them (ptars keeps nested values serialized), in
+    an object array: scalars are placed a field at a time, without a Python step per value."""
+    out = np.full(len(pairs.kind), None, dtype=object)
     for index, name in enumerate(_ANY_VALUE_FIELDS):
         rows = np.flatnonzero(pairs.kind == index)
         if not rows.size:
             continue
         items = pc.struct_field(pairs.values, name).take(pa.array(rows)).to_pylist()
         convert = _NESTED.get(index)
-        for row, item in zip(rows.tolist(), items, strict=True):
-            out[row] = convert(item) if convert else item
+        if convert is None:
+            placed = np.empty(len(items), dtype=object)
+            placed[:] = items
+            out[rows] = placed
+        else:
+            for row, item in zip(rows.tolist(), items, strict=True):
+                out[row] = convert(item)
     return out
 
 
-def _dicts(pairs: _Pairs, values: list[Any], count: int) -> list[Attributes]:
+def _dicts(pairs: _Pairs, values: np.ndarray, count: int) -> list[Attributes]:
     """Per list, its pairs as a dict (the last of a repeated key wins, as in a dict built in order)."""
     out: list[Attributes] = [{} for _ in range(count)]
-    for owner, key, value in zip(pairs.owner.tolist(), pairs.keys.to_pylist(), values, strict=True):
+    for owner, key, value in zip(pairs.owner.tolist(), pairs.keys.to_pylist(), values.tolist(), strict=True):
         out[owner][key] = value
     return out
 
@@ -668,7 +674,7 @@ def _unsettled(pairs: _Pairs, key_index: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-def _picked(pairs: _Pairs, key_index: np.ndarray, values: list[Any], count: int) -> list[list[Any]]:
+def _picked(pairs: _Pairs, key_index: np.ndarray, values: np.ndarray, count: int) -> list[list[Any]]:
     """`_pick` for every span: per entry of `_PICKED_KEYS`, per span, the value of its first key set."""
     empty = np.asarray(pc.fill_null(pc.equal(pc.struct_field(pairs.values, "string_value"), ""), False))
     slot, rank = _SLOT[key_index], _RANK[key_index]
@@ -676,13 +682,18 @@ def _picked(pairs: _Pairs, key_index: np.ndarray, values: list[Any], count: int)
     rows = rows[np.lexsort((rank[rows], slot[rows], pairs.owner[rows]))]
     group = pairs.owner[rows] * len(_PICKED_KEYS) + slot[rows]
     first = rows[np.r_[True, group[1:] != group[:-1]]] if rows.size else rows
-    out = [[None] * count for _ in _PICKED_KEYS]
-    for row, owner, at in zip(first.tolist(), pairs.owner[first].tolist(), slot[first].tolist(), strict=True):
-        out[at][owner] = values[row]
+    out = []
+    for at in range(len(_PICKED_KEYS)):
+        chosen = first[slot[first] == at]
+        column = np.full(count, None, dtype=object)
+        column[pairs.owner[chosen]] = values[chosen]
+        out.append(column.tolist())
     return out
 
 
-def _by_key(pairs: _Pairs, key_index: np.ndarray, values: list[Any], keys: tuple[str, ...]) -> dict[int, Any]:
+def _by_key(
+    pairs: _Pairs, key_index: np.ndarray, values: np.ndarray, keys: tuple[str, ...]
+) -> dict[int, Any]:
     """Per span with one, the value of the first of `keys` it has that is not None (`dict.get` in turn)."""
     out: dict[int, tuple[int, Any]] = {}
     for rank, key in enumerate(keys):
