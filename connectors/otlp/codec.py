@@ -260,13 +260,13 @@ _JSON_SCALARS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _jsonany_value(value: dict[str, Any]) -> Any:
+def _json_any_value(value: dict[str, Any]) -> Any:
     for key, item in value.items():
         convert = _JSON_SCALARS.get(key)
         if convert is not None:
             return convert(item)
         if key in ("arrayValue", "array_value"):
-            return [_jsonany_value(v) for v in item.get("values", [])]
+            return [_json_any_value(v) for v in item.get("values", [])]
         if key in ("kvlistValue", "kvlist_value"):
             return _json_attributes(item.get("values", []))
     return None
@@ -278,7 +278,7 @@ def _json_attributes(pairs: list[dict[str, Any]]) -> Attributes:
         key = pair["key"]
         if not isinstance(key, str):
             raise DecodeError(f"an attribute key is {type(key).__name__}, not a string")
-        attributes[key] = _jsonany_value(pair.get("value") or {})
+        attributes[key] = _json_any_value(pair.get("value") or {})
     return attributes
 
 
