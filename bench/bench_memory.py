@@ -7,7 +7,7 @@ batches of `--batch` messages with a flush and a detector catch-up after each. T
 third failing), each sent again with a fresh trace id written over its id bytes, so a million
 executions cost no SDK time. RSS is the resident set now (not the peak), after a garbage
 collection; `duckdb_buffers_mb` is what DuckDB itself holds of it (`duckdb_memory()`: cached blocks,
-buffers).
+buffers), with its parts by tag.
 
     python bench/bench_memory.py [--executions 1000000] [--out bench/results.json]
 """
@@ -41,6 +41,15 @@ def rss_mb() -> float:
     gc.collect()
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def duckdb_buffers(store: EventStore) -> dict:
+    """What DuckDB holds (`duckdb_memory()`), in all and by tag."""
+    used = dict(store.query("SELECT tag, memory_usage_bytes FROM duckdb_memory() WHERE memory_usage_bytes"))
+    return {
+        "duckdb_buffers_mb": round(sum(used.values()) / 2**20, 1),
+        "duckdb_buffers_by_tag_mb": {tag: round(size / 2**20, 1) for tag, size in used.items()},
+    }
 
 
 def store_mb(path: Path) -> float:
@@ -104,11 +113,7 @@ def main() -> dict:
                             "duckdb_mb": round(store_mb(path), 1),
                             "executions_per_s": round(sent / (time.perf_counter() - started)),
                             "micro_clusters": stage.detector.state()["micro_clusters"],
-                            "duckdb_buffers_mb": round(
-                                store.query("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")[0][0]
-                                / 2**20,
-                                1,
-                            ),
+                            **duckdb_buffers(store),
                         }
                     )
                     print(rows[-1], flush=True)

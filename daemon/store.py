@@ -15,6 +15,7 @@ import contextlib
 import operator
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from cegraph.daemon.carried_spans import CarriedSpans
 from cegraph.daemon.events import (
     EXECUTION_AMENDED,
     EXECUTION_COMPLETED,
@@ -39,7 +41,7 @@ from cegraph.daemon.events import (
     WorkflowRegisteredPayload,
 )
 from cegraph.daemon.settings import MEMORY_SIZE
-from cegraph.daemon.spans import Node
+from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.stage import Checkpoint
 
 SCHEMA = """
@@ -123,6 +125,8 @@ _E, _FB, _W = ExecutionCompletedPayload, FeedbackReceivedPayload, WorkflowRegist
 _RECEIVED, _R = FailureInputReceivedPayload, ExecutionsRetractedPayload
 _EXECUTION_STRUCT = orjson.dumps(EXECUTION_COLUMNS).decode()
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
+MESSAGE_EVENTS = (FEEDBACK_RECEIVED, MESSAGE_DEAD_LETTERED)  # keyed by their message: a re-delivery adds none
+CARRYING_EVENTS = (EXECUTION_COMPLETED, FAILURE_INPUT_RECEIVED)  # an execution's nodes, not amendments
 NODE_FIELDS = [f.name for f in fields(Node)]
 # The Kafka source's cursors. CONFIRMED moves once the consumer group holds the offsets stored before
 # its position; its snapshot's "group" is, per "topic/partition", the group's offset as this member
@@ -274,6 +278,14 @@ def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
     return pa.table(columns, schema=SPAN_SCHEMA)
 
 
+def node_from_row(row: dict[str, Any]) -> Node:
+    """A node as `_span_table` stored it."""
+    values = {name: row[name] for name in NODE_FIELDS}
+    values["evaluations"] = [Evaluation(**e) for e in orjson.loads(row["evaluations"] or "[]")]
+    values["finish_reasons"] = list(row["finish_reasons"] or [])
+    return Node(**values)
+
+
 class StoreError(RuntimeError):
     """The DuckDB file can't be opened or written; the message says which file and why."""
 
@@ -298,6 +310,7 @@ class EventStore:
         self.read_only = read_only
         self.memory_limit = _memory_size(memory_limit) if memory_limit else None
         self._lock = threading.RLock()
+        self.carried = CarriedSpans()
         self._open()
 
     def _open(self) -> None:
@@ -403,6 +416,7 @@ class EventStore:
                 self._resync()
                 raise
             self._next_seq = first + len(events)
+            self.carried.add((seq, e.payload["nodes"]) for seq, e in numbered if e.type in CARRYING_EVENTS)
             return self._next_seq - 1
 
     def _insert_events(self, numbered: list[tuple[int, Event]]) -> None:
@@ -491,19 +505,40 @@ class EventStore:
         with self._lock:
             self._con.register("_ids", pa.table({"trace_id": trace_ids}))
             try:
+                since = dict(
+                    self._con.execute(
+                        "SELECT e.trace_id, e.seq FROM executions e SEMI JOIN _ids i USING (trace_id)"
+                    ).fetchall()
+                )
+                # A stored execution's spans are those from its ExecutionCompleted on (it and its
+                # amendments; a retraction would have removed it from `executions`): reading from the
+                # earliest seq lets DuckDB skip the row groups of the span log before it.
                 rows = self._con.execute(
-                    """
-                    SELECT n.trace_id, n.span_id FROM nodes n
-                    WHERE n.trace_id IN (
-                        SELECT e.trace_id FROM executions e SEMI JOIN _ids i ON e.trace_id = i.trace_id
-                    )
-                    """
-                ).fetchall()
+                    "SELECT trace_id, span_id, seq FROM event_spans "
+                    "WHERE seq >= ? AND trace_id IN (SELECT unnest(?))",
+                    [min(since.values()), list(since)],
+                ).fetchall() if since else []  # fmt: skip
             finally:
                 self._con.unregister("_ids")
         found: dict[str, set[str]] = {}
-        for trace_id, span_id in rows:
-            found.setdefault(trace_id, set()).add(span_id)
+        for trace_id, span_id, seq in rows:
+            if seq >= since[trace_id]:
+                found.setdefault(trace_id, set()).add(span_id)
+        return found
+
+    def execution_nodes(self, seqs: list[int]) -> dict[int, list[Node]]:
+        """The nodes an `ExecutionCompleted` or `FailureInputReceived` carried, by its seq: those this
+        store just appended from memory (taken, so each is handed out once), the others from the span log.
+        """
+        with self._lock:
+            found, missing = self.carried.take(seqs)
+            if missing:
+                for row in self.query_dicts(
+                    "SELECT * FROM event_spans WHERE NOT amended AND seq BETWEEN ? AND ? "
+                    "AND seq IN (SELECT unnest(?))",
+                    min(missing), max(missing), missing,
+                ):  # fmt: skip
+                    found.setdefault(row["seq"], []).append(node_from_row(row))
         return found
 
     def executions_from(self, cut: dict[int, int]) -> list[str]:
@@ -523,11 +558,28 @@ class EventStore:
         )
         return [trace_id for (trace_id,) in rows]
 
-    def trace_ids(self) -> list[str]:
-        """Every stored execution's trace id (an Arrow column: no row tuples for a million ids)."""
+    def execution_count(self) -> int:
+        return self._scalar("SELECT count(*) FROM executions")
+
+    def trace_ids(self) -> Iterator[list[str]]:
+        """Every stored execution's trace id, in batches (`_strings`)."""
+        return self._strings("SELECT trace_id FROM executions")
+
+    def message_key_count(self) -> int:
+        return self._scalar(f"SELECT count(*) FROM events WHERE type IN {MESSAGE_EVENTS}")
+
+    def message_keys(self) -> Iterator[list[str]]:
+        """The keys of the events one message each makes (feedback, dead letters), in batches."""
+        return self._strings(f"SELECT key FROM events WHERE type IN {MESSAGE_EVENTS}")
+
+    def _strings(self, sql: str, batch: int = 65_536) -> Iterator[list[str]]:
+        """A query's one column, read as Arrow (no row tuples) and made into Python strings a slice
+        at a time, so a million ids never sit in memory as objects at once (the freed strings would
+        leave the heap fragmented, not smaller)."""
         with self._lock:
-            table = self._usable().sql("SELECT trace_id FROM executions").to_arrow_table()
-        return table.column("trace_id").to_pylist()
+            table = self._usable().sql(sql).to_arrow_table()
+        for chunk in table.to_batches(max_chunksize=batch):
+            yield chunk.column(0).to_pylist()
 
     def recent_trace_ids(self, limit: int) -> list[str]:
         """The most recently stored executions, oldest first."""

@@ -25,19 +25,12 @@ from cegraph.daemon.events import (
     IngestAdvancedPayload,
 )
 from cegraph.daemon.spans import Evaluation, Node
-from cegraph.daemon.store import NODE_FIELDS, EventStore
+from cegraph.daemon.store import EventStore, node_from_row
 
 LOG = "log"  # the source of executions recorded without a spans offset: always caught up
 READ = (EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED, FAILURE_INPUT_RECEIVED)
 
 Entry = IngestAdvancedPayload | tuple[Key, ExecutionInput]
-
-
-def node_from_row(row: dict[str, Any]) -> Node:
-    values = {name: row[name] for name in NODE_FIELDS}
-    values["evaluations"] = [Evaluation(**e) for e in orjson.loads(row["evaluations"] or "[]")]
-    values["finish_reasons"] = list(row["finish_reasons"] or [])
-    return Node(**values)
 
 
 def _signal(row: dict[str, Any]) -> FeedbackSignal:
@@ -105,27 +98,16 @@ class DetectorInputs:
         executed_at = {r["key"]: r["seq"] for r in rows if r["type"] == EXECUTION_COMPLETED}
         feedback = {r["seq"]: payloads[r["seq"]] for r in rows if r["type"] == FEEDBACK_RECEIVED}
         received = {r["seq"] for r in rows if r["type"] == FAILURE_INPUT_RECEIVED}
-        nodes: dict[str, list[Node]] = {}  # of the executions this log completed, by trace
-        received_nodes: dict[int, list[Node]] = {}  # of those received, by the receiving event
-        # Two reads, not one with OR: the range on seq lets DuckDB skip every row group outside the
-        # stretch (the span log is written in seq order), where the OR made it scan the whole log.
-        carried = [*executed_at.values(), *received]
-        rows_of = self.store.query_dicts(
-            "SELECT * FROM event_spans WHERE NOT amended AND seq BETWEEN ? AND ? "
-            "AND seq IN (SELECT unnest(?))",
-            first, last, carried,
-        ) if carried else []  # fmt: skip
+        # From memory when this process just appended them (the usual case); otherwise a read by seq
+        # range, which lets DuckDB skip every row group outside the stretch.
+        carried = self.store.execution_nodes([*executed_at.values(), *received])
+        nodes = {trace: carried.get(seq, []) for trace, seq in executed_at.items()}
         if feedback:  # late feedback: the spans of its execution, stored before this stretch
-            rows_of += self.store.query_dicts(
+            for row in self.store.query_dicts(
                 "SELECT * FROM event_spans WHERE NOT amended AND trace_id IN (SELECT unnest(?)) AND seq < ?",
                 [p["trace_id"] for p in feedback.values()], first,
-            )  # fmt: skip
-        for row in rows_of:
-            node = node_from_row(row)
-            if row["seq"] in received:
-                received_nodes.setdefault(row["seq"], []).append(node)
-            else:
-                nodes.setdefault(row["trace_id"], []).append(node)
+            ):  # fmt: skip
+                nodes.setdefault(row["trace_id"], []).append(node_from_row(row))
         earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
         for row in self.store.query_dicts(
             "SELECT * FROM feedback WHERE trace_id IN (SELECT unnest(?)) AND seq <= ?",
@@ -141,7 +123,7 @@ class DetectorInputs:
                 entries.append(IngestAdvancedPayload(**payload))
             elif row["type"] == FAILURE_INPUT_RECEIVED:
                 execution = input_from_json(payload["input"])
-                execution.nodes = execution.nodes or received_nodes.get(seq, [])
+                execution.nodes = execution.nodes or carried.get(seq, [])
                 entries.append((tuple(payload["place"]), execution))
             elif row["type"] == EXECUTION_COMPLETED:
                 trace = row["key"]

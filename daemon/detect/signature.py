@@ -24,6 +24,7 @@ same stream. `SignatureFeaturizer` follows River's transformer API (`learn_one`,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -50,6 +51,7 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _QUOTED = re.compile(r"'[^']{1,200}'|\"[^\"]{1,200}\"")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # terms and feature names repeat across failures
 def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 

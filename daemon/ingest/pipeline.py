@@ -38,11 +38,11 @@ from cegraph.daemon.ingest.normalize import (
     normalize_columns,
     with_log_details,
 )
-from cegraph.daemon.ingest.stored_traces import StoredTraces
+from cegraph.daemon.ingest.stored_keys import StoredKeys
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.spans import InvalidMessage, Node, SpanLog, SpanRecord
-from cegraph.daemon.store import EventStore
+from cegraph.daemon.store import MESSAGE_EVENTS, EventStore
 from cegraph.schemas.feedback import Feedback
 
 Decoder = Callable[[bytes], list[SpanRecord]]
@@ -201,7 +201,8 @@ class IngestPipeline:
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(
             self.store.recent_trace_ids(RECENT_TRACES)
         )
-        self._stored_traces = StoredTraces(self.store.trace_ids)
+        self._stored_traces = StoredKeys(self.store.trace_ids, self.store.execution_count)
+        self._recorded_messages = StoredKeys(self.store.message_keys, self.store.message_key_count)
         self._needs_reset = False
 
     def _check_usable(self) -> None:
@@ -272,10 +273,10 @@ class IngestPipeline:
 
     def _recorded(self, events: list[Event]) -> set[tuple[str, str]]:
         """(type, key) of those events already stored or waiting for the next flush."""
+        maybe = self._recorded_messages.maybe(sorted({event.key for event in events}))
         rows = self.store.query(
-            "SELECT type, key FROM events WHERE key IN (SELECT unnest(?::VARCHAR[]))",
-            sorted({event.key for event in events}),
-        )
+            "SELECT type, key FROM events WHERE key IN (SELECT unnest(?::VARCHAR[]))", maybe
+        ) if maybe else []  # fmt: skip
         recorded = {(kind, key) for kind, key in rows}
         recorded.update((event.type, event.key) for event in self._events)
         return recorded
@@ -416,6 +417,7 @@ class IngestPipeline:
             self.store.append(events, offsets)
         self._stored.update(offsets)
         self._stored_traces.add(a.trace_id for a in done if a.nodes)
+        self._recorded_messages.add(event.key for event in events if event.type in MESSAGE_EVENTS)
         for assembled in done:
             if assembled.nodes:
                 self._remember(assembled.trace_id)

@@ -20,7 +20,7 @@ from instrumented import expected_source, observed_sources, real_model_flags, ru
 from openai_stub import ChatServer, ScenarioResponder
 
 from cegraph.daemon.detect.failures import label_failures
-from cegraph.daemon.detect.inputs import node_from_row
+from cegraph.daemon.store import node_from_row
 
 
 def target(collector, protocol: str) -> list[str]:

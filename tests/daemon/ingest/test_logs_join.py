@@ -24,11 +24,10 @@ from pipeline_fixtures import FEEDBACK, SPANS, Clock, Topics
 
 from cegraph.connectors.otlp.codec import decode_logs_json, decode_logs_proto, decoder_for, logs_decoder_for
 from cegraph.daemon.detect.failures import label_failures
-from cegraph.daemon.detect.inputs import node_from_row
 from cegraph.daemon.ingest.pipeline import IngestPipeline
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
-from cegraph.daemon.store import EventStore
+from cegraph.daemon.store import EventStore, node_from_row
 
 LOGS = "otlp_logs"
 IDLE = 2.0
