@@ -1,9 +1,12 @@
 """Ingest throughput: spans/s end to end beside the raw ceiling, on the same payloads, in one run.
 
 - ceiling: protobuf decode and a walk over every span and attribute, nothing else;
-- end to end: decode, normalize, assemble, DuckDB commit (events, spans, projections, offsets),
-  flushed every batch of `--batch` messages as the Kafka source does, then the detector stage
-  (failure labels, signatures, clustering, mass and its own commit) after each flush, as the daemon.
+- decode and normalize: the messages of each batch into nodes (`batch_nodes`), on the columnar path
+  (ptars, `normalize_columns`) and on the per-span reference path (protobuf objects, `normalize`);
+- stage 1: decode, normalize, assemble, DuckDB commit (events, spans, projections, offsets),
+  flushed every batch of `--batch` messages as the Kafka source does, on either path;
+- end to end: stage 1, then the detector stage (failure labels, signatures, clustering, mass and its
+  own commit) after each flush, as the daemon.
 Both in-process, and with `--kafka` also from a real broker (the local Apache Kafka of ops/kafka):
 a plain consumer that decodes (ceiling) beside the daemon's own Kafka source (end to end).
 
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import platform
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from math import inf
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +32,14 @@ sys.path[:0] = [str(ROOT / "tests" / "fixtures"), str(ROOT / "ops" / "kafka")]
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from otel_traces import make_traces, to_messages  # noqa: E402
+from pipeline_fixtures import reference_decode  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from results_file import report  # noqa: E402
 
 from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
-from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage  # noqa: E402
+from cegraph.daemon.ingest.normalize import TextPolicy  # noqa: E402
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_nodes  # noqa: E402
 from cegraph.daemon.runner import Backpressure, StageRunner  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
@@ -53,12 +60,24 @@ def ceiling(payloads: list[bytes]) -> int:
     return spans
 
 
-def end_to_end(payloads: list[bytes], batch: int, store_path: Path) -> int:
+def decode_and_normalize(payloads: list[bytes], batch: int, decode) -> int:
+    """What ingest does to each batch of messages before assembly: the messages into nodes."""
+    policy = TextPolicy()
+    spans = 0
+    for start in range(0, len(payloads), batch):
+        spans += sum(len(nodes) for nodes in batch_nodes(payloads[start : start + batch], decode, policy))
+    return spans
+
+
+def ingest(
+    payloads: list[bytes], batch: int, store_path: Path, decode=decode_proto, detector: bool = True
+) -> int:
+    """Stage 1 (with `detector`, the detector stage after each flush too), into a fresh store."""
     store = EventStore(store_path)
     clock = [0.0]
     settings = IngestSettings(idle_timeout_s=0.05)
     pipeline = IngestPipeline(
-        store, decode_proto, settings, spans_topic="spans", feedback_topic="feedback", clock=lambda: clock[0]
+        store, decode, settings, spans_topic="spans", feedback_topic="feedback", clock=lambda: clock[0]
     )
     detect = StageRunner(store, build_detector_stage(Settings(), store, CollectorRegistry()))
     for start in range(0, len(payloads), batch):
@@ -67,18 +86,20 @@ def end_to_end(payloads: list[bytes], batch: int, store_path: Path) -> int:
         )
         clock[0] += 0.1
         pipeline.flush()
-        detect.drain()
+        if detector:
+            detect.drain()
     clock[0] += 1.0
     pipeline.flush()
-    detect.drain()
+    if detector:
+        detect.drain()
     spans = store.stats()["spans"]
     store.close()
     return spans
 
 
-def timed(function, *args) -> tuple[int, float]:
+def timed(function, *args, **options) -> tuple[int, float]:
     started = time.perf_counter()
-    spans = function(*args)
+    spans = function(*args, **options)
     return spans, time.perf_counter() - started
 
 
@@ -164,6 +185,9 @@ def main() -> dict:
     )
     parser.add_argument("--traces", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=500, help="messages per flush, as ingest.batch_size")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of the decode and stage-1 parts (the best kept)"
+    )
     parser.add_argument("--kafka", action="store_true", help="also measure through a real local broker")
     parser.add_argument("--out", type=Path, help="merge the figures into this JSON file")
     args = parser.parse_args()
@@ -171,10 +195,49 @@ def main() -> dict:
     traces = make_traces(args.traces, seed=1)
     payloads = [m.value for m in to_messages(traces, one_trace_per_message=True, seed=1)]
     spans = sum(t.span_count for t in traces)
+    # The SDK's spans are millions of objects the daemon never holds: kept alive, every collection of
+    # the garbage collector's oldest generation would walk them on the daemon's time.
+    del traces
+    gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
         ceiling_spans, ceiling_s = timed(ceiling, payloads)
-        e2e_spans, e2e_s = timed(end_to_end, payloads, args.batch, Path(tmp) / "bench.duckdb")
-        assert ceiling_spans == e2e_spans == spans, (ceiling_spans, e2e_spans, spans)
+        paths = {"columnar": decode_proto, "reference": reference_decode}
+        for decode in paths.values():  # warm up: the first batch of each path pays its set-up
+            decode_and_normalize(payloads[: args.batch], args.batch, decode)
+        decoded: dict[str, tuple[int, float]] = {}
+        stage_1: dict[str, tuple[int, float]] = {}
+        # the best of `--repeat` runs, the paths in turn: the machine is shared, and other work only
+        # ever slows a run down
+        for run in range(args.repeat):
+            for name, decode in paths.items():
+                store = Path(tmp) / f"stage-1-{name}-{run}.duckdb"
+                runs = [
+                    decoded.get(name, (0, inf)),
+                    timed(decode_and_normalize, payloads, args.batch, decode),
+                ]
+                decoded[name] = min(runs, key=lambda r: r[1])
+                runs = [
+                    stage_1.get(name, (0, inf)),
+                    timed(ingest, payloads, args.batch, store, decode, detector=False),
+                ]
+                stage_1[name] = min(runs, key=lambda r: r[1])
+        e2e_spans, e2e_s = timed(ingest, payloads, args.batch, Path(tmp) / "bench.duckdb")
+        e2e_reference_s = timed(
+            ingest, payloads, args.batch, Path(tmp) / "reference.duckdb", reference_decode
+        )[1]
+        counts = {
+            ceiling_spans,
+            e2e_spans,
+            *(n for n, _ in decoded.values()),
+            *(n for n, _ in stage_1.values()),
+        }
+        assert counts == {spans}, (counts, spans)
+        per_span = {  # us per span of each part, from the runs above
+            "ceiling": ceiling_s,
+            **{f"decode_normalize_{name}": seconds for name, (_, seconds) in decoded.items()},
+            **{f"assemble_commit_{name}": stage_1[name][1] - decoded[name][1] for name in paths},
+            "detector": e2e_s - stage_1["columnar"][1],
+        }
         result = {
             "command": "make bench BENCH=ingest",
             "machine": f"{platform.processor() or platform.machine()}, {platform.python_implementation()} "
@@ -183,7 +246,13 @@ def main() -> dict:
                 "spans": spans,
                 "messages": len(payloads),
                 "ceiling_spans_per_s": ceiling_spans / ceiling_s,
+                "stage_1_spans_per_s": spans / stage_1["columnar"][1],
+                "stage_1_reference_spans_per_s": spans / stage_1["reference"][1],
+                "stage_1_ratio_to_ceiling": ceiling_s / stage_1["columnar"][1],
+                "stage_1_reference_ratio_to_ceiling": ceiling_s / stage_1["reference"][1],
                 "end_to_end_spans_per_s": e2e_spans / e2e_s,
+                "end_to_end_reference_spans_per_s": spans / e2e_reference_s,
+                "us_per_span": {part: seconds / spans * 1e6 for part, seconds in per_span.items()},
             },
         }
         result["in_process"]["ratio_to_ceiling"] = (

@@ -27,6 +27,18 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
     found = []
     if ingest := results.get("ingest"):
         local = ingest["in_process"]
+        if "stage_1_spans_per_s" in local:
+            found.append(
+                (
+                    ingest["command"],
+                    "in process: spans/s of stage 1 (decode, normalize, assemble, commit), columnar",
+                    f"{local['stage_1_spans_per_s']:,.0f} "
+                    f"({local['stage_1_ratio_to_ceiling']:.0%} of the ceiling)",
+                    f"ceiling {local['ceiling_spans_per_s']:,.0f}; per-span path "
+                    f"{local['stage_1_reference_spans_per_s']:,.0f}",
+                    "40% of the ceiling",
+                )
+            )
         found.append(
             (
                 ingest["command"],

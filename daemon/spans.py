@@ -29,9 +29,9 @@ def hard_failure_source(
     """
     if status == "error" or exception_type or error_type:
         return "error"
-    if refusal or REFUSING_FINISH.intersection(finish_reasons):
+    if refusal or not REFUSING_FINISH.isdisjoint(finish_reasons):
         return "refusal"
-    if TRUNCATING_FINISH.intersection(finish_reasons):
+    if not TRUNCATING_FINISH.isdisjoint(finish_reasons):
         return "truncated"
     return ""
 

@@ -1,18 +1,27 @@
 """Spans of either convention (OpenTelemetry GenAI or OpenInference) onto one `Node` shape.
 
 Users keep their instrumentation; this module is the only place that knows attribute names.
-Text is cut and, when asked, redacted here, before anything is stored.
+Text is cut and, when asked, redacted here, before anything is stored. `normalize` is one span at a
+time, the reference; `normalize_columns` the same for a decoded batch, on its columns, and it turns
+only the keys of `SPAN_KEYS` (and the flattened messages) into Python: a key `normalize` reads must
+be among them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from cegraph.connectors.otlp.codec import REMOTE_PARENT, ProtoSpans, any_value
 from cegraph.daemon.spans import (
     STATUS_ERROR,
     STATUS_OK,
@@ -149,6 +158,9 @@ def _message_index(text: str) -> int:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else -1
 
 
+MESSAGE_PREFIXES = ("llm.input_messages.", "llm.output_messages.")  # OpenInference's flattened messages
+
+
 def _indexed_messages(attributes: Attributes, prefix: str) -> str | None:
     """OpenInference flattens messages as `<prefix><i>.message.content` and, for an assistant's tool
     calls, `<prefix><i>.message.tool_calls.<j>.tool_call.function.name|arguments`: their text in
@@ -269,56 +281,87 @@ def _kind(explicit: Any, openinference: Any, operation: Any) -> str:
     return "span"
 
 
+_EVALUATION_KEYS = (
+    "gen_ai.evaluation.name",
+    "gen_ai.evaluation.score.value",
+    "gen_ai.evaluation.score.label",
+    "gen_ai.evaluation.explanation",
+)
+
+
 def _evaluation_events(events: list[SpanEvent]) -> list[Evaluation]:
+    name, score, label, explanation = _EVALUATION_KEYS
     return [
         Evaluation(
-            name=str(event.attributes.get("gen_ai.evaluation.name", "")),
-            score=_float_or_none(event.attributes.get("gen_ai.evaluation.score.value")),
-            label=str(event.attributes.get("gen_ai.evaluation.score.label", "")),
-            explanation=_text(event.attributes.get("gen_ai.evaluation.explanation")),
+            name=str(event.attributes.get(name, "")),
+            score=_float_or_none(event.attributes.get(score)),
+            label=str(event.attributes.get(label, "")),
+            explanation=_text(event.attributes.get(explanation)),
         )
         for event in events
         if event.name == EVALUATION_EVENT
     ]
 
 
+# An OpenInference EVALUATOR span's verdict: its name, score, label and explanation, each the first set.
+_EVALUATOR_KEYS = (
+    ("eval.name", "evaluation.name"),
+    ("eval.score", "evaluation.score"),
+    ("eval.label", "evaluation.label", "output.value"),
+    ("eval.explanation", "evaluation.explanation"),
+)
+
+
 def evaluations_of(span: SpanRecord, kind: str) -> list[Evaluation]:
     found = _evaluation_events(span.events)
     if kind == "evaluator":
-        attributes = span.attributes
-        label = _first(attributes, "eval.label", "evaluation.label", "output.value")
+        name, score, label, explanation = (_first(span.attributes, *keys) for keys in _EVALUATOR_KEYS)
         found.append(
             Evaluation(
-                name=str(_first(attributes, "eval.name", "evaluation.name") or span.name),
-                score=_float_or_none(_first(attributes, "eval.score", "evaluation.score")),
+                name=str(name or span.name),
+                score=_float_or_none(score),
                 label=_text(label)[:64],
-                explanation=_text(_first(attributes, "eval.explanation", "evaluation.explanation")),
+                explanation=_text(explanation),
             )
         )
     return found
 
 
+_EXCEPTION_KEYS = ("exception.type", "exception.message")
+
+
 def _exception(events: list[SpanEvent]) -> tuple[str, str]:
+    type_key, message_key = _EXCEPTION_KEYS
     for event in events:
         if event.name == "exception":
             return (
-                error_class(_text(event.attributes.get("exception.type"))),
-                _text(event.attributes.get("exception.message")),
+                error_class(_text(event.attributes.get(type_key))),
+                _text(event.attributes.get(message_key)),
             )
     return "", ""
 
 
+_FINISH_KEYS = ("gen_ai.response.finish_reasons", "llm.finish_reason")
+
+
 def _finish_reasons(attributes: Attributes) -> list[str]:
-    finish = attributes.get("gen_ai.response.finish_reasons")
+    finish = attributes.get(_FINISH_KEYS[0])
     if finish is None:
-        finish = attributes.get("llm.finish_reason")
+        finish = attributes.get(_FINISH_KEYS[1])
+    return _finish_list(finish)
+
+
+def _finish_list(finish: Any) -> list[str]:
     return [str(f) for f in finish] if isinstance(finish, list) else ([str(finish)] if finish else [])
+
+
+ERROR_TYPE_KEY = "error.type"
 
 
 def _error_types(attributes: Attributes, exception_type: str) -> tuple[str, str]:
     """(error type, exception class), spelled alike whichever convention set them: `error.type` or,
     without it, the exception's class; an `error.type` that is a class repr names the exception too."""
-    raw = _text(attributes.get("error.type"))
+    raw = _text(attributes.get(ERROR_TYPE_KEY))
     error_type = error_class(raw) if raw else ""
     if not exception_type and error_type and error_type != raw.strip():
         exception_type = error_type
@@ -326,6 +369,9 @@ def _error_types(attributes: Attributes, exception_type: str) -> tuple[str, str]
 
 
 _STATUS_NAMES = {STATUS_ERROR: "error", STATUS_OK: "ok"}
+# What a span lacking its own workflow id and version takes from its resource.
+_WORKFLOW_ID_KEYS = ("cegraph.workflow.id", "service.name")
+_WORKFLOW_VERSION_KEYS = ("cegraph.workflow.version", "service.version")
 
 
 def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
@@ -341,19 +387,17 @@ def normalize(span: SpanRecord, policy: TextPolicy) -> Node:
     finish_reasons = _finish_reasons(attributes)
     status = _STATUS_NAMES.get(span.status_code, "unset")
     evaluations = evaluations_of(span, kind) if span.events or kind == "evaluator" else []
-    workflow_id = workflow_id or _first(span.resource, "cegraph.workflow.id", "service.name")
-    workflow_version = workflow_version or _first(
-        span.resource, "cegraph.workflow.version", "service.version"
-    )
+    workflow_id = workflow_id or _first(span.resource, *_WORKFLOW_ID_KEYS)
+    workflow_version = workflow_version or _first(span.resource, *_WORKFLOW_VERSION_KEYS)
     # Message contents before raw request/response JSON (OpenInference's input.value / output.value).
     input_text = _text(genai_input) if genai_input is not None else None
     if input_text is None:
-        input_text = _indexed_messages(attributes, "llm.input_messages.")
+        input_text = _indexed_messages(attributes, MESSAGE_PREFIXES[0])
     if input_text is None:
         input_text = _text(raw_input)
     output_text = _text(genai_output) if genai_output is not None else None
     if output_text is None:
-        output_text = _indexed_messages(attributes, "llm.output_messages.")
+        output_text = _indexed_messages(attributes, MESSAGE_PREFIXES[1])
     refusal = _refusal(raw_output) if not output_text else ""
     if output_text is None or refusal:
         output_text = refusal or _text(raw_output)
@@ -472,3 +516,336 @@ def distinct_node_ids(nodes: list[Node]) -> list[Node]:
         last[(node.parent_span_id, node.name)] = node
         named.append(node)
     return named
+
+
+# ---------------------------------------------------------------- columnar
+#
+# `normalize_columns` is `normalize` for a batch of decoded exports (`ProtoSpans`), on their Arrow
+# columns: only the attributes `normalize` reads become Python values, and what a span needs is
+# computed a column at a time. A span the columns can't settle exactly (a key given twice, a value of
+# an unexpected type, OpenInference's flattened messages, a refusal or a model to dig out of JSON, an
+# evaluator span) is normalized by `normalize` itself, from a record of just those attributes.
+
+# Every attribute key `normalize` reads besides the flattened messages.
+SPAN_KEYS = frozenset(_SLOT_OF) | {
+    ERROR_TYPE_KEY,
+    *_FINISH_KEYS,
+    *(k for keys in _EVALUATOR_KEYS for k in keys),
+}
+_MESSAGE_MARKERS = frozenset(f"{p}0.message.{f}" for p in MESSAGE_PREFIXES for f in ("content", "role"))
+RESOURCE_KEYS = frozenset({*_WORKFLOW_ID_KEYS, *_WORKFLOW_VERSION_KEYS})
+EVENT_NAMES = frozenset({"exception", EVALUATION_EVENT})
+EVENT_KEYS = frozenset({*_EXCEPTION_KEYS, *_EVALUATION_KEYS})
+
+# OTLP `AnyValue`'s oneof as ptars decodes it: one column per field, the one set is not null.
+_ANY_VALUE_FIELDS = ("string_value", "bool_value", "int_value", "double_value", "array_value",
+                     "kvlist_value", "bytes_value", "string_value_strindex")  # fmt: skip
+_STRING, _INT, _ARRAY = 0, 2, 4
+_INT_SLOTS = frozenset(
+    _SLOT_OF[key][0] for key in ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "cegraph.seed")
+)
+_KEYS = sorted(SPAN_KEYS | _MESSAGE_MARKERS)
+_KEY_ARRAY = pa.array(_KEYS)
+_SLOT = np.array([_SLOT_OF.get(key, (-1, 0))[0] for key in _KEYS])
+_RANK = np.array([_SLOT_OF.get(key, (-1, 0))[1] for key in _KEYS])
+_EVALUATOR_ONLY = {k for keys in _EVALUATOR_KEYS for k in keys} - set(_SLOT_OF)
+
+
+def _expected_kinds(key: str) -> set[int]:
+    """The value kinds the columnar path takes for a key (an unset value always); others go to `normalize`."""
+    if key in _MESSAGE_MARKERS:
+        return set()
+    if key in _EVALUATOR_ONLY:
+        return set(range(len(_ANY_VALUE_FIELDS)))
+    if key in _FINISH_KEYS:
+        return {_STRING, _ARRAY}
+    return {_INT} if _SLOT_OF.get(key, (-1, 0))[0] in _INT_SLOTS else {_STRING}
+
+
+_ACCEPTED = np.array(
+    [[kind in _expected_kinds(key) for kind in range(len(_ANY_VALUE_FIELDS))] for key in _KEYS]
+)
+# A superset of `_MAY_REDACT` in RE2 (Arrow's regex engine): a non-ASCII character may be a digit.
+_DIGIT_RE2 = r"(?:[0-9]|[^\x00-\x7f])"
+_MAY_REDACT_RE2 = (
+    rf"@|sk[-_]|AKIA|gh[pousr]_|xox[abprs]-|AIza|Bearer|{_DIGIT_RE2}{{3}}(?s:.){_DIGIT_RE2}{{3}}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pairs:
+    """The key-values of lists of OTLP key-values whose key is wanted, in order."""
+
+    owner: np.ndarray  # the index of each pair's list
+    keys: pa.Array
+    kind: np.ndarray  # the index in `_ANY_VALUE_FIELDS` of the value's field that is set, -1 for none
+    values: pa.StructArray
+
+
+def _pairs(lists: pa.ListArray, wanted: pa.Array, prefixes: tuple[str, ...] = ()) -> _Pairs:
+    """The pairs whose key is wanted or starts with one of `prefixes`."""
+    pairs = pc.list_flatten(lists)
+    keys = pc.struct_field(pairs, "key")
+    mask = pc.is_in(keys, wanted)
+    for prefix in prefixes:
+        mask = pc.or_(mask, pc.starts_with(keys, prefix))
+    owner = np.asarray(pc.list_parent_indices(lists))[np.asarray(mask, dtype=bool)]
+    chosen = pairs.filter(mask)
+    values = pc.struct_field(chosen, "value")
+    kind = np.full(len(chosen), -1)
+    valid = np.asarray(values.is_valid(), dtype=bool)
+    for index in reversed(range(len(_ANY_VALUE_FIELDS))):
+        kind[np.asarray(pc.struct_field(values, _ANY_VALUE_FIELDS[index]).is_valid(), dtype=bool) & valid] = (
+            index
+        )
+    return _Pairs(owner, pc.struct_field(chosen, "key"), kind, values)
+
+
+def _array_value(item: dict[str, list[bytes]]) -> list[Any]:
+    return [any_value(AnyValue.FromString(raw)) for raw in item["values"]]
+
+
+def _kvlist_value(item: dict[str, list[bytes]]) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in map(KeyValue.FromString, item["values"])}
+
+
+_NESTED = {_ARRAY: _array_value, _ANY_VALUE_FIELDS.index("kvlist_value"): _kvlist_value}
+
+
+def _python_values(pairs: _Pairs) -> np.ndarray:
+    """The pairs' values as `codec._attributes` makes them (ptars keeps nested values serialized), in
+    an object array: scalars are placed a field at a time, without a Python step per value."""
+    out = np.full(len(pairs.kind), None, dtype=object)
+    for index, name in enumerate(_ANY_VALUE_FIELDS):
+        rows = np.flatnonzero(pairs.kind == index)
+        if not rows.size:
+            continue
+        items = pc.struct_field(pairs.values, name).take(pa.array(rows)).to_pylist()
+        convert = _NESTED.get(index)
+        if convert is None:
+            placed = np.empty(len(items), dtype=object)
+            placed[:] = items
+            out[rows] = placed
+        else:
+            for row, item in zip(rows.tolist(), items, strict=True):
+                out[row] = convert(item)
+    return out
+
+
+def _dicts(pairs: _Pairs, values: np.ndarray, count: int) -> list[Attributes]:
+    """Per list, its pairs as a dict (the last of a repeated key wins, as in a dict built in order)."""
+    out: list[Attributes] = [{} for _ in range(count)]
+    for owner, key, value in zip(pairs.owner.tolist(), pairs.keys.to_pylist(), values.tolist(), strict=True):
+        out[owner][key] = value
+    return out
+
+
+def _span_events(spans: pa.StructArray) -> dict[int, list[SpanEvent]]:
+    """Per span that has any, its events that `normalize` reads (exceptions, evaluation results), in order."""
+    lists = pc.struct_field(spans, "events")
+    events = pc.list_flatten(lists)
+    mask = pc.is_in(pc.struct_field(events, "name"), pa.array(sorted(EVENT_NAMES)))
+    out: dict[int, list[SpanEvent]] = {}
+    chosen = events.filter(mask)
+    if not len(chosen):
+        return out
+    pairs = _pairs(pc.struct_field(chosen, "attributes"), pa.array(sorted(EVENT_KEYS)))
+    attributes = _dicts(pairs, _python_values(pairs), len(chosen))
+    rows = zip(
+        np.asarray(pc.list_parent_indices(lists))[np.asarray(mask, dtype=bool)].tolist(),
+        pc.struct_field(chosen, "name").to_pylist(),
+        pc.struct_field(chosen, "time_unix_nano").to_pylist(),
+        attributes,
+        strict=True,
+    )
+    for owner, name, time_ns, attrs in rows:
+        out.setdefault(owner, []).append(SpanEvent(name, time_ns, attrs))
+    return out
+
+
+def _unsettled(pairs: _Pairs, key_index: np.ndarray, count: int) -> np.ndarray:
+    """Per span, whether the columns can't settle it: a key twice, flattened messages, a value's kind."""
+    out = np.zeros(count, dtype=bool)
+    odd = ~_ACCEPTED[key_index, np.maximum(pairs.kind, 0)] & (pairs.kind >= 0)
+    odd |= _ACCEPTED[key_index].sum(axis=1) == 0  # the flattened messages' markers accept nothing
+    out[pairs.owner[odd]] = True
+    combined = np.sort(pairs.owner * len(_KEYS) + key_index)
+    out[combined[1:][combined[1:] == combined[:-1]] // len(_KEYS)] = True
+    return out
+
+
+def _picked(pairs: _Pairs, key_index: np.ndarray, values: np.ndarray, count: int) -> list[list[Any]]:
+    """`_pick` for every span: per entry of `_PICKED_KEYS`, per span, the value of its first key set."""
+    empty = np.asarray(pc.fill_null(pc.equal(pc.struct_field(pairs.values, "string_value"), ""), False))
+    slot, rank = _SLOT[key_index], _RANK[key_index]
+    rows = np.flatnonzero((slot >= 0) & (pairs.kind >= 0) & ~empty)
+    rows = rows[np.lexsort((rank[rows], slot[rows], pairs.owner[rows]))]
+    group = pairs.owner[rows] * len(_PICKED_KEYS) + slot[rows]
+    first = rows[np.r_[True, group[1:] != group[:-1]]] if rows.size else rows
+    out = []
+    for at in range(len(_PICKED_KEYS)):
+        chosen = first[slot[first] == at]
+        column = np.full(count, None, dtype=object)
+        column[pairs.owner[chosen]] = values[chosen]
+        out.append(column.tolist())
+    return out
+
+
+def _by_key(
+    pairs: _Pairs, key_index: np.ndarray, values: np.ndarray, keys: tuple[str, ...]
+) -> dict[int, Any]:
+    """Per span with one, the value of the first of `keys` it has that is not None (`dict.get` in turn)."""
+    out: dict[int, tuple[int, Any]] = {}
+    for rank, key in enumerate(keys):
+        for row in np.flatnonzero(key_index == _KEYS.index(key)).tolist():
+            owner = int(pairs.owner[row])
+            if values[row] is not None and rank < out.get(owner, (len(keys), None))[0]:
+                out[owner] = (rank, values[row])
+    return {owner: value for owner, (_, value) in out.items()}
+
+
+def _texts(texts: list[str], apply: Callable[[str], str], policy: TextPolicy) -> list[str]:
+    """`apply` of each text, called only on those it can change: over the length or maybe redacted."""
+    array = pa.array(texts, pa.string())
+    change = pc.greater(pc.utf8_length(array), policy.max_chars)
+    if policy.redact:
+        change = pc.or_(change, pc.match_substring_regex(array, _MAY_REDACT_RE2))
+    rows = np.flatnonzero(np.asarray(change, dtype=bool))
+    if not rows.size:
+        return texts
+    out = list(texts)
+    for row in rows.tolist():
+        out[row] = apply(texts[row])
+    return out
+
+
+def _either(preferred: list[Any], other: list[Any]) -> list[str]:
+    """Per span, the text of `preferred` where it is set, else of `other` (messages before raw JSON)."""
+    return [_text(p if p is not None else o) for p, o in zip(preferred, other, strict=True)]
+
+
+def _hex(ids: pa.Array) -> list[str]:
+    return [raw.hex() for raw in ids.to_pylist()]
+
+
+def normalize_columns(batch: ProtoSpans, policy: TextPolicy) -> list[Node]:
+    """`normalize` of every span of a decoded batch, in order: the same nodes, from columns."""
+    spans = batch.spans
+    count = len(spans)
+    if not count:
+        return []
+    pairs = _pairs(pc.struct_field(spans, "attributes"), _KEY_ARRAY)
+    key_index = np.asarray(pc.index_in(pairs.keys, _KEY_ARRAY))
+    values = _python_values(pairs)
+    unsettled = _unsettled(pairs, key_index, count)
+    picked = _picked(pairs, key_index, values, count)
+    (
+        explicit_kind, openinference_kind, operation, node_id, workflow_id, workflow_version, track,
+        provider, model, invocation_parameters, response_model, input_tokens, output_tokens, tool_name,
+        genai_input, raw_input, genai_output, raw_output, seed,
+    ) = picked  # fmt: skip
+    finish = _by_key(pairs, key_index, values, _FINISH_KEYS)
+    error_types = _by_key(pairs, key_index, values, (ERROR_TYPE_KEY,))
+    events = _span_events(spans)
+    resource_pairs = _pairs(batch.resources, pa.array(sorted(RESOURCE_KEYS)))
+    resources = _dicts(resource_pairs, _python_values(resource_pairs), len(batch.resources))
+    resource_id = [_first(r, *_WORKFLOW_ID_KEYS) for r in resources]
+    resource_version = [_first(r, *_WORKFLOW_VERSION_KEYS) for r in resources]
+    status = pc.struct_field(spans, "status")
+    codes = pc.fill_null(pc.struct_field(status, "code"), 0).to_pylist()
+    status_messages = _texts(
+        pc.fill_null(pc.struct_field(status, "message"), "").to_pylist(), policy.apply, policy
+    )
+    names = pc.struct_field(spans, "name").to_pylist()
+    kinds = list(map(_kind, explicit_kind, openinference_kind, operation))
+    for row in range(count):
+        if kinds[row] == "evaluator" or (
+            genai_output[row] is None and isinstance(raw_output[row], str) and '"refusal"' in raw_output[row]
+        ) or (model[row] is None and isinstance(invocation_parameters[row], str)
+              and '"model"' in invocation_parameters[row]):  # fmt: skip
+            unsettled[row] = True
+    exceptions = {row: _exception(e) for row, e in events.items()}
+    evaluations = {row: _evaluation_events(e) for row, e in events.items()}
+    errors = {
+        row: _error_types({ERROR_TYPE_KEY: error_types.get(row)}, exceptions.get(row, ("", ""))[0])
+        for row in error_types.keys() | exceptions.keys()
+    }
+    statuses = [_STATUS_NAMES.get(code, "unset") for code in codes]
+    input_texts = _texts(_either(genai_input, raw_input), policy.apply_ends, policy)
+    output_texts = _texts(_either(genai_output, raw_output), policy.apply, policy)
+    exception_messages = dict(
+        zip(
+            exceptions,
+            _texts([message for _, message in exceptions.values()], policy.apply, policy),
+            strict=True,
+        )
+    )
+    resource_of = batch.resource.tolist()
+    remote = pc.equal(
+        pc.bit_wise_and(pc.struct_field(spans, "flags"), REMOTE_PARENT), REMOTE_PARENT
+    ).to_pylist()
+    trace_ids = _hex(pc.struct_field(spans, "trace_id"))
+    span_ids = _hex(pc.struct_field(spans, "span_id"))
+    parents = _hex(pc.struct_field(spans, "parent_span_id"))
+    starts = pc.struct_field(spans, "start_time_unix_nano").to_pylist()
+    ends = pc.struct_field(spans, "end_time_unix_nano").to_pylist()
+    nodes: list[Node] = []
+    no_error = ("", "")
+    for row, left in enumerate(unsettled.tolist()):
+        if left:
+            continue
+        error_type, exception_type = errors.get(row, no_error)
+        kind, name, status = kinds[row], names[row], statuses[row]
+        evaluated = evaluations.get(row)
+        evaluated = [] if evaluated is None else evaluated
+        finish_reasons = _finish_list(finish.get(row))
+        resource = resource_of[row]
+        nodes.append(
+            Node(
+                trace_ids[row], span_ids[row], parents[row], name, kind, node_id[row] or name,
+                str(workflow_id[row] or resource_id[resource] or ""),
+                str(workflow_version[row] or resource_version[resource] or ""),
+                track[row] or "", operation[row] or kind, provider[row] or "",
+                model[row] or response_model[row] or "", starts[row], ends[row], status,
+                status_messages[row], error_type, exception_type, exception_messages.get(row, ""),
+                finish_reasons, input_tokens[row], output_tokens[row], tool_name[row] or "",
+                input_texts[row], output_texts[row], evaluated,
+                bool(hard_failure_source(status, exception_type, error_type, finish_reasons, "")),
+                bool(evaluated) and any(e.failed for e in evaluated), remote[row], seed[row], "",
+            )
+        )  # fmt: skip
+    if unsettled.any():
+        nodes = _with_unsettled(nodes, unsettled, batch, resources, policy)
+    return nodes
+
+
+def _with_unsettled(
+    settled: list[Node],
+    unsettled: np.ndarray,
+    batch: ProtoSpans,
+    resources: list[Attributes],
+    policy: TextPolicy,
+) -> list[Node]:
+    """The nodes of the spans left unsettled, by `normalize` on records of what it reads, in their places."""
+    rows = np.flatnonzero(unsettled)
+    spans = batch.spans.take(pa.array(rows))
+    pairs = _pairs(pc.struct_field(spans, "attributes"), _KEY_ARRAY, MESSAGE_PREFIXES)
+    status = pc.struct_field(spans, "status")
+    records = zip(
+        _hex(pc.struct_field(spans, "trace_id")),
+        _hex(pc.struct_field(spans, "span_id")),
+        _hex(pc.struct_field(spans, "parent_span_id")),
+        pc.struct_field(spans, "name").to_pylist(),
+        pc.struct_field(spans, "start_time_unix_nano").to_pylist(),
+        pc.struct_field(spans, "end_time_unix_nano").to_pylist(),
+        pc.fill_null(pc.struct_field(status, "code"), 0).to_pylist(),
+        pc.fill_null(pc.struct_field(status, "message"), "").to_pylist(),
+        _dicts(pairs, _python_values(pairs), len(rows)),
+        _span_events(spans),
+        [resources[r] for r in batch.resource[rows].tolist()],
+        pc.equal(pc.bit_wise_and(pc.struct_field(spans, "flags"), REMOTE_PARENT), REMOTE_PARENT).to_pylist(),
+        strict=True,
+    )
+    normalized = iter([normalize(SpanRecord(*record), policy) for record in records])
+    done = iter(settled)
+    return [next(normalized) if flag else next(done) for flag in unsettled.tolist()]

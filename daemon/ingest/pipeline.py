@@ -15,9 +15,11 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from cegraph.connectors.otlp.codec import COLUMNAR_DECODERS
 from cegraph.daemon.events import (
     EXECUTION_AMENDED,
     EXECUTION_COMPLETED,
@@ -29,7 +31,13 @@ from cegraph.daemon.events import (
     IngestAdvancedPayload,
 )
 from cegraph.daemon.ingest.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
-from cegraph.daemon.ingest.normalize import TextPolicy, log_details, normalize, with_log_details
+from cegraph.daemon.ingest.normalize import (
+    TextPolicy,
+    log_details,
+    normalize,
+    normalize_columns,
+    with_log_details,
+)
 from cegraph.daemon.ingest.stored_keys import StoredKeys
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
@@ -86,6 +94,31 @@ def message_nodes(payload: bytes, decode: Decoder, policy: TextPolicy) -> list[N
     `normalize`), so nothing in a message that gets past this can fail a later batch.
     """
     return [normalize(record, policy) for record in decode(payload)]
+
+
+def batch_nodes(payloads: list[bytes], decode: Decoder, policy: TextPolicy) -> list[list[Node] | Exception]:
+    """`message_nodes` of each payload, or the exception it raises; decoded and normalized as one batch
+    of columns when the decoder has a columnar twin. A message the columns leave out (or a batch they
+    fail on) goes through `message_nodes`, so each still fails alone and with its own reason."""
+    out: list[list[Node] | Exception] = [[] for _ in payloads]
+    suspect = list(range(len(payloads)))
+    columnar = COLUMNAR_DECODERS.get(decode)
+    if columnar is not None and payloads:
+        try:
+            batch = columnar(payloads)
+            nodes = normalize_columns(batch, policy)
+        except Exception:  # then each message on its own says what is wrong with it
+            pass
+        else:
+            bounds = np.searchsorted(batch.message, np.arange(len(payloads) + 1)).tolist()
+            out = [nodes[bounds[i] : bounds[i + 1]] for i in range(len(payloads))]
+            suspect = batch.suspect
+    for index in suspect:
+        try:
+            out[index] = message_nodes(payloads[index], decode, policy)
+        except Exception as error:  # whatever one message makes fail stays with that message
+            out[index] = error
+    return out
 
 
 def dead_letter_reason(error: Exception) -> str:
@@ -195,17 +228,22 @@ class IngestPipeline:
         dead: list[DeadLetter] = []
         per_message: list[tuple[InMessage, Event, str | None]] = []
         taken: Counter[str] = Counter()  # messages per topic, counted once per batch
+        fresh = [m for m in messages if m.offset >= self._stored.get((m.topic, m.partition), 0)]
+        spans = [
+            m
+            for m in fresh
+            if m.topic != self.feedback_topic and not (self.logs_topic and m.topic == self.logs_topic)
+        ]
+        decoded = iter(batch_nodes([m.value for m in spans], self.decode, self.policy))
         try:
-            for message in messages:
-                if message.offset < self._stored.get((message.topic, message.partition), 0):
-                    continue  # a redelivery of something already stored (e.g. after a rebalance)
+            for message in fresh:  # the rest: redeliveries of what is stored (e.g. after a rebalance)
                 taken[message.topic] += 1
                 if message.topic == self.feedback_topic:
                     event, reason = self._feedback(message)
                 elif self.logs_topic and message.topic == self.logs_topic:
                     event, reason = None, self._logs(message, now)
                 else:
-                    event, reason = None, self._spans(message, now)
+                    event, reason = None, self._spans(message, next(decoded), now)
                 if reason is not None:
                     event = Event(
                         MESSAGE_DEAD_LETTERED, dead_letter_key(message),
@@ -243,12 +281,12 @@ class IngestPipeline:
         recorded.update((event.type, event.key) for event in self._events)
         return recorded
 
-    def _spans(self, message: InMessage, now: float) -> str | None:
-        """Take one spans message; returns the reason when it must go to the dead-letter topic."""
-        try:
-            nodes = self._nodes(message.value)
-        except Exception as error:  # whatever one message makes fail stays with that message
-            return dead_letter_reason(error)
+    def _spans(self, message: InMessage, nodes: list[Node] | Exception, now: float) -> str | None:
+        """Take one spans message (its nodes, or why it has none); returns the reason when it must go to
+        the dead-letter topic."""
+        if isinstance(nodes, Exception):
+            return dead_letter_reason(nodes)
+        self.metrics.spans.inc(len(nodes))
         fresh: list[Node] = []
         holds = 0
         for node in nodes:
@@ -267,11 +305,6 @@ class IngestPipeline:
             self.metrics.evicted.inc(len(evicted))
         self.pending.consumed(message.ref, holds)
         return None
-
-    def _nodes(self, payload: bytes) -> list[Node]:
-        nodes = message_nodes(payload, self.decode, self.policy)
-        self.metrics.spans.inc(len(nodes))
-        return nodes
 
     def _logs(self, message: InMessage, now: float) -> str | None:
         """Log records wait in their trace's assembly; those of a trace already stored are too late to
