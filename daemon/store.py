@@ -137,6 +137,13 @@ COMMITTING = "ingest.committing"
 
 ROOT = "(n.parent_span_id = '' OR n.parent_is_remote)"  # as `Node.is_root`
 
+
+def _saturated(total: str) -> str:
+    """A token total clamped to BIGINT: spans report whatever int64 counts they like, and a sum past
+    int64's end must not fail the flush that stores them (the daemon would stall on that data)."""
+    return f"greatest(least({total}, 9223372036854775807), -9223372036854775808)::BIGINT"
+
+
 # The projections are SQL over a range of events ($1..$2), run live on each appended batch and by
 # rebuild() over the whole log: one definition, so rebuilt tables equal the live ones by construction.
 # Completed executions are inserted before amendments are applied, which is also their order in time.
@@ -159,7 +166,8 @@ SELECT n.trace_id,
        any_value({_E.sql("reason", of="e.payload")}) AS reason,
        bool_or(n.hard_failed) AS hard_failed, bool_or(n.eval_failed) AS eval_failed,
        count(*) FILTER (WHERE n.hard_failed OR n.eval_failed) AS failed_nodes,
-       coalesce(sum(n.input_tokens), 0) AS input_tokens, coalesce(sum(n.output_tokens), 0) AS output_tokens,
+       {_saturated("coalesce(sum(n.input_tokens), 0)")} AS input_tokens,
+       {_saturated("coalesce(sum(n.output_tokens), 0)")} AS output_tokens,
        0 AS amendments, n.seq,
        any_value({_E.sql("partition", "INTEGER", of="e.payload")}) AS partition,
        any_value({_E.sql("first_offset", "BIGINT", of="e.payload")}) AS first_offset
@@ -184,8 +192,8 @@ UPDATE executions SET
     failed_nodes = failed_nodes + a.failed,
     start_ns = least(executions.start_ns, a.start_ns),
     end_ns = greatest(executions.end_ns, a.end_ns),
-    input_tokens = input_tokens + a.tokens_in,
-    output_tokens = output_tokens + a.tokens_out,
+    input_tokens = {_saturated("input_tokens::HUGEINT + a.tokens_in")},
+    output_tokens = {_saturated("output_tokens::HUGEINT + a.tokens_out")},
     amendments = amendments + a.events,
     -- a root that arrives late completes the execution and gives it its identity
     complete = complete OR a.root_span_id IS NOT NULL,
@@ -200,8 +208,8 @@ UPDATE executions SET
 FROM (
     SELECT trace_id, count(*) AS added, bool_or(hard_failed) AS hard, bool_or(eval_failed) AS evaluated,
            count(*) FILTER (WHERE hard_failed OR eval_failed) AS failed, min(start_ns) AS start_ns,
-           max(end_ns) AS end_ns, coalesce(sum(input_tokens), 0) AS tokens_in,
-           coalesce(sum(output_tokens), 0) AS tokens_out, count(DISTINCT seq) AS events,
+           max(end_ns) AS end_ns, {_saturated("coalesce(sum(input_tokens), 0)")} AS tokens_in,
+           {_saturated("coalesce(sum(output_tokens), 0)")} AS tokens_out, count(DISTINCT seq) AS events,
            min(span_id) FILTER (WHERE {ROOT}) AS root_span_id, min(name) FILTER (WHERE {ROOT}) AS root_name,
            min(workflow_id) FILTER (WHERE workflow_id <> '') AS workflow_id,
            min(workflow_version) FILTER (WHERE workflow_id <> '') AS workflow_version

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_traces import encode, record_spans
@@ -185,12 +185,6 @@ def ingest(path, decode, payloads: list[bytes]) -> tuple[list, list, list]:
 @given(batches())
 def test_the_columnar_path_stores_the_reference_spans_and_executions(tmp_path_factory, batch):
     payloads, _ = batch
-    # The executions projection sums token counts into a BIGINT: counts near int64's end fail the
-    # flush on either path (found here, left to its own fix), so they are kept out of this test.
-    nodes = [
-        n for r in batch_nodes(payloads, reference_decode, TextPolicy()) if isinstance(r, list) for n in r
-    ]
-    assume(all(abs(t or 0) < 2**56 for n in nodes for t in (n.input_tokens, n.output_tokens)))
     folder = tmp_path_factory.mktemp("columnar")
     columnar = ingest(folder / "columnar.duckdb", decode_proto, payloads)
     assert columnar[0], "some spans are stored"

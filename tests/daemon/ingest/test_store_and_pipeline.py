@@ -331,6 +331,29 @@ def test_undecodable_spans_are_dead_lettered_and_good_ones_around_them_land(stor
     assert store.offsets() == {(SPANS, 0): 4}
 
 
+def _token_heavy(tracer: Tracer) -> None:
+    with tracer.start_as_current_span("root"):
+        for name in ("first", "second", "late"):
+            with tracer.start_as_current_span(name, attributes={"gen_ai.usage.input_tokens": 2**63 - 1}):
+                pass
+
+
+def test_token_totals_past_int64_saturate_instead_of_failing_the_flush(store):
+    """A span may report any int64 count; the executions row sums them, first at completion and again
+    when a late span amends it. Either sum past int64's end used to fail the flush and stall ingest."""
+    clock, topics = Clock(), Topics()
+    pipeline = pipeline_on(store, clock)
+    spans = record_spans(_token_heavy)
+    [late] = [s for s in spans if s.name == "late"]
+    feed(pipeline, clock, [topics.message(encode([s for s in spans if s is not late], "otlp_proto"))])
+    settle(pipeline, clock)
+    assert store.query("SELECT input_tokens FROM executions") == [(2**63 - 1,)]
+    feed(pipeline, clock, [topics.message(encode([late], "otlp_proto"))])
+    settle(pipeline, clock)
+    assert store.query("SELECT input_tokens, amendments, span_count FROM executions") == [(2**63 - 1, 1, 4)]
+    assert store.offsets() == {(SPANS, 0): 2}, "both messages are consumed"
+
+
 # ------------------------------------------------------------------------------------ rebuild
 
 
