@@ -143,7 +143,7 @@ def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
             store={"path": workdir / "kafka.duckdb"},
             ingest={"idle_timeout_s": 0.05, "batch_size": batch},
         )  # fmt: skip
-        store = EventStore(settings.store.path, memory_limit=settings.store.memory_limit)
+        store = EventStore.configured(settings.store)
         pipeline = IngestPipeline(store, decode_proto, settings.ingest, spans_topic=topic,
                                   feedback_topic=f"{topic}-feedback")  # fmt: skip
         detect = StageRunner(store, build_detector_stage(settings, store, CollectorRegistry()))

@@ -74,7 +74,7 @@ def main() -> dict:
     with tempfile.TemporaryDirectory(prefix="cegraph-bench-memory-") as folder:
         path = Path(folder) / "cegraph.duckdb"
         settings = load_settings(store={"path": str(path)})
-        store = EventStore(path, memory_limit=settings.store.memory_limit)  # as the daemon opens it
+        store = EventStore.configured(settings.store)  # as the daemon opens it
         metrics = IngestMetrics()
         clock = [0.0]
         pipeline = IngestPipeline(

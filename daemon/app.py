@@ -225,7 +225,7 @@ def build_stages(
 def build(settings: Settings) -> Starlette:
     """The process `cegraph run` serves: every stage (the default), or those `settings.stages`
     names: ingest members publish to the failures topic what a detect member reads."""
-    store = EventStore(settings.store.path, memory_limit=settings.store.memory_limit)
+    store = EventStore.configured(settings.store)
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
     kafka = settings.kafka

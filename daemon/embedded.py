@@ -35,7 +35,7 @@ class EmbeddedDaemon:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] | None = None) -> None:
         """`clock` is the canary judge's (seconds): the demo counts time in executions."""
         self.settings = settings
-        self.store = EventStore(settings.store.path, memory_limit=settings.store.memory_limit)
+        self.store = EventStore.configured(settings.store)
         registry = CollectorRegistry()
         self.metrics = IngestMetrics(registry)
         self.pipeline = build_pipeline(settings, self.store, self.metrics)

@@ -132,6 +132,11 @@ class StoreSettings(_Group):
         description="DuckDB's memory limit (its own default is 80% of RAM, which its block cache "
         "fills as the store grows); larger work spills to disk.",
     )
+    checkpoint_threshold: str = Field(
+        "16MiB",
+        pattern=MEMORY_SIZE,
+        description="WAL size at which DuckDB checkpoints into the file, during the commit that crosses it.",
+    )
 
     @field_validator("path")
     @classmethod

@@ -40,7 +40,7 @@ from cegraph.daemon.events import (
     FeedbackReceivedPayload,
     WorkflowRegisteredPayload,
 )
-from cegraph.daemon.settings import MEMORY_SIZE
+from cegraph.daemon.settings import MEMORY_SIZE, StoreSettings
 from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.stage import Checkpoint
 
@@ -312,14 +312,33 @@ def _first_line(error: Exception) -> str:
 class EventStore:
     """Single writer of one DuckDB file. Thread-safe: one lock around every statement."""
 
-    def __init__(self, path: Path | str, *, read_only: bool = False, memory_limit: str | None = None) -> None:
-        """`memory_limit` caps DuckDB's memory (`CEGRAPH_STORE__MEMORY_LIMIT`; None: DuckDB's own)."""
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        read_only: bool = False,
+        memory_limit: str | None = None,
+        checkpoint_threshold: str | None = None,
+    ) -> None:
+        """`memory_limit` caps DuckDB's memory and `checkpoint_threshold` sizes the WAL that makes it
+        checkpoint (`CEGRAPH_STORE__*`; None: DuckDB's own)."""
         self.path = str(path)
         self.read_only = read_only
         self.memory_limit = _memory_size(memory_limit) if memory_limit else None
+        self.checkpoint_threshold = _memory_size(checkpoint_threshold) if checkpoint_threshold else None
         self._lock = threading.RLock()
         self.carried = CarriedSpans()
         self._open()
+
+    @classmethod
+    def configured(cls, settings: StoreSettings, *, read_only: bool = False) -> EventStore:
+        """The store as the daemon and every command open it: one place reads `CEGRAPH_STORE__*`."""
+        return cls(
+            settings.path,
+            read_only=read_only,
+            memory_limit=settings.memory_limit,
+            checkpoint_threshold=settings.checkpoint_threshold,
+        )
 
     def _open(self) -> None:
         self._broken = True  # until the file is open and its last seq known
@@ -328,8 +347,11 @@ class EventStore:
         except duckdb.Error as error:
             raise StoreError(f"cannot open {self.path}: {_first_line(error)}") from None
         try:
-            if self.memory_limit:  # SET, not a connect option: another open of the file needn't repeat it
+            # SET, not connect options: another open of the file needn't repeat them
+            if self.memory_limit:
                 self._run(f"SET memory_limit = '{self.memory_limit}'")
+            if self.checkpoint_threshold:
+                self._run(f"SET checkpoint_threshold = '{self.checkpoint_threshold}'")
             if not self.read_only:
                 self._run(SCHEMA)
                 self._run(LEGACY_CURSORS)

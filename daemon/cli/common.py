@@ -68,7 +68,7 @@ def open_store(settings: Settings, *, read_only: bool) -> EventStore:
     if read_only and not settings.store.path.exists():
         fail(f"no store at {settings.store.path} (CEGRAPH_STORE__PATH)")
     try:
-        return EventStore(settings.store.path, read_only=read_only, memory_limit=settings.store.memory_limit)
+        return EventStore.configured(settings.store, read_only=read_only)
     except StoreError as error:
         fail(str(error))
 

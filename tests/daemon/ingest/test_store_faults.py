@@ -23,9 +23,11 @@ from pipeline_fixtures import (
     settle,
     unstored_messages,
 )
+from pydantic import ValidationError
 
 from cegraph.daemon.events import Event
 from cegraph.daemon.ingest.pipeline import PipelineNeedsReset
+from cegraph.daemon.settings import StoreSettings
 from cegraph.daemon.store import EventStore, StoreError
 
 DURABLE = "COMMIT succeeded and is durable, but the autocheckpoint failed"
@@ -165,11 +167,20 @@ def test_a_durable_failure_does_not_double_an_executions_spans(tmp_path):
     store.close()
 
 
-def test_the_store_memory_limit_reaches_duckdb(tmp_path):
-    """DuckDB's own default (80% of RAM) lets its block cache grow with the store."""
-    path = tmp_path / "limited.duckdb"
-    store = EventStore(path, memory_limit="96MiB")
+def test_the_store_settings_reach_duckdb(tmp_path):
+    """DuckDB's own memory default (80% of RAM) lets its block cache grow with the store, and its
+    checkpoint threshold decides how often a commit pays for a checkpoint."""
+    settings = StoreSettings(
+        path=tmp_path / "limited.duckdb", memory_limit="96MiB", checkpoint_threshold="48MiB"
+    )
+    store = EventStore.configured(settings)
     try:
-        assert store.query("SELECT current_setting('memory_limit')") == [("96.0 MiB",)]
+        query = "SELECT current_setting('memory_limit'), current_setting('checkpoint_threshold')"
+        assert store.query(query) == [("96.0 MiB", "48.0 MiB")]
     finally:
         store.close()
+
+
+def test_a_bad_store_size_names_its_setting(tmp_path):
+    with pytest.raises(ValidationError, match="checkpoint_threshold"):
+        StoreSettings(path=tmp_path / "x.duckdb", checkpoint_threshold="lots")
