@@ -47,7 +47,10 @@ from cegraph.schemas.feedback import Feedback
 
 Decoder = Callable[[bytes], list[SpanRecord]]
 LogDecoder = Callable[[bytes], list[SpanLog]]
-RECENT_TRACES = 200_000
+# Late spans of the traces stored last go straight to the next flush's amendment; an older trace's late
+# span waits out an idle timeout in the assembler and is then recognised by the stored-trace check.
+# Both amend; the window only decides which path, so it stays small (ids cost ~180 bytes each).
+RECENT_TRACES = 20_000
 
 
 @dataclass(slots=True)
