@@ -127,7 +127,7 @@ class StoreSettings(_Group):
 
     path: Path = Field(Path("cegraph.duckdb"), description="DuckDB file; its folder must exist.")
     memory_limit: str = Field(
-        "256MiB",
+        "128MiB",
         pattern=MEMORY_SIZE,
         description="DuckDB's memory limit (its own default is 80% of RAM, which its block cache "
         "fills as the store grows); larger work spills to disk.",
