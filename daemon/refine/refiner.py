@@ -49,7 +49,7 @@ from cegraph.daemon.refine.proposers import (
 from cegraph.daemon.refine.replay import ReplaySample, ReplayStore
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
 from cegraph.daemon.refine.text_policy import screen_edit
-from cegraph.daemon.refine.verification import Verdict, compare
+from cegraph.daemon.refine.verification import Verdict, compare, per_candidate_alpha
 from cegraph.daemon.settings import RefinerSettings
 from cegraph.daemon.spans import Evaluation
 from cegraph.daemon.store import EventStore
@@ -356,9 +356,7 @@ class Refiner:
         per_item = sum(o.llm_calls for o in current_outcomes) / max(len(items), 1)
         best: _Step | None = None
         candidates = self._candidates(job, round_, current, proposals, spent)
-        # Bonferroni over the round: each of its m candidates is tested at alpha / m, so a round in
-        # which no candidate helps accepts one with probability at most alpha.
-        alpha = self.settings.significance / max(len(candidates), 1)
+        alpha = per_candidate_alpha(self.settings.significance, len(candidates))
         for proposal, candidate in candidates:
             run_cost = per_item + cost(proposal.edit)
             # the winner's confirmation on the fresh sample (the base spec and the winner) is reserved
@@ -400,6 +398,7 @@ class Refiner:
                             "verification": report.model_dump(),
                             "llm_calls": spent.calls,
                             "alpha": alpha,
+                            "candidates": len(candidates),
                         },
                     )
                 ]

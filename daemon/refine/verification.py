@@ -101,6 +101,12 @@ def paired_bootstrap(
     return Interval(sum(differences) / n, low, high)
 
 
+def per_candidate_alpha(alpha: float, candidates: int) -> float:
+    """Bonferroni over a round: each of its `candidates` is tested at alpha / their number, so a round
+    in which none helps accepts one with probability at most alpha (whatever their dependence)."""
+    return alpha / max(candidates, 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     accepted: bool
