@@ -34,8 +34,10 @@ from results_file import report
 from scipy.stats import t as student_t
 
 from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
+from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.judging import Judging
+from cegraph.daemon.sim.sandbox import PureProgramSandbox
 from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
@@ -48,14 +50,33 @@ class Scenario:
     spec: str  # a shipped example
     phases: list[Phase]
     judging: Judging = field(default_factory=Judging)
+    edits: tuple[Edit, ...] = ()  # applied to the example to make the scenario's base spec
+
+    def base(self, world: SimWorld) -> WorkflowSpec:
+        spec = example_spec(self.spec, tools=list(world.tools()))
+        for edit in self.edits:
+            spec, _ = apply_edit(spec, edit, spec.version)
+        return spec
 
 
-FINAL_MIX = [Phase(0, PHASES[-1].weights)]
+FINAL = PHASES[-1].weights
+FINAL_MIX = [Phase(0, FINAL)]
+# two mechanisms on `answer` at a hot temperature: hallucinations (systematic: retrieval puts the
+# facts in context, resampling repeats them) and wrong entities (random slips: an ensemble or a cold
+# temperature removes them, retrieval does not)
+HOT_ANSWER = Edit(node="answer", operator="adjust_parameter", parameter="temperature", value=0.8)
+# half the arithmetic says "holds" where the router expects "starts with": it goes to `answer`
+MISROUTED = {**FINAL, "arithmetic:digits=5": 0.5, "arithmetic:digits=5,opening=holds": 0.5}
+# knowledge questions begin after the recorded traffic and cegraph's first paid batch
+DRIFT_AT, BEFORE_DRIFT = 2_000, {k: v for k, v in FINAL.items() if k != "qa"}
 SCENARIOS = {
     "routed": Scenario(WORKFLOW, FINAL_MIX),
     "paraphrased": Scenario(WORKFLOW, FINAL_MIX, Judging("paraphrased")),
     "labels only": Scenario(WORKFLOW, FINAL_MIX, Judging("labels")),
     "noisy judge": Scenario(WORKFLOW, FINAL_MIX, Judging(flip=0.15)),
+    "two on one node": Scenario(WORKFLOW, FINAL_MIX, edits=(HOT_ANSWER,)),
+    "misrouted": Scenario(WORKFLOW, [Phase(0, MISROUTED)]),
+    "drifting": Scenario(WORKFLOW, [Phase(0, BEFORE_DRIFT), Phase(DRIFT_AT, FINAL)]),
 }
 
 METHODS: dict[str, Callable[[Setup, int], Curve]] = {
@@ -71,8 +92,8 @@ METHODS: dict[str, Callable[[Setup, int], Curve]] = {
 def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int):
     """One scenario and seed: per method, the spec held at each budget and its held-out figures."""
     plan = SCENARIOS[scenario]
-    world = SimWorld(seed, judging=plan.judging)
-    base = example_spec(plan.spec, tools=list(world.tools()))
+    world = SimWorld(seed, judging=plan.judging, sandbox=PureProgramSandbox())
+    base = plan.base(world)
     setup = Setup(seed, world, base, TaskMix(world, plan.phases, seed=seed), recorded=recorded,
                   validation=validation)  # fmt: skip
     held_out = list(range(TEST_OFFSET, TEST_OFFSET + test))
