@@ -22,6 +22,7 @@ knowledge questions 1:1:2, with its three planted modes, each on its own node):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -212,9 +213,24 @@ def main() -> dict:
     parser.add_argument("--test", type=int, default=600)
     parser.add_argument("--jobs", type=int, default=2, help="seeds run in this many processes")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--add", action="store_true", help="keep the other scenarios' figures already in --out"
+    )
     parser.add_argument("--plot", type=Path, help="PNG of the curves")
     args = parser.parse_args()
     return run(args)
+
+
+def kept(args: argparse.Namespace, budgets: tuple[int, ...]) -> dict:
+    """The refinement figures already in `--out`, which `--add` keeps for the scenarios it does not
+    run; refused when they were measured under other settings (their rows would not compare)."""
+    earlier = json.loads(args.out.read_text()).get("refinement", {}) if args.out and args.out.exists() else {}
+    settings = (list(budgets), args.recorded, args.validation, args.test)
+    found = tuple(earlier.get(k) for k in ("budgets_llm_calls", "recorded_executions", "validation_tasks",
+                                           "test_tasks"))  # fmt: skip
+    if earlier and found != settings:
+        raise SystemExit(f"--add: {args.out} was measured with {found}, this run uses {settings}")
+    return earlier or {"per_seed": {}}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -231,13 +247,19 @@ def run(args: argparse.Namespace) -> dict:
     by_scenario = {
         s: {str(w[1]): row for w, row in zip(work, rows, strict=True) if w[0] == s} for s in scenarios
     }
+    wall_s = round(time.perf_counter() - started)
+    runs = [{"scenarios": scenarios, "seeds": args.seeds, "wall_s": wall_s, "jobs": args.jobs}]
+    if args.add:
+        earlier = kept(args, budgets)
+        by_scenario = {s: v for s, v in earlier["per_seed"].items() if s not in scenarios} | by_scenario
+        runs = earlier.get("runs", []) + runs
     summaries = {s: summarize(seeds, budgets) for s, seeds in by_scenario.items()}
     result = {
         "command": "make bench BENCH=refinement",
         "budgets_llm_calls": list(budgets), "recorded_executions": args.recorded,
-        "validation_tasks": args.validation, "test_tasks": args.test, "seeds": args.seeds,
+        "validation_tasks": args.validation, "test_tasks": args.test,
         "summary": summaries, "tables": {s: table(summary, budgets) for s, summary in summaries.items()},
-        "per_seed": by_scenario, "wall_s": round(time.perf_counter() - started),
+        "per_seed": by_scenario, "runs": runs, "wall_s": sum(r["wall_s"] for r in runs),
     }  # fmt: skip
     if args.plot is not None:
         plot(summaries, budgets, args.plot)
