@@ -237,6 +237,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     budgets = tuple(int(b) for b in args.budgets.split(","))
     scenarios = args.scenarios.split(",")
+    earlier = kept(args, budgets) if args.add else None  # refused before the work, not after
     work = [
         (s, seed, budgets, args.recorded, args.validation, args.test)
         for s in scenarios
@@ -249,8 +250,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     wall_s = round(time.perf_counter() - started)
     runs = [{"scenarios": scenarios, "seeds": args.seeds, "wall_s": wall_s, "jobs": args.jobs}]
-    if args.add:
-        earlier = kept(args, budgets)
+    if earlier is not None:
         by_scenario = {s: v for s, v in earlier["per_seed"].items() if s not in scenarios} | by_scenario
         runs = earlier.get("runs", []) + runs
     summaries = {s: summarize(seeds, budgets) for s, seeds in by_scenario.items()}
