@@ -15,6 +15,11 @@ knowledge questions 1:1:2, with its three planted modes, each on its own node):
 - `labels only`: the judge says pass or fail, nothing else, and blames no node.
 - `noisy judge`: the routed judge with 15% of its verdicts flipped (recorded traffic, validation and
   shadow runs alike); the held-out figures are always the ground truth.
+- `two on one node`: `answer` at temperature 0.8: hallucinations (fixed by retrieval) and wrong
+  entities (fixed by an ensemble or a cold temperature) on one node, under one evaluator.
+- `misrouted`: half the arithmetic worded so the router sends it to `answer`: it fails there, beside
+  `answer`'s hallucinations, and needs a program where it shows.
+- `drifting`: knowledge questions begin at execution 2,000, after the recorded traffic.
 
     python bench/bench_refinement.py --seeds 20 --jobs 2 --out bench/results.json --plot docs/refinement.png
 """
