@@ -15,6 +15,11 @@ knowledge questions 1:1:2, with its three planted modes, each on its own node):
 - `labels only`: the judge says pass or fail, nothing else, and blames no node.
 - `noisy judge`: the routed judge with 15% of its verdicts flipped (recorded traffic, validation and
   shadow runs alike); the held-out figures are always the ground truth.
+- `two on one node`: `answer` at temperature 0.8: hallucinations (fixed by retrieval) and wrong
+  entities (fixed by an ensemble or a cold temperature) on one node, under one evaluator.
+- `misrouted`: half the arithmetic worded so the router sends it to `answer`: it fails there, beside
+  `answer`'s hallucinations, and needs a program where it shows.
+- `drifting`: knowledge questions begin at execution 2,000, after the recorded traffic.
 
     python bench/bench_refinement.py --seeds 20 --jobs 2 --out bench/results.json --plot docs/refinement.png
 """
@@ -22,6 +27,7 @@ knowledge questions 1:1:2, with its three planted modes, each on its own node):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -34,8 +40,10 @@ from results_file import report
 from scipy.stats import t as student_t
 
 from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
+from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.judging import Judging
+from cegraph.daemon.sim.sandbox import PureProgramSandbox
 from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
@@ -48,14 +56,33 @@ class Scenario:
     spec: str  # a shipped example
     phases: list[Phase]
     judging: Judging = field(default_factory=Judging)
+    edits: tuple[Edit, ...] = ()  # applied to the example to make the scenario's base spec
+
+    def base(self, world: SimWorld) -> WorkflowSpec:
+        spec = example_spec(self.spec, tools=list(world.tools()))
+        for edit in self.edits:
+            spec, _ = apply_edit(spec, edit, spec.version)
+        return spec
 
 
-FINAL_MIX = [Phase(0, PHASES[-1].weights)]
+FINAL = PHASES[-1].weights
+FINAL_MIX = [Phase(0, FINAL)]
+# two mechanisms on `answer` at a hot temperature: hallucinations (systematic: retrieval puts the
+# facts in context, resampling repeats them) and wrong entities (random slips: an ensemble or a cold
+# temperature removes them, retrieval does not)
+HOT_ANSWER = Edit(node="answer", operator="adjust_parameter", parameter="temperature", value=0.8)
+# half the arithmetic says "holds" where the router expects "starts with": it goes to `answer`
+MISROUTED = {**FINAL, "arithmetic:digits=5": 0.5, "arithmetic:digits=5,opening=holds": 0.5}
+# knowledge questions begin after the recorded traffic and cegraph's first paid batch
+DRIFT_AT, BEFORE_DRIFT = 2_000, {k: v for k, v in FINAL.items() if k != "qa"}
 SCENARIOS = {
     "routed": Scenario(WORKFLOW, FINAL_MIX),
     "paraphrased": Scenario(WORKFLOW, FINAL_MIX, Judging("paraphrased")),
     "labels only": Scenario(WORKFLOW, FINAL_MIX, Judging("labels")),
     "noisy judge": Scenario(WORKFLOW, FINAL_MIX, Judging(flip=0.15)),
+    "two on one node": Scenario(WORKFLOW, FINAL_MIX, edits=(HOT_ANSWER,)),
+    "misrouted": Scenario(WORKFLOW, [Phase(0, MISROUTED)]),
+    "drifting": Scenario(WORKFLOW, [Phase(0, BEFORE_DRIFT), Phase(DRIFT_AT, FINAL)]),
 }
 
 METHODS: dict[str, Callable[[Setup, int], Curve]] = {
@@ -71,8 +98,8 @@ METHODS: dict[str, Callable[[Setup, int], Curve]] = {
 def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int):
     """One scenario and seed: per method, the spec held at each budget and its held-out figures."""
     plan = SCENARIOS[scenario]
-    world = SimWorld(seed, judging=plan.judging)
-    base = example_spec(plan.spec, tools=list(world.tools()))
+    world = SimWorld(seed, judging=plan.judging, sandbox=PureProgramSandbox())
+    base = plan.base(world)
     setup = Setup(seed, world, base, TaskMix(world, plan.phases, seed=seed), recorded=recorded,
                   validation=validation)  # fmt: skip
     held_out = list(range(TEST_OFFSET, TEST_OFFSET + test))
@@ -191,15 +218,31 @@ def main() -> dict:
     parser.add_argument("--test", type=int, default=600)
     parser.add_argument("--jobs", type=int, default=2, help="seeds run in this many processes")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--add", action="store_true", help="keep the other scenarios' figures already in --out"
+    )
     parser.add_argument("--plot", type=Path, help="PNG of the curves")
     args = parser.parse_args()
     return run(args)
+
+
+def kept(args: argparse.Namespace, budgets: tuple[int, ...]) -> dict:
+    """The refinement figures already in `--out`, which `--add` keeps for the scenarios it does not
+    run; refused when they were measured under other settings (their rows would not compare)."""
+    earlier = json.loads(args.out.read_text()).get("refinement", {}) if args.out and args.out.exists() else {}
+    settings = (list(budgets), args.recorded, args.validation, args.test)
+    found = tuple(earlier.get(k) for k in ("budgets_llm_calls", "recorded_executions", "validation_tasks",
+                                           "test_tasks"))  # fmt: skip
+    if earlier and found != settings:
+        raise SystemExit(f"--add: {args.out} was measured with {found}, this run uses {settings}")
+    return earlier or {"per_seed": {}}
 
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     budgets = tuple(int(b) for b in args.budgets.split(","))
     scenarios = args.scenarios.split(",")
+    earlier = kept(args, budgets) if args.add else None  # refused before the work, not after
     work = [
         (s, seed, budgets, args.recorded, args.validation, args.test)
         for s in scenarios
@@ -210,13 +253,18 @@ def run(args: argparse.Namespace) -> dict:
     by_scenario = {
         s: {str(w[1]): row for w, row in zip(work, rows, strict=True) if w[0] == s} for s in scenarios
     }
+    wall_s = round(time.perf_counter() - started)
+    runs = [{"scenarios": scenarios, "seeds": args.seeds, "wall_s": wall_s, "jobs": args.jobs}]
+    if earlier is not None:
+        by_scenario = {s: v for s, v in earlier["per_seed"].items() if s not in scenarios} | by_scenario
+        runs = earlier.get("runs", []) + runs
     summaries = {s: summarize(seeds, budgets) for s, seeds in by_scenario.items()}
     result = {
         "command": "make bench BENCH=refinement",
         "budgets_llm_calls": list(budgets), "recorded_executions": args.recorded,
-        "validation_tasks": args.validation, "test_tasks": args.test, "seeds": args.seeds,
+        "validation_tasks": args.validation, "test_tasks": args.test,
         "summary": summaries, "tables": {s: table(summary, budgets) for s, summary in summaries.items()},
-        "per_seed": by_scenario, "wall_s": round(time.perf_counter() - started),
+        "per_seed": by_scenario, "runs": runs, "wall_s": sum(r["wall_s"] for r in runs),
     }  # fmt: skip
     if args.plot is not None:
         plot(summaries, budgets, args.plot)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import NoOpTracerProvider
 
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.detect.density import ModeTracker
@@ -114,7 +115,10 @@ class Setup:
         self.retrievers = list(retrievers)
         # the held-out verdicts are the truth, whatever the scenario's judge says
         self.truth = SimWorld(seed, rates=world.rates, sandbox=world.sandbox)
-        self._runtime = WorkflowRuntime(self.llm, TracerProvider(), tools=world.tools())
+        # the searches read results, not spans: a no-op tracer spares building spans nobody exports
+        self._runtime = WorkflowRuntime(
+            self.llm, NoOpTracerProvider(), tools=world.tools(), sandbox=world.sandbox
+        )
         self._tasks: dict[int, Task] = {}
 
     def task(self, index: int) -> Task:
@@ -295,6 +299,7 @@ def failure_driven(
         daemon.refine_stage.jobs.refiner.runner.target = RuntimeShadowTarget(
             setup.llm, tools=setup.world.tools(), evaluator_for=sim_evaluator_for(setup.world)
         )
+        daemon.refine_stage.jobs.refiner.runner.target.runtime.sandbox = setup.world.sandbox
         if one_mode:  # cosine distances are at most 2: one cut above that joins everything
             daemon.stage.detector.tracker_factory = lambda ids: ModeTracker(mode_distance=2.5, ids=ids)
         try:
@@ -308,7 +313,7 @@ def _loop(setup: Setup, daemon: EmbeddedDaemon, budget: int, batch: int) -> Curv
     daemon.registry.register(spec)
     provider = TracerProvider(id_generator=ExecutionIds())
     provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
-    runtime = WorkflowRuntime(setup.llm, provider, tools=setup.world.tools())
+    runtime = WorkflowRuntime(setup.llm, provider, tools=setup.world.tools(), sandbox=setup.world.sandbox)
     curve, spent, start, idle, jobs = Curve([(0, spec)]), 0, 0, 0, []
     while spent < budget and idle < 2:
         size = setup.recorded if start == 0 else batch

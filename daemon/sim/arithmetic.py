@@ -4,7 +4,9 @@ Mechanisms: carry slips (systematic per model and question, more likely with mor
 or a calculator computes exactly), random slips (a misread operand; more likely with temperature),
 truncation (a verbose chain of thought cut off by max_tokens), and, when the model fills the
 calculator's arguments, argument errors (thousands separators copied from the question, `x` for
-multiplication, a wrong argument name) that a validation-and-repair loop removes.
+multiplication, a wrong argument name) that a validation-and-repair loop removes. The option
+`opening` words the starting count ("starts with", the default, or "holds"): a router that keys on the
+first wording sends the second elsewhere, where the failure shows downstream of its cause.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ FILLERS = (
     "Each sentence of the problem changes the total, so I follow them in order.",
     "It helps to write every intermediate result down explicitly.",
 )
-_START = re.compile(r"A (\w+) starts with ([\d,]+) (\w+)\.")
+# how a problem states its starting count: the service's router knows the first wording only
+OPENINGS = ("starts with", "holds")
+_START = re.compile(r"A (\w+) (?:starts with|holds) ([\d,]+) (\w+)\.")
 _STEP = re.compile(
     r"A delivery brings (?P<add1>[\d,]+) more \w+\.|Then (?P<add2>[\d,]+) more \w+ arrive\."
     r"|(?:Then|Later) (?P<sub>[\d,]+) \w+ are (?:shipped out|sold)\."
@@ -131,10 +135,13 @@ class Arithmetic(Family):
     def generate(self, rng: random.Random, index: int, **options: Any) -> Task:
         digits = int(options.get("digits") or rng.randint(2, 5))
         count = int(options.get("steps") or rng.randint(2, 3))
+        opening = str(options.get("opening") or OPENINGS[0])
+        if opening not in OPENINGS:
+            raise ValueError(f"unknown opening {opening!r} (openings: {', '.join(OPENINGS)})")
         place, items, item = rng.choice(PLACES)
         low, high = 10 ** (digits - 1), 10**digits - 1
         start = total = rng.randint(low, high)
-        sentences = [f"A {place} starts with {start:,} {items}."]
+        sentences = [f"A {place} {opening} {start:,} {items}."]
         steps: list[tuple[str, int]] = []
         question = f"How many {items} does the {place} have now?"
         for position in range(count):

@@ -23,8 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider, set_span_in_context
 from pydantic import BaseModel, Field, ValidationError
 
 from cegraph.daemon.workflows.llm import CallContext, Completion, LLMBackend, Message, Purpose

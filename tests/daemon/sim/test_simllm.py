@@ -14,6 +14,7 @@ import asyncio
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from statistics import fmean
 
@@ -21,6 +22,7 @@ import jsonpatch
 from opentelemetry.sdk.trace import TracerProvider
 from sim_fixtures import truth_output
 
+from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.sim import Rates, SimWorld, Task
 from cegraph.daemon.sim.coding import TEMPLATES
 from cegraph.daemon.workflows.llm import CallContext, Message
@@ -478,3 +480,48 @@ async def test_a_noisy_judge_flips_about_its_share_of_verdicts_the_same_way_ever
     flipped = sum(a.failed != b.failed for a, b in zip(truth, noisy, strict=True))
     assert_near(flipped, len(tasks), 0.15)
     assert [r.failed for r in noisy] == [r.failed for r in again]
+
+
+# --- the benchmark's targeting scenarios: where a failure shows and what fixes it ---
+
+
+def ran(result: ExecutionResult) -> str:
+    """The answering node the router sent the execution to."""
+    (node,) = (n.node_id for n in result.nodes if n.status != "skipped" and n.node_id in ("solve", "answer"))
+    return node
+
+
+async def test_a_problem_the_router_does_not_recognize_fails_at_answer_and_a_program_there_fixes_it():
+    world = SimWorld(23)
+    service = example_spec("service", tools=list(world.tools()))
+    routed = world.tasks("arithmetic", 200, digits=5)
+    misrouted = world.tasks("arithmetic", 200, digits=5, opening="holds")
+    assert all(world.task_for_input(t.input).truth == t.truth for t in misrouted)
+    on_solve, on_answer = await run(world, service, routed), await run(world, service, misrouted)
+    assert {ran(r) for r in on_solve} == {"solve"} and {ran(r) for r in on_answer} == {"answer"}
+    blamed = Counter(r.evaluation.node_id for r in on_answer if r.failed)
+    assert count(on_answer, failed) > 20 and set(blamed) == {"answer"}
+    assert {r.evaluation.name for r in on_answer} == {"arithmetic.exact_match"}
+    fixed, _ = apply_edit(service, Edit(node="answer", operator="programmer"), "1.1.0")
+    assert p_fewer(on_answer, await run(world, fixed, misrouted), failed) < 0.001
+
+
+async def test_a_hot_answer_node_has_two_mechanisms_that_need_different_fixes():
+    world = SimWorld(24)
+    hot = Edit(node="answer", operator="adjust_parameter", parameter="temperature", value=0.8)
+    service, _ = apply_edit(example_spec("service", tools=list(world.tools())), hot, "1.0.0")
+    tasks = world.tasks("qa", 300)
+    hallucinated, wrong_entity = explained("hallucination"), explained("wrong entity")
+    baseline = await run(world, service, tasks)
+    assert count(baseline, hallucinated) > 30 and count(baseline, wrong_entity) > 15
+    edits = {
+        "retrieval": Edit(node="answer", operator="add_retrieval", retriever="kb_search"),
+        "ensemble": Edit(node="answer", operator="ensemble", samples=5),
+    }
+    variants = {
+        name: await run(world, apply_edit(service, edit, "1.1.0")[0], tasks) for name, edit in edits.items()
+    }
+    assert p_fewer(baseline, variants["retrieval"], hallucinated) < 0.01
+    assert p_fewer(baseline, variants["retrieval"], wrong_entity) > 0.05
+    assert p_fewer(baseline, variants["ensemble"], wrong_entity) < 0.001
+    assert p_fewer(baseline, variants["ensemble"], hallucinated) > 0.05
