@@ -35,7 +35,8 @@ class StageRunner:
         self.metrics = metrics
         self.poll_s = poll_s
         self.backoff_max_s = backoff_max_s
-        self.checkpoint: Checkpoint | None = None  # the last committed one, once open
+        self.checkpoint: Checkpoint | None = None  # the last committed one (or passed over), once open
+        self._unstored: Checkpoint | None = None  # a passed-over step's, for the next commit
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._committed = threading.Condition()
@@ -48,6 +49,7 @@ class StageRunner:
     def open(self) -> None:
         """Open the stage from its committed checkpoint (the first one when it has none)."""
         self.checkpoint = self.store.cursor(self.name) or Checkpoint()
+        self._unstored = None
         self.stage.open(self.checkpoint)
         self._observe()
 
@@ -58,7 +60,11 @@ class StageRunner:
         step = self.stage.poll()
         if step is None:
             return None
-        self.store.append(step.events, cursors={self.name: step.checkpoint})
+        if step.passed_over and not step.events:
+            self._unstored = step.checkpoint
+        else:
+            self.store.append(step.events, cursors={self.name: step.checkpoint})
+            self._unstored = None
         with self._committed:
             self.checkpoint = step.checkpoint
             self._committed.notify_all()
@@ -75,7 +81,8 @@ class StageRunner:
         return written
 
     def position(self) -> int:
-        """The log position the stage's committed checkpoint has read up to (1 before it opens)."""
+        """The log position the stage has read up to (1 before it opens): its committed checkpoint's, or
+        a passed-over step's not stored yet."""
         return self.checkpoint.position if self.checkpoint is not None else 1
 
     def lag(self) -> int:
@@ -112,6 +119,12 @@ class StageRunner:
             self._committed.notify_all()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
+        if self._unstored is not None and self.store.usable:
+            try:  # else the next start reads the passed-over stretch again, and finds nothing again
+                self.store.append([], cursors={self.name: self._unstored})
+                self._unstored = None
+            except Exception as error:
+                log.warning("stage %s: its last checkpoint was not stored (%s)", self.name, error)
         self.stage.close()
 
     def _loop(self) -> None:

@@ -11,9 +11,10 @@ lifecycle, called by the `StageRunner` in this order and by nothing else:
    and the checkpoint after them), or None when there is nothing to do yet. `poll` does not write:
    the runner appends the step's events and its checkpoint in one DuckDB transaction, so a crash at
    any instant resumes from a checkpoint that matches the log exactly; nothing is emitted twice and
-   nothing is skipped. A stage with side effects outside the store (a Kafka send) makes them
-   idempotent in `open` (the outbox publisher reads what the topic already holds), or where they land
-   (the failures publisher sends at least once; its receiver drops what its log already holds).
+   nothing is skipped (a step that read nothing may wait to be stored with the next: `Step`). A
+   stage with side effects outside the store (a Kafka send) makes them idempotent in `open` (the
+   outbox publisher reads what the topic already holds), or where they land (the failures publisher
+   sends at least once; its receiver drops what its log already holds).
 3. `close()`: release what the stage holds (connections, threads); the state in memory is dropped.
 
 Progress lives in one place, the store's `stage_cursors` table (stage, position, snapshot): the
@@ -39,10 +40,16 @@ class Checkpoint:
 
 @dataclass(slots=True)
 class Step:
-    """One piece of a stage's work: the events to append and the checkpoint once they are."""
+    """One piece of a stage's work: the events to append and the checkpoint once they are.
+
+    `passed_over`: the stretch held nothing the stage reads (the log's end is the events of its own
+    last step), so no event and no state came of it. The runner then keeps the checkpoint in memory
+    and stores it with the stage's next step rather than in a transaction of its own: after a crash
+    the stage reads the stretch again and again finds nothing in it."""
 
     events: list[Event]
     checkpoint: Checkpoint
+    passed_over: bool = False
 
 
 class Stage(Protocol):

@@ -28,7 +28,8 @@ from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.store import EventStore, node_from_row
 
 LOG = "log"  # the source of executions recorded without a spans offset: always caught up
-READ = (EXECUTION_COMPLETED, FEEDBACK_RECEIVED, INGEST_ADVANCED, FAILURE_INPUT_RECEIVED)
+COUNTED = (EXECUTION_COMPLETED, FEEDBACK_RECEIVED, FAILURE_INPUT_RECEIVED)  # what a step's size counts
+READ = (*COUNTED, INGEST_ADVANCED)
 
 Entry = IngestAdvancedPayload | tuple[Key, ExecutionInput]
 
@@ -73,15 +74,18 @@ class DetectorInputs:
         self.store = store
 
     def stretch(self, first: int, end: int, count: int) -> int:
-        """The last seq of the stretch from `first` that holds `count` entries (or up to `end`),
-        counted in entries, so other writers' events in between move no boundary."""
-        marks = ", ".join("?" * len(READ))
-        [(found, nth)] = self.store.query(
+        """The last seq of the stretch from `first` that holds `count` executions and feedback (or up
+        to `end`), counted in entries, so other writers' events in between move no boundary. It runs
+        up to the next counted entry, so ingest's report that follows a flush's executions is read in
+        the same step: it is what releases them, and a step that stopped short of it would release
+        nothing and cost a transaction of its own."""
+        marks = ", ".join("?" * len(COUNTED))
+        [(found, after)] = self.store.query(
             f"SELECT count(*), max(seq) FROM (SELECT seq FROM events "
             f"WHERE seq BETWEEN ? AND ? AND type IN ({marks}) ORDER BY seq LIMIT ?)",
-            first, end, *READ, count,
+            first, end, *COUNTED, count + 1,
         )  # fmt: skip
-        return nth if found == count else end
+        return after - 1 if found > count else end
 
     def entries(self, first: int, last: int) -> list[Entry]:
         """The executions completed, the feedback received and ingest's reports in `first..last`, in

@@ -172,7 +172,7 @@ class DetectorStage:
             events.append(DetectorSteppedPayload(first, last).event(DETECT))
         if self.on_batch is not None:
             self.on_batch(self.detector, events)
-        return Step(events, Checkpoint(self.cursor))
+        return Step(events, Checkpoint(self.cursor), passed_over=not read)
 
     def close(self) -> None:
         return None
