@@ -591,6 +591,13 @@ class EventStore:
     def execution_count(self) -> int:
         return self._scalar("SELECT count(*) FROM executions")
 
+    def feedback_count(self) -> int:
+        return self._scalar("SELECT count(*) FROM feedback")
+
+    def feedback_trace_ids(self) -> Iterator[list[str]]:
+        """The trace id of every feedback stored, in batches (`_strings`)."""
+        return self._strings("SELECT trace_id FROM feedback")
+
     def trace_ids(self) -> Iterator[list[str]]:
         """Every stored execution's trace id, in batches (`_strings`)."""
         return self._strings("SELECT trace_id FROM executions")

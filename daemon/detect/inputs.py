@@ -8,6 +8,7 @@ ingest members in other processes, `daemon/detect/failures_feed.py`), read alike
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
 
@@ -25,13 +26,17 @@ from cegraph.daemon.events import (
     IngestAdvancedPayload,
 )
 from cegraph.daemon.spans import Evaluation, Node
-from cegraph.daemon.store import EventStore, node_from_row
+from cegraph.daemon.store import EventStore
+from cegraph.daemon.stored_keys import StoredKeys
 
 LOG = "log"  # the source of executions recorded without a spans offset: always caught up
 COUNTED = (EXECUTION_COMPLETED, FEEDBACK_RECEIVED, FAILURE_INPUT_RECEIVED)  # what a step's size counts
 READ = (*COUNTED, INGEST_ADVANCED)
 
 Entry = IngestAdvancedPayload | tuple[Key, ExecutionInput]
+Place = tuple[int, int, str]  # a key's first three parts: where an execution sorts
+# Late feedback for one of the executions read last finds it in memory; ~200 bytes each.
+RECENT_EXECUTIONS = 20_000
 
 
 def _signal(row: dict[str, Any]) -> FeedbackSignal:
@@ -70,8 +75,16 @@ def input_from_json(data: dict[str, Any]) -> ExecutionInput:
 
 
 class DetectorInputs:
+    """Reads the detector's inputs in constant time per batch whatever the store holds: the store is
+    asked about feedback only for traces that may have some (a Bloom filter over the traces with
+    feedback), and late feedback finds its execution among the last `RECENT_EXECUTIONS` read (an
+    older one costs one look-up of the log for all such feedback of the batch)."""
+
     def __init__(self, store: EventStore) -> None:
         self.store = store
+        self._with_feedback = StoredKeys(store.feedback_trace_ids, store.feedback_count)
+        # per trace read lately: where its first execution sorts, and the seqs of its executions
+        self._executed: OrderedDict[str, tuple[Place, list[int]]] = OrderedDict()
 
     def stretch(self, first: int, end: int, count: int) -> int:
         """The last seq of the stretch from `first` that holds `count` executions and feedback (or up
@@ -106,20 +119,19 @@ class DetectorInputs:
         # range, which lets DuckDB skip every row group outside the stretch.
         carried = self.store.execution_nodes([*executed_at.values(), *received])
         nodes = {trace: carried.get(seq, []) for trace, seq in executed_at.items()}
-        if feedback:  # late feedback: the spans of its execution, stored before this stretch
-            for row in self.store.query_dicts(
-                "SELECT * FROM event_spans WHERE NOT amended AND trace_id IN (SELECT unnest(?)) AND seq < ?",
-                [p["trace_id"] for p in feedback.values()], first,
-            ):  # fmt: skip
-                nodes.setdefault(row["trace_id"], []).append(node_from_row(row))
-        earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
-        for row in self.store.query_dicts(
-            "SELECT * FROM feedback WHERE trace_id IN (SELECT unnest(?)) AND seq <= ?",
-            list(executed_at),
-            last,
-        ):
-            earlier.setdefault(row["trace_id"], []).append((row["seq"], _signal(row)))
         places = self._places(executed_at, payloads)
+        self._with_feedback.add(p["trace_id"] for p in feedback.values())
+        before = self._executed_before({p["trace_id"] for p in feedback.values()} - executed_at.keys(), first)
+        if before:  # late feedback: the spans of its execution, stored before this stretch
+            stored = self.store.execution_nodes(sorted({seq for _, seqs in before.values() for seq in seqs}))
+            for trace, (_, seqs) in before.items():
+                nodes[trace] = [node for seq in seqs for node in stored.get(seq, [])]
+        earlier: dict[str, list[tuple[int, FeedbackSignal]]] = {}
+        maybe = self._with_feedback.maybe(executed_at)
+        for row in self.store.query_dicts(
+            "SELECT * FROM feedback WHERE trace_id = ANY(?::VARCHAR[]) AND seq <= ?", maybe, last
+        ) if maybe else []:  # fmt: skip
+            earlier.setdefault(row["trace_id"], []).append((row["seq"], _signal(row)))
         entries: list[Entry] = []
         for row in rows:
             seq, payload = row["seq"], payloads[row["seq"]]
@@ -137,11 +149,17 @@ class DetectorInputs:
                 entries.append((places[trace], _execution(trace, nodes.get(trace, []), joined)))
             else:
                 trace = payload["trace_id"]
-                if trace not in nodes or executed_at.get(trace, 0) > seq:
+                if trace in executed_at:
+                    if executed_at[trace] > seq:
+                        continue  # not executed yet: it is joined when the execution completes
+                    place = places[trace][:3]
+                elif trace in before:
+                    place = before[trace][0]
+                else:
                     continue  # not executed yet: it is joined when the execution completes
-                place = (*self._place_of(trace, places), row["key"])
                 late = _execution(trace, nodes[trace], [_signal(payload)], feedback_only=True)
-                entries.append((place, late))
+                entries.append(((*place, row["key"]), late))
+        self._remember(executed_at, places)
         return entries
 
     def _places(self, executed_at: dict[str, int], payloads: dict[int, dict[str, Any]]) -> dict[str, Key]:
@@ -152,17 +170,29 @@ class DetectorInputs:
             places[trace] = (seq, 0, trace, "") if offset is None else (offset, partition, trace, "")
         return places
 
-    def _place_of(self, trace: str, places: dict[str, Key]) -> tuple[int, int, str]:
-        """Where late feedback sorts: right behind its execution (so it is late by construction)."""
-        if trace in places:
-            return places[trace][:3]
-        completed = ExecutionCompletedPayload
-        found = self.store.query(
-            f"SELECT seq, {completed.sql('offset', 'BIGINT')}, {completed.sql('partition', 'BIGINT')} "
-            "FROM events WHERE type = ? AND key = ? ORDER BY seq LIMIT 1",
-            EXECUTION_COMPLETED, trace,
-        )  # fmt: skip
-        if not found:
-            return (0, 0, trace)
-        seq, offset, partition = found[0]
-        return (seq, 0, trace) if offset is None else (offset, partition, trace)
+    def _executed_before(self, traces: set[str], first: int) -> dict[str, tuple[Place, list[int]]]:
+        """Of `traces`, those executed before `first`: where each sorts (right behind its first
+        execution, so its late feedback is late by construction) and its executions' seqs."""
+        found = {trace: self._executed[trace] for trace in traces if trace in self._executed}
+        missing = sorted(traces - found.keys())
+        if missing:
+            done = ExecutionCompletedPayload
+            for trace, seq, offset, partition in self.store.query(
+                f"SELECT key, seq, {done.sql('offset', 'BIGINT')}, {done.sql('partition', 'BIGINT')} "
+                "FROM events WHERE type = ? AND key = ANY(?::VARCHAR[]) AND seq < ? ORDER BY seq",
+                EXECUTION_COMPLETED, missing, first,
+            ):  # fmt: skip
+                place = (seq, 0, trace) if offset is None else (offset, partition, trace)
+                found.setdefault(trace, (place, []))[1].append(seq)
+        return found
+
+    def _remember(self, executed_at: dict[str, int], places: dict[str, Key]) -> None:
+        for trace, seq in executed_at.items():
+            known = self._executed.get(trace)
+            if known is None:
+                self._executed[trace] = (places[trace][:3], [seq])
+            else:
+                known[1].append(seq)
+                self._executed.move_to_end(trace)
+        while len(self._executed) > RECENT_EXECUTIONS:
+            self._executed.popitem(last=False)

@@ -38,11 +38,11 @@ from cegraph.daemon.ingest.normalize import (
     normalize_columns,
     with_log_details,
 )
-from cegraph.daemon.ingest.stored_keys import StoredKeys
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.spans import InvalidMessage, Node, SpanLog, SpanRecord
 from cegraph.daemon.store import MESSAGE_EVENTS, EventStore
+from cegraph.daemon.stored_keys import StoredKeys
 from cegraph.schemas.feedback import Feedback
 
 Decoder = Callable[[bytes], list[SpanRecord]]

@@ -4,9 +4,11 @@ feedback joined whether it comes before or after its execution."""
 from __future__ import annotations
 
 import orjson
+import pytest
 from otel_traces import make_traces, to_messages
 from pipeline_fixtures import ingest
 
+from cegraph.daemon.detect import inputs
 from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.detect.stage import DETECT, DetectorStage
 from cegraph.daemon.events import FAILURE_OBSERVED, MASS_OBSERVED
@@ -67,6 +69,41 @@ def test_feedback_before_and_after_its_execution(tmp_path):
     assert sources == {(early.trace_id, "feedback"), (late.trace_id, "feedback")}
     executions = sum(state.tick for state in stage.detector.mass.versions.values())
     assert executions == 2  # late feedback is no new execution
+    store.close()
+
+
+@pytest.mark.parametrize("window", [1, 20_000])
+def test_late_feedback_finds_its_execution_in_or_beyond_the_recent_window(tmp_path, monkeypatch, window):
+    """Late feedback joins the execution it names whether the detector still holds that execution's
+    place in memory or has to look it up in the log (the window smaller than the executions)."""
+    monkeypatch.setattr(inputs, "RECENT_EXECUTIONS", window)
+    traces = [t for t in make_traces(120, seed=5) if not (t.hard_failed or t.eval_failed)][:30]
+    store = EventStore(tmp_path / "s.duckdb")
+    ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(to_messages(traces))])
+    stage = DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=10)
+    detect = StageRunner(store, stage)
+    detect.drain()
+    assert observed(store) == []
+    named = [traces[0], traces[14], traces[-1]]  # the oldest, a middle one and the newest
+    ingest(store, [feedback(t.trace_id, i, f"wrong answer {i}") for i, t in enumerate(named)])
+    detect.drain()
+    failures = observed(store)
+    assert sorted(f["trace_id"] for f in failures) == sorted(t.trace_id for t in named)
+    assert all(f["span_id"] and f["node_id"] for f in failures)  # pointed at a node of the execution
+    assert sum(state.tick for state in stage.detector.mass.versions.values()) == len(traces)
+    store.close()
+
+
+def test_a_batch_without_feedback_does_not_read_the_feedback_table(tmp_path):
+    traces = make_traces(60, seed=4)
+    store = EventStore(tmp_path / "s.duckdb")
+    ingest(store, [feedback("0" * 32, 0, "for a trace that never came")])
+    ingest(store, [InMessage("spans", 0, i, m.value) for i, m in enumerate(to_messages(traces))])
+    asked: list[str] = []
+    query_dicts = store.query_dicts
+    store.query_dicts = lambda sql, *params: asked.append(sql) or query_dicts(sql, *params)
+    StageRunner(store, DetectorStage(store, lambda: FailureDetector(DetectorSettings()))).drain()
+    assert observed(store) and not [sql for sql in asked if "FROM feedback" in sql]
     store.close()
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cegraph.daemon.ingest import stored_keys
-from cegraph.daemon.ingest.stored_keys import StoredKeys
+from cegraph.daemon import stored_keys
+from cegraph.daemon.stored_keys import StoredKeys
 
 hex_ids = st.lists(st.text("0123456789abcdef", min_size=32, max_size=32), max_size=200)
 
