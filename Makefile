@@ -63,10 +63,11 @@ demo-kafka: $(STAMP)
 	@BOOTSTRAP=$$($(KAFKA) up --detach | head -1) && trap '$(KAFKA) down' EXIT && \
 		$(BIN)/cegraph demo --seed $(SEED) --out $(DEMO_OUT)-kafka --kafka $$BOOTSTRAP
 
-## test: lint, then every test; Kafka tests run against a real broker, Collector tests against the real
-## Collector (see tests/conftest.py)
+## test: lint, then every test on TEST_WORKERS pytest-xdist workers (one broker and one model server for
+## all); Kafka tests run against a real broker, Collector tests against the real Collector (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: setup lint collector
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## lint: ruff over the whole tree
 lint: setup

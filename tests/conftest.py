@@ -6,7 +6,8 @@ Which broker, in order: `KAFKA_BOOTSTRAP_SERVERS` if set; a testcontainers Kafka
 really answers; otherwise Apache Kafka started from its Maven Central jars (ops/kafka/local_kafka.py).
 The Collector is the one `make collector` builds from ops/otel-collector/manifest.yaml (built here if
 the cache lacks it). Under `CI=true` a Kafka or Collector test fails when its service can't be had;
-elsewhere it is skipped with the reason.
+elsewhere it is skipped with the reason. Under pytest-xdist the broker and the model server are
+started once, by the controller, for all workers (tests/fixtures/shared_services.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from llm_server import SERVERS_USED, llm_server  # noqa: F401 (a fixture for every test module)
-from needs import IN_CI, unavailable
+import shared_services
+from llm_server import SERVERS_USED, llm_server, start_llm  # noqa: F401 (a fixture for every test module)
+from needs import IN_CI, Unavailable, needed, unavailable
 
 BROKERS_USED: list[str] = []
 
@@ -40,13 +42,13 @@ def docker_engine_answers() -> bool:
     return result.returncode == 0
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
+def start_kafka(cleanup: Callable[[Callable[[], object]], None]) -> KafkaBroker:
+    """The broker of this run (module docstring for which); `cleanup` takes what stops it. Raises
+    `Unavailable` when none can be had."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
         BROKERS_USED.append(f"external Kafka at {external} (KAFKA_BOOTSTRAP_SERVERS)")
-        yield KafkaBroker(external, "external")
-        return
+        return KafkaBroker(external, "external")
     if docker_engine_answers():
         from testcontainers.kafka import KafkaContainer
 
@@ -54,11 +56,10 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
         try:
             container.start()
         except Exception as error:
-            unavailable("Kafka broker", f"testcontainers Kafka did not start: {error}")
-        request.addfinalizer(container.stop)
+            raise Unavailable("Kafka broker", f"testcontainers Kafka did not start: {error}") from error
+        cleanup(container.stop)
         BROKERS_USED.append(f"testcontainers Kafka at {container.get_bootstrap_server()}")
-        yield KafkaBroker(container.get_bootstrap_server(), "testcontainers")
-        return
+        return KafkaBroker(container.get_bootstrap_server(), "testcontainers")
     from local_kafka import KafkaStartError, LocalKafka
 
     broker = LocalKafka()
@@ -68,13 +69,25 @@ def kafka_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
             break
         except KafkaStartError as error:
             if attempt == 2:
-                unavailable("Kafka broker", f"the local Apache Kafka did not start: {error}")
-    request.addfinalizer(broker.stop)
+                raise Unavailable("Kafka broker", f"the local Apache Kafka did not start: {error}") from error
+    cleanup(broker.stop)
     assert broker.process is not None
     BROKERS_USED.append(
         f"Apache Kafka started by the fixture (KRaft, pid {broker.process.pid}) at {broker.bootstrap_servers}"
     )
-    yield KafkaBroker(broker.bootstrap_servers, "apache-kafka-local")
+    return KafkaBroker(broker.bootstrap_servers, "apache-kafka-local")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(request: pytest.FixtureRequest) -> KafkaBroker:
+    return shared_services.use("kafka", KafkaBroker) or needed(lambda: start_kafka(request.addfinalizer))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if shared_services.is_controller(config):
+        shared_services.start(
+            {"kafka": lambda: start_kafka(config.add_cleanup), "llm": lambda: start_llm(config.add_cleanup)}
+        )
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import shared_services
 from needs import alive, unavailable, wait_gone
 
 from local_kafka import random_cluster_id
@@ -62,7 +63,8 @@ def test_interrupted_test_run_stops_its_broker(tmp_path):
         "    print('READY', flush=True)\n    time.sleep(300)\n"
     )
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
-    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    outer = {"KAFKA_BOOTSTRAP_SERVERS", shared_services.ENVIRONMENT}  # the inner run starts its own
+    env = {k: v for k, v in os.environ.items() if k not in outer}
     paths = ("ops/kafka", "ops/llm", "tests/fixtures")
     env["PYTHONPATH"] = os.pathsep.join(str(ROOT / part) for part in paths)
     run = subprocess.Popen(
