@@ -191,6 +191,9 @@ def bake(vectors: list[np.ndarray], truth: list[str], late: str | None = None) -
             "modes": len(set(labels) - {"noise"}),
             "failures_per_s": len(vectors) / elapsed,
         }
+        if isinstance(candidate, Tracked):  # how many failures are at the end in their arrival mode
+            end = [candidate.tracker.classify(v) or "noise" for v in vectors]
+            row["arrival_mode_kept"] = sum(a == b for a, b in zip(labels, end, strict=True)) / len(end)
         if late is not None:
             own = [label for label, t in zip(labels, truth, strict=True) if t == late]
             earlier = set(labels[: truth.index(late)])

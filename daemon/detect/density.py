@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 NOISE = ""  # failures in micro-clusters too light to belong to a mode yet
@@ -238,6 +238,8 @@ class ModeTracker:
         self._ids = ids if ids is not None else ModeIds()
         self._micro_mode: dict[int, str] = {}
         self._partition: list[list[int]] = []  # micro-cluster ids of every group, light ones too
+        self._whole: set[frozenset[int]] = set()  # groups of it that are pieces of a split test
+        self._tested_at = 0  # the micro-clusters' tick at the last split tests
         self._pending: list[int] = []  # micro-cluster of each failure learned since the last assign()
 
     def learn_one(self, x: np.ndarray) -> None:
@@ -286,7 +288,8 @@ class ModeTracker:
         """Groups of micro-clusters heavy enough to be a mode: label -> {micro-cluster id: weight}.
         Every group of the previous partition is tested for a split, then the pieces and the
         micro-clusters that are new since then are merged (`average_linkage`); the partition, light
-        groups included, is kept for the next call."""
+        groups included, is kept for the next call. A group found whole whose micro-clusters have
+        not moved since is whole again, so it is not tested: the cost follows what changed."""
         self.micro.fade()
         ids = self.micro.ids.tolist()
         row_of = {micro_id: row for row, micro_id in enumerate(ids)}
@@ -296,11 +299,19 @@ class ModeTracker:
         pieces: list[list[int]] = []
         for group in self._partition:
             rows = [row_of[micro_id] for micro_id in group if micro_id in row_of]
-            pieces.extend(self._split(distances, rows))
+            unmoved = len(rows) == len(group) and self.micro.ticks[rows].max(initial=0) <= self._tested_at
+            pieces.extend(
+                [rows] if unmoved and frozenset(group) in self._whole else self._split(distances, rows)
+            )
         placed = {row for piece in pieces for row in piece}
         pieces.extend([row] for row in range(len(ids)) if row not in placed)
         partition = average_linkage(distances, pieces, self.mode_distance)
         self._partition = [[ids[row] for row in group] for group in partition]
+        whole = {frozenset(piece) for piece in pieces}
+        self._whole = {
+            frozenset(group) for group in self._partition if frozenset(map(row_of.get, group)) in whole
+        }
+        self._tested_at = self.micro.tick
         weights = self.micro.current_weights()
         return {
             label: {ids[row]: float(weights[row]) for row in group}
@@ -309,16 +320,18 @@ class ModeTracker:
         }
 
     def _split(self, distances: np.ndarray, rows: list[int]) -> list[list[int]]:
-        """An earlier group's micro-clusters as the agglomeration of them alone parts them: one piece
-        while they still belong together under the cut."""
+        """An earlier group's micro-clusters as the average linkage of them alone parts them at the
+        cut: one piece while they still belong together."""
         if len(rows) < 2:
             return [rows] if rows else []
+        pieces: list[list[int] | None] = [[row] for row in rows]
         tree = linkage(squareform(distances[np.ix_(rows, rows)], checks=False), method="average")
-        labels = fcluster(tree, t=self.mode_distance, criterion="distance")
-        pieces: dict[int, list[int]] = {}
-        for row, label in zip(rows, labels.tolist(), strict=True):
-            pieces.setdefault(label, []).append(row)
-        return list(pieces.values())
+        for a, b, height, _ in tree.tolist():  # merges in increasing height (average linkage)
+            if not height < self.mode_distance:
+                break
+            pieces.append(pieces[int(a)] + pieces[int(b)])
+            pieces[int(a)] = pieces[int(b)] = None
+        return [piece for piece in pieces if piece is not None]
 
     def _recluster(self) -> list[ModeChange]:
         groups = self._groups()
