@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT / "tests" / "fixtures")]
 from fss_fixtures import mechanism_stream, planted_stream  # noqa: E402
 from results_file import report  # noqa: E402
 from river import cluster  # noqa: E402
-from sklearn.cluster import HDBSCAN, KMeans  # noqa: E402
+from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans  # noqa: E402
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, silhouette_score  # noqa: E402
 
 from cegraph.daemon.detect.density import NOISE, ModeTracker  # noqa: E402
@@ -74,6 +74,29 @@ class Tracked:
         for point in points:
             self.tracker.learn_one(point)
         return [mode or "noise" for mode in self.tracker.assign()[0]]
+
+
+class FromScratchTracker(ModeTracker):
+    """The macro step before the incremental one: the agglomeration of all micro-cluster centres
+    recomputed from scratch at every batch (scikit-learn's average linkage at the same cut)."""
+
+    def _groups(self) -> dict[int, dict[int, float]]:
+        self.micro.fade()
+        if not len(self.micro):
+            return {}
+        labels = np.zeros(1, dtype=np.int64)
+        if len(self.micro) > 1:
+            labels = (
+                AgglomerativeClustering(
+                    n_clusters=None, distance_threshold=self.mode_distance, metric="cosine", linkage="average"
+                )
+                .fit(self.micro.directions())
+                .labels_
+            )
+        groups: dict[int, dict[int, float]] = {}
+        for micro_id, label, weight in zip(self.micro.ids, labels, self.micro.current_weights(), strict=True):
+            groups.setdefault(int(label), {})[int(micro_id)] = float(weight)
+        return {label: g for label, g in groups.items() if sum(g.values()) >= self.minimum_weight}
 
 
 class HdbscanTracker(ModeTracker):
@@ -131,9 +154,10 @@ class ReservoirPrototypes:
 
 
 CANDIDATES = {
-    "micro-clusters + agglomerative cut (chosen)": lambda: Tracked(ModeTracker()),
-    "micro-clusters + agglomerative cut 0.5": lambda: Tracked(ModeTracker(mode_distance=0.5)),
-    "micro-clusters + agglomerative cut 0.8": lambda: Tracked(ModeTracker(mode_distance=0.8)),
+    "micro-clusters + incremental agglomerative cut (chosen)": lambda: Tracked(ModeTracker()),
+    "micro-clusters + agglomerative cut from scratch (before)": lambda: Tracked(FromScratchTracker()),
+    "micro-clusters + incremental agglomerative cut 0.5": lambda: Tracked(ModeTracker(mode_distance=0.5)),
+    "micro-clusters + incremental agglomerative cut 0.8": lambda: Tracked(ModeTracker(mode_distance=0.8)),
     "micro-clusters + HDBSCAN": lambda: Tracked(HdbscanTracker()),
     "River DBSTREAM r=1.05 (before)": lambda: RiverModel(
         cluster.DBSTREAM(
@@ -167,6 +191,9 @@ def bake(vectors: list[np.ndarray], truth: list[str], late: str | None = None) -
             "modes": len(set(labels) - {"noise"}),
             "failures_per_s": len(vectors) / elapsed,
         }
+        if isinstance(candidate, Tracked):  # how many failures are at the end in their arrival mode
+            end = [candidate.tracker.classify(v) or "noise" for v in vectors]
+            row["arrival_mode_kept"] = sum(a == b for a, b in zip(labels, end, strict=True)) / len(end)
         if late is not None:
             own = [label for label, t in zip(labels, truth, strict=True) if t == late]
             earlier = set(labels[: truth.index(late)])

@@ -6,8 +6,13 @@ Two levels, chosen by the bake-off in bench/bench_modes.py (docs/modes.md):
   (cosine distance) or starts one. Weights decay (`half_life` failures), so old modes fade. The count
   is bounded (`capacity`): past it the lightest micro-cluster is merged into its nearest neighbour, so
   the per-failure cost is one distance to at most `capacity` centres.
-- modes, at every `assign()`: average-linkage agglomerative clustering (scikit-learn) of the
-  micro-cluster centres, cut at `mode_distance` (cosine). A group whose decayed weight reaches
+- modes, at every `assign()`: an incremental average-linkage agglomeration of the micro-cluster
+  centres, cut at `mode_distance` (cosine). It starts from the previous partition, not from scratch:
+  each earlier group is first tested for a split (the agglomeration of its own micro-clusters), then
+  the pieces and the new micro-clusters are merged pairwise while their mean distance is under the
+  cut. A micro-cluster changes group only when its group splits or merges, so a mode keeps its
+  members and an id names the same failures over the stream (recomputed from scratch, near-equal
+  linkages moved micro-clusters between groups at every batch). A group whose decayed weight reaches
   `minimum_weight` is a mode; lighter groups are noise. The cut is a distance, not a number of modes:
   the daemon does not know how many modes there are, and a new one must be free to appear.
 
@@ -29,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import AgglomerativeClustering
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
 
 NOISE = ""  # failures in micro-clusters too light to belong to a mode yet
 HASHED_MODE_DISTANCE = 0.7  # the cut for hashed-term signatures (see `ModeTracker`)
@@ -69,6 +75,38 @@ class ModeIds:
 def unit(x: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(x))
     return x / norm if norm > 0 else x
+
+
+def average_linkage(distances: np.ndarray, groups: list[list[int]], cut: float) -> list[list[int]]:
+    """Average-linkage agglomeration of the points of `distances` (a symmetric matrix), starting from
+    `groups` (lists of row indices) rather than from single points: the two groups with the smallest
+    mean pairwise distance merge while it is under `cut`. From single points it is the textbook
+    (scikit-learn's) average linkage; from an earlier partition it can only join what was apart."""
+    groups = [list(group) for group in groups]
+    k = len(groups)
+    if k < 2:
+        return groups
+    order = [row for group in groups for row in group]
+    counts = np.array([len(group) for group in groups], dtype=np.float64)
+    starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.intp)
+    sums = np.add.reduceat(np.add.reduceat(distances[np.ix_(order, order)], starts, axis=0), starts, axis=1)
+    mean = sums / np.outer(counts, counts)
+    np.fill_diagonal(mean, np.inf)
+    alive = np.ones(k, dtype=bool)
+    while True:
+        i, j = sorted(divmod(int(np.argmin(mean)), k))
+        if not mean[i, j] < cut:
+            break
+        sums[i] += sums[j]
+        sums[:, i] += sums[:, j]
+        counts[i] += counts[j]
+        groups[i] += groups[j]
+        alive[j] = False
+        row = np.where(alive, sums[i] / (counts[i] * counts), np.inf)
+        row[i] = np.inf
+        mean[i], mean[:, i] = row, row
+        mean[j], mean[:, j] = np.inf, np.inf
+    return [group for group, live in zip(groups, alive, strict=True) if live]
 
 
 class MicroClusters:
@@ -199,6 +237,9 @@ class ModeTracker:
         self.modes: dict[str, TrackedMode] = {}
         self._ids = ids if ids is not None else ModeIds()
         self._micro_mode: dict[int, str] = {}
+        self._partition: list[list[int]] = []  # micro-cluster ids of every group, light ones too
+        self._whole: set[frozenset[int]] = set()  # groups of it that are pieces of a split test
+        self._tested_at = 0  # the micro-clusters' tick at the last split tests
         self._pending: list[int] = []  # micro-cluster of each failure learned since the last assign()
 
     def learn_one(self, x: np.ndarray) -> None:
@@ -244,30 +285,53 @@ class ModeTracker:
         return self.classify(self.micro.directions()[rows[0]], exclude=micro_id) if len(rows) else NOISE
 
     def _groups(self) -> dict[int, dict[int, float]]:
-        """Agglomerated micro-clusters heavy enough to be a mode: label -> {micro-cluster id: weight}."""
+        """Groups of micro-clusters heavy enough to be a mode: label -> {micro-cluster id: weight}.
+        Every group of the previous partition is tested for a split, then the pieces and the
+        micro-clusters that are new since then are merged (`average_linkage`); the partition, light
+        groups included, is kept for the next call. A group found whole whose micro-clusters have
+        not moved since is whole again, so it is not tested: the cost follows what changed."""
         self.micro.fade()
-        count = len(self.micro)
-        if count == 0:
-            return {}
-        if count == 1:
-            labels = np.zeros(1, dtype=np.int64)
-        else:
-            labels = (
-                AgglomerativeClustering(
-                    n_clusters=None, distance_threshold=self.mode_distance, metric="cosine", linkage="average"
-                )
-                .fit(self.micro.directions())
-                .labels_
+        ids = self.micro.ids.tolist()
+        row_of = {micro_id: row for row, micro_id in enumerate(ids)}
+        directions = self.micro.directions()
+        distances = np.clip(1.0 - directions @ directions.T, 0.0, 2.0)
+        np.fill_diagonal(distances, 0.0)
+        pieces: list[list[int]] = []
+        for group in self._partition:
+            rows = [row_of[micro_id] for micro_id in group if micro_id in row_of]
+            unmoved = len(rows) == len(group) and self.micro.ticks[rows].max(initial=0) <= self._tested_at
+            pieces.extend(
+                [rows] if unmoved and frozenset(group) in self._whole else self._split(distances, rows)
             )
-        weights = self.micro.current_weights()
-        groups: dict[int, dict[int, float]] = {}
-        for micro_id, label, weight in zip(self.micro.ids, labels, weights, strict=True):
-            groups.setdefault(int(label), {})[int(micro_id)] = float(weight)
-        return {
-            label: members
-            for label, members in groups.items()
-            if sum(members.values()) >= self.minimum_weight
+        placed = {row for piece in pieces for row in piece}
+        pieces.extend([row] for row in range(len(ids)) if row not in placed)
+        partition = average_linkage(distances, pieces, self.mode_distance)
+        self._partition = [[ids[row] for row in group] for group in partition]
+        whole = {frozenset(piece) for piece in pieces}
+        self._whole = {
+            frozenset(group) for group in self._partition if frozenset(map(row_of.get, group)) in whole
         }
+        self._tested_at = self.micro.tick
+        weights = self.micro.current_weights()
+        return {
+            label: {ids[row]: float(weights[row]) for row in group}
+            for label, group in enumerate(partition)
+            if weights[group].sum() >= self.minimum_weight
+        }
+
+    def _split(self, distances: np.ndarray, rows: list[int]) -> list[list[int]]:
+        """An earlier group's micro-clusters as the average linkage of them alone parts them at the
+        cut: one piece while they still belong together."""
+        if len(rows) < 2:
+            return [rows] if rows else []
+        pieces: list[list[int] | None] = [[row] for row in rows]
+        tree = linkage(squareform(distances[np.ix_(rows, rows)], checks=False), method="average")
+        for a, b, height, _ in tree.tolist():  # merges in increasing height (average linkage)
+            if not height < self.mode_distance:
+                break
+            pieces.append(pieces[int(a)] + pieces[int(b)])
+            pieces[int(a)] = pieces[int(b)] = None
+        return [piece for piece in pieces if piece is not None]
 
     def _recluster(self) -> list[ModeChange]:
         groups = self._groups()

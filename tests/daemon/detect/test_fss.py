@@ -9,9 +9,10 @@ import pytest
 from fss_fixtures import mechanism_stream, node, planted_stream, verdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import adjusted_mutual_info_score, homogeneity_score
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, homogeneity_score
 
-from cegraph.daemon.detect.density import NOISE, MicroClusters, ModeTracker, unit
+from cegraph.daemon.detect.density import NOISE, MicroClusters, ModeTracker, average_linkage, unit
 from cegraph.daemon.detect.failures import FeedbackSignal, label_failures
 from cegraph.daemon.detect.signature import (
     DIM,
@@ -246,6 +247,91 @@ def test_mode_ids_stay_stable_and_a_new_mode_gets_a_new_id():
         assert len(ids_of(mode, 500, 3_000)) == 1, mode  # the same id before and after the new mode
     new = ids_of("format", 2_000, 3_000)
     assert len(new) == 1 and new.isdisjoint(ids_of("calc", 0, 3_000) | ids_of("search", 0, 3_000))
+
+
+def test_ids_and_members_stay_put_when_the_data_does_not_change():
+    """Reclustering the same micro-clusters again changes nothing: no mode emerges, merges or fades,
+    and every micro-cluster keeps its mode."""
+    stream = mechanism_stream(600, 3, {"carry": 1, "misread": 1, "format": 1})
+    tracker = ModeTracker()
+    run_tracker(stream, tracker)
+    before = dict(tracker._micro_mode)
+    for _ in range(3):
+        assert tracker.assign() == ([], [])
+        assert tracker._micro_mode == before
+
+
+def test_a_member_stays_in_its_mode_while_the_mode_holds_together():
+    """Failures at 0, 26 and 54 degrees make one mode; then 81 and 108 degrees arrive beside the mode at
+    135. Agglomerated from scratch, the failure at 54 degrees would now go with them (its mean distance
+    to 54..135 is the smaller); its mode still holds together under the cut, so it stays in it."""
+
+    def at(degrees: float) -> np.ndarray:
+        return np.array([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))])
+
+    tracker = ModeTracker()
+    for degrees in (0, 26, 54, 135):
+        for _ in range(3):
+            tracker.learn_one(at(degrees))
+    first, _ = tracker.assign()
+    assert first[0] == first[3] == first[6] != first[9] != NOISE
+    for degrees in (81, 108):
+        for _ in range(3):
+            tracker.learn_one(at(degrees))
+    tracker.assign()
+    assert tracker.classify(at(54)) == first[0] and tracker.classify(at(135)) == first[9]
+    assert tracker.classify(at(108)) == first[9]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(-1, 1), min_size=3, max_size=3), min_size=2, max_size=25),
+    st.floats(0.05, 1.5),
+)
+def test_average_linkage_from_single_points_is_the_textbook_one(points, cut):
+    """From single points, `average_linkage` parts the points as scikit-learn's average linkage does."""
+    vectors = np.array([unit(np.array(p)) for p in points if np.linalg.norm(p) > 1e-3])
+    if len(vectors) < 2:
+        return
+    distances = np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
+    np.fill_diagonal(distances, 0.0)
+    ours = np.zeros(len(vectors), dtype=np.int64)
+    for label, group in enumerate(average_linkage(distances, [[i] for i in range(len(vectors))], cut)):
+        ours[group] = label
+    theirs = (
+        AgglomerativeClustering(
+            n_clusters=None, distance_threshold=cut, metric="precomputed", linkage="average"
+        )
+        .fit(distances)
+        .labels_
+    )
+    assert adjusted_rand_score(theirs, ours) == pytest.approx(1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(-1, 1), min_size=3, max_size=3), min_size=2, max_size=25),
+    st.floats(0.05, 1.5),
+    st.randoms(use_true_random=False),
+)
+def test_average_linkage_only_joins_what_was_apart(points, cut, rng):
+    """From an earlier partition, every earlier group ends whole inside one group, and no two groups
+    that remain are closer on average than the cut."""
+    vectors = np.array([unit(np.array(p)) for p in points if np.linalg.norm(p) > 1e-3])
+    if len(vectors) < 2:
+        return
+    distances = np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
+    np.fill_diagonal(distances, 0.0)
+    earlier: dict[int, list[int]] = {}
+    for row in range(len(vectors)):
+        earlier.setdefault(rng.randrange(len(vectors)), []).append(row)
+    result = average_linkage(distances, list(earlier.values()), cut)
+    assert sorted(row for group in result for row in group) == list(range(len(vectors)))
+    home = {row: index for index, group in enumerate(result) for row in group}
+    assert all(len({home[row] for row in group}) == 1 for group in earlier.values())
+    for a, one in enumerate(result):
+        for other in result[a + 1 :]:
+            assert distances[np.ix_(one, other)].mean() >= cut - 1e-9
 
 
 def test_a_mode_whose_cause_stops_fades():
