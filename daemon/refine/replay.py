@@ -7,7 +7,9 @@ are what ingest stored: redacted (a masked e-mail address is replayed masked) an
 `CEGRAPH_INGEST__MAX_TEXT_CHARS`; an input that was cut is no longer JSON and is not replayed.
 
 A sample for a mode is stratified: half its counterexamples, half control (successes, and failures
-of other modes or of none), each stratum drawn uniformly by a seeded hash of the trace id. Each
+of other modes or of none), each stratum drawn uniformly by a seeded hash of the trace id. A job
+draws two: the sample its candidates are chosen on, and a disjoint fresh one its winner is
+confirmed and reported on. Each
 item carries the weight (stratum size / items drawn from it) that turns sample rates back into
 rates of the recorded traffic, and the expected output of the latest feedback on its execution
 that has one (`expected`): the reference its replays are judged against.
@@ -15,6 +17,7 @@ that has one (`expected`): the reference its replays are judged against.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -113,17 +116,29 @@ class ReplayStore:
         return family
 
     def sample(
-        self, workflow_id: str, version: str, mode: str, size: int, *, until_seq: int, seed: int = 0
+        self,
+        workflow_id: str,
+        version: str,
+        mode: str,
+        size: int,
+        *,
+        until_seq: int,
+        seed: int = 0,
+        exclude: Collection[str] = (),
     ) -> ReplaySample:
         """Up to `size` items: half the mode's counterexamples, the rest control in proportion to
-        successes and other failures (at least one of each when there are any)."""
+        successes and other failures (at least one of each when there are any). `exclude` (trace ids)
+        keeps a second sample disjoint from a first: its weights stand for the traffic left."""
         rows = self.store.query_dicts(
             REPLAYABLE,
             workflow_id, version, until_seq, self.retention, self.mode_family(mode), f"/{seed}",
         )  # fmt: skip
         strata: dict[str, list[dict[str, Any]]] = {"target": [], "other": [], "success": []}
         unreplayable = 0
+        excluded = frozenset(exclude)
         for row in sorted(rows, key=lambda r: r["draw"]):
+            if row["trace_id"] in excluded:
+                continue
             row["input"] = _input(row["input_text"])
             if row["input"] is None:
                 unreplayable += 1

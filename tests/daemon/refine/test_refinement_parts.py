@@ -151,6 +151,10 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
         )
         replay = ReplayStore(daemon.store, retention=10_000)
         sample = replay.sample("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
+        chosen = [item.trace_id for item in sample.items]
+        fresh = replay.sample(
+            "arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor, seed=1, exclude=chosen
+        )
         failed = dict(daemon.store.query("SELECT trace_id, hard_failed OR eval_failed FROM executions"))
         seeds = dict(daemon.store.query("SELECT trace_id, seed FROM event_spans WHERE seed IS NOT NULL"))
     finally:
@@ -163,6 +167,11 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
     assert all(failed[item.trace_id] for item in sample.of("target"))
     assert not any(failed[item.trace_id] for item in sample.of("success"))
     assert all(item.seed == seeds[item.trace_id] and "question" in item.input for item in sample.items)
+    # the fresh sample a winner is confirmed on: disjoint, and its weights stand for the rest
+    assert len(fresh.of("target")) == 20 and not {item.trace_id for item in fresh.items} & set(chosen)
+    for stratum, size in fresh.population.items():
+        assert size == sample.population[stratum] - len(sample.of(stratum))
+        assert abs(sum(item.weight for item in fresh.of(stratum)) - size) < 1e-6
 
 
 def test_the_http_shadow_protocol_gives_the_same_executions_as_the_built_in_runtime():

@@ -13,7 +13,7 @@ from cegraph.daemon.detect.density import NOISE
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.refine.signing import sign, signed_only, verify_signature
-from cegraph.daemon.refine.verification import compare, judge, mcnemar, paired_bootstrap
+from cegraph.daemon.refine.verification import compare, judge, mcnemar, paired_bootstrap, per_candidate_alpha
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import example_spec
 
@@ -37,6 +37,24 @@ def test_mcnemar_is_symmetric_and_p_values_are_probabilities(pairs):
     assert forward.p_better == backward.p_worse and forward.p_worse == backward.p_better
     assert 0 < forward.p_better <= 1 and 0 < forward.p_worse <= 1
     assert forward.change == pytest.approx(-backward.change)
+
+
+def test_a_round_of_candidates_with_no_effect_accepts_one_at_most_alpha_of_the_time_once_corrected():
+    """Eight candidates per round, none better than the current spec (both fail each of 40 inputs
+    with probability 1/2, independently): uncorrected, some candidate passes in far more than 5% of
+    rounds; at alpha / 8 per candidate, in at most 5%."""
+    rng, alpha, rounds, candidates = random.Random(11), 0.05, 2_000, 8
+    uncorrected = corrected = 0
+    for _ in range(rounds):
+        p_values = []
+        for _ in range(candidates):
+            base = [rng.random() < 0.5 for _ in range(40)]
+            p_values.append(mcnemar(base, [rng.random() < 0.5 for _ in range(40)]).p_better)
+        uncorrected += min(p_values) < alpha
+        corrected += min(p_values) < per_candidate_alpha(alpha, candidates)
+    assert uncorrected / rounds > 2 * alpha
+    assert corrected / rounds <= alpha
+    assert per_candidate_alpha(alpha, 0) == alpha
 
 
 def test_paired_bootstrap_covers_a_known_shift():
