@@ -46,7 +46,7 @@ from cegraph.daemon.refine.proposers import (
     Proposals,
     Proposer,
 )
-from cegraph.daemon.refine.replay import ReplaySample, ReplayStore
+from cegraph.daemon.refine.replay import ReplaySample, ReplayStore, mode_family, needed
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
 from cegraph.daemon.refine.text_policy import screen_edit
 from cegraph.daemon.refine.verification import Verdict, compare, per_candidate_alpha
@@ -59,7 +59,7 @@ from cegraph.schemas.workflow import WorkflowSpec
 
 log = logging.getLogger("cegraph.refiner")
 
-MIN_COUNTEREXAMPLES = 5
+MIN_COUNTEREXAMPLES = 5  # in each of the selection and the confirmation sample
 EXAMPLES_SHOWN = 8  # counterexamples a proposer sees
 GOOD_ENOUGH = 0.25  # a candidate that leaves at most this share of the target mode ends its round
 
@@ -136,19 +136,15 @@ class JobReader:
         self.sample_size = sample
 
     def read(self, job: Job) -> JobInputs:
-        sample = self.replay.sample(
+        sample, fresh = self.replay.samples(
             job.workflow_id, job.workflow_version, job.mode, self.sample_size, until_seq=job.until_seq
         )
-        target = self.replay.mode_family(job.mode)
+        target = mode_family(self.store, job.mode)
         versions = {v.version: v.content_hash for v in self.registry.versions(job.workflow_id)}
         try:
             base, missing = self.registry.get(job.workflow_id, job.workflow_version).spec, ""
         except UnknownWorkflowError as error:
             base, missing = None, f"{error}: register the spec (`cegraph workflows register`) to refine it"
-        fresh = self.replay.sample(
-            job.workflow_id, job.workflow_version, job.mode, self.sample_size, until_seq=job.until_seq,
-            seed=1, exclude=[item.trace_id for item in sample.items],
-        )  # fmt: skip
         failures = self._failures(sample, target)
         examples = self._counterexamples(failures, base)
         return JobInputs(base, sample, target, failures, examples, versions, fresh, missing)
@@ -232,26 +228,26 @@ class Refiner:
         started = self.clock()
         spent = _Spent(record)
 
-        def finish(outcome: str, reason: str, patch: WorkflowPatch | None = None, spec=None) -> JobEnd:
+        def finish(
+            outcome: str, reason: str, patch: WorkflowPatch | None = None, spec=None, waiting_for: int = 0
+        ) -> JobEnd:
             cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
-            return self._finish(job, outcome, reason, cost, patch, spec, spent)
+            return self._finish(job, outcome, reason, cost, patch, spec, spent, waiting_for)
 
         base, sample = inputs.base, inputs.sample
         if base is None:
             return finish("skipped", inputs.missing)
-        if len(sample.of("target")) < MIN_COUNTEREXAMPLES:
+        missing = needed(MIN_COUNTEREXAMPLES) - sample.population["target"]
+        if missing > 0:
             return finish(
-                "skipped",
-                f"{len(sample.of('target'))} replayable counterexamples, {MIN_COUNTEREXAMPLES} needed "
-                f"({sample.unreplayable} executions had no replayable input)",
+                "waiting",
+                f"{sample.population['target']} replayable counterexamples, {needed(MIN_COUNTEREXAMPLES)} "
+                f"needed ({MIN_COUNTEREXAMPLES} each to choose and to confirm on; "
+                f"{sample.unreplayable} executions had no replayable input): tried again after "
+                f"{missing} more failure(s) of the mode",
+                waiting_for=missing,
             )
         fresh = inputs.fresh.items
-        if len(inputs.fresh.of("target")) < MIN_COUNTEREXAMPLES:
-            return finish(
-                "skipped",
-                f"{len(inputs.fresh.of('target'))} fresh counterexamples to confirm a winner on (beside "
-                f"the {len(sample.of('target'))} candidates are chosen on), {MIN_COUNTEREXAMPLES} needed",
-            )
         target = frozenset(inputs.target)
         items = sample.items
         baseline = await self.runner.run(base, items, classifier)
@@ -308,7 +304,7 @@ class Refiner:
         """End a job that raised: it is not run again (a job whose process died is)."""
         return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
 
-    def _finish(self, job, outcome, reason, cost, patch=None, spec=None, spent=None) -> JobEnd:
+    def _finish(self, job, outcome, reason, cost, patch=None, spec=None, spent=None, waiting_for=0) -> JobEnd:
         spent = spent or _Spent(lambda _: None)
         finished = RefinementFinishedPayload(
             job_id=job.job_id,
@@ -324,6 +320,7 @@ class Refiner:
             patch=None
             if patch is None
             else {"new_version": patch.new_version, "content_hash": patch.content_hash},
+            waiting_for=waiting_for,
         )
         log.info(
             "job %s (%s@%s, mode %s): %s, %s",

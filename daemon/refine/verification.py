@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from cegraph.schemas.patch import Verification
 
 
@@ -95,17 +97,43 @@ def paired_bootstrap(
     resamples: int = 2_000,
     seed: int = 0,
 ) -> Interval:
-    """Percentile interval of mean(candidate - base) over inputs resampled with replacement."""
+    """Percentile interval of mean(candidate - base) over inputs resampled with replacement. The
+    resamples are those of `random.Random(seed).randrange` (`resample_indices`), each mean summed in
+    input order, so the numbers are the same as a plain loop's, bit for bit, in a fraction of the time."""
     if len(base) != len(candidate) or not base:
         raise ValueError("paired outcomes need the same, non-empty inputs on both sides")
-    differences = [c - b for b, c in zip(base, candidate, strict=True)]
-    rng = random.Random(seed)
+    differences = np.asarray(candidate, dtype=float) - np.asarray(base, dtype=float)
     n = len(differences)
-    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    drawn = differences[resample_indices(n, resamples, seed)]
+    sums = np.zeros(resamples)
+    for column in drawn.T:  # left to right, as `sum` adds them
+        sums += column
+    means = np.sort(sums / n)
     tail = (1 - confidence) / 2
-    low = means[int(tail * (resamples - 1))]
-    high = means[math.ceil((1 - tail) * (resamples - 1))]
-    return Interval(sum(differences) / n, low, high)
+    low = float(means[int(tail * (resamples - 1))])
+    high = float(means[math.ceil((1 - tail) * (resamples - 1))])
+    return Interval(sum(differences.tolist()) / n, low, high)
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """`resamples` rows of `n` indices below `n`: the draws `random.Random(seed).randrange(n)` makes,
+    in order. Its Mersenne Twister state is handed to numpy's, whose raw 32-bit words are cut to
+    `n.bit_length()` bits and those at `n` or above rejected, as `randrange` does (n < 2**32)."""
+    if not 0 < n < 2**32:
+        raise ValueError("between 1 and 2**32 - 1 inputs")
+    state = random.Random(seed).getstate()[1]
+    generator = np.random.MT19937()
+    key = np.array(state[:-1], dtype=np.uint32)
+    generator.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": state[-1]}}
+    bits = n.bit_length()
+    wanted = n * resamples
+    kept: list[np.ndarray] = []
+    while wanted > 0:
+        words = generator.random_raw(wanted * 2**bits // n * 9 // 8 + 64) >> (32 - bits)
+        accepted = words[words < n]
+        kept.append(accepted[:wanted])
+        wanted -= len(kept[-1])
+    return np.concatenate(kept).astype(np.intp).reshape(resamples, n)
 
 
 def per_candidate_alpha(alpha: float, candidates: int) -> float:
