@@ -59,6 +59,7 @@ class StageRunner:
             self.open()
         step = self.stage.poll()
         if step is None:
+            self._store_passed_over()
             return None
         if step.passed_over and not step.events:
             self._unstored = step.checkpoint
@@ -119,13 +120,20 @@ class StageRunner:
             self._committed.notify_all()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
-        if self._unstored is not None and self.store.usable:
+        if self.store.usable:
             try:  # else the next start reads the passed-over stretch again, and finds nothing again
-                self.store.append([], cursors={self.name: self._unstored})
-                self._unstored = None
+                self._store_passed_over()
             except Exception as error:
                 log.warning("stage %s: its last checkpoint was not stored (%s)", self.name, error)
         self.stage.close()
+
+    def _store_passed_over(self) -> None:
+        """Store a passed-over checkpoint once the stage is caught up: while it has work, the next
+        step's commit supersedes it; when idle, a transaction costs no throughput, and the stored
+        cursor (what /stats and a restart see) then matches what the stage has read."""
+        if self._unstored is not None:
+            self.store.append([], cursors={self.name: self._unstored})
+            self._unstored = None
 
     def _loop(self) -> None:
         failures = 0

@@ -43,9 +43,10 @@ class Step:
     """One piece of a stage's work: the events to append and the checkpoint once they are.
 
     `passed_over`: the stretch held nothing the stage reads (the log's end is the events of its own
-    last step), so no event and no state came of it. The runner then keeps the checkpoint in memory
-    and stores it with the stage's next step rather than in a transaction of its own: after a crash
-    the stage reads the stretch again and again finds nothing in it."""
+    last step), so no event and no state came of it. The runner then keeps the checkpoint in memory,
+    without a transaction of its own: the next step's checkpoint, stored with its events, lies past
+    it; when there is no next step yet (the stage is caught up) or at `stop()`, the runner stores it.
+    After a crash the stage reads the stretch again and finds nothing."""
 
     events: list[Event]
     checkpoint: Checkpoint

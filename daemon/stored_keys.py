@@ -2,10 +2,11 @@
 
 Ingest asks this of every trace it completes (a trace read again after a crash or a rebalance must
 amend the stored execution, not become a second one) and of every feedback and dead letter (one
-delivered again adds nothing). Asking the store each time costs a scan that grows with it (246 ms
-per flush at 1,000,000 executions, measured for issue 19). A Bloom filter over every stored key
-answers "certainly not" for new ones at a fixed cost; only its hits, the keys really stored and
-about one in 10,000 of the others, are looked up exactly in the store.
+delivered again adds nothing); the detector, of every execution it reads (whether it may have
+feedback stored before it, `daemon/detect/inputs.py`). Asking the store each time costs a scan
+that grows with it (246 ms per flush at 1,000,000 executions, measured for issue 19). A Bloom
+filter over every stored key answers "certainly not" for new ones at a fixed cost; only its hits,
+the keys really stored and about one in 10,000 of the others, are looked up exactly in the store.
 """
 
 from __future__ import annotations
