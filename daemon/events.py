@@ -275,6 +275,7 @@ class RefinementFinishedPayload(Payload):
     rejected: dict[str, int]
     text_rejected: dict[str, int]
     patch: dict[str, Any] | None
+    waiting_for: int = 0  # outcome "waiting": more failures of the mode before it is tried again
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,7 +291,13 @@ class RefinerSettings(_Group):
     replay_retention: int = Field(
         50_000, ge=100, description="Most recent executions per workflow version eligible for replay."
     )
-    significance: float = Field(0.05, gt=0, lt=1, description="Significance level of verification tests.")
+    significance: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Family-wise significance level: of a round (each candidate at it / their number) "
+        "and of the patch's confirmation on fresh replays.",
+    )
     max_rounds: int = Field(
         3, ge=1, le=20, description="Greedy rounds: edits combined into one patch at most."
     )

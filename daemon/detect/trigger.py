@@ -72,7 +72,7 @@ class DriftWatch:
     ) -> list[Drift]:
         """One execution of `workflow@version`: feed every known mode its indicator (failed in it or not)."""
         found = []
-        for mode in modes:
+        for mode in sorted(modes):  # in a set's order, drifts would be logged by PYTHONHASHSEED
             key = (workflow, version, mode)
             detector = self._detectors.get(key)
             if detector is None:

@@ -20,7 +20,7 @@ import orjson
 
 from cegraph.daemon.events import Event
 from cegraph.daemon.refine.jobs import EndedJob
-from cegraph.daemon.refine.proposers import Counterexample
+from cegraph.daemon.refine.proposers import Counterexample, Facts
 from cegraph.daemon.refine.refiner import Job, JobEnd, JobInputs
 from cegraph.daemon.refine.replay import ReplayItem, ReplaySample
 from cegraph.schemas.patch import WorkflowPatch
@@ -72,13 +72,12 @@ def _unpack(message: bytes) -> dict[str, Any]:
 
 
 def job_message(job: Job, inputs: JobInputs, frozen: dict[str, Any]) -> bytes:
-    sample = inputs.sample
     return _pack({
         "job": asdict(job),
         "inputs": {
             "base": inputs.base.canonical() if inputs.base is not None else None,
-            "sample": {"items": [asdict(item) for item in sample.items], "population": sample.population,
-                       "unreplayable": sample.unreplayable},
+            "sample": _sample(inputs.sample),
+            "fresh": _sample(inputs.fresh),
             "target": inputs.target,
             "failures": inputs.failures,
             "counterexamples": [asdict(example) for example in inputs.counterexamples],
@@ -89,19 +88,32 @@ def job_message(job: Job, inputs: JobInputs, frozen: dict[str, Any]) -> bytes:
     })  # fmt: skip
 
 
+def _sample(sample: ReplaySample) -> dict[str, Any]:
+    return {
+        "items": [asdict(item) for item in sample.items],
+        "population": sample.population,
+        "unreplayable": sample.unreplayable,
+    }
+
+
+def _read_sample(raw: dict[str, Any]) -> ReplaySample:
+    return ReplaySample([ReplayItem(**item) for item in raw["items"]], raw["population"], raw["unreplayable"])
+
+
 def read_job(message: bytes) -> tuple[Job, JobInputs, dict[str, Any]]:
     data = _unpack(message)
     try:
         raw = data["inputs"]
-        sample = raw["sample"]
         inputs = JobInputs(
             base=parse_spec(raw["base"]) if raw["base"] is not None else None,
-            sample=ReplaySample(
-                [ReplayItem(**item) for item in sample["items"]], sample["population"], sample["unreplayable"]
-            ),
+            sample=_read_sample(raw["sample"]),
+            fresh=_read_sample(raw["fresh"]),
             target=raw["target"],
             failures=[(trace, node) for trace, node in raw["failures"]],
-            counterexamples=[Counterexample(**example) for example in raw["counterexamples"]],
+            counterexamples=[
+                Counterexample(**(example | {"facts": Facts(**example["facts"])}))
+                for example in raw["counterexamples"]
+            ],
             versions=raw["versions"],
             missing=raw["missing"],
         )

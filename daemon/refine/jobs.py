@@ -10,8 +10,11 @@ they happen, so a job run again records them again. Where a job runs is the stag
 one at a time on the stage's thread (`LocalJobs`), or on refine workers behind the jobs topic, one per
 workflow out at once (`RemoteJobs`, `daemon/refine/remote.py`). When a trigger may start is the
 `RefinementScheduler`'s policy, read from the log alone: a workflow gets no new job until
-`cooldown_s` after its last one ended, or while one of its changes is in flight. Ingest only
-appends to the log and never waits for a job.
+`cooldown_s` after its last one ended, or while one of its changes is in flight. A job that ends
+"waiting" (too few counterexamples to choose and confirm a patch on) is kept in the checkpoint and
+becomes a trigger again once that many more failures of its mode are in the log: the detector's
+trigger, disarmed by the first crossing, would not fire again while the mode's mass stays high.
+Ingest only appends to the log and never waits for a job.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cegraph.daemon.detect.stage import detected_until
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
+    FAILURE_OBSERVED,
     MODE_MASS_CROSSED,
     PATCH_CREATED,
     REFINEMENT_FINISHED,
@@ -37,6 +41,7 @@ from cegraph.daemon.events import (
     CanaryDecidedPayload,
     CanaryStartedPayload,
     Event,
+    FailureObservedPayload,
     PatchCreatedPayload,
     RefinementFinishedPayload,
     RefinementStartedPayload,
@@ -44,6 +49,7 @@ from cegraph.daemon.events import (
 from cegraph.daemon.metrics import RefinementMetrics
 from cegraph.daemon.refine.patch_outbox import created
 from cegraph.daemon.refine.refiner import Job, JobEnd, JobInputs, JobReader, Record, Refiner
+from cegraph.daemon.refine.replay import mode_family
 from cegraph.daemon.refine.signing import sign
 from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
@@ -104,7 +110,15 @@ WHERE f.type = '{REFINEMENT_FINISHED}' AND {_F.sql("outcome", of="f.payload")} =
 RETRY_FACTOR = 1.5  # a mode no candidate helped gets a new job once its mass is this much higher
 LAST_FINISHED = f"""
 SELECT {_F.sql("workflow_id")}, max({_F.sql("finished_at", "DOUBLE")})
-FROM events WHERE type = '{REFINEMENT_FINISHED}' GROUP BY 1
+FROM events WHERE type = '{REFINEMENT_FINISHED}' AND {_F.sql("outcome")} <> 'waiting' GROUP BY 1
+"""
+# the seq of the `$5`-th failure of the mode (or a mode merged into it) after seq `$4`
+_O = FailureObservedPayload
+NTH_FAILURE = f"""
+SELECT seq FROM events
+WHERE type = '{FAILURE_OBSERVED}' AND seq > $4 AND {_O.sql("workflow_id")} = $1
+  AND {_O.sql("workflow_version")} = $2 AND list_contains($3, {_O.sql("mode")})
+ORDER BY seq LIMIT 1 OFFSET $5 - 1
 """
 
 
@@ -258,6 +272,8 @@ class RefinementStage:
         self.waiting: dict[str, dict[str, Any]] = {}  # key -> the latest trigger (its payload and seq)
         self.running: dict[str, dict[str, Any]] = {}  # job id -> its `RefinementStarted` payload
         self.sent: set[str] = set()  # running jobs handed to the executor (sent to workers)
+        # key -> a job that ended waiting: its trigger and the failures of its mode it waits for
+        self.deferred: dict[str, dict[str, Any]] = {}
         self.skip: dict[str, int] = {}  # key -> trigger seq a job already started from (old stores)
 
     def open(self, checkpoint: Checkpoint) -> None:
@@ -269,6 +285,7 @@ class RefinementStage:
             running = {running["job_id"]: running}
         self.running = dict(running or {})
         self.sent = set(snapshot.get("sent", []))
+        self.deferred = dict(snapshot.get("deferred", {}))
         self.jobs.open(snapshot.get("jobs", {}))
         self.skip = {}
         if checkpoint.position == 1 and not snapshot:  # a store from before the checkpoint
@@ -304,6 +321,8 @@ class RefinementStage:
             trigger = {**orjson.loads(payload), "seq": seq}
             if seq > self.skip.get(_key(trigger), 0):
                 self.waiting[_key(trigger)] = trigger  # the later trigger supersedes the earlier
+                self.deferred.pop(_key(trigger), None)
+        self._rearm()
         moved, self.position = self.position != last + 1, last + 1
         busy = {job["workflow_id"] for job in self.running.values()}
         for key, trigger in sorted(self.waiting.items(), key=lambda item: item[1]["seq"]):
@@ -323,14 +342,36 @@ class RefinementStage:
     def close(self) -> None:
         self.jobs.close()
 
+    def _rearm(self) -> None:
+        """A deferred job whose mode has had the failures it waits for becomes a trigger again, dated
+        by the last of them (so its job gets an id of its own)."""
+        for key, deferred in list(self.deferred.items()):
+            trigger = deferred["trigger"]
+            family = mode_family(self.store, trigger["mode"])
+            found = self.store.query(
+                NTH_FAILURE, trigger["workflow_id"], trigger["workflow_version"], family,
+                deferred["after_seq"], deferred["failures"],
+            )  # fmt: skip
+            if found:
+                del self.deferred[key]
+                self.waiting.setdefault(key, {**trigger, "seq": found[0][0]})
+
     def _checkpoint(self) -> Checkpoint:
-        snapshot = {"waiting": self.waiting, "running": self.running, "sent": sorted(self.sent)}
+        snapshot = {
+            "waiting": self.waiting, "running": self.running, "sent": sorted(self.sent),
+            "deferred": self.deferred,
+        }  # fmt: skip
         return Checkpoint(self.position, {**snapshot, "jobs": self.jobs.snapshot()})
 
     def _end(self, job_id: str, end: JobEnd) -> list[Event]:
         """The events that end a job: its spec registered, its patch signed into the outbox, its end."""
-        del self.running[job_id]
+        started = self.running.pop(job_id)
         self.sent.discard(job_id)
+        if end.finished["outcome"] == "waiting":
+            fields = ("workflow_id", "workflow_version", "mode", "mass", "description")
+            trigger = {name: started[name] for name in fields}
+            waits = {"after_seq": started["until_seq"], "failures": end.finished["waiting_for"]}
+            self.deferred[_key(trigger)] = {"trigger": trigger, **waits}
         self._gauge()
         events = []
         if end.patch is not None and end.spec is not None:

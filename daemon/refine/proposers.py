@@ -1,8 +1,9 @@
 """Proposers: where candidate edits come from. Whatever they say, what leaves them is an `Edit`.
 
 Three kinds, each a small object with `propose(context)`:
-- `RuleProposer`: the failure mode's signature (where it fails, what the failures say) mapped to
-  the operators known to address it.
+- `RuleProposer`: the failure mode's signature features (evaluator kinds, error classes, finish
+  reasons, node kinds, the graph around the failing node) mapped to the operators known to address
+  them; never the failures' wording.
 - `LLMProposer`: an LLM over the `LLMBackend` is shown the spec, the mode and its counterexamples and
   answers with edits as JSON. The answer is parsed into the operator grammar and nothing else: an
   entry that does not parse, targets a node outside the mode's part of the graph, or fails its
@@ -19,6 +20,7 @@ instruction planted in a trace from becoming an edit outside the operators.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +29,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from cegraph.daemon.refine.operators import OPERATORS, Edit, refusal
+from cegraph.daemon.spans import REFUSING_FINISH, TRUNCATING_FINISH
 from cegraph.daemon.workflows.llm import MAX_EXCERPT, CallContext, LLMBackend, LLMError, Message, fenced
 from cegraph.schemas.workflow import WorkflowSpec
 
@@ -34,10 +37,23 @@ _EDIT = TypeAdapter(Edit)
 
 
 @dataclass(frozen=True, slots=True)
+class Facts:
+    """The signature facts of one recorded failure that the rules read (no free text)."""
+
+    node_kind: str  # the failing node's kind in the spec (the span's kind when the spec lacks it)
+    error: str = ""  # normalized error class of the span, "" when it raised nothing
+    finish_reasons: Sequence[str] = ()
+    evaluators: Sequence[str] = ()  # names of the evaluations that failed it
+    after_router: bool = False  # a route node decides whether the failing node runs
+    retried: bool = False  # the failing span is a retry of its node
+
+
+@dataclass(frozen=True, slots=True)
 class Counterexample:
     trace_id: str
     node_id: str
     text: str  # the failure as recorded: the evaluator's or feedback's explanation, the error, the output
+    facts: Facts = Facts("")  # what the rules read: the failure's signature, not its words
 
 
 @dataclass(frozen=True)
@@ -61,12 +77,6 @@ class ModeContext:
                     order.append(source)
                     todo.append(source)
         return [node for node in order if node in self.spec.nodes]
-
-    def evidence(self) -> str:
-        """Everything the mode's failures say, lower-cased, for keyword rules."""
-        parts = [*self.description.get("errors", {}), *self.description.get("terms", [])]
-        parts += [example.text for example in self.counterexamples]
-        return " ".join(parts).lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,52 +128,144 @@ def _admit(proposer: str, edit: Edit, context: ModeContext, why: str, out: Propo
 
 
 # ------------------------------------------------------------------ rules
+#
+# The rules read what a failure *is*, never what its text says: which evaluator refused it (by the
+# kind the spec declares for it), what the span raised (its normalized error class), how the model
+# stopped (its finish reason), what kind of node failed and where it sits in the graph. Each fact maps
+# to the operators that address that kind of failure on any workflow; the critiques' wording goes to
+# the LLM proposer and the prompt editor only, so rephrasing a critique cannot change what the rules
+# propose. Error classes are read by their last dotted part (`openai.BadRequestError` ->
+# `BadRequestError`), so the same rule holds for every SDK that spells its errors that way.
 
-# (words in the failures, operators to try with their arguments), most specific first
-RULES: tuple[tuple[tuple[str, ...], tuple[dict[str, Any], ...]], ...] = (
-    (("calculation error", "wrong result", "carry", "arithmetic", "miscalculat"),
-     ({"operator": "programmer"}, {"operator": "ensemble", "samples": 5}, {"operator": "insert_verifier"})),
-    (("misread", "is not in the question"),
-     ({"operator": "ensemble", "samples": 5}, {"operator": "review_revise"})),
-    (("missing answer", "incomplete", "truncat", "max_tokens", "length"),
-     ({"operator": "adjust_parameter", "parameter": "max_tokens", "value": 512},
-      {"operator": "retry_with_validation"})),
-    (("json", "format", "schema", "parse"),
-     ({"operator": "format", "output_format": "json"},
-      {"operator": "retry_with_validation", "output_format": "json"})),
-    (("toolargumenterror", "argument", "arguments"),
-     ({"operator": "validate_tool_arguments"},)),
-    (("not in the knowledge base", "unknown", "hallucinat", "no such", "wrong entity"),
-     ({"operator": "add_retrieval"},)),
-    (("assert", "test", "failing tests"),
-     ({"operator": "test"}, {"operator": "review_revise"})),
+OUTPUT_ERRORS = frozenset(
+    {"OutputValidationError", "ValidationError", "JSONDecodeError", "ParseError", "ParserError",
+     "OutputParserException", "SchemaError"}
+)  # fmt: skip
+CODE_ERRORS = frozenset(
+    {"CodeExecutionError", "SyntaxError", "NameError", "TypeError", "ValueError", "ZeroDivisionError",
+     "AssertionError", "IndexError", "KeyError", "AttributeError"}
+)  # fmt: skip
+CODE_KINDS = frozenset({"programmer", "code", "test"})
+TOOL_ERRORS = frozenset({"ToolArgumentError", "ToolError", "ToolException", "TypeError", "ValueError"})
+
+
+def failure_features(facts: Facts, evaluator_kinds: dict[str, str]) -> set[str]:
+    """The rule keys one failure carries: `evaluator=<declared kind>`, `error=<family>`,
+    `finish=<reason>`, `node=<kind>`, `after=route`, `retried`."""
+    features = {f"node={facts.node_kind}"}
+    features |= {f"evaluator={evaluator_kinds.get(name, 'undeclared')}" for name in facts.evaluators}
+    features |= {
+        f"finish={reason}" for reason in facts.finish_reasons if reason in TRUNCATING_FINISH | REFUSING_FINISH
+    }
+    if facts.error:
+        name = facts.error.rsplit(".", 1)[-1]
+        if facts.node_kind == "tool" and (name in TOOL_ERRORS or "Argument" in name):
+            features.add("error=tool_arguments")
+        elif facts.node_kind in CODE_KINDS and name in CODE_ERRORS:
+            features.add("error=code")
+        elif name in OUTPUT_ERRORS:
+            features.add("error=output")
+        else:
+            features.add("error=other")
+    if facts.after_router:
+        features.add("after=route")
+    if facts.retried:
+        features.add("retried")
+    return features
+
+
+def mode_features(spec: WorkflowSpec, facts: Sequence[Facts]) -> dict[str, float]:
+    """Per rule key, the share of the mode's failures that carry it: how much of the mode it explains."""
+    kinds = {evaluator.name: evaluator.kind for evaluator in spec.evaluators}
+    counts: Counter[str] = Counter()
+    for fact in facts:
+        counts.update(failure_features(fact, kinds))
+    return {feature: count / len(facts) for feature, count in counts.items()} if facts else {}
+
+
+# (signature feature, operators to try with their arguments); among features of equal share, the
+# order here decides
+RULES: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
+    # the tool refused what it was called with: check the arguments before the call
+    ("error=tool_arguments", ({"operator": "validate_tool_arguments"},)),
+    # the answer did not parse or validate as the step's output: a format step after it, a critic
+    ("error=output", ({"operator": "format"}, {"operator": "review_revise"})),
+    # generated code failed to run: test it, and have it reviewed
+    ("error=code", ({"operator": "test"}, {"operator": "review_revise"})),
+    # cut off at the token limit: more room (twice the node's limit, at least 1,024)
+    ("finish=length", ({"operator": "adjust_parameter", "parameter": "max_tokens", "value": 1024},)),
+    ("finish=max_tokens", ({"operator": "adjust_parameter", "parameter": "max_tokens", "value": 1024},)),
+    # a wrong number: compute it in code, vote over samples, insist on a number
+    ("evaluator=numeric", ({"operator": "programmer"}, {"operator": "ensemble", "samples": 5},
+                           {"operator": "retry_with_validation", "output_format": "number"})),
+    # a wrong exact answer: vote over samples, ground it in the workflow's retriever, check it
+    ("evaluator=exact", ({"operator": "ensemble", "samples": 5}, {"operator": "add_retrieval"},
+                         {"operator": "insert_verifier"})),
+    # the output breaks the declared schema: ask for JSON, validate it and retry on its required keys
+    ("evaluator=json_schema", ({"operator": "retry_with_validation", "output_format": "json"},
+                               {"operator": "format", "output_format": "json"})),
+    # the output does not match the declared pattern: review and revise against the instruction
+    ("evaluator=regex", ({"operator": "review_revise"}, {"operator": "format", "output_format": "text"})),
+    # generated code fails its tests: run the tests in the workflow, then review
+    ("evaluator=code_tests", ({"operator": "test"}, {"operator": "review_revise"})),
+    # a judge's criterion is missed: a critic pass, then a verifier
+    ("evaluator=llm_judge", ({"operator": "review_revise"}, {"operator": "insert_verifier"})),
+    ("evaluator=http", ({"operator": "review_revise"}, {"operator": "insert_verifier"})),
+    # the step runs only on the router's say: an answer that fits a different route is caught by
+    # a verifier (the grammar has no operator on a route node itself)
+    ("after=route", ({"operator": "insert_verifier"},)),
 )  # fmt: skip
 FALLBACK: tuple[dict[str, Any], ...] = (
     {"operator": "review_revise"},
     {"operator": "insert_verifier"},
     {"operator": "ensemble", "samples": 5},
 )
+# a failure that already came after retries is not fixed by one more retry
+NOT_AFTER_RETRIES = frozenset({"retry_with_validation"})
+
+
+def rule_arguments(spec: WorkflowSpec, facts: Sequence[Facts]) -> list[tuple[dict[str, Any], str]]:
+    """The rules' operator arguments for a mode, each with the feature that chose it, the features
+    that explain most of the mode first; the generic repairs last."""
+    features = mode_features(spec, facts)
+    order = {feature: index for index, (feature, _) in enumerate(RULES)}
+    matched = sorted((f for f in features if f in order), key=lambda f: (-features[f], order[f]))
+    retried = features.get("retried", 0.0) > 0.5
+    chosen = [
+        (dict(arguments), feature)
+        for feature in matched
+        for arguments in dict(RULES)[feature]
+        if not (retried and arguments["operator"] in NOT_AFTER_RETRIES)
+    ]
+    return chosen + [(dict(arguments), "") for arguments in FALLBACK]
+
+
+def _sized(spec: WorkflowSpec, node: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A max_tokens raise is relative to the node's own limit: twice it when that is above the rule's."""
+    if options.get("parameter") != "max_tokens":
+        return options
+    current = getattr(getattr(spec.nodes[node], "params", None), "max_tokens", None)
+    if isinstance(current, int | float) and current * 2 > options["value"]:
+        return options | {"value": current * 2}
+    return options
 
 
 class RuleProposer:
     name = "rules"
 
     async def propose(self, context: ModeContext) -> Proposals:
-        evidence = context.evidence()
-        matched = [ops for words, ops in RULES if any(word in evidence for word in words)]
         out = Proposals()
-        for arguments in [*(a for ops in matched for a in ops), *FALLBACK]:
-            options = dict(arguments)
-            if options["operator"] == "add_retrieval":
+        for arguments, feature in rule_arguments(context.spec, [c.facts for c in context.counterexamples]):
+            if arguments["operator"] == "add_retrieval":
                 if not context.retrievers:
                     continue
-                options["retriever"] = context.retrievers[0]
-            why = "generic repair" if arguments in FALLBACK else "matches the failures"
+                arguments["retriever"] = context.retrievers[0]
+            why = f"the failures carry {feature}" if feature else "generic repair"
             # the failing node first, else the nearest node feeding it that the operator applies to
             edit = next(
                 (
                     e
-                    for e in (Edit(node=n, **options) for n in context.scope)
+                    for e in (Edit(node=n, **_sized(context.spec, n, arguments)) for n in context.scope)
                     if refusal(context.spec, e) is None
                 ),
                 None,

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from cegraph.daemon.detect.detector import ModeClassifier
 from cegraph.daemon.events import (
     CANDIDATE_VERIFIED,
@@ -38,16 +40,18 @@ from cegraph.daemon.refine.operators import EditRefused, apply_edit, cost
 from cegraph.daemon.refine.proposers import (
     MAX_EXCERPT,
     Counterexample,
+    Facts,
     ModeContext,
     Proposal,
     Proposals,
     Proposer,
 )
-from cegraph.daemon.refine.replay import ReplaySample, ReplayStore
+from cegraph.daemon.refine.replay import ReplaySample, ReplayStore, mode_family, needed
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
 from cegraph.daemon.refine.text_policy import screen_edit
-from cegraph.daemon.refine.verification import compare
+from cegraph.daemon.refine.verification import Verdict, compare, per_candidate_alpha
 from cegraph.daemon.settings import RefinerSettings
+from cegraph.daemon.spans import Evaluation
 from cegraph.daemon.store import EventStore
 from cegraph.daemon.workflows.registry import UnknownWorkflowError, WorkflowRegistry, version_key
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
@@ -55,7 +59,7 @@ from cegraph.schemas.workflow import WorkflowSpec
 
 log = logging.getLogger("cegraph.refiner")
 
-MIN_COUNTEREXAMPLES = 5
+MIN_COUNTEREXAMPLES = 5  # in each of the selection and the confirmation sample
 EXAMPLES_SHOWN = 8  # counterexamples a proposer sees
 GOOD_ENOUGH = 0.25  # a candidate that leaves at most this share of the target mode ends its round
 
@@ -80,6 +84,7 @@ class JobInputs:
     failures: list[tuple[str, str]]  # (trace, node) of the counterexamples' recorded failures, log order
     counterexamples: list[Counterexample]
     versions: dict[str, str]  # the workflow's registered versions and their content hashes
+    fresh: ReplaySample  # disjoint from `sample`: where the winner's effect is confirmed and reported
     missing: str = ""
 
 
@@ -131,17 +136,18 @@ class JobReader:
         self.sample_size = sample
 
     def read(self, job: Job) -> JobInputs:
-        sample = self.replay.sample(
+        sample, fresh = self.replay.samples(
             job.workflow_id, job.workflow_version, job.mode, self.sample_size, until_seq=job.until_seq
         )
-        target = self.replay.mode_family(job.mode)
+        target = mode_family(self.store, job.mode)
         versions = {v.version: v.content_hash for v in self.registry.versions(job.workflow_id)}
         try:
             base, missing = self.registry.get(job.workflow_id, job.workflow_version).spec, ""
         except UnknownWorkflowError as error:
             base, missing = None, f"{error}: register the spec (`cegraph workflows register`) to refine it"
         failures = self._failures(sample, target)
-        return JobInputs(base, sample, target, failures, self._counterexamples(failures), versions, missing)
+        examples = self._counterexamples(failures, base)
+        return JobInputs(base, sample, target, failures, examples, versions, fresh, missing)
 
     def _failures(self, sample: ReplaySample, target: list[str]) -> list[tuple[str, str]]:
         traces = [item.trace_id for item in sample.of("target")]
@@ -154,18 +160,50 @@ class JobReader:
         )  # fmt: skip
         return [(trace, node) for trace, node in rows]
 
-    def _counterexamples(self, failures: list[tuple[str, str]]) -> list[Counterexample]:
-        """What the recorded failures said: verdicts, errors, outputs and inputs of the failing spans."""
+    def _counterexamples(
+        self, failures: list[tuple[str, str]], spec: WorkflowSpec | None
+    ) -> list[Counterexample]:
+        """What the recorded failures said (verdicts, errors, outputs and inputs of the failing spans)
+        and what they are (`Facts`: their evaluators, error classes, finish reasons, nodes)."""
         rows = self.store.query(
-            "SELECT trace_id, node_id, status_message, exception_message, evaluations::VARCHAR, "
-            "left(input_text, 500), left(output_text, 500) "
-            "FROM event_spans WHERE trace_id IN (SELECT unnest(?)) AND (hard_failed OR eval_failed)",
+            "SELECT trace_id, node_id, kind, coalesce(nullif(exception_type, ''), error_type), "
+            "finish_reasons, retry, status_message, exception_message, evaluations::VARCHAR, "
+            "left(input_text, 500), left(output_text, 500) FROM ("
+            "  SELECT *, row_number() OVER (PARTITION BY trace_id, node_id ORDER BY start_ns) > 1 AS retry"
+            "  FROM event_spans WHERE trace_id IN (SELECT unnest(?))"
+            ") WHERE hard_failed OR eval_failed",
             [trace for trace, _ in failures[:EXAMPLES_SHOWN]],
         )
         return [
-            Counterexample(trace, node, "\n".join(part for part in parts if part and part != "[]"))
-            for trace, node, *parts in rows
-        ]
+            Counterexample(
+                trace, node, "\n".join(part for part in parts if part and part != "[]"),
+                _facts(spec, node, kind, error, finish, parts[2], retry),
+            )
+            for trace, node, kind, error, finish, retry, *parts in rows
+        ]  # fmt: skip
+
+
+def _facts(
+    spec: WorkflowSpec | None, node: str, kind: str, error: str, finish, evaluations: str, retry: bool
+) -> Facts:
+    """A failing span's signature facts: its kind in the spec, whether a router is upstream of it."""
+    failed = [Evaluation(**e) for e in orjson.loads(evaluations or "[]")]
+    upstream: set[str] = set()
+    todo = [node]
+    while spec is not None and todo:
+        for source in spec.predecessors(todo.pop()):
+            if source not in upstream:
+                upstream.add(source)
+                todo.append(source)
+    nodes = spec.nodes if spec is not None else {}
+    return Facts(
+        node_kind=nodes[node].kind if node in nodes else kind or "",
+        error=error or "",
+        finish_reasons=tuple(finish or ()),
+        evaluators=tuple(e.name for e in failed if e.failed),
+        after_router=any(nodes[n].kind == "route" for n in upstream if n in nodes),
+        retried=bool(retry),
+    )
 
 
 class Refiner:
@@ -190,24 +228,31 @@ class Refiner:
         started = self.clock()
         spent = _Spent(record)
 
-        def finish(outcome: str, reason: str, patch: WorkflowPatch | None = None, spec=None) -> JobEnd:
+        def finish(
+            outcome: str, reason: str, patch: WorkflowPatch | None = None, spec=None, waiting_for: int = 0
+        ) -> JobEnd:
             cost = Cost(llm_calls=spent.calls, tokens=spent.tokens, wall_s=self.clock() - started)
-            return self._finish(job, outcome, reason, cost, patch, spec, spent)
+            return self._finish(job, outcome, reason, cost, patch, spec, spent, waiting_for)
 
         base, sample = inputs.base, inputs.sample
         if base is None:
             return finish("skipped", inputs.missing)
-        if len(sample.of("target")) < MIN_COUNTEREXAMPLES:
+        missing = needed(MIN_COUNTEREXAMPLES) - sample.population["target"]
+        if missing > 0:
             return finish(
-                "skipped",
-                f"{len(sample.of('target'))} replayable counterexamples, {MIN_COUNTEREXAMPLES} needed "
-                f"({sample.unreplayable} executions had no replayable input)",
+                "waiting",
+                f"{sample.population['target']} replayable counterexamples, {needed(MIN_COUNTEREXAMPLES)} "
+                f"needed ({MIN_COUNTEREXAMPLES} each to choose and to confirm on; "
+                f"{sample.unreplayable} executions had no replayable input): tried again after "
+                f"{missing} more failure(s) of the mode",
+                waiting_for=missing,
             )
+        fresh = inputs.fresh.items
         target = frozenset(inputs.target)
         items = sample.items
-        weights = [item.weight for item in items]
         baseline = await self.runner.run(base, items, classifier)
         spent.add_runs(baseline)
+        base_per_item = sum(o.llm_calls for o in baseline) / len(items)
         current, current_outcomes, steps = base, baseline, []
         examples = inputs.counterexamples
         for round_ in range(1, self.settings.max_rounds + 1):
@@ -224,8 +269,9 @@ class Refiner:
             )
             proposals = await self._propose(job, round_, context, spent)
             best, over_budget = await self._round(
-                job, round_, current, current_outcomes, proposals, items, classifier, target, spent
-            )
+                job, round_, current, current_outcomes, proposals, items, classifier, target, spent,
+                (len(fresh), base_per_item),
+            )  # fmt: skip
             if best is not None:
                 steps.append(best)
                 current, current_outcomes = best.spec, best.outcomes
@@ -240,10 +286,12 @@ class Refiner:
             stop = f"{self.settings.max_rounds} rounds"
         if not steps:
             return finish("no_patch", stop)
-        spec, patch = self._patch(
-            job, base, steps, baseline, current_outcomes, weights, target, inputs, spent, started
-        )
-        report = patch.rationale.verification  # type: ignore[union-attr]
+        report, verdict = await self._confirm(base, current, inputs.fresh, classifier, target, spent)
+        if not verdict.accepted:
+            return finish(
+                "no_patch", f"{len(steps)} edit(s) not confirmed on fresh replays: {verdict.reason}"
+            )
+        spec, patch = self._patch(job, base, steps, report, inputs, spent, started)
         return finish(
             "patched",
             f"{len(steps)} edit(s); target mode {report.target_before:.3f} -> {report.target_after:.3f}; "
@@ -256,7 +304,7 @@ class Refiner:
         """End a job that raised: it is not run again (a job whose process died is)."""
         return self._finish(job, "failed", reason, Cost(llm_calls=0, tokens=0, wall_s=0.0))
 
-    def _finish(self, job, outcome, reason, cost, patch=None, spec=None, spent=None) -> JobEnd:
+    def _finish(self, job, outcome, reason, cost, patch=None, spec=None, spent=None, waiting_for=0) -> JobEnd:
         spent = spent or _Spent(lambda _: None)
         finished = RefinementFinishedPayload(
             job_id=job.job_id,
@@ -272,6 +320,7 @@ class Refiner:
             patch=None
             if patch is None
             else {"new_version": patch.new_version, "content_hash": patch.content_hash},
+            waiting_for=waiting_for,
         )
         log.info(
             "job %s (%s@%s, mode %s): %s, %s",
@@ -284,29 +333,32 @@ class Refiner:
         )
         return JobEnd(finished.event(job.workflow_id).payload, patch, spec)
 
+    async def _confirm(self, base, spec, fresh, classifier, target, spent) -> tuple[Verification, Verdict]:
+        """The patch re-tested against the base spec on the fresh sample: one pre-planned test at
+        alpha, on inputs that chose nothing, so its figures are not inflated by the selection."""
+        before = await self.runner.run(base, fresh.items, classifier)
+        spent.add_runs(before)
+        after = await self.runner.run(spec, fresh.items, classifier)
+        spent.add_runs(after)
+        weights = [item.weight for item in fresh.items]
+        return self._compare(before, after, weights, target, spent.calls, self.settings.significance)
+
     async def _round(
-        self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent
+        self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent, confirm
     ):
         """Verify the round's candidates against `current`; the best accepted one, and whether the
-        budget stopped the round."""
+        budget stopped the round. `confirm`: the fresh sample's size and the base spec's calls per item,
+        to keep the winner's confirmation within the budget."""
         weights = [item.weight for item in items]
         per_item = sum(o.llm_calls for o in current_outcomes) / max(len(items), 1)
         best: _Step | None = None
-        tried: set[str | None] = {current.content_hash}
-        for proposal in proposals:
-            if len(tried) > self.settings.max_candidates:
-                break
-            try:
-                candidate, _ = apply_edit(current, proposal.edit, current.version)
-            except EditRefused as error:
-                self._reject(
-                    job, round_, spent, proposal.proposer, str(error), proposal.edit.model_dump_json()
-                )
-                continue
-            if candidate.content_hash in tried:
-                continue
-            tried.add(candidate.content_hash)
-            if spent.calls + len(items) * (per_item + cost(proposal.edit)) > self.settings.max_llm_calls:
+        candidates = self._candidates(job, round_, current, proposals, spent)
+        alpha = per_candidate_alpha(self.settings.significance, len(candidates))
+        for proposal, candidate in candidates:
+            run_cost = per_item + cost(proposal.edit)
+            # the winner's confirmation on the fresh sample (the base spec and the winner) is reserved
+            reserve = confirm[0] * (confirm[1] + run_cost)
+            if spent.calls + len(items) * run_cost + reserve > self.settings.max_llm_calls:
                 return best, True
             # Counterexamples first: a candidate that does not lower the target mode on them is
             # refused without running the control half (most candidates stop here).
@@ -315,15 +367,18 @@ class Refiner:
             early = await self.runner.run(candidate, [items[i] for i in first], classifier)
             spent.add_runs(early)
             report, verdict = self._compare(
-                [current_outcomes[i] for i in first], early, [weights[i] for i in first], target, spent.calls
-            )
+                [current_outcomes[i] for i in first], early, [weights[i] for i in first], target,
+                spent.calls, alpha,
+            )  # fmt: skip
             outcomes = None
             if verdict.accepted:
                 late = await self.runner.run(candidate, [items[i] for i in rest], classifier)
                 spent.add_runs(late)
                 placed = dict(zip(first, early, strict=True)) | dict(zip(rest, late, strict=True))
                 outcomes = [placed[i] for i in range(len(items))]
-                report, verdict = self._compare(current_outcomes, outcomes, weights, target, spent.calls)
+                report, verdict = self._compare(
+                    current_outcomes, outcomes, weights, target, spent.calls, alpha
+                )
             spent.record(
                 [
                     Event(
@@ -339,6 +394,8 @@ class Refiner:
                             "reason": verdict.reason,
                             "verification": report.model_dump(),
                             "llm_calls": spent.calls,
+                            "alpha": alpha,
+                            "candidates": len(candidates),
                         },
                     )
                 ]
@@ -349,7 +406,27 @@ class Refiner:
                     break  # first good enough: verifying the rest would rarely pay for itself
         return best, False
 
-    def _compare(self, base, candidate, weights, target, calls):
+    def _candidates(self, job, round_, current, proposals, spent) -> list[tuple[Proposal, WorkflowSpec]]:
+        """The round's distinct candidate specs, at most `max_candidates`, fixed before any is tested
+        (their number is the round's multiplicity)."""
+        found: list[tuple[Proposal, WorkflowSpec]] = []
+        tried: set[str | None] = {current.content_hash}
+        for proposal in proposals:
+            if len(found) >= self.settings.max_candidates:
+                break
+            try:
+                candidate, _ = apply_edit(current, proposal.edit, current.version)
+            except EditRefused as error:
+                self._reject(
+                    job, round_, spent, proposal.proposer, str(error), proposal.edit.model_dump_json()
+                )
+                continue
+            if candidate.content_hash not in tried:
+                tried.add(candidate.content_hash)
+                found.append((proposal, candidate))
+        return found
+
+    def _compare(self, base, candidate, weights, target, calls, alpha):
         pairs = [
             (b, c, w) for b, c, w in zip(base, candidate, weights, strict=True) if not (b.error or c.error)
         ]
@@ -358,7 +435,7 @@ class Refiner:
             [p[1] for p in pairs],
             [p[2] for p in pairs],
             target,
-            alpha=self.settings.significance,
+            alpha=alpha,
             calls=calls,
             budget=self.settings.max_llm_calls,
         )
@@ -407,11 +484,11 @@ class Refiner:
         rejected = ProposalRejectedPayload(job.job_id, round_, proposer, reason, excerpt, text_policy)
         spent.record([rejected.event(job.workflow_id)])
 
-    def _patch(self, job, base, steps, baseline, final, weights, target, inputs, spent, started):
-        """The patched spec and its patch: the steps' edits replayed on `base` at the new version."""
+    def _patch(self, job, base, steps, report, inputs, spent, started):
+        """The patched spec and its patch (its figures: `report`, the fresh sample's): the steps' edits
+        replayed on `base` at the new version."""
         sample = inputs.sample
         spec, ops, version = _versioned(base, steps, inputs.versions)
-        report, _ = self._compare(baseline, final, weights, target, spent.calls)
         rationale = Rationale(
             job_id=job.job_id,
             mode=job.mode,

@@ -7,10 +7,14 @@ are what ingest stored: redacted (a masked e-mail address is replayed masked) an
 `CEGRAPH_INGEST__MAX_TEXT_CHARS`; an input that was cut is no longer JSON and is not replayed.
 
 A sample for a mode is stratified: half its counterexamples, half control (successes, and failures
-of other modes or of none), each stratum drawn uniformly by a seeded hash of the trace id. Each
-item carries the weight (stratum size / items drawn from it) that turns sample rates back into
-rates of the recorded traffic, and the expected output of the latest feedback on its execution
-that has one (`expected`): the reference its replays are judged against.
+of other modes or of none), each stratum ordered by a seeded hash of the trace id. A job draws two
+disjoint samples: the selection sample its candidates are chosen on, and the confirmation sample
+its winner is confirmed and reported on. Each stratum is split between them before anything is
+drawn (`split`: 5 of every 13 rows to confirmation), so scarce counterexamples are shared rather
+than all taken by the first sample. Each item carries the weight (stratum size / items drawn from
+it) that turns sample rates back into rates of the recorded traffic, and the expected output of the
+latest feedback on its execution that has one (`expected`): the reference its replays are judged
+against.
 """
 
 from __future__ import annotations
@@ -92,34 +96,36 @@ def _input(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def mode_family(store: EventStore, mode: str) -> list[str]:
+    """The mode and every mode merged into it (their failures are its counterexamples too)."""
+    merged: dict[str, list[str]] = {}
+    for key, into in store.query(
+        f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = ?", MODE_MERGED
+    ):
+        merged.setdefault(into, []).append(key)
+    family, todo = [mode], [mode]
+    while todo:
+        for source in merged.get(todo.pop(), []):
+            if source not in family:
+                family.append(source)
+                todo.append(source)
+    return family
+
+
 class ReplayStore:
     def __init__(self, store: EventStore, *, retention: int) -> None:
         self.store = store
         self.retention = retention
 
-    def mode_family(self, mode: str) -> list[str]:
-        """The mode and every mode merged into it (their failures are its counterexamples too)."""
-        merged: dict[str, list[str]] = {}
-        for key, into in self.store.query(
-            f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = ?", MODE_MERGED
-        ):
-            merged.setdefault(into, []).append(key)
-        family, todo = [mode], [mode]
-        while todo:
-            for source in merged.get(todo.pop(), []):
-                if source not in family:
-                    family.append(source)
-                    todo.append(source)
-        return family
-
-    def sample(
+    def samples(
         self, workflow_id: str, version: str, mode: str, size: int, *, until_seq: int, seed: int = 0
-    ) -> ReplaySample:
-        """Up to `size` items: half the mode's counterexamples, the rest control in proportion to
-        successes and other failures (at least one of each when there are any)."""
+    ) -> tuple[ReplaySample, ReplaySample]:
+        """The selection and the confirmation sample, up to `size` items each from their parts of
+        each stratum: half the mode's counterexamples, the rest control in proportion to successes and
+        other failures (at least one of each when there are any)."""
         rows = self.store.query_dicts(
             REPLAYABLE,
-            workflow_id, version, until_seq, self.retention, self.mode_family(mode), f"/{seed}",
+            workflow_id, version, until_seq, self.retention, mode_family(self.store, mode), f"/{seed}",
         )  # fmt: skip
         strata: dict[str, list[dict[str, Any]]] = {"target": [], "other": [], "success": []}
         unreplayable = 0
@@ -129,18 +135,48 @@ class ReplayStore:
                 unreplayable += 1
             else:
                 strata[row["stratum"]].append(row)
-        quota = {"target": min(len(strata["target"]), size // 2)}
-        control = size - quota["target"]
-        controls = len(strata["other"]) + len(strata["success"])
-        for name in ("other", "success"):
-            share = round(control * len(strata[name]) / controls) if controls else 0
-            quota[name] = min(len(strata[name]), max(share, 1 if strata[name] else 0))
-        items = [
-            ReplayItem(
-                row["trace_id"], int(row["seed"]), row["input"], name, len(rows_) / quota[name],  # type: ignore[arg-type]
-                None if row["reference_text"] is None else orjson.loads(row["reference_text"]),
-            )
-            for name, rows_ in strata.items()
-            for row in rows_[: quota[name]]
-        ]  # fmt: skip
-        return ReplaySample(items, {name: len(rows_) for name, rows_ in strata.items()}, unreplayable)
+        population = {name: len(rows_) for name, rows_ in strata.items()}
+        cuts = {name: split(len(rows_))[0] for name, rows_ in strata.items()}
+        selection = {name: rows_[: cuts[name]] for name, rows_ in strata.items()}
+        confirmation = {name: rows_[cuts[name] :] for name, rows_ in strata.items()}
+        return (
+            ReplaySample(_draw(selection, population, size), population, unreplayable),
+            ReplaySample(_draw(confirmation, population, size), population, unreplayable),
+        )
+
+
+HOLDOUT = (5, 13)  # of every 13 rows of a stratum, 5 are kept for the confirmation sample
+
+
+def split(rows: int) -> tuple[int, int]:
+    """How many of a stratum's `rows` (in draw order) the selection and the confirmation sample may
+    draw from: the first ones and the rest."""
+    held = rows * HOLDOUT[0] // HOLDOUT[1]
+    return rows - held, held
+
+
+def needed(minimum: int) -> int:
+    """The fewest rows a stratum can have for both samples to get at least `minimum` of them."""
+    rows = minimum
+    while min(split(rows)) < minimum:
+        rows += 1
+    return rows
+
+
+def _draw(strata: dict[str, list[dict[str, Any]]], population: dict[str, int], size: int) -> list[ReplayItem]:
+    """Up to `size` items from `strata` (rows in draw order), half of them counterexamples; each
+    weighs the whole stratum's executions over the items drawn from it."""
+    quota = {"target": min(len(strata["target"]), size // 2)}
+    control = size - quota["target"]
+    controls = len(strata["other"]) + len(strata["success"])
+    for name in ("other", "success"):
+        share = round(control * len(strata[name]) / controls) if controls else 0
+        quota[name] = min(len(strata[name]), max(share, 1 if strata[name] else 0))
+    return [
+        ReplayItem(
+            row["trace_id"], int(row["seed"]), row["input"], name, population[name] / quota[name],  # type: ignore[arg-type]
+            None if row["reference_text"] is None else orjson.loads(row["reference_text"]),
+        )
+        for name, rows_ in strata.items()
+        for row in rows_[: quota[name]]
+    ]  # fmt: skip

@@ -7,14 +7,21 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from cegraph.daemon.demo.process import CEGRAPH
 from cegraph.daemon.demo.scenario import PLANTED
 from cegraph.daemon.refine.signing import verify_signature
 from cegraph.schemas.patch import WorkflowPatch
 
+# What differs between two runs of a seed by design: the wall clock, and the run's own signing key
+# (a fresh one per run, so the signatures it makes)
+PER_RUN = frozenset({"recorded_at", "finished_at", "wall_s", "rejected_at", "created_at", "signature"})
 
-def run_demo(out, *extra: str) -> subprocess.CompletedProcess:
+
+def run_demo(out, *extra: str, hash_seed: str = "1") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CEGRAPH_")}
+    env["PYTHONHASHSEED"] = hash_seed
     result = subprocess.run(
         [CEGRAPH, "demo", "--seed", "7", "--out", str(out), *extra],
         env=env, capture_output=True, text=True, timeout=900,
@@ -23,9 +30,37 @@ def run_demo(out, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_the_demo_finds_and_patches_every_planted_mode_and_halves_the_failure_mass(tmp_path):
-    out = tmp_path / "demo"
-    check_the_loop_converged(out, run_demo(out))
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out)
+
+
+def test_the_demo_finds_and_patches_every_planted_mode_and_halves_the_failure_mass(demo):
+    check_the_loop_converged(*demo)
+
+
+def test_a_seed_logs_the_same_events_in_another_process_whatever_its_string_hashes(demo, tmp_path):
+    """Another PYTHONHASHSEED changes the order of every set of strings: nothing the daemon logs
+    may follow it."""
+    out = tmp_path / "again"
+    run_demo(out, hash_seed="2")
+    first, again = events(demo[0]), events(out)
+    assert len(first) == len(again)
+    for one, other in zip(first, again, strict=True):
+        assert one == other
+
+
+def events(out) -> list:
+    return [without_per_run(json.loads(line)) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def without_per_run(value):
+    if isinstance(value, dict):
+        return {key: without_per_run(item) for key, item in value.items() if key not in PER_RUN}
+    if isinstance(value, list):
+        return [without_per_run(item) for item in value]
+    return value
 
 
 def test_the_demo_over_kafka_ends_the_same_way(kafka_bootstrap, tmp_path):

@@ -7,14 +7,16 @@ import asyncio
 import json
 import os
 import subprocess
+from collections import Counter
 
 import orjson
+import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from refinement_fixtures import ARITHMETIC_SLIP, run_tasks
 
 from cegraph.daemon.demo.process import CEGRAPH, free_port
 from cegraph.daemon.embedded import EmbeddedDaemon
-from cegraph.daemon.events import FAILURE_OBSERVED, PROPOSAL_REJECTED
+from cegraph.daemon.events import CANDIDATE_VERIFIED, FAILURE_OBSERVED, PROPOSAL_REJECTED
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.refine.signing import verify_signature
@@ -67,6 +69,19 @@ def test_the_daemon_patches_a_planted_arithmetic_slip_mode_with_a_programmer_nod
         assert rationale is not None and rationale.mode == finished[0]["mode"]
         assert rationale.cost.llm_calls > 0 and rationale.cost.tokens > 0 and rationale.cost.wall_s > 0
         assert rationale.verification.target_after <= rationale.verification.target_before / 2
+        # Each round's candidates were tested at alpha over their number (Bonferroni), and the
+        # patch's figures come from the fresh replays after them, whose calls the job paid for.
+        verified = [
+            orjson.loads(payload)
+            for (payload,) in daemon.store.query(
+                "SELECT payload FROM events WHERE type = ? ORDER BY seq", CANDIDATE_VERIFIED
+            )
+        ]
+        per_round = Counter(event["round"] for event in verified)
+        assert verified and all(e["alpha"] == pytest.approx(0.05 / e["candidates"]) for e in verified)
+        assert all(per_round[e["round"]] <= e["candidates"] <= 8 for e in verified)
+        assert rationale.cost.llm_calls > max(event["llm_calls"] for event in verified)
+        assert rationale.cost.llm_calls <= daemon.settings.refiner.max_llm_calls
 
         # The patched spec on new traffic, paired with the current one on the same tasks and seeds,
         # through ingest and the detector: the mode's failures fall by half or more, nothing else rises.

@@ -28,13 +28,14 @@ from cegraph.daemon.events import (
     MODE_MASS_CROSSED,
     REFINEMENT_STARTED,
     Event,
+    FailureObservedPayload,
 )
 from cegraph.daemon.ingest.normalize import TextPolicy, normalize
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
 from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
 from cegraph.daemon.refine.operators import OPERATORS, Edit, apply_edit
 from cegraph.daemon.refine.proposers import parse_edits
-from cegraph.daemon.refine.replay import ReplayItem, ReplayStore
+from cegraph.daemon.refine.replay import ReplayItem, ReplayStore, needed, split
 from cegraph.daemon.refine.shadow import ShadowRunner
 from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import DetectorSettings, IngestSettings, load_settings
@@ -141,6 +142,48 @@ def test_jobs_come_from_the_log_one_per_workflow_after_its_cooldown(tmp_path):
         store.close()
 
 
+def failed(store: EventStore, workflow: str, mode: str, count: int) -> None:
+    observed = [FailureObservedPayload(f"f{i}", f"t{i}", None, "evaluation", "solve", mode, workflow, "1.0.0")
+                for i in range(count)]  # fmt: skip
+    store.append([payload.event(mode) for payload in observed])
+
+
+def test_a_job_with_too_few_counterexamples_waits_and_is_tried_again_after_that_many_failures(tmp_path):
+    store = EventStore(tmp_path / "s.duckdb")
+    now = [1_000.0]
+    refiner = EndsAtOnce(now)
+    refiner.outcome, refiner.waiting_for = "waiting", 3
+    try:
+        crossed(store, "a", "m1")
+        runner = refine_stage(store, refiner, now)
+        assert started(runner) == "a/m1/job-1"
+        assert started(runner) is None and refiner.ran == ["job-1"]
+        [(outcome,)] = store.query("SELECT payload->>'outcome' FROM events WHERE type = 'RefinementFinished'")
+        assert outcome == "waiting"  # an end an operator sees, not a failure
+        failed(store, "a", "m1", 2)
+        failed(store, "a", "m2", 5)  # another mode's failures do not count
+        failed(store, "b", "m1", 5)  # nor another workflow's
+        assert started(runner) is None
+        runner = refine_stage(store, refiner, now)  # the wait survives a restart (the checkpoint)
+        assert started(runner) is None
+        refiner.outcome = "no_patch"
+        failed(store, "a", "m1", 1)  # the third: no cooldown after a job that only waited
+        [(third,)] = store.query("SELECT max(seq) FROM events")
+        assert started(runner) == f"a/m1/job-{third}"
+        assert started(runner) is None and refiner.ran == ["job-1", f"job-{third}"]
+        failed(store, "a", "m1", 10)
+        assert started(runner) is None  # ended without waiting: nothing more to wait for
+    finally:
+        store.close()
+
+
+@given(st.integers(0, 10_000))
+def test_a_stratum_is_split_between_the_two_samples_five_of_every_thirteen_to_confirmation(rows):
+    choose, confirm = split(rows)
+    assert choose + confirm == rows and confirm == rows * 5 // 13
+    assert needed(5) == 13 and min(split(13)) >= 5 and min(split(12)) < 5
+
+
 def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traffic(tmp_path):
     daemon = EmbeddedDaemon(load_settings(store={"path": str(tmp_path / "s.duckdb")}))
     try:
@@ -150,7 +193,9 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
             "SELECT DISTINCT payload->>'mode' FROM events WHERE type = 'ModeMassCrossed'"
         )
         replay = ReplayStore(daemon.store, retention=10_000)
-        sample = replay.sample("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
+        sample, fresh = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
+        again = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
+        other = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor, seed=1)
         failed = dict(daemon.store.query("SELECT trace_id, hard_failed OR eval_failed FROM executions"))
         seeds = dict(daemon.store.query("SELECT trace_id, seed FROM event_spans WHERE seed IS NOT NULL"))
     finally:
@@ -163,6 +208,32 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
     assert all(failed[item.trace_id] for item in sample.of("target"))
     assert not any(failed[item.trace_id] for item in sample.of("success"))
     assert all(item.seed == seeds[item.trace_id] and "question" in item.input for item in sample.items)
+    # the confirmation sample a winner is confirmed on: disjoint, drawn from 5 of every 13 of each
+    # stratum, its weights standing for the same traffic
+    chosen = {item.trace_id for item in sample.items}
+    assert len(fresh.of("target")) == 20 and not {item.trace_id for item in fresh.items} & chosen
+    for stratum, size in fresh.population.items():
+        assert abs(sum(item.weight for item in fresh.of(stratum)) - size) < 1e-6
+    # the same seed draws the same two samples; another seed other ones, disjoint again
+    assert again == (sample, fresh) and other != (sample, fresh)
+    assert not {item.trace_id for item in other[0].items} & {item.trace_id for item in other[1].items}
+
+
+def test_scarce_counterexamples_are_split_between_the_two_samples_not_all_taken_by_the_first(tmp_path):
+    daemon = EmbeddedDaemon(load_settings(store={"path": str(tmp_path / "s.duckdb")}))
+    try:
+        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(300), SimpleSpanProcessor(daemon.exporter())))
+        daemon.pump(drain=True)
+        [(mode,)] = daemon.store.query(
+            "SELECT DISTINCT payload->>'mode' FROM events WHERE type = 'ModeMassCrossed'"
+        )
+        sample, fresh = ReplayStore(daemon.store, retention=10_000).samples(
+            "arithmetic-slip", "1.0.0", mode, 400, until_seq=daemon.stage.cursor
+        )
+    finally:
+        daemon.close()
+    for stratum, rows in sample.population.items():
+        assert (len(sample.of(stratum)), len(fresh.of(stratum))) == split(rows)
 
 
 def test_the_http_shadow_protocol_gives_the_same_executions_as_the_built_in_runtime():
@@ -261,12 +332,12 @@ def test_a_replayed_input_carries_the_latest_expected_output_its_feedback_gave(t
         ]  # fmt: skip
         daemon.pipeline.handle(messages)
         daemon.pipeline.flush(drain=True)
-        sample = ReplayStore(daemon.store, retention=10_000).sample(
+        samples = ReplayStore(daemon.store, retention=10_000).samples(
             "arithmetic-slip", "1.0.0", mode, 120, until_seq=daemon.stage.cursor
         )
     finally:
         daemon.close()
-    references = {item.trace_id: item.reference for item in sample.items}
+    references = {item.trace_id: item.reference for sample in samples for item in sample.items}
     assert references[traces[0]] == {"arithmetic": {"answer": 2}}
     assert references[traces[1]] is None and references[traces[2]] == "Answer: 7"
     assert sum(reference is not None for reference in references.values()) == 2

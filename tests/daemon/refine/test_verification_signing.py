@@ -3,6 +3,7 @@ fixed counterexample) and patch signatures: one changed byte breaks a signature.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -13,7 +14,15 @@ from cegraph.daemon.detect.density import NOISE
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.refine.signing import sign, signed_only, verify_signature
-from cegraph.daemon.refine.verification import compare, judge, mcnemar, paired_bootstrap
+from cegraph.daemon.refine.verification import (
+    Interval,
+    compare,
+    judge,
+    mcnemar,
+    paired_bootstrap,
+    per_candidate_alpha,
+    resample_indices,
+)
 from cegraph.schemas.patch import Cost, Rationale, Verification, WorkflowPatch
 from cegraph.schemas.workflow import example_spec
 
@@ -37,6 +46,55 @@ def test_mcnemar_is_symmetric_and_p_values_are_probabilities(pairs):
     assert forward.p_better == backward.p_worse and forward.p_worse == backward.p_better
     assert 0 < forward.p_better <= 1 and 0 < forward.p_worse <= 1
     assert forward.change == pytest.approx(-backward.change)
+
+
+def test_a_round_of_candidates_with_no_effect_accepts_one_at_most_alpha_of_the_time_once_corrected():
+    """Eight candidates per round, none better than the current spec (both fail each of 40 inputs
+    with probability 1/2, independently): uncorrected, some candidate passes in far more than 5% of
+    rounds; at alpha / 8 per candidate, in at most 5%."""
+    rng, alpha, rounds, candidates = random.Random(11), 0.05, 2_000, 8
+    uncorrected = corrected = 0
+    for _ in range(rounds):
+        p_values = []
+        for _ in range(candidates):
+            base = [rng.random() < 0.5 for _ in range(40)]
+            p_values.append(mcnemar(base, [rng.random() < 0.5 for _ in range(40)]).p_better)
+        uncorrected += min(p_values) < alpha
+        corrected += min(p_values) < per_candidate_alpha(alpha, candidates)
+    assert uncorrected / rounds > 2 * alpha
+    assert corrected / rounds <= alpha
+    assert per_candidate_alpha(alpha, 0) == alpha
+
+
+def plain_bootstrap(base, candidate, *, confidence=0.95, resamples=2_000, seed=0):
+    """The loop `paired_bootstrap` was before numpy: the reference it must equal."""
+    differences = [c - b for b, c in zip(base, candidate, strict=True)]
+    rng = random.Random(seed)
+    n = len(differences)
+    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    low = means[int(tail * (resamples - 1))]
+    high = means[math.ceil((1 - tail) * (resamples - 1))]
+    return Interval(sum(differences) / n, low, high)
+
+
+outcomes = st.floats(-5, 5, allow_nan=False) | st.sampled_from([0.0, 1.0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(outcomes, outcomes), min_size=1, max_size=150),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 300),
+    st.sampled_from([0.8, 0.9, 0.95, 0.99]),
+)
+def test_paired_bootstrap_draws_the_plain_loops_resamples_and_its_numbers(pairs, seed, resamples, level):
+    base, candidate = [b for b, _ in pairs], [c for _, c in pairs]
+    fast = paired_bootstrap(base, candidate, confidence=level, resamples=resamples, seed=seed)
+    assert fast == plain_bootstrap(base, candidate, confidence=level, resamples=resamples, seed=seed)
+    rng = random.Random(seed)
+    drawn = [[rng.randrange(len(pairs)) for _ in pairs] for _ in range(resamples)]
+    assert resample_indices(len(pairs), resamples, seed).tolist() == drawn
 
 
 def test_paired_bootstrap_covers_a_known_shift():
