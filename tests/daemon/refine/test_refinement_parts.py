@@ -184,7 +184,8 @@ def test_a_stratum_is_split_between_the_two_samples_five_of_every_thirteen_to_co
     assert needed(5) == 13 and min(split(13)) >= 5 and min(split(12)) < 5
 
 
-def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traffic(tmp_path):
+def slipping_daemon(tmp_path) -> tuple[EmbeddedDaemon, str]:
+    """A daemon that has seen 300 arithmetic-slip executions, and the mode whose mass crossed."""
     daemon = EmbeddedDaemon(load_settings(store={"path": str(tmp_path / "s.duckdb")}))
     try:
         asyncio.run(run_tasks(ARITHMETIC_SLIP, range(300), SimpleSpanProcessor(daemon.exporter())))
@@ -192,6 +193,15 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
         [(mode,)] = daemon.store.query(
             "SELECT DISTINCT payload->>'mode' FROM events WHERE type = 'ModeMassCrossed'"
         )
+    except BaseException:
+        daemon.close()
+        raise
+    return daemon, mode
+
+
+def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traffic(tmp_path):
+    daemon, mode = slipping_daemon(tmp_path)
+    try:
         replay = ReplayStore(daemon.store, retention=10_000)
         sample, fresh = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
         again = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
@@ -220,13 +230,8 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
 
 
 def test_scarce_counterexamples_are_split_between_the_two_samples_not_all_taken_by_the_first(tmp_path):
-    daemon = EmbeddedDaemon(load_settings(store={"path": str(tmp_path / "s.duckdb")}))
+    daemon, mode = slipping_daemon(tmp_path)
     try:
-        asyncio.run(run_tasks(ARITHMETIC_SLIP, range(300), SimpleSpanProcessor(daemon.exporter())))
-        daemon.pump(drain=True)
-        [(mode,)] = daemon.store.query(
-            "SELECT DISTINCT payload->>'mode' FROM events WHERE type = 'ModeMassCrossed'"
-        )
         sample, fresh = ReplayStore(daemon.store, retention=10_000).samples(
             "arithmetic-slip", "1.0.0", mode, 400, until_seq=daemon.stage.cursor
         )
