@@ -73,7 +73,7 @@ def start_kafka(cleanup: Callable[[Callable[[], object]], None]) -> KafkaBroker:
     cleanup(broker.stop)
     assert broker.process is not None
     BROKERS_USED.append(
-        f"Apache Kafka started by the fixture (KRaft, pid {broker.process.pid}) at {broker.bootstrap_servers}"
+        f"Apache Kafka started for this test run (KRaft, pid {broker.process.pid}) at {broker.bootstrap_servers}"
     )
     return KafkaBroker(broker.bootstrap_servers, "apache-kafka-local")
 
