@@ -55,6 +55,9 @@ class Step:
 
 
 class Stage(Protocol):
+    """`reads_log = False` on a stage whose input is not the event log (a topic): its checkpoint's
+    position then means nothing, and the runner reports no lag for it (the consumer's lag is its own)."""
+
     name: str  # its row in `stage_cursors`
 
     def open(self, checkpoint: Checkpoint) -> None: ...
