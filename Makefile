@@ -65,7 +65,7 @@ demo-kafka: $(STAMP)
 
 ## test: lint, then every test on TEST_WORKERS pytest-xdist workers (one broker and one model server for
 ## all); Kafka tests run against a real broker, Collector tests against the real Collector (tests/conftest.py)
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 4
 test: setup lint collector
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
