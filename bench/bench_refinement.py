@@ -43,6 +43,7 @@ from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.judging import Judging
+from cegraph.daemon.sim.llm import RememberingSimLLM
 from cegraph.daemon.sim.sandbox import PureProgramSandbox
 from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
@@ -101,7 +102,7 @@ def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, 
     world = SimWorld(seed, judging=plan.judging, sandbox=PureProgramSandbox())
     base = plan.base(world)
     setup = Setup(seed, world, base, TaskMix(world, plan.phases, seed=seed), recorded=recorded,
-                  validation=validation)  # fmt: skip
+                  validation=validation, llm=RememberingSimLLM(world))  # fmt: skip
     held_out = list(range(TEST_OFFSET, TEST_OFFSET + test))
     scored: dict[str | None, dict] = {}
 
