@@ -3,10 +3,8 @@
 Current and candidate run on the same replayed inputs and seeds, so each input gives a pair of
 outcomes. For a 0/1 outcome (the input failed in the target mode, or failed at all; a counterexample
 of the target that still fails, in whatever mode, counts as failing in it) the exact McNemar test
-looks only at the discordant pairs, each weighted by the recorded executions its input stands for
-(it tests the change of the traffic's rate that the verification reports, docs/method.md says why);
-for a mass (failures per execution) a paired bootstrap gives a confidence interval of the mean
-difference. Pure functions, seeded.
+looks only at the discordant pairs; for a mass (failures per execution) a paired bootstrap gives a
+confidence interval of the mean difference. Pure functions, seeded.
 
 The accept rule (`judge`) and what it guarantees, as the refiner uses it:
 - A candidate is accepted when the one-sided exact McNemar test of its target-mode failures gives
@@ -66,57 +64,22 @@ def _binomial_tail(k: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
 
 
-def mcnemar(base: list[bool], candidate: list[bool], weights: Sequence[float] | None = None) -> PairedResult:
-    """Exact McNemar on paired failure indicators (True = failed), on the weighted difference when
-    `weights` (the executions each pair stands for) are given: the rates are weighted and the test
-    is of the same weighted change (`_sign_flip_tails`); with equal weights it is the plain test."""
-    if len(base) != len(candidate) or (weights is not None and len(weights) != len(base)):
+def mcnemar(base: list[bool], candidate: list[bool]) -> PairedResult:
+    """Exact McNemar on paired failure indicators (True = failed)."""
+    if len(base) != len(candidate):
         raise ValueError("paired outcomes need the same inputs on both sides")
-    weights = [1.0] * len(base) if weights is None else list(weights)
-    groups: dict[float, list[int]] = {}  # weight -> [discordant pairs, fixed ones]
-    for b, c, w in zip(base, candidate, weights, strict=True):
-        if b != c:
-            group = groups.setdefault(w, [0, 0])
-            group[0] += 1
-            group[1] += b
-    fixed = sum(group[1] for group in groups.values())
-    broken = sum(group[0] for group in groups.values()) - fixed
-    p_better, p_worse = _sign_flip_tails(groups)
+    fixed = sum(1 for b, c in zip(base, candidate, strict=True) if b and not c)
+    broken = sum(1 for b, c in zip(base, candidate, strict=True) if c and not b)
+    n = len(base)
     return PairedResult(
-        n=len(base),
-        base_rate=weighted_rate(base, weights),
-        candidate_rate=weighted_rate(candidate, weights),
+        n=n,
+        base_rate=sum(base) / n if n else 0.0,
+        candidate_rate=sum(candidate) / n if n else 0.0,
         fixed=fixed,
         broken=broken,
-        p_better=p_better,
-        p_worse=p_worse,
+        p_better=_binomial_tail(fixed, fixed + broken),
+        p_worse=_binomial_tail(broken, fixed + broken),
     )
-
-
-def _sign_flip_tails(groups: dict[float, list[int]]) -> tuple[float, float]:
-    """One-sided p-values of D = sum over discordant pairs of weight x (+1 fixed, -1 broken): P(D >= d)
-    and P(D <= d) when each discordant pair is fixed or broken with probability 1/2 independently
-    (McNemar's null: the two specs exchangeable on every input). Exact: per distinct weight the
-    number fixed is Binomial(n, 1/2), and the distribution of D is their convolution, whose support
-    is at most the product of (n + 1) over the weights (a stratified sample has one weight a stratum)."""
-    if len(groups) <= 1:  # one weight scales D: the binomial tails of the plain test, to the bit
-        n, fixed = next(iter(groups.values()), (0, 0))
-        return _binomial_tail(fixed, n), _binomial_tail(n - fixed, n)
-    tolerance = 1e-9 * sum(weight * n for weight, (n, _) in groups.items())
-    values, probabilities, observed = np.zeros(1), np.ones(1), 0.0
-    for weight, (n, fixed) in groups.items():
-        pmf = np.array([math.comb(n, k) / 2**n for k in range(n + 1)])  # exact ints, then one rounding
-        values = np.add.outer(values, weight * (2 * np.arange(n + 1) - n)).ravel()
-        probabilities = np.multiply.outer(probabilities, pmf).ravel()
-        observed += weight * (2 * fixed - n)
-        # sums equal but for rounding are one value: the support stays that of the distinct sums
-        keys, where = np.unique(np.round(values / tolerance), return_inverse=True)
-        merged = np.empty(len(keys))
-        merged[where] = values  # one of the sums a key stands for, not the grid point: no drift
-        values, probabilities = merged, np.bincount(where, weights=probabilities)
-    p_better = float(probabilities[values >= observed - tolerance].sum())
-    p_worse = float(probabilities[values <= observed + tolerance].sum())
-    return min(p_better, 1.0), min(p_worse, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +206,8 @@ def compare(
         not c.modes.isdisjoint(target) or (was and c.failed)
         for was, c in zip(target_base, candidate, strict=True)
     ]
-    target_result = mcnemar(target_base, target_candidate, weights)
-    others = {"any failure": mcnemar([o.failed for o in base], [o.failed for o in candidate], weights)}
+    target_result = mcnemar(target_base, target_candidate)
+    others = {"any failure": mcnemar([o.failed for o in base], [o.failed for o in candidate])}
     # "Nothing else rises": no mode the current spec fails in (besides the target) may rise, and
     # failing at all may not rise. A kind of failure only the candidate has (a new mode, or failures
     # in no mode) is judged by the second test: per mode it would be confounded, because a failure
@@ -258,7 +221,6 @@ def compare(
                 mode in c.modes and (mode in b.modes or not b.failed)
                 for b, c in zip(base, candidate, strict=True)
             ],
-            weights,
         )
     verdict = judge(target_result, others, alpha=alpha, calls=calls, budget=budget)
     n = len(base)
@@ -272,11 +234,11 @@ def compare(
     report = Verification(
         pairs=n,
         counterexamples=sum(target_base),
-        target_before=target_result.base_rate,
-        target_after=target_result.candidate_rate,
+        target_before=weighted_rate(target_base, weights),
+        target_after=weighted_rate(target_candidate, weights),
         target_p=target_result.p_better,
-        efm_before=others["any failure"].base_rate,
-        efm_after=others["any failure"].candidate_rate,
+        efm_before=weighted_rate([o.failed for o in base], weights),
+        efm_after=weighted_rate([o.failed for o in candidate], weights),
         efm_change_low=efm.low,
         efm_change_high=efm.high,
         worst_other=worst[0],
