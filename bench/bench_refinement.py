@@ -43,6 +43,7 @@ from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.judging import Judging
+from cegraph.daemon.sim.llm import RememberingSimLLM
 from cegraph.daemon.sim.sandbox import PureProgramSandbox
 from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
@@ -96,12 +97,14 @@ METHODS: dict[str, Callable[[Setup, int], Curve]] = {
 
 
 def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int):
-    """One scenario and seed: per method, the spec held at each budget and its held-out figures."""
+    """One scenario and seed: per method, the spec held at each budget and its held-out figures, and
+    the CPU seconds the seed took in its process (`cpu_s`: what a full run's length follows)."""
+    cpu = time.process_time()
     plan = SCENARIOS[scenario]
     world = SimWorld(seed, judging=plan.judging, sandbox=PureProgramSandbox())
     base = plan.base(world)
     setup = Setup(seed, world, base, TaskMix(world, plan.phases, seed=seed), recorded=recorded,
-                  validation=validation)  # fmt: skip
+                  validation=validation, llm=RememberingSimLLM(world))  # fmt: skip
     held_out = list(range(TEST_OFFSET, TEST_OFFSET + test))
     scored: dict[str | None, dict] = {}
 
@@ -127,8 +130,9 @@ def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, 
             "budgets": points, "adopted_at": [spent for spent, _ in curve.points[1:]], "notes": curve.notes,
             "wall_s": round(time.perf_counter() - started, 1),
         }  # fmt: skip
+    row["cpu_s"] = round(time.process_time() - cpu, 1)
     shown = {m: [row["methods"][m]["budgets"][str(b)]["failure_rate"] for b in budgets] for m in METHODS}
-    print(scenario, seed, f"base {row['base']['failure_rate']:.3f}", shown, flush=True)
+    print(scenario, seed, f"base {row['base']['failure_rate']:.3f}", shown, f"cpu {row['cpu_s']}", flush=True)
     return row
 
 
@@ -254,7 +258,9 @@ def run(args: argparse.Namespace) -> dict:
         s: {str(w[1]): row for w, row in zip(work, rows, strict=True) if w[0] == s} for s in scenarios
     }
     wall_s = round(time.perf_counter() - started)
-    runs = [{"scenarios": scenarios, "seeds": args.seeds, "wall_s": wall_s, "jobs": args.jobs}]
+    cpu_s = round(sum(row["cpu_s"] for row in rows), 1)  # the seeds' processes, not this one's
+    runs = [{"scenarios": scenarios, "seeds": args.seeds, "jobs": args.jobs, "wall_s": wall_s,
+             "cpu_s": cpu_s}]  # fmt: skip
     if earlier is not None:
         by_scenario = {s: v for s, v in earlier["per_seed"].items() if s not in scenarios} | by_scenario
         runs = earlier.get("runs", []) + runs

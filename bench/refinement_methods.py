@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import NoOpTracerProvider
 
+from cegraph.connectors.otlp.span_export import CallbackSpanExporter
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.detect.density import ModeTracker
 from cegraph.daemon.embedded import EmbeddedDaemon
@@ -120,6 +121,12 @@ class Setup:
             self.llm, NoOpTracerProvider(), tools=world.tools(), sandbox=world.sandbox
         )
         self._tasks: dict[int, Task] = {}
+        # (spec, index, seed, judge) -> its run: an execution is a function of these, and the searches
+        # evaluate the same spec on the same inputs again (a random edit drawn twice, every method's
+        # base spec); they pay for each evaluation all the same
+        self._runs: dict[tuple[str | None, int, int, bool], Run] = {}
+        # (spec, index) -> calls and OTLP messages of that execution of the traffic (`_Traffic`)
+        self.traffic: dict[tuple[str | None, int], tuple[int, list[tuple[bytes | None, bytes]]]] = {}
 
     def task(self, index: int) -> Task:
         if index not in self._tasks:
@@ -132,19 +139,22 @@ class Setup:
         """`spec` on tasks `indices`, task `i` with seed `i` (repeat 0: the recorded seed) or a seed
         of its own per repeat, judged by the scenario's judge (by the ground truth with `truth`)."""
         judge = self.truth if truth else self.world
+        keys = {
+            i: (spec.content_hash, i, i if repeat == 0 else 1_000_003 * repeat + i, truth) for i in indices
+        }
 
-        async def all_of() -> list[Run]:
-            async def one(index: int) -> Run:
-                task = self.task(index)
-                seed = index if repeat == 0 else 1_000_003 * repeat + index
-                result = await self._runtime.execute(
-                    spec, task.input, seed=seed, evaluator=judge.evaluator(task)
-                )
-                return run_of(index, result)
+        async def one(index: int) -> None:
+            task = self.task(index)
+            result = await self._runtime.execute(
+                spec, task.input, seed=keys[index][2], evaluator=judge.evaluator(task)
+            )
+            self._runs[keys[index]] = run_of(index, result)
 
-            return list(await asyncio.gather(*(one(i) for i in indices)))
+        async def missing() -> None:
+            await asyncio.gather(*(one(i) for i in dict.fromkeys(indices) if keys[i] not in self._runs))
 
-        return asyncio.run(all_of())
+        asyncio.run(missing())
+        return [self._runs[keys[i]] for i in indices]
 
 
 def candidate_edits(spec: WorkflowSpec, retrievers: Sequence[str], node: str | None = None) -> list[Edit]:
@@ -153,16 +163,16 @@ def candidate_edits(spec: WorkflowSpec, retrievers: Sequence[str], node: str | N
     argument_sets += [{"operator": "format", "output_format": f} for f in ("json", "number", "text")]
     argument_sets += [{"operator": "adjust_parameter", "parameter": "temperature", "value": 0.0}]
     argument_sets += [{"operator": "custom_generate"}, {"operator": "test"}]
-    edits: list[Edit] = []
+    edits: dict[str, Edit] = {}  # by its JSON: distinct, in order
     for node_id in [node] if node is not None else list(spec.nodes):
         for arguments in argument_sets:
             if arguments["operator"] == "add_retrieval":
                 arguments = {**arguments, "retriever": retrievers[0]}
             edit = Edit(node=node_id, **arguments)
-            if edit not in edits and refusal(spec, edit) is None:
-                edits.append(edit)
-    assert {e.operator for e in edits} <= set(OPERATORS)
-    return edits
+            if edit.model_dump_json() not in edits and refusal(spec, edit) is None:
+                edits[edit.model_dump_json()] = edit
+    assert {e.operator for e in edits.values()} <= set(OPERATORS)
+    return list(edits.values())
 
 
 def blamed_node(runs: Sequence[Run]) -> str | None:
@@ -311,13 +321,11 @@ def failure_driven(
 def _loop(setup: Setup, daemon: EmbeddedDaemon, budget: int, batch: int) -> Curve:
     spec = setup.base
     daemon.registry.register(spec)
-    provider = TracerProvider(id_generator=ExecutionIds())
-    provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
-    runtime = WorkflowRuntime(setup.llm, provider, tools=setup.world.tools(), sandbox=setup.world.sandbox)
+    traffic = _Traffic(setup, daemon.exporter())
     curve, spent, start, idle, jobs = Curve([(0, spec)]), 0, 0, 0, []
     while spent < budget and idle < 2:
         size = setup.recorded if start == 0 else batch
-        calls = asyncio.run(_record(runtime, setup, spec, range(start, start + size)))
+        calls = traffic.record(spec, range(start, start + size))
         spent += 0 if start == 0 else calls  # the recorded traffic is everyone's; the rest is paid
         start += size
         daemon.pump(drain=True)
@@ -337,13 +345,50 @@ def _loop(setup: Setup, daemon: EmbeddedDaemon, budget: int, batch: int) -> Curv
     return curve
 
 
-async def _record(runtime: WorkflowRuntime, setup: Setup, spec: WorkflowSpec, indices: range) -> int:
-    """Run executions `indices` of the traffic on `spec`; the LLM calls they took."""
+class _Traffic:
+    """Executions of the traffic on the spec cegraph holds, their spans exported to its daemon.
 
-    async def one(index: int) -> int:
-        derive_ids_for(f"bench/{setup.seed}", index)
-        task = setup.task(index)
-        result = await runtime.execute(spec, task.input, seed=index, evaluator=setup.world.evaluator(task))
-        return run_of(index, result).calls
+    Execution `i` of a spec is the same trace whichever cegraph variant runs it (its ids derive from
+    (seed, i), its answers from its seeds), so its messages are kept per (spec, index) in the seed's
+    `Setup` and the next variant that runs it gets them again: the recorded traffic runs once per
+    seed, not once per variant. The span timestamps are the first run's, which nothing in a run
+    reads (the latency trait is off)."""
 
-    return sum(await asyncio.gather(*(one(index) for index in indices)))
+    def __init__(self, setup: Setup, exporter: CallbackSpanExporter) -> None:
+        self.setup, self.exporter = setup, exporter
+        self._sent: dict[bytes, list[tuple[bytes | None, bytes]]] = {}  # trace id -> its messages
+        provider = TracerProvider(id_generator=ExecutionIds())
+        provider.add_span_processor(
+            SimpleSpanProcessor(CallbackSpanExporter(self._keep, partition_by_trace=True))
+        )
+        self.runtime = WorkflowRuntime(
+            setup.llm, provider, tools=setup.world.tools(), sandbox=setup.world.sandbox
+        )
+
+    def _keep(self, key: bytes | None, payload: bytes) -> None:
+        assert key is not None  # partitioned by trace
+        self._sent.setdefault(key, []).append((key, payload))
+
+    def record(self, spec: WorkflowSpec, indices: range) -> int:
+        """Executions `indices` on `spec`, exported; the LLM calls they took."""
+        known = self.setup.traffic
+        todo = [i for i in indices if (spec.content_hash, i) not in known]
+        for index, (calls, trace) in zip(todo, asyncio.run(self._run(spec, todo)), strict=True):
+            known[spec.content_hash, index] = (calls, self._sent.pop(trace.encode()))
+        for index in indices:
+            self.exporter.deliver(known[spec.content_hash, index][1])
+        return sum(known[spec.content_hash, index][0] for index in indices)
+
+    async def _run(self, spec: WorkflowSpec, indices: list[int]) -> list[tuple[int, str]]:
+        """The executions' LLM calls and trace ids (their spans are exported when they end)."""
+        setup = self.setup
+
+        async def one(index: int) -> tuple[int, str]:
+            derive_ids_for(f"bench/{setup.seed}", index)
+            task = setup.task(index)
+            result = await self.runtime.execute(
+                spec, task.input, seed=index, evaluator=setup.world.evaluator(task)
+            )
+            return run_of(index, result).calls, result.trace_id
+
+        return list(await asyncio.gather(*(one(index) for index in indices)))

@@ -304,7 +304,10 @@ class RefinerSettings(_Group):
     max_candidates: int = Field(8, ge=1, le=100, description="Candidates verified per round at most.")
     concurrency: int = Field(8, ge=1, le=256, description="Shadow executions in flight at once.")
     cooldown_s: float = Field(
-        300.0, ge=0, description="Quiet time for a workflow after a job's decision before the next job."
+        300.0,
+        ge=0,
+        description="Quiet time for a workflow after a job's decision before the next job (a job that "
+        "waited or was skipped decided nothing).",
     )
     deploy_wait_s: float = Field(
         3_600.0,

@@ -10,7 +10,8 @@ they happen, so a job run again records them again. Where a job runs is the stag
 one at a time on the stage's thread (`LocalJobs`), or on refine workers behind the jobs topic, one per
 workflow out at once (`RemoteJobs`, `daemon/refine/remote.py`). When a trigger may start is the
 `RefinementScheduler`'s policy, read from the log alone: a workflow gets no new job until
-`cooldown_s` after its last one ended, or while one of its changes is in flight. A job that ends
+`cooldown_s` after its last one ended (a job that waited or was skipped sets no cooldown:
+`NO_COOLDOWN`), or while one of its changes is in flight. A job that ends
 "waiting" (too few counterexamples to choose and confirm a patch on) is kept in the checkpoint and
 becomes a trigger again once that many more failures of its mode are in the log: the detector's
 trigger, disarmed by the first crossing, would not fire again while the mode's mass stays high.
@@ -107,9 +108,13 @@ WHERE f.type = '{REFINEMENT_FINISHED}' AND {_F.sql("outcome", of="f.payload")} =
   AND {_F.sql("workflow_id", of="f.payload")} = ? AND {_F.sql("mode", of="f.payload")} = ?
 """
 RETRY_FACTOR = 1.5  # a mode no candidate helped gets a new job once its mass is this much higher
+# Ends after which the workflow does not cool down: the job changed nothing and spent nothing. A job
+# that waits ran no replay (too few counterexamples); a skipped one found its version unregistered,
+# which no pause mends (registering it does), and it would hold back the other modes' jobs.
+NO_COOLDOWN = ("waiting", "skipped")
 LAST_FINISHED = f"""
 SELECT {_F.sql("workflow_id")}, max({_F.sql("finished_at", "DOUBLE")})
-FROM events WHERE type = '{REFINEMENT_FINISHED}' AND {_F.sql("outcome")} <> 'waiting' GROUP BY 1
+FROM events WHERE type = '{REFINEMENT_FINISHED}' AND {_F.sql("outcome")} NOT IN {NO_COOLDOWN} GROUP BY 1
 """
 # the seq of the `$5`-th failure of the mode (or a mode merged into it) after seq `$4`
 _O = FailureObservedPayload

@@ -3,7 +3,8 @@
 It reads what the workflow actually gives it: the task in the messages (recognized by the world's
 families), retrieved facts in the context, the instructions in the system prompt, the purpose of the
 call (the node kind it is called as), earlier attempts and feedback in the conversation, temperature
-and max_tokens. Everything random comes from the call's seed, so results repeat per seed.
+and max_tokens. Everything random comes from the call's seed, so results repeat per seed, and a
+completion is a function of the call's arguments (`RememberingSimLLM` answers each distinct call once).
 """
 
 from __future__ import annotations
@@ -106,3 +107,35 @@ class SimLLM:
             numbers = _NUMBER.findall(value if value is not None else candidate)
             return numbers[-1].replace(",", "") if numbers else candidate
         return value if value is not None else candidate.strip()
+
+
+class RememberingSimLLM(SimLLM):
+    """`SimLLM`, with every completion remembered by the call's arguments. A benchmark asks the same
+    question with the same seed many times (the same candidate on the same validation inputs, a
+    node an edit left alone, three variants reading the same recorded traffic) and learns nothing
+    from the second answer: it is the first one, since the simulated model reads nothing else. The
+    caller still counts every call it makes."""
+
+    def __init__(self, world: SimWorld) -> None:
+        super().__init__(world)
+        self._answers: dict[tuple, Completion] = {}
+
+    async def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        temperature: float,
+        max_tokens: int | None,
+        seed: int,
+        context: CallContext,
+    ) -> Completion:
+        key = (tuple((m.role, m.content) for m in messages), model, temperature, max_tokens, seed, context)
+        known = self._answers.get(key)
+        if known is None:
+            known = await super().complete(
+                messages, model=model, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                context=context,
+            )  # fmt: skip
+            self._answers[key] = known
+        return known

@@ -276,6 +276,7 @@ class WorkflowRuntime:
         self.sandbox = sandbox or Sandbox()
         self._tracer = tracer_provider.get_tracer(TRACER_NAME)
         self._input_models: dict[str, type[BaseModel]] = {}
+        self._levels: dict[str, list[list[str]]] = {}  # per spec content, as `_input_models`
         self._handlers: dict[str, Callable[[_NodeCall, dict[str, str]], Awaitable[str]]] = {
             "llm": self._llm, "ensemble": self._ensemble, "programmer": self._programmer,
             "review": self._review, "revise": self._revise, "format": self._format, "verify": self._verify,
@@ -331,7 +332,8 @@ class WorkflowRuntime:
         runs: dict[str, NodeRun] = {}
         spans: dict[str, tuple[Span, int]] = {}
         try:
-            levels = spec.topological_levels()
+            levels = self._levels.get(spec.content_hash) or spec.topological_levels()
+            self._levels[spec.content_hash] = levels
             for level in levels:
                 ready = [node_id for node_id in level if self._should_run(spec, node_id, runs)]
                 for node_id in level:
@@ -339,9 +341,9 @@ class WorkflowRuntime:
                         runs[node_id] = NodeRun(
                             node_id=node_id, kind=spec.nodes[node_id].kind, status="skipped"
                         )
-                done = await asyncio.gather(
-                    *(self._run_node(spec, node_id, task, runs, seed, root, common) for node_id in ready)
-                )
+                nodes = [self._run_node(spec, node_id, task, runs, seed, root, common) for node_id in ready]
+                # a level of one node (most are) is awaited in place: a task would only cost its set-up
+                done = [await nodes[0]] if len(nodes) == 1 else await asyncio.gather(*nodes)
                 for node_id, (run, span, end_ns) in zip(ready, done, strict=True):
                     runs[node_id] = run
                     spans[node_id] = (span, end_ns)
@@ -462,6 +464,8 @@ class WorkflowRuntime:
 
     @staticmethod
     def _record_calls(span: Span, call: _NodeCall) -> None:
+        if not span.is_recording():  # a no-op tracer's span keeps nothing: spare the JSON
+            return
         for attempt, (cause, reason) in enumerate(call.retries, start=1):
             span.add_event(
                 "cegraph.retry",

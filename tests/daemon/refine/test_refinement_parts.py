@@ -177,6 +177,21 @@ def test_a_job_with_too_few_counterexamples_waits_and_is_tried_again_after_that_
         store.close()
 
 
+def test_a_skipped_job_sets_no_cooldown_so_the_next_mode_of_its_workflow_starts_at_once(tmp_path):
+    # the real refine stage and refiner, with an hour's cooldown on the wall clock: the workflow's
+    # version is not registered, so each job ends as soon as it has read its inputs
+    settings = load_settings(store={"path": str(tmp_path / "s.duckdb")}, refiner={"cooldown_s": 3_600})
+    daemon = EmbeddedDaemon(settings)
+    try:
+        crossed(daemon.store, "a", "m1")
+        crossed(daemon.store, "a", "m2")
+        ended = daemon.refine()
+        assert [(job["mode"], job["outcome"]) for job in ended] == [("m1", "skipped"), ("m2", "skipped")]
+        assert all("register the spec" in job["reason"] for job in ended)
+    finally:
+        daemon.close()
+
+
 @given(st.integers(0, 10_000))
 def test_a_stratum_is_split_between_the_two_samples_five_of_every_thirteen_to_confirmation(rows):
     choose, confirm = split(rows)
