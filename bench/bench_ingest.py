@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import platform
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from results_file import report  # noqa: E402
 
 from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
+from cegraph.daemon import gc_policy  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest.normalize import TextPolicy  # noqa: E402
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_nodes  # noqa: E402
@@ -225,9 +225,10 @@ def main() -> dict:
     payloads = [m.value for m in to_messages(traces, one_trace_per_message=True, seed=1)]
     spans = sum(t.span_count for t in traces)
     # The SDK's spans are millions of objects the daemon never holds: kept alive, every collection of
-    # the garbage collector's oldest generation would walk them on the daemon's time.
+    # the garbage collector's oldest generation would walk them on the daemon's time. Then the
+    # collector is set as `cegraph run` sets it once started (`daemon/gc_policy.py`).
     del traces
-    gc.collect()
+    gc_policy.settle()
     with tempfile.TemporaryDirectory() as tmp:
         ceiling_spans, ceiling_s = timed(ceiling, payloads)
         paths = {"columnar": decode_proto, "reference": reference_decode}
