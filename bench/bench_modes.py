@@ -2,7 +2,10 @@
 
 1. TRAIL-GAIA through `eval-modes` (TRAIL's taxonomy folding, so the numbers compare with the
    issue's), mean over 5 seeds (the order of the executions, KMeans' start), both variants: the
-   online modes at arrival and at the end beside span names and batch KMeans on the same vectors.
+   online modes at arrival and at the end beside span names and batch KMeans on the same vectors,
+   and (c) the tracker's own partition computed in batch: average linkage of the same vectors, per
+   workflow, at the tracker's cut. (c) is what the online modes would be with no stream at all, so it
+   tells a loss of the online step from a limit of the partition at that cut.
 2. Bake-off: every candidate sees the same signatures in the same order, in batches of 40
    failures, and is scored at arrival (AMI, ARI), with its learning speed; on TRAIL-GAIA (both
    variants, seed 0) and on synthetic streams with known modes (`tests/fixtures/fss_fixtures.py`): planted
@@ -33,8 +36,8 @@ from river import cluster  # noqa: E402
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans  # noqa: E402
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, silhouette_score  # noqa: E402
 
-from cegraph.daemon.detect.density import NOISE, ModeTracker  # noqa: E402
-from cegraph.daemon.detect.eval_modes import evaluate  # noqa: E402
+from cegraph.daemon.detect.density import EMBEDDED_MODE_DISTANCE, HASHED_MODE_DISTANCE, NOISE, ModeTracker  # noqa: E402
+from cegraph.daemon.detect.eval_modes import Score, VariantResult, evaluate, score  # noqa: E402
 from cegraph.daemon.detect.signature import SignatureFeaturizer  # noqa: E402
 from cegraph.daemon.settings import DetectorSettings  # noqa: E402
 
@@ -42,9 +45,33 @@ TRAIL = ROOT.parent / "shared" / "datasets" / "trail-gaia.tar.gz"
 BATCH = 40
 
 
+def batch_linkage(variant: VariantResult, cut: float) -> Score:
+    """Average linkage of a variant's labelled failures, per workflow, cut where the tracker cuts."""
+    by_workflow: dict[str, list[int]] = {}
+    for index, (_, _, workflow) in enumerate(variant.points):
+        by_workflow.setdefault(workflow, []).append(index)
+    found: dict[int, str] = {}
+    for workflow, rows in by_workflow.items():
+        vectors = np.array([variant.points[row][0] for row in rows])
+        if len(rows) < 2:
+            found.update({row: f"{workflow}:0" for row in rows})
+            continue
+        model = AgglomerativeClustering(
+            n_clusters=None, distance_threshold=cut, metric="cosine", linkage="average"
+        )
+        for row, label in zip(rows, model.fit(vectors).labels_, strict=True):
+            found[row] = f"{workflow}:{label}"
+    labels = [found[row] for row in range(len(variant.points))]
+    return score("(c) batch average linkage at the cut", [p[1] for p in variant.points], labels)
+
+
 def gaia(seeds: int, text_features: str) -> dict:
     settings = DetectorSettings(text_features=text_features)
+    cut = EMBEDDED_MODE_DISTANCE if text_features == "embedding" else HASHED_MODE_DISTANCE
     runs = [evaluate(TRAIL, taxonomy="trail", seed=seed, settings=settings) for seed in range(seeds)]
+    for run in runs:
+        for variant in run.variants:
+            variant.scores.append(batch_linkage(variant, cut))
     out: dict = {"seeds": seeds, "text_features": text_features, "variants": {}}
     for index, variant in enumerate(runs[0].variants):
         methods = {}

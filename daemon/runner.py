@@ -86,9 +86,13 @@ class StageRunner:
         a passed-over step's not stored yet."""
         return self.checkpoint.position if self.checkpoint is not None else 1
 
+    @property
+    def reads_log(self) -> bool:
+        return getattr(self.stage, "reads_log", True)
+
     def lag(self) -> int:
-        """Events in the log the stage has not read yet."""
-        return max(0, self.store.last_seq() + 1 - self.position())
+        """Events in the log the stage has not read yet (0 for a stage that does not read the log)."""
+        return max(0, self.store.last_seq() + 1 - self.position()) if self.reads_log else 0
 
     def wait_until_within(self, max_lag: int, stop: threading.Event) -> float:
         """Block while the stage is more than `max_lag` events behind, or until `stop`; seconds waited."""
@@ -103,7 +107,7 @@ class StageRunner:
         self._wake.set()
 
     def _observe(self) -> None:
-        if self.metrics is not None and self.checkpoint is not None:
+        if self.metrics is not None and self.checkpoint is not None and self.reads_log:
             self.metrics.position.labels(self.name).set(self.checkpoint.position)
             self.metrics.lag.labels(self.name).set(self.lag())
 

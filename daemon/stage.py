@@ -11,10 +11,11 @@ lifecycle, called by the `StageRunner` in this order and by nothing else:
    and the checkpoint after them), or None when there is nothing to do yet. `poll` does not write:
    the runner appends the step's events and its checkpoint in one DuckDB transaction, so a crash at
    any instant resumes from a checkpoint that matches the log exactly; nothing is emitted twice and
-   nothing is skipped (a step that read nothing may wait to be stored with the next: `Step`). A
-   stage with side effects outside the store (a Kafka send) makes them idempotent in `open` (the
-   outbox publisher reads what the topic already holds), or where they land (the failures publisher
-   sends at least once; its receiver drops what its log already holds).
+   nothing is skipped (a step that read nothing may wait to be stored with the next, or until the
+   stage is caught up: `Step`). A stage with side effects outside the store (a Kafka send) makes
+   them idempotent in `open` (the outbox publisher reads what the topic already holds), or where
+   they land (the failures publisher sends at least once; its receiver drops what its log already
+   holds).
 3. `close()`: release what the stage holds (connections, threads); the state in memory is dropped.
 
 Progress lives in one place, the store's `stage_cursors` table (stage, position, snapshot): the
@@ -54,6 +55,9 @@ class Step:
 
 
 class Stage(Protocol):
+    """`reads_log = False` on a stage whose input is not the event log (a topic): its checkpoint's
+    position then means nothing, and the runner reports no lag for it (the consumer's lag is its own)."""
+
     name: str  # its row in `stage_cursors`
 
     def open(self, checkpoint: Checkpoint) -> None: ...

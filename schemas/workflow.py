@@ -511,7 +511,8 @@ def _find_cycle(nodes: Iterable[str], successors: Mapping[str, list[str]]) -> li
     return None
 
 
-def _reachable(start: str, successors: Mapping[str, list[str]]) -> set[str]:
+def reachable(start: str, successors: Mapping[str, list[str]]) -> set[str]:
+    """`start` and every node a path of `successors` leads to from it (graph edges, or merges)."""
     seen, todo = {start}, [start]
     while todo:
         for succ in successors.get(todo.pop(), []):
@@ -550,11 +551,11 @@ def graph_problems(spec: WorkflowSpec, tools: set[str] | None) -> list[str]:
     if spec.entry in nodes:
         if any(edge.target == spec.entry for edge in spec.edges):
             problems.append(f"node {spec.entry!r}: the entry node has an incoming edge")
-        reachable = _reachable(spec.entry, successors)
+        from_entry = reachable(spec.entry, successors)
         problems.extend(
             f"node {node!r}: not reachable from the entry {spec.entry!r}"
             for node in nodes
-            if node not in reachable
+            if node not in from_entry
         )
     for node_id, node in nodes.items():
         problems.extend(_node_problems(spec, node_id, node, successors, tools))
@@ -589,7 +590,7 @@ def _node_problems(
                 problems.append(f"{prefix}: input {name!r} refers to {ref!r}, not a field of input_schema")
         elif ref not in spec.nodes:
             problems.append(f"{prefix}: input {name!r} refers to {ref!r}, which is not defined")
-        elif node_id not in _reachable(ref, successors) or ref == node_id:
+        elif node_id not in reachable(ref, successors) or ref == node_id:
             problems.append(f"{prefix}: input {name!r} refers to {ref!r}, which is not upstream of it")
     missing = [name for name in node.required_inputs if name not in node.inputs]
     if missing:

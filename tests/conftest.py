@@ -73,7 +73,7 @@ def start_kafka(cleanup: Callable[[Callable[[], object]], None]) -> KafkaBroker:
     cleanup(broker.stop)
     assert broker.process is not None
     BROKERS_USED.append(
-        f"Apache Kafka started by the fixture (KRaft, pid {broker.process.pid}) at {broker.bootstrap_servers}"
+        f"Apache Kafka started for the run (KRaft, pid {broker.process.pid}) at {broker.bootstrap_servers}"
     )
     return KafkaBroker(broker.bootstrap_servers, "apache-kafka-local")
 
@@ -159,7 +159,19 @@ def topic_name() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+def _minutes(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("long")
+    return float(marker.kwargs.get("minutes", 1)) if marker else 0.0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what needs a service; put the files marked `long` first, longest first, so that with
+    `--dist loadfile` (which hands files out in collection order) they start at once and overlap the
+    rest of the run instead of making its tail. The same order on every worker: xdist requires it."""
+    longest = {}
+    for item in items:
+        longest[item.path] = max(longest.get(item.path, 0.0), _minutes(item))
+    items.sort(key=lambda item: -longest[item.path])  # stable: collection order otherwise
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if "kafka_bootstrap" in fixtures or "kafka_broker" in fixtures:

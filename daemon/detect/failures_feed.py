@@ -152,6 +152,7 @@ class FailuresReceiver:
     """
 
     name = RECEIVE_FAILURES
+    reads_log = False  # its input is the failures topic
 
     def __init__(self, store: EventStore, source: RecordSource, *, batch: int = 500) -> None:
         self.store = store

@@ -34,6 +34,7 @@ from cegraph.daemon.events import (
 )
 from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
+from cegraph.schemas.workflow import reachable
 
 DETECT = "detect"  # the stage's row in `stage_cursors`
 
@@ -77,6 +78,19 @@ def detected_until(store: EventStore) -> int:
     """The first log seq the detector has not read yet: everything before it has been through it."""
     checkpoint = store.cursor(DETECT)
     return checkpoint.position if checkpoint is not None else 1
+
+
+def merged_modes(store: EventStore, mode: str, *, forward: bool) -> list[str]:
+    """The mode and, along the stored merges, every mode merged into it (`forward=False`: their
+    failures are its counterexamples too) or every mode it was merged into (`forward=True`: where its
+    later failures are assigned)."""
+    edges: dict[str, list[str]] = {}
+    for key, into in store.query(
+        f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = ?", MODE_MERGED
+    ):
+        source, target = (key, into) if forward else (into, key)
+        edges.setdefault(source, []).append(target)
+    return sorted(reachable(mode, edges))
 
 
 def stored_modes(store: EventStore) -> list[dict[str, Any]]:

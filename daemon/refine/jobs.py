@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import orjson
 
 from cegraph.daemon.detect.detector import ModeClassifier
-from cegraph.daemon.detect.stage import detected_until
+from cegraph.daemon.detect.stage import detected_until, merged_modes
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
@@ -49,7 +49,6 @@ from cegraph.daemon.events import (
 from cegraph.daemon.metrics import RefinementMetrics
 from cegraph.daemon.refine.patch_outbox import created
 from cegraph.daemon.refine.refiner import Job, JobEnd, JobInputs, JobReader, Record, Refiner
-from cegraph.daemon.refine.replay import mode_family
 from cegraph.daemon.refine.signing import sign
 from cegraph.daemon.stage import Checkpoint, Step
 from cegraph.daemon.store import EventStore
@@ -347,7 +346,7 @@ class RefinementStage:
         by the last of them (so its job gets an id of its own)."""
         for key, deferred in list(self.deferred.items()):
             trigger = deferred["trigger"]
-            family = mode_family(self.store, trigger["mode"])
+            family = merged_modes(self.store, trigger["mode"], forward=False)
             found = self.store.query(
                 NTH_FAILURE, trigger["workflow_id"], trigger["workflow_version"], family,
                 deferred["after_seq"], deferred["failures"],

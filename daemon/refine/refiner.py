@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from cegraph.daemon.detect.detector import ModeClassifier
+from cegraph.daemon.detect.stage import merged_modes
 from cegraph.daemon.events import (
     CANDIDATE_VERIFIED,
     FAILURE_OBSERVED,
@@ -46,7 +47,7 @@ from cegraph.daemon.refine.proposers import (
     Proposals,
     Proposer,
 )
-from cegraph.daemon.refine.replay import ReplaySample, ReplayStore, mode_family, needed
+from cegraph.daemon.refine.replay import ReplaySample, ReplayStore, needed
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
 from cegraph.daemon.refine.text_policy import screen_edit
 from cegraph.daemon.refine.verification import Verdict, compare, per_candidate_alpha
@@ -139,7 +140,7 @@ class JobReader:
         sample, fresh = self.replay.samples(
             job.workflow_id, job.workflow_version, job.mode, self.sample_size, until_seq=job.until_seq
         )
-        target = mode_family(self.store, job.mode)
+        target = merged_modes(self.store, job.mode, forward=False)
         versions = {v.version: v.content_hash for v in self.registry.versions(job.workflow_id)}
         try:
             base, missing = self.registry.get(job.workflow_id, job.workflow_version).spec, ""

@@ -24,13 +24,12 @@ from typing import Any, Literal
 
 import orjson
 
+from cegraph.daemon.detect.stage import merged_modes
 from cegraph.daemon.events import (
     FAILURE_OBSERVED,
     FEEDBACK_RECEIVED,
-    MODE_MERGED,
     FailureObservedPayload,
     FeedbackReceivedPayload,
-    ModeChangedPayload,
 )
 from cegraph.daemon.store import EventStore
 
@@ -96,22 +95,6 @@ def _input(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def mode_family(store: EventStore, mode: str) -> list[str]:
-    """The mode and every mode merged into it (their failures are its counterexamples too)."""
-    merged: dict[str, list[str]] = {}
-    for key, into in store.query(
-        f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = ?", MODE_MERGED
-    ):
-        merged.setdefault(into, []).append(key)
-    family, todo = [mode], [mode]
-    while todo:
-        for source in merged.get(todo.pop(), []):
-            if source not in family:
-                family.append(source)
-                todo.append(source)
-    return family
-
-
 class ReplayStore:
     def __init__(self, store: EventStore, *, retention: int) -> None:
         self.store = store
@@ -125,7 +108,8 @@ class ReplayStore:
         other failures (at least one of each when there are any)."""
         rows = self.store.query_dicts(
             REPLAYABLE,
-            workflow_id, version, until_seq, self.retention, mode_family(self.store, mode), f"/{seed}",
+            workflow_id, version, until_seq, self.retention, merged_modes(self.store, mode, forward=False),
+            f"/{seed}",
         )  # fmt: skip
         strata: dict[str, list[dict[str, Any]]] = {"target": [], "other": [], "success": []}
         unreplayable = 0

@@ -25,19 +25,17 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from cegraph.daemon.detect.stage import detected_until
+from cegraph.daemon.detect.stage import detected_until, merged_modes
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
     FAILURE_OBSERVED,
-    MODE_MERGED,
     PATCH_CREATED,
     ROLLOUT_PUBLISHED,
     CanaryDecidedPayload,
     CanaryStartedPayload,
     Event,
     FailureObservedPayload,
-    ModeChangedPayload,
     PatchCreatedPayload,
     RolloutPublishedPayload,
 )
@@ -200,19 +198,6 @@ class CanaryJudge:
             rows.append(entry)
         return rows
 
-    def _mode_family(self, mode: str) -> list[str]:
-        """The mode and, along its merges, the modes its later failures are assigned to."""
-        merged = dict(
-            self.store.query(
-                f"SELECT key, {ModeChangedPayload.sql('into')} FROM events WHERE type = '{MODE_MERGED}' "
-                "ORDER BY seq"
-            )
-        )
-        family = [mode]
-        while family[-1] in merged and merged[family[-1]] not in family:
-            family.append(merged[family[-1]])
-        return family
-
     def _arms(self, started: dict[str, Any], horizon: int) -> tuple[Arm, Arm]:
         target = started.get("target_mode")
         rows = self.store.query_dicts(
@@ -222,7 +207,7 @@ class CanaryJudge:
             started["stable_version"],
             started["start_seq"],
             horizon,
-            self._mode_family(target) if target else [],
+            merged_modes(self.store, target, forward=True) if target else [],
         )
         arms = {r["track"]: Arm(r["executions"], r["failures"], r["mode_failures"]) for r in rows}
         return arms.get("canary", Arm()), arms.get("stable", Arm())

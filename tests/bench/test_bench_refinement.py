@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.long(minutes=3)
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--scenarios", "noisy judge", "--seeds", "1", "--jobs", "1", "--budgets", "500,3000",
          "--recorded", "800", "--validation", "30", "--test", "60"]  # fmt: skip

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 
 import httpx
+import pytest
 from daemon_proc import Daemon
 from kafka import KafkaProducer
 from scale_cases import detected, workload
@@ -20,6 +21,8 @@ from scale_cases import detected, workload
 from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import CONFIRMED, EventStore
+
+pytestmark = pytest.mark.long(minutes=2.5)
 
 EXECUTIONS = 2_400
 SPANS_PARTITIONS, FAILURES_PARTITIONS = 4, 2

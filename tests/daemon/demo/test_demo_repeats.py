@@ -3,7 +3,10 @@ order of a set of strings (PYTHONHASHSEED) or the machine's pace."""
 
 from __future__ import annotations
 
+import pytest
 from demo_runs import events, run_demo
+
+pytestmark = pytest.mark.long(minutes=3)
 
 # Through the first mode's detection, refinement, patch and canary, and into the second phase
 # (scenario.PHASES): every kind of decision the full run makes, at a third of its cost.

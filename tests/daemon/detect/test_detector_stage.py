@@ -130,6 +130,24 @@ def test_stored_modes_show_live_modes_with_mass_and_description(tmp_path):
     store.close()
 
 
+def test_merged_modes_follow_merges_both_ways_and_stop_at_cycles(tmp_path):
+    """a and b merged into c, c into d, and d (re-emerged) back into a: counterexamples of c come from
+    a, b and c; where a's later failures went is every mode downstream of it, each once."""
+    from cegraph.daemon.detect.stage import merged_modes
+    from cegraph.daemon.events import MODE_MERGED, Event
+
+    store = EventStore(tmp_path / "s.duckdb")
+    merges = [("a", "c"), ("b", "c"), ("c", "d"), ("x", "y"), ("d", "a")]
+    store.append(
+        [Event(MODE_MERGED, key, {"mode": key, "workflow_id": "w", "into": into}) for key, into in merges]
+    )
+    assert merged_modes(store, "c", forward=False) == ["a", "b", "c", "d"]
+    assert merged_modes(store, "b", forward=False) == ["b"]
+    assert merged_modes(store, "b", forward=True) == ["a", "b", "c", "d"]
+    assert merged_modes(store, "y", forward=True) == ["y"] and merged_modes(store, "q", forward=True) == ["q"]
+    store.close()
+
+
 def test_a_root_whose_parent_is_in_another_service_completes_on_time(tmp_path):
     """The gateway that called this service owns the trace's root: the local root is the span whose
     parent is remote, and the execution completes after the idle timeout, not at the maximum age."""

@@ -13,6 +13,8 @@ from cegraph.daemon.detect.embedding import shared_embedder
 from cegraph.daemon.detect.signature import STRUCTURE_DIM, TRAITS_DIM, SignatureFeaturizer
 from cegraph.daemon.settings import load_settings
 
+pytestmark = pytest.mark.long(minutes=1.5)
+
 # From the sentence-transformers documentation ("Semantic Textual Similarity"), all-MiniLM-L6-v2.
 LEFT = ["The new movie is awesome", "The cat sits outside", "A man is playing guitar"]
 RIGHT = ["The dog plays in the garden", "The new movie is so great", "A woman watches TV"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from failures_topic import MemoryTopic, Reader
 from pipeline_fixtures import Clock
+from prometheus_client import CollectorRegistry
 from scale_cases import PARTITIONS, detected, partition_of, workload
 
 from cegraph.connectors.otlp.codec import decode_proto
@@ -14,6 +15,7 @@ from cegraph.daemon.detect.detector import FailureDetector
 from cegraph.daemon.detect.failures_feed import FailuresPublisher, FailuresReceiver
 from cegraph.daemon.detect.stage import DetectorStage
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, PartitionsRead
+from cegraph.daemon.metrics import StageMetrics
 from cegraph.daemon.runner import StageRunner
 from cegraph.daemon.settings import DetectorSettings, IngestSettings
 from cegraph.daemon.store import EventStore
@@ -42,8 +44,9 @@ def consume(pipeline: IngestPipeline, clock: Clock, messages: list[InMessage], r
         pipeline.flush(read=read)
 
 
-def detector_stage(store: EventStore) -> StageRunner:
-    return StageRunner(store, DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=40))
+def detector_stage(store: EventStore, metrics: StageMetrics | None = None) -> StageRunner:
+    stage = DetectorStage(store, lambda: FailureDetector(DetectorSettings()), batch=40)
+    return StageRunner(store, stage, metrics=metrics)
 
 
 def test_scaled_out_detection_equals_one_process(tmp_path):
@@ -70,8 +73,12 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
     # member takes over from an earlier offset (what it committed to Kafka), reading some again
     topic = MemoryTopic(2)
     detect_store = EventStore(tmp_path / "detect.duckdb")
-    receive = StageRunner(detect_store, FailuresReceiver(detect_store, Reader(topic, seed=3), batch=30))
-    detect_scaled = detector_stage(detect_store)
+    registry = CollectorRegistry()
+    metrics = StageMetrics(registry)
+    receive = StageRunner(
+        detect_store, FailuresReceiver(detect_store, Reader(topic, seed=3), batch=30), metrics=metrics
+    )
+    detect_scaled = detector_stage(detect_store, metrics)
     members = []
     for p, messages in enumerate(partitions):
         store, member_clock = EventStore(tmp_path / f"ingest{p}.duckdb"), Clock()
@@ -111,6 +118,14 @@ def test_scaled_out_detection_equals_one_process(tmp_path):
     sent = sum(1 for log in topic.logs for value in log if b'"place"' in value)
     [(received,)] = detect_store.query("SELECT count(*) FROM events WHERE type = 'FailureInputReceived'")
     assert received == sum(len(m) for m in partitions) < sent  # the replacement's repeats dropped
+    # the receiver reads a topic, not the log: no log lag for it (it would only grow), the detector's 0
+    lags = {
+        sample.labels["stage"]: sample.value
+        for family in registry.collect()
+        if family.name == "cegraph_stage_lag_events"
+        for sample in family.samples
+    }
+    assert lags == {"detect": 0.0}
 
     reference, scaled = detected(single), detected(detect_store)
     assert set(reference) == {"support-bot", "qa-bot"}

@@ -22,6 +22,8 @@ from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import EventStore
 
+pytestmark = pytest.mark.long(minutes=1.5)
+
 
 @pytest.fixture(scope="module")
 def ten_thousand() -> list[ExpectedTrace]:
