@@ -8,7 +8,10 @@
 - end to end: stage 1, then the detector stage (failure labels, signatures, clustering, mass and its
   own commit) after each flush, as the daemon.
 Both in-process, and with `--kafka` also from a real broker (the local Apache Kafka of ops/kafka):
-a plain consumer that decodes (ceiling) beside the daemon's own Kafka source (end to end).
+a plain consumer that decodes (ceiling) beside the daemon's own Kafka source (end to end). The
+in-process parts are the best of `--repeat` runs, the ceiling too, in wall time (`us_per_span`) and in
+CPU time of all the process's threads (`cpu_us_per_span`: less moved by other work on a shared
+machine, but it counts DuckDB's worker threads too).
 
     python bench/bench_ingest.py [--traces N] [--kafka] [--out bench/results.json]
 """
@@ -97,10 +100,20 @@ def ingest(
     return spans
 
 
-def timed(function, *args, **options) -> tuple[int, float]:
-    started = time.perf_counter()
+Timing = tuple[int, float, float]  # spans, wall seconds, CPU seconds (of all threads, DuckDB's too)
+UNTIMED: Timing = (0, inf, inf)
+
+
+def timed(function, *args, **options) -> Timing:
+    started, cpu = time.perf_counter(), time.process_time()
     spans = function(*args, **options)
-    return spans, time.perf_counter() - started
+    return spans, time.perf_counter() - started, time.process_time() - cpu
+
+
+def best(one: Timing, other: Timing) -> Timing:
+    """The shorter wall time and the smaller CPU time of two runs (other work only slows a run down)."""
+    assert one[0] in (0, other[0]), (one[0], other[0])  # every run of a part counts the same spans
+    return other[0], min(one[1], other[1]), min(one[2], other[2])
 
 
 async def plain_aiokafka(bootstrap_servers: str, topic: str, expected: int, batch: int) -> float:
@@ -230,44 +243,44 @@ def main() -> dict:
     del traces
     gc_policy.settle()
     with tempfile.TemporaryDirectory() as tmp:
-        ceiling_spans, ceiling_s = timed(ceiling, payloads)
         paths = {"columnar": decode_proto, "reference": reference_decode}
         for decode in paths.values():  # warm up: the first batch of each path pays its set-up
             decode_and_normalize(payloads[: args.batch], args.batch, decode)
-        decoded: dict[str, tuple[int, float]] = {}
-        stage_1: dict[str, tuple[int, float]] = {}
-        # the best of `--repeat` runs, the paths in turn: the machine is shared, and other work only
-        # ever slows a run down
+        ceiling_run = UNTIMED
+        decoded: dict[str, Timing] = {}
+        stage_1: dict[str, Timing] = {}
+        # the best of `--repeat` runs of each, the ceiling too, in turn: the machine is shared
         for run in range(args.repeat):
+            ceiling_run = best(ceiling_run, timed(ceiling, payloads))
             for name, decode in paths.items():
                 store = Path(tmp) / f"stage-1-{name}-{run}.duckdb"
-                runs = [
-                    decoded.get(name, (0, inf)),
-                    timed(decode_and_normalize, payloads, args.batch, decode),
-                ]
-                decoded[name] = min(runs, key=lambda r: r[1])
-                runs = [
-                    stage_1.get(name, (0, inf)),
+                decoded[name] = best(
+                    decoded.get(name, UNTIMED), timed(decode_and_normalize, payloads, args.batch, decode)
+                )
+                stage_1[name] = best(
+                    stage_1.get(name, UNTIMED),
                     timed(ingest, payloads, args.batch, store, decode, detector=False),
-                ]
-                stage_1[name] = min(runs, key=lambda r: r[1])
-        e2e_spans, e2e_s = timed(ingest, payloads, args.batch, Path(tmp) / "bench.duckdb")
-        e2e_reference_s = timed(
-            ingest, payloads, args.batch, Path(tmp) / "reference.duckdb", reference_decode
-        )[1]
+                )
+        e2e = timed(ingest, payloads, args.batch, Path(tmp) / "bench.duckdb")
+        e2e_reference = timed(ingest, payloads, args.batch, Path(tmp) / "reference.duckdb", reference_decode)
         counts = {
-            ceiling_spans,
-            e2e_spans,
-            *(n for n, _ in decoded.values()),
-            *(n for n, _ in stage_1.values()),
+            ceiling_run[0],
+            e2e[0],
+            *(r[0] for r in decoded.values()),
+            *(r[0] for r in stage_1.values()),
         }
         assert counts == {spans}, (counts, spans)
-        per_span = {  # us per span of each part, from the runs above
-            "ceiling": ceiling_s,
-            **{f"decode_normalize_{name}": seconds for name, (_, seconds) in decoded.items()},
-            **{f"assemble_commit_{name}": stage_1[name][1] - decoded[name][1] for name in paths},
-            "detector": e2e_s - stage_1["columnar"][1],
-        }
+
+        def per_span(clock: int) -> dict[str, float]:
+            """us per span of each part, from the runs above (`clock` 1: wall time, 2: CPU time)."""
+            seconds = {
+                "ceiling": ceiling_run[clock],
+                **{f"decode_normalize_{name}": run[clock] for name, run in decoded.items()},
+                **{f"assemble_commit_{name}": stage_1[name][clock] - decoded[name][clock] for name in paths},
+                "detector": e2e[clock] - stage_1["columnar"][clock],
+            }
+            return {part: value / spans * 1e6 for part, value in seconds.items()}
+
         result = {
             "command": "make bench BENCH=ingest",
             "machine": f"{platform.processor() or platform.machine()}, {platform.python_implementation()} "
@@ -275,14 +288,16 @@ def main() -> dict:
             "in_process": {
                 "spans": spans,
                 "messages": len(payloads),
-                "ceiling_spans_per_s": ceiling_spans / ceiling_s,
+                "ceiling_spans_per_s": spans / ceiling_run[1],
                 "stage_1_spans_per_s": spans / stage_1["columnar"][1],
                 "stage_1_reference_spans_per_s": spans / stage_1["reference"][1],
-                "stage_1_ratio_to_ceiling": ceiling_s / stage_1["columnar"][1],
-                "stage_1_reference_ratio_to_ceiling": ceiling_s / stage_1["reference"][1],
-                "end_to_end_spans_per_s": e2e_spans / e2e_s,
-                "end_to_end_reference_spans_per_s": spans / e2e_reference_s,
-                "us_per_span": {part: seconds / spans * 1e6 for part, seconds in per_span.items()},
+                "stage_1_ratio_to_ceiling": ceiling_run[1] / stage_1["columnar"][1],
+                "stage_1_reference_ratio_to_ceiling": ceiling_run[1] / stage_1["reference"][1],
+                "stage_1_cpu_ratio_to_ceiling": ceiling_run[2] / stage_1["columnar"][2],
+                "end_to_end_spans_per_s": spans / e2e[1],
+                "end_to_end_reference_spans_per_s": spans / e2e_reference[1],
+                "us_per_span": per_span(1),
+                "cpu_us_per_span": per_span(2),
             },
         }
         result["in_process"]["ratio_to_ceiling"] = (
