@@ -3,9 +3,10 @@
 Ingest makes and drops many short-lived objects per batch, while the process holds a large, stable
 heap (imported modules, the store, models). With CPython's defaults a full collection walks all of it
 and young collections run every 700 allocations: measured on stage 1 of `make bench BENCH=ingest`,
-collections took 15-25% of its CPU time. Freezing what start-up made takes it out of every later
-collection (it is never garbage), and a larger first threshold makes young collections rarer;
-objects without cycles are freed by reference counting either way, so memory does not grow with it.
+collections took about a fifth of its CPU time. Freezing what start-up made takes it out of every later
+collection (it is never garbage), and a larger first threshold makes young collections rarer.
+Objects without cycles are freed by reference counting either way; garbage in cycles waits longer
+(`make bench BENCH=memory` has not been rerun with these settings).
 """
 
 from __future__ import annotations
