@@ -67,7 +67,7 @@ demo-kafka: $(STAMP)
 ## all); Kafka tests run against a real broker, Collector tests against the real Collector (tests/conftest.py)
 TEST_WORKERS ?= 2
 test: setup lint collector
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## lint: ruff over the whole tree
 lint: setup

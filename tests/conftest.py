@@ -166,8 +166,9 @@ def _minutes(item: pytest.Item) -> float:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark what needs a service; put the files marked `long` first, longest first, so that with
-    `--dist loadfile` (which hands files out in collection order) they start at once and overlap the
-    rest of the run instead of making its tail. The same order on every worker: xdist requires it."""
+    `--dist loadfile --no-loadscope-reorder` (files handed out in collection order, not by how many
+    tests they hold, which left the one-test demo files to the end) they start at once and overlap
+    the rest of the run instead of making its tail. The same order on every worker: xdist requires it."""
     longest = {}
     for item in items:
         longest[item.path] = max(longest.get(item.path, 0.0), _minutes(item))

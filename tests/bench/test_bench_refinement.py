@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.long(minutes=3)
+pytestmark = pytest.mark.long(minutes=1.5)
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--scenarios", "noisy judge", "--seeds", "1", "--jobs", "1", "--budgets", "500,3000",

@@ -22,7 +22,7 @@ from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import CONFIRMED, EventStore
 
-pytestmark = pytest.mark.long(minutes=2.5)
+pytestmark = pytest.mark.long(minutes=1)
 
 EXECUTIONS = 2_400
 SPANS_PARTITIONS, FAILURES_PARTITIONS = 4, 2

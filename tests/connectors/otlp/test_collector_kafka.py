@@ -23,6 +23,8 @@ from otel_traces import ExpectedTrace, make_traces, record_spans
 
 from cegraph.connectors.otlp.codec import decoder_for
 
+pytestmark = pytest.mark.long(minutes=1)
+
 EXECUTIONS = 240
 
 

@@ -22,6 +22,8 @@ from openai_stub import ChatServer, ScenarioResponder
 from cegraph.daemon.detect.failures import label_failures
 from cegraph.daemon.store import node_from_row
 
+pytestmark = pytest.mark.long(minutes=2)
+
 
 def target(collector, protocol: str) -> list[str]:
     if protocol == "http":

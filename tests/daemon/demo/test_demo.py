@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from demo_runs import check_the_loop_converged, run_demo
 
-pytestmark = pytest.mark.long(minutes=4)
+pytestmark = pytest.mark.long(minutes=3)
 
 
 def test_the_demo_finds_and_patches_every_planted_mode_and_halves_the_failure_mass(tmp_path):

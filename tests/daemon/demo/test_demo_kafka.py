@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from demo_runs import check_the_loop_converged, run_demo
 
-pytestmark = pytest.mark.long(minutes=10)
+pytestmark = pytest.mark.long(minutes=8)
 
 
 def test_the_demo_over_kafka_ends_the_same_way(kafka_bootstrap, tmp_path):

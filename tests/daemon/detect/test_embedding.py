@@ -13,7 +13,7 @@ from cegraph.daemon.detect.embedding import shared_embedder
 from cegraph.daemon.detect.signature import STRUCTURE_DIM, TRAITS_DIM, SignatureFeaturizer
 from cegraph.daemon.settings import load_settings
 
-pytestmark = pytest.mark.long(minutes=1.5)
+pytestmark = pytest.mark.long(minutes=2.5)
 
 # From the sentence-transformers documentation ("Semantic Textual Similarity"), all-MiniLM-L6-v2.
 LEFT = ["The new movie is awesome", "The cat sits outside", "A man is playing guitar"]

@@ -22,6 +22,8 @@ from cegraph.connectors.otlp.span_export import otlp_json
 from cegraph.connectors.trail.annotated import AnnotatedSetError
 from cegraph.daemon.detect.eval_modes import evaluate
 
+pytestmark = pytest.mark.long(minutes=2)
+
 CEGRAPH = str(Path(sys.executable).parent / "cegraph")
 
 

@@ -22,7 +22,7 @@ from cegraph.connectors.kafka.client import ensure_topics
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.store import EventStore
 
-pytestmark = pytest.mark.long(minutes=1.5)
+pytestmark = pytest.mark.long(minutes=4.5)
 
 
 @pytest.fixture(scope="module")
