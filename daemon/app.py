@@ -29,6 +29,7 @@ from cegraph.connectors.llm.config import openai_backend, shadow_llm
 from cegraph.connectors.otlp.codec import decoder_for, logs_decoder_for
 from cegraph.connectors.shadow.http import HttpShadowTarget
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget
+from cegraph.daemon import gc_policy
 from cegraph.daemon.detect.detector import FailureDetector, embedder_for
 from cegraph.daemon.detect.failures_feed import (
     PUBLISH_FAILURES,
@@ -359,8 +360,10 @@ def serve(settings: Settings) -> None:
             "it reads trace text and registers workflows",
             settings.http.host,
         )
+    app = build(settings)
+    gc_policy.settle()  # after start-up: what it made is long-lived
     uvicorn.run(
-        build(settings),
+        app,
         host=settings.http.host,
         port=settings.http.port,
         log_level=settings.log_level.lower(),

@@ -486,32 +486,30 @@ class EventStore:
                     self._con.execute(statement, [low, high]).fetchall()
 
     def _store_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
-        table = pa.table(
-            {
-                "topic": [topic for topic, _ in offsets],
-                "partition": pa.array([partition for _, partition in offsets], pa.int32()),
-                "next_offset": list(offsets.values()),
-            }
+        self._upsert(
+            "consumer_offsets",
+            ("VARCHAR", [topic for topic, _ in offsets]),
+            ("INTEGER", [partition for _, partition in offsets]),
+            ("BIGINT", list(offsets.values())),
         )
-        self._con.register("_offsets", table)
-        try:
-            self._run("INSERT OR REPLACE INTO consumer_offsets SELECT * FROM _offsets")
-        finally:
-            self._con.unregister("_offsets")
 
     def _store_cursors(self, cursors: dict[str, Checkpoint]) -> None:
-        table = pa.table(
-            {
-                "stage": list(cursors),
-                "position": pa.array([c.position for c in cursors.values()], pa.int64()),
-                "snapshot": [orjson.dumps(c.snapshot).decode() for c in cursors.values()],
-            }
+        self._upsert(
+            "stage_cursors",
+            ("VARCHAR", list(cursors)),
+            ("BIGINT", [c.position for c in cursors.values()]),
+            ("VARCHAR", [orjson.dumps(c.snapshot).decode() for c in cursors.values()]),
         )
-        self._con.register("_cursors", table)
-        try:
-            self._run("INSERT OR REPLACE INTO stage_cursors SELECT * FROM _cursors")
-        finally:
-            self._con.unregister("_cursors")
+
+    def _upsert(self, table: str, *columns: tuple[str, list[Any]]) -> None:
+        """INSERT OR REPLACE of a few rows (a table's columns in order, each as its SQL type and values):
+        one statement with list parameters. Registering an Arrow table of them cost more than the
+        statement (the offsets of stage 1 in the ingest bench: 4.5 us/span of wall time, 1.6 of CPU,
+        against 1.7 and 1.0 so)."""
+        select = ", ".join(f"unnest(?::{kind}[])" for kind, _ in columns)
+        self._con.execute(
+            f"INSERT OR REPLACE INTO {table} SELECT {select}", [v for _, v in columns]
+        ).fetchall()
 
     # ------------------------------------------------------------------ reads
 

@@ -74,12 +74,14 @@ class TraceAssembler:
         the traces evicted to respect `max_open`.
         """
         holds = 0
+        trace: OpenTrace | None = None
         for node in nodes:
-            trace = self._touch(node.trace_id, now)
+            if trace is None or node.trace_id != trace.trace_id:  # a message's spans come by trace
+                trace = self._touch(node.trace_id, now)
+                if ref not in trace.messages:
+                    trace.messages.add(ref)
+                    holds += 1
             trace.nodes[node.span_id] = node
-            if ref not in trace.messages:
-                trace.messages.add(ref)
-                holds += 1
             if node.is_root and node.end_ns:
                 trace.root_ended = True
         return holds, self._evict()
@@ -148,7 +150,7 @@ class TraceAssembler:
         return trace_id in self._open
 
     def _finish(self, trace: OpenTrace, *, complete: bool, reason: str) -> Assembled:
-        nodes = sorted(trace.nodes.values(), key=lambda n: (n.start_ns, n.span_id))
+        nodes = list(trace.nodes.values())  # put in start order by `distinct_node_ids`
         joined = unmatched = 0
         if trace.logs:
             for span_id, events in trace.logs.items():
