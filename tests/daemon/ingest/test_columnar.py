@@ -4,11 +4,13 @@ Spans are recorded with the real OpenTelemetry SDK and encoded by its OTLP encod
 events, statuses, nesting and resources drawn by hypothesis from what `normalize` reads (values of
 every type the SDK sends, texts to redact or cut, repeated and flattened keys) and from what it
 ignores. Batches mix them with messages that must be dead-lettered. The two paths must give the same
-nodes, the same dead-letter reasons, and the same stored spans and executions.
+nodes, the same dead-letter reasons, the same stored spans and executions, and hand the detector the
+same nodes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from pipeline_fixtures import Clock, reference_decode
 
 from cegraph.connectors.otlp.codec import decode_proto
 from cegraph.daemon.ingest.normalize import EVENT_KEYS, RESOURCE_KEYS, SPAN_KEYS, TextPolicy
-from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_nodes, message_nodes
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_spans, message_nodes
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.spans import Node
 from cegraph.daemon.store import EventStore
@@ -131,8 +133,8 @@ def batches(draw: Any) -> tuple[list[bytes], TextPolicy]:
     return payloads, policy
 
 
-def outcome(result: list[Node] | Exception) -> list[Node] | str:
-    return f"{type(result).__name__}: {result}" if isinstance(result, Exception) else result
+def outcome(result: Sequence[Node] | Exception) -> list[Node] | str:
+    return f"{type(result).__name__}: {result}" if isinstance(result, Exception) else list(result)
 
 
 def reference(payload: bytes, policy: TextPolicy) -> list[Node] | str:
@@ -150,19 +152,25 @@ pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module")
 @given(batches())
 def test_the_columnar_path_makes_the_reference_nodes(batch):
     payloads, policy = batch
-    columnar = [outcome(result) for result in batch_nodes(payloads, decode_proto, policy)]
+    columnar = [outcome(result) for result in batch_spans(payloads, decode_proto, policy)]
     assert columnar == [reference(payload, policy) for payload in payloads]
 
 
-def stored(store: EventStore) -> tuple[list, list, list]:
+def stored(store: EventStore) -> tuple[list, list, list, dict]:
+    """What is stored, and what the detector is handed (from memory: the nodes ingest just carried)."""
+    seqs = [seq for (seq,) in store.query("SELECT seq FROM events WHERE type = 'ExecutionCompleted'")]
+    carried = len(store.carried)
+    handed = store.execution_nodes(seqs)
+    assert len(store.carried) == 0 and carried == sum(map(len, handed.values())), "all from memory"
     return (
         store.query("SELECT * FROM nodes ORDER BY seq, trace_id, span_id"),
         store.query("SELECT * FROM executions ORDER BY seq"),
         store.query("SELECT type, key, payload FROM events ORDER BY seq"),
+        handed,
     )
 
 
-def ingest(path, decode, payloads: list[bytes]) -> tuple[list, list, list]:
+def ingest(path, decode, payloads: list[bytes]) -> tuple[list, list, list, dict]:
     store = EventStore(path)
     clock = Clock()
     pipeline = IngestPipeline(
