@@ -129,6 +129,8 @@ class SpanRows(Sequence[Node]):
     def by_trace(self) -> list[tuple[str, list[int]]]:
         """The rows by trace id, in order of each trace's first row."""
         trace_ids = self.columns.column("trace_id")
+        if self.start < self.stop and len(set(trace_ids[self.start : self.stop])) == 1:
+            return [(trace_ids[self.start], list(range(self.start, self.stop)))]  # the common case
         groups: dict[str, list[int]] = {}
         for row in range(self.start, self.stop):
             rows = groups.get(trace_ids[row])

@@ -47,6 +47,7 @@ class Assembled:
 
     trace_id: str
     rows: list[RowRef]  # in execution (start) order
+    span_ids: list[str]  # each row's span id
     node_ids: list[str]  # each row's node id, calls of one name told apart
     complete: bool
     reason: str  # "root-ended", "max-age", "evicted"
@@ -179,7 +180,10 @@ class TraceAssembler:
         keys = list(latest.values())
         order, node_ids = distinct_ids([key for key, _ in keys])
         rows = [keys[i][1] for i in order]
-        return Assembled(trace.trace_id, rows, node_ids, complete, reason, trace.messages, joined, unmatched)
+        span_ids = [keys[i][0][1] for i in order]
+        return Assembled(
+            trace.trace_id, rows, span_ids, node_ids, complete, reason, trace.messages, joined, unmatched
+        )
 
     def _joined(
         self, latest: dict[str, tuple[NodeKey, RowRef]], logs: dict[str, list[LogDetails]]

@@ -435,9 +435,7 @@ class IngestPipeline:
             if known is None:
                 # Evicted, reopened by later spans and out again before this flush: the second
                 # one must amend the first, not become a second execution.
-                stored[assembled.trace_id] = {
-                    columns.column("span_id")[row] for columns, row in assembled.rows
-                }
+                stored[assembled.trace_id] = set(assembled.span_ids)
                 places = [(o, p) for topic, p, o in assembled.messages if topic == self.spans_topic]
                 offset, partition = max(places, default=(-1, 0))
                 first = min((o for o, p in places if p == partition), default=-1)
@@ -458,15 +456,16 @@ class IngestPipeline:
                 else:
                     result.incomplete += 1
             else:
-                result.amended += self._amend(
-                    events, spans, assembled.trace_id, assembled.rows, assembled.node_ids, known
-                )
+                rows = zip(assembled.rows, assembled.span_ids, assembled.node_ids, strict=True)
+                result.amended += self._amend(events, spans, assembled.trace_id, list(rows), known)
             self.pending.released(assembled.messages)
         for trace_id, pending in late.items():
-            rows = list(pending.rows.values())
-            node_ids = [columns.column("node_id")[row] for columns, row in rows]
+            late_rows = [
+                ((columns, row), span_id, columns.column("node_id")[row])
+                for span_id, (columns, row) in pending.rows.items()
+            ]
             result.amended += self._amend(
-                events, spans, trace_id, rows, node_ids, stored.setdefault(trace_id, set())
+                events, spans, trace_id, late_rows, stored.setdefault(trace_id, set())
             )
             self.pending.released(pending.messages)
         spans.gather()
@@ -558,18 +557,16 @@ class IngestPipeline:
         events: list[Event],
         spans: _FlushSpans,
         trace_id: str,
-        rows: list[RowRef],
-        node_ids: list[str],
+        rows: list[tuple[RowRef, str, str]],
         known: set[str],
     ) -> int:
-        """Append the spans not `known` yet (rows, with their node ids) as an amendment; they are
+        """Append the spans not `known` yet ((row, span id, node id) each) as an amendment; they are
         `known` afterwards."""
-        new = [(ref, node_id) for ref, node_id in zip(rows, node_ids, strict=True)
-               if ref[0].column("span_id")[ref[1]] not in known]  # fmt: skip
+        new = [(ref, node_id) for ref, span_id, node_id in rows if span_id not in known]
         self.metrics.duplicate_spans.inc(len(rows) - len(new))
         if not new:
             return 0
-        known.update(columns.column("span_id")[row] for (columns, row), _ in new)
+        known.update(span_id for _, span_id, _ in rows)
         payload = spans.add({"trace_id": trace_id}, [ref for ref, _ in new], [node_id for _, node_id in new])
         events.append(Event(EXECUTION_AMENDED, trace_id, payload))
         return 1
