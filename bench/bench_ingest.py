@@ -1,7 +1,7 @@
 """Ingest throughput: spans/s end to end beside the raw ceiling, on the same payloads, in one run.
 
 - ceiling: protobuf decode and a walk over every span and attribute, nothing else;
-- decode and normalize: the messages of each batch into nodes (`batch_spans`), on the columnar path
+- decode and normalize: the messages of each batch into span columns (`batch_spans`), on the columnar path
   (ptars, `normalize_columns`) and on the per-span reference path (protobuf objects, `normalize`);
 - stage 1: decode, normalize, assemble, DuckDB commit (events, spans, projections, offsets),
   flushed every batch of `--batch` messages as the Kafka source does, on either path;
