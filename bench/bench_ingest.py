@@ -1,7 +1,7 @@
 """Ingest throughput: spans/s end to end beside the raw ceiling, on the same payloads, in one run.
 
 - ceiling: protobuf decode and a walk over every span and attribute, nothing else;
-- decode and normalize: the messages of each batch into span columns (`batch_spans`), on the columnar path
+- decode and normalize: the messages of each batch into nodes (`batch_nodes`), on the columnar path
   (ptars, `normalize_columns`) and on the per-span reference path (protobuf objects, `normalize`);
 - stage 1: decode, normalize, assemble, DuckDB commit (events, spans, projections, offsets),
   flushed every batch of `--batch` messages as the Kafka source does, on either path;
@@ -42,7 +42,7 @@ from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
 from cegraph.daemon import gc_policy  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest.normalize import TextPolicy  # noqa: E402
-from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_spans  # noqa: E402
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_nodes  # noqa: E402
 from cegraph.daemon.runner import Backpressure, StageRunner  # noqa: E402
 from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
@@ -68,7 +68,7 @@ def decode_and_normalize(payloads: list[bytes], batch: int, decode) -> int:
     policy = TextPolicy()
     spans = 0
     for start in range(0, len(payloads), batch):
-        spans += sum(len(nodes) for nodes in batch_spans(payloads[start : start + batch], decode, policy))
+        spans += sum(len(nodes) for nodes in batch_nodes(payloads[start : start + batch], decode, policy))
     return spans
 
 

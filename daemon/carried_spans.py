@@ -9,7 +9,7 @@ the span log, which holds the same nodes.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from cegraph.daemon.spans import Node
 
@@ -21,16 +21,15 @@ MAX_CARRIED_NODES = 50_000
 class CarriedSpans:
     def __init__(self, max_nodes: int = MAX_CARRIED_NODES) -> None:
         self.max_nodes = max_nodes
-        self._by_seq: OrderedDict[int, Sequence[Node]] = OrderedDict()
+        self._by_seq: OrderedDict[int, list[Node]] = OrderedDict()
         self._count = 0
 
     def __len__(self) -> int:
         """Nodes held."""
         return self._count
 
-    def add(self, carried: Iterable[tuple[int, Sequence[Node]]]) -> None:
-        """Keep each event's nodes (appended in seq order; a `SpanRows` builds its nodes only when
-        taken) and drop the oldest past the bound."""
+    def add(self, carried: Iterable[tuple[int, list[Node]]]) -> None:
+        """Keep each event's nodes (appended in seq order) and drop the oldest past the bound."""
         for seq, nodes in carried:
             self._by_seq[seq] = nodes
             self._count += len(nodes)
@@ -46,7 +45,7 @@ class CarriedSpans:
             if nodes is None:
                 missing.append(seq)
             else:
-                found[seq] = list(nodes)
+                found[seq] = nodes
                 self._count -= len(nodes)
         return found, missing
 

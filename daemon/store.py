@@ -12,9 +12,11 @@ twice. Bulk writes go through Arrow tables, never `executemany`.
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,7 @@ from cegraph.daemon.events import (
     WorkflowRegisteredPayload,
 )
 from cegraph.daemon.settings import MEMORY_SIZE, StoreSettings
-from cegraph.daemon.span_table import NODE_FIELDS, evaluations_from_json, span_table
-from cegraph.daemon.spans import Node
+from cegraph.daemon.spans import Evaluation, Node
 from cegraph.daemon.stage import Checkpoint
 
 SCHEMA = """
@@ -126,6 +127,7 @@ _EXECUTION_STRUCT = orjson.dumps(EXECUTION_COLUMNS).decode()
 SPAN_EVENTS = (EXECUTION_COMPLETED, EXECUTION_AMENDED, FAILURE_INPUT_RECEIVED)
 MESSAGE_EVENTS = (FEEDBACK_RECEIVED, MESSAGE_DEAD_LETTERED)  # keyed by their message: a re-delivery adds none
 CARRYING_EVENTS = (EXECUTION_COMPLETED, FAILURE_INPUT_RECEIVED)  # an execution's nodes, not amendments
+NODE_FIELDS = [f.name for f in fields(Node)]
 # The Kafka source's cursors. CONFIRMED moves once the consumer group holds the offsets stored before
 # its position; its snapshot's "group" is, per "topic/partition", the group's offset as this member
 # last knew it (its last commit, or what it found at assignment). COMMITTING's "group" holds the
@@ -248,10 +250,46 @@ def segments(first: int, last: int, retractions: list[int]) -> list[tuple[int, i
     return [(start, end - 1) for start, end in zip(starts, [*starts[1:], last + 1], strict=True)]
 
 
+_NODE_COLUMNS = [(name, operator.attrgetter(name)) for name in NODE_FIELDS]
+_ARROW_TYPES = {
+    "int": pa.int64(), "int | None": pa.int64(), "bool": pa.bool_(), "list[str]": pa.list_(pa.string())
+}  # fmt: skip
+# The span table's columns as `event_spans` declares them: conversion never guesses a type from the
+# values, so a batch converts exactly when every node is typed as `Node` says.
+SPAN_SCHEMA = pa.schema(
+    [("seq", pa.int64()), ("amended", pa.bool_())]
+    + [(f.name, pa.string() if f.name == "evaluations" else _ARROW_TYPES.get(str(f.type), pa.string()))
+       for f in fields(Node)]
+)  # fmt: skip
+
+
+def _span_table(numbered: list[tuple[int, Event]]) -> pa.Table | None:
+    """The span rows of the span-carrying events, columnar: the event log's bulk part.
+
+    Built a column at a time straight from the nodes: no row tuples to allocate and transpose.
+    """
+    seqs: list[int] = []
+    amended: list[bool] = []
+    nodes: list[Node] = []
+    for seq, event in numbered:
+        if event.type in SPAN_EVENTS:
+            carried = event.payload["nodes"]
+            seqs.extend([seq] * len(carried))
+            amended.extend([event.type == EXECUTION_AMENDED] * len(carried))
+            nodes.extend(carried)
+    if not nodes:
+        return None
+    columns: dict[str, Any] = {"seq": seqs, "amended": amended}
+    for name, get in _NODE_COLUMNS:
+        columns[name] = list(map(get, nodes))
+    columns["evaluations"] = [orjson.dumps(e).decode() if e else "[]" for e in columns["evaluations"]]
+    return pa.table(columns, schema=SPAN_SCHEMA)
+
+
 def node_from_row(row: dict[str, Any]) -> Node:
-    """A node as `span_table` stored it."""
+    """A node as `_span_table` stored it."""
     values = {name: row[name] for name in NODE_FIELDS}
-    values["evaluations"] = evaluations_from_json(row["evaluations"])
+    values["evaluations"] = [Evaluation(**e) for e in orjson.loads(row["evaluations"] or "[]")]
     values["finish_reasons"] = list(row["finish_reasons"] or [])
     return Node(**values)
 
@@ -422,13 +460,7 @@ class EventStore:
             }
         )
         self._insert("events", table)
-        spans = span_table(
-            [
-                (seq, e.type == EXECUTION_AMENDED, e.payload["nodes"])
-                for seq, e in numbered
-                if e.type in SPAN_EVENTS
-            ]
-        )
+        spans = _span_table(numbered)
         if spans is not None:
             self._insert("event_spans", spans)
 

@@ -4,10 +4,7 @@ An execution is complete when its root span has ended and nothing arrived for `i
 at `max_age_s` anyway. Memory is bounded by `max_open`: past it the oldest trace is completed as
 incomplete. The caller passes the clock (`now`), so assembly is deterministic under test. Log records
 (from the optional logs topic) wait in their trace too and are joined to their spans when it leaves;
-the spans of a finished trace get node ids that tell repeated calls apart (`distinct_ids`).
-
-A trace holds its spans as rows of the batches' columns (`SpanColumns`), not as objects: what leaves
-is the rows in execution order and their node ids, which ingest gathers into one table per flush.
+the nodes of a finished trace get ids that tell repeated calls apart (`distinct_node_ids`).
 
 `PendingOffsets` is the other half of exactly-once: a message may be stored as consumed only when
 every span it carried is in a completed (persisted) execution. Its low watermark per partition is the
@@ -19,15 +16,12 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from cegraph.daemon.ingest.normalize import NodeKey, distinct_ids
-from cegraph.daemon.span_table import SpanColumns
+from cegraph.daemon.ingest.normalize import distinct_node_ids
 from cegraph.daemon.spans import LogDetails, Node
 
 MessageRef = tuple[str, int, int]  # topic, partition, offset
-RowRef = tuple[SpanColumns, int]  # a span: its table and row
-TraceRows = tuple[str, list[int]]  # a trace id and the rows of a table that are its spans
 
 
 @dataclass(slots=True)
@@ -35,7 +29,7 @@ class OpenTrace:
     trace_id: str
     first_seen: float
     last_seen: float
-    parts: list[tuple[SpanColumns, list[int]]] = field(default_factory=list)
+    nodes: dict[str, Node] = field(default_factory=dict)
     root_ended: bool = False
     messages: set[MessageRef] = field(default_factory=set)
     logs: dict[str, list[LogDetails]] = field(default_factory=dict)  # span id -> its log records
@@ -46,22 +40,12 @@ class Assembled:
     """A trace leaving the assembler; `complete` is False when it was forced out."""
 
     trace_id: str
-    rows: list[RowRef]  # in execution (start) order
-    span_ids: list[str]  # each row's span id
-    node_ids: list[str]  # each row's node id, calls of one name told apart
+    nodes: list[Node]
     complete: bool
     reason: str  # "root-ended", "max-age", "evicted"
     messages: set[MessageRef]
     joined_logs: int = 0  # log records joined to a span of the trace
     unmatched_logs: int = 0  # log records naming a span the trace never had
-
-    @property
-    def nodes(self) -> list[Node]:
-        """The spans as nodes, for a consumer that reads objects (ingest gathers the rows instead)."""
-        nodes = [columns.nodes()[row] for columns, row in self.rows]
-        return [
-            n if n.node_id == i else replace(n, node_id=i) for n, i in zip(nodes, self.node_ids, strict=True)
-        ]
 
 
 JoinLogs = Callable[[Node, list[LogDetails]], Node]
@@ -83,24 +67,23 @@ class TraceAssembler:
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(
-        self, columns: SpanColumns, traces: list[TraceRows], ref: MessageRef, now: float
-    ) -> tuple[int, list[Assembled]]:
-        """Add the spans of one message: per trace, its rows of `columns`.
+    def add(self, nodes: list[Node], ref: MessageRef, now: float) -> tuple[int, list[Assembled]]:
+        """Add the spans of one message.
 
         Returns how many traces newly hold the message (each releases it once when persisted) and
         the traces evicted to respect `max_open`.
         """
         holds = 0
-        parents, remote, ends = (columns.column(n) for n in ("parent_span_id", "parent_is_remote", "end_ns"))
-        for trace_id, rows in traces:
-            trace = self._touch(trace_id, now)
-            if ref not in trace.messages:
-                trace.messages.add(ref)
-                holds += 1
-            trace.parts.append((columns, rows))
-            if not trace.root_ended:
-                trace.root_ended = any((not parents[r] or remote[r]) and ends[r] for r in rows)
+        trace: OpenTrace | None = None
+        for node in nodes:
+            if trace is None or node.trace_id != trace.trace_id:  # a message's spans come by trace
+                trace = self._touch(node.trace_id, now)
+                if ref not in trace.messages:
+                    trace.messages.add(ref)
+                    holds += 1
+            trace.nodes[node.span_id] = node
+            if node.is_root and node.end_ns:
+                trace.root_ended = True
         return holds, self._evict()
 
     def add_logs(
@@ -167,48 +150,20 @@ class TraceAssembler:
         return trace_id in self._open
 
     def _finish(self, trace: OpenTrace, *, complete: bool, reason: str) -> Assembled:
-        latest = _latest(trace.parts)
+        nodes = list(trace.nodes.values())  # put in start order by `distinct_node_ids`
         joined = unmatched = 0
         if trace.logs:
             for span_id, events in trace.logs.items():
-                if span_id in latest:
+                if span_id in trace.nodes:
                     joined += len(events)
                 else:
                     unmatched += len(events)
-            if self.join_logs is not None and joined:
-                latest = self._joined(latest, trace.logs)
-        keys = list(latest.values())
-        order, node_ids = distinct_ids([key for key, _ in keys])
-        rows = [keys[i][1] for i in order]
-        span_ids = [keys[i][0][1] for i in order]
+            if self.join_logs is not None:
+                join = self.join_logs
+                nodes = [join(n, trace.logs[n.span_id]) if n.span_id in trace.logs else n for n in nodes]
         return Assembled(
-            trace.trace_id, rows, span_ids, node_ids, complete, reason, trace.messages, joined, unmatched
+            trace.trace_id, distinct_node_ids(nodes), complete, reason, trace.messages, joined, unmatched
         )
-
-    def _joined(
-        self, latest: dict[str, tuple[NodeKey, RowRef]], logs: dict[str, list[LogDetails]]
-    ) -> dict[str, tuple[NodeKey, RowRef]]:
-        """The spans as nodes with what their log records add, as the rows of a table of their own."""
-        assert self.join_logs is not None
-        join = self.join_logs
-        nodes = [columns.nodes()[row] for _, (columns, row) in latest.values()]
-        made = SpanColumns.from_nodes([join(n, logs[n.span_id]) if n.span_id in logs else n for n in nodes])
-        return _latest([(made, list(range(len(made))))])
-
-
-def _latest(parts: list[tuple[SpanColumns, list[int]]]) -> dict[str, tuple[NodeKey, RowRef]]:
-    """Per span id, the last of its rows (a span sent twice is the later one) and its `NodeKey`."""
-    latest: dict[str, tuple[NodeKey, RowRef]] = {}
-    for columns, rows in parts:
-        starts, span_ids, node_ids, names, parents, failed = (
-            columns.column(name)
-            for name in ("start_ns", "span_id", "node_id", "name", "parent_span_id", "hard_failed")
-        )
-        for row in rows:
-            span_id = span_ids[row]
-            key = (starts[row], span_id, node_ids[row], names[row], parents[row], failed[row])
-            latest[span_id] = (key, (columns, row))
-    return latest
 
 
 class PendingOffsets:

@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from cegraph.connectors.otlp.codec import REMOTE_PARENT, ProtoSpans, any_value
-from cegraph.daemon.span_table import NODE_FIELDS, SpanColumns, evaluations_json
 from cegraph.daemon.spans import (
     STATUS_ERROR,
     STATUS_OK,
@@ -491,13 +490,8 @@ def with_log_details(node: Node, details: list[LogDetails]) -> Node:
     )
 
 
-# start_ns, span_id, node_id, name, parent_span_id, hard_failed
-NodeKey = tuple[int, str, str, str, str, bool]
-
-
-def distinct_ids(keys: list[NodeKey]) -> tuple[list[int], list[str]]:
-    """One execution's spans (by their `NodeKey`s) in execution (start) order, as indices into `keys`,
-    and the node id of each in that order, such that its calls are told apart.
+def distinct_node_ids(nodes: list[Node]) -> list[Node]:
+    """One execution's nodes in execution (start) order, with node ids that tell its calls apart.
 
     A span without a node id of its own (`cegraph.node.id`, `graph.node.id`) is named by its span
     name, which instrumentations share between calls ("chat gpt-4o", "ChatCompletion"): the second
@@ -505,34 +499,23 @@ def distinct_ids(keys: list[NodeKey]) -> tuple[list[int], list[str]]:
     the same name under the same parent is a retry of that step and keeps its id (so retries count).
     """
     occurrences: dict[str, int] = {}
-    last: dict[tuple[str, str], tuple[str, bool]] = {}  # (parent span id, name) -> the latest so named
-    order = sorted(range(len(keys)), key=lambda i: (keys[i][0], keys[i][1]))
-    ids = []
-    for index in order:
-        _, _, node_id, name, parent, hard_failed = keys[index]
-        if node_id != name:
-            ids.append(node_id)
+    last: dict[tuple[str, str], Node] = {}  # (parent span id, name) -> the latest node so named
+    named = []
+    for node in sorted(nodes, key=lambda n: (n.start_ns, n.span_id)):
+        if node.node_id != node.name:
+            named.append(node)
             continue
-        previous = last.get((parent, name))
-        if previous is not None and previous[1]:
-            node_id = previous[0]
+        previous = last.get((node.parent_span_id, node.name))
+        if previous is not None and previous.hard_failed:
+            node_id = previous.node_id
         else:
-            occurrences[name] = count = occurrences.get(name, 0) + 1
-            node_id = name if count == 1 else f"{name}#{count}"
-        last[(parent, name)] = (node_id, hard_failed)
-        ids.append(node_id)
-    return order, ids
-
-
-def distinct_node_ids(nodes: list[Node]) -> list[Node]:
-    """`distinct_ids` of nodes: the nodes in execution order, renamed where it says."""
-    order, ids = distinct_ids(
-        [(n.start_ns, n.span_id, n.node_id, n.name, n.parent_span_id, n.hard_failed) for n in nodes]
-    )
-    return [
-        nodes[i] if nodes[i].node_id == node_id else replace(nodes[i], node_id=node_id)
-        for i, node_id in zip(order, ids, strict=True)
-    ]
+            occurrences[node.name] = count = occurrences.get(node.name, 0) + 1
+            node_id = node.name if count == 1 else f"{node.name}#{count}"
+        if node_id != node.node_id:
+            node = replace(node, node_id=node_id)
+        last[(node.parent_span_id, node.name)] = node
+        named.append(node)
+    return named
 
 
 # ---------------------------------------------------------------- columnar
@@ -745,13 +728,12 @@ def _hex(ids: pa.Array) -> list[str]:
     return [raw.hex() for raw in ids.to_pylist()]
 
 
-def normalize_columns(batch: ProtoSpans, policy: TextPolicy) -> SpanColumns:
-    """`normalize` of every span of a decoded batch, in order: the columns of the same nodes, with no
-    node made (but for the spans `normalize` itself settles)."""
+def normalize_columns(batch: ProtoSpans, policy: TextPolicy) -> list[Node]:
+    """`normalize` of every span of a decoded batch, in order: the same nodes, from columns."""
     spans = batch.spans
     count = len(spans)
     if not count:
-        return SpanColumns.of({name: [] for name in NODE_FIELDS})
+        return []
     pairs = _pairs(pc.struct_field(spans, "attributes"), _KEY_ARRAY)
     key_index = np.asarray(pc.index_in(pairs.keys, _KEY_ARRAY))
     values = _python_values(pairs)
@@ -807,55 +789,44 @@ def normalize_columns(batch: ProtoSpans, policy: TextPolicy) -> SpanColumns:
     parents = _hex(pc.struct_field(spans, "parent_span_id"))
     starts = pc.struct_field(spans, "start_time_unix_nano").to_pylist()
     ends = pc.struct_field(spans, "end_time_unix_nano").to_pylist()
+    nodes: list[Node] = []
     no_error = ("", "")
-    error_pairs = [errors.get(row, no_error) for row in range(count)]
-    error_type = [pair[0] for pair in error_pairs]
-    exception_type = [pair[1] for pair in error_pairs]
-    finish_reasons = [_finish_list(finish.get(row)) for row in range(count)]
-    evaluated = [evaluations.get(row, _NONE) for row in range(count)]
-    columns: dict[str, list[Any]] = {
-        "trace_id": trace_ids, "span_id": span_ids, "parent_span_id": parents, "name": names, "kind": kinds,
-        "node_id": [n or name for n, name in zip(node_id, names, strict=True)],
-        "workflow_id": [
-            str(w or resource_id[r] or "") for w, r in zip(workflow_id, resource_of, strict=True)
-        ],
-        "workflow_version": [
-            str(v or resource_version[r] or "") for v, r in zip(workflow_version, resource_of, strict=True)
-        ],
-        "track": [t or "" for t in track],
-        "operation": [o or k for o, k in zip(operation, kinds, strict=True)],
-        "provider": [p or "" for p in provider],
-        "model": [m or r or "" for m, r in zip(model, response_model, strict=True)],
-        "start_ns": starts, "end_ns": ends, "status": statuses, "status_message": status_messages,
-        "error_type": error_type, "exception_type": exception_type,
-        "exception_message": [exception_messages.get(row, "") for row in range(count)],
-        "finish_reasons": finish_reasons, "input_tokens": input_tokens, "output_tokens": output_tokens,
-        "tool_name": [t or "" for t in tool_name], "input_text": input_texts, "output_text": output_texts,
-        "evaluations": [evaluations_json(e) for e in evaluated],
-        "hard_failed": list(map(_hard_failed, statuses, exception_type, error_type, finish_reasons)),
-        "eval_failed": [any(e.failed for e in evaluations) for evaluations in evaluated],
-        "parent_is_remote": remote, "seed": seed, "refusal": [""] * count,
-    }  # fmt: skip
+    for row, left in enumerate(unsettled.tolist()):
+        if left:
+            continue
+        error_type, exception_type = errors.get(row, no_error)
+        kind, name, status = kinds[row], names[row], statuses[row]
+        evaluated = evaluations.get(row)
+        evaluated = [] if evaluated is None else evaluated
+        finish_reasons = _finish_list(finish.get(row))
+        resource = resource_of[row]
+        nodes.append(
+            Node(
+                trace_ids[row], span_ids[row], parents[row], name, kind, node_id[row] or name,
+                str(workflow_id[row] or resource_id[resource] or ""),
+                str(workflow_version[row] or resource_version[resource] or ""),
+                track[row] or "", operation[row] or kind, provider[row] or "",
+                model[row] or response_model[row] or "", starts[row], ends[row], status,
+                status_messages[row], error_type, exception_type, exception_messages.get(row, ""),
+                finish_reasons, input_tokens[row], output_tokens[row], tool_name[row] or "",
+                input_texts[row], output_texts[row], evaluated,
+                bool(hard_failure_source(status, exception_type, error_type, finish_reasons, "")),
+                bool(evaluated) and any(e.failed for e in evaluated), remote[row], seed[row], "",
+            )
+        )  # fmt: skip
     if unsettled.any():
-        _with_unsettled(columns, unsettled, batch, resources, policy)
-    return SpanColumns.of(columns)
-
-
-_NONE: list[Evaluation] = []
-
-
-def _hard_failed(status: str, exception_type: str, error_type: str, finish_reasons: list[str]) -> bool:
-    return bool(hard_failure_source(status, exception_type, error_type, finish_reasons, ""))
+        nodes = _with_unsettled(nodes, unsettled, batch, resources, policy)
+    return nodes
 
 
 def _with_unsettled(
-    columns: dict[str, list[Any]],
+    settled: list[Node],
     unsettled: np.ndarray,
     batch: ProtoSpans,
     resources: list[Attributes],
     policy: TextPolicy,
-) -> None:
-    """The rows of the spans left unsettled, by `normalize` on records of what it reads, in their places."""
+) -> list[Node]:
+    """The nodes of the spans left unsettled, by `normalize` on records of what it reads, in their places."""
     rows = np.flatnonzero(unsettled)
     spans = batch.spans.take(pa.array(rows))
     pairs = _pairs(pc.struct_field(spans, "attributes"), _KEY_ARRAY, MESSAGE_PREFIXES)
@@ -875,8 +846,6 @@ def _with_unsettled(
         pc.equal(pc.bit_wise_and(pc.struct_field(spans, "flags"), REMOTE_PARENT), REMOTE_PARENT).to_pylist(),
         strict=True,
     )
-    nodes = [normalize(SpanRecord(*record), policy) for record in records]
-    made = SpanColumns.from_nodes(nodes)
-    for name, values in columns.items():
-        for row, value in zip(rows.tolist(), made.column(name), strict=True):
-            values[row] = value
+    normalized = iter([normalize(SpanRecord(*record), policy) for record in records])
+    done = iter(settled)
+    return [next(normalized) if flag else next(done) for flag in unsettled.tolist()]

@@ -14,7 +14,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import orjson
@@ -31,14 +30,7 @@ from cegraph.daemon.events import (
     ExecutionsRetractedPayload,
     IngestAdvancedPayload,
 )
-from cegraph.daemon.ingest.assembly import (
-    Assembled,
-    MessageRef,
-    PendingOffsets,
-    RowRef,
-    TraceAssembler,
-    TraceRows,
-)
+from cegraph.daemon.ingest.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
 from cegraph.daemon.ingest.normalize import (
     TextPolicy,
     log_details,
@@ -48,7 +40,6 @@ from cegraph.daemon.ingest.normalize import (
 )
 from cegraph.daemon.metrics import IngestMetrics
 from cegraph.daemon.settings import IngestSettings
-from cegraph.daemon.span_table import SpanColumns, SpanRows, gather
 from cegraph.daemon.spans import InvalidMessage, Node, SpanLog, SpanRecord
 from cegraph.daemon.store import MESSAGE_EVENTS, EventStore
 from cegraph.daemon.stored_keys import StoredKeys
@@ -108,40 +99,29 @@ def message_nodes(payload: bytes, decode: Decoder, policy: TextPolicy) -> list[N
     return [normalize(record, policy) for record in decode(payload)]
 
 
-def batch_spans(payloads: list[bytes], decode: Decoder, policy: TextPolicy) -> list[SpanRows | Exception]:
-    """Each payload's spans as rows of a batch's columns, or the exception `message_nodes` raises for
-    it; decoded and normalized as one batch of columns when the decoder has a columnar twin. A
-    message the columns leave out (or a batch they fail on) goes through `message_nodes`, so each
-    still fails alone and with its own reason; their nodes become the columns of one more table."""
-    out: list[SpanRows | Exception] = [SpanRows(_NO_SPANS, 0, 0)] * len(payloads)
+def batch_nodes(payloads: list[bytes], decode: Decoder, policy: TextPolicy) -> list[list[Node] | Exception]:
+    """`message_nodes` of each payload, or the exception it raises; decoded and normalized as one batch
+    of columns when the decoder has a columnar twin. A message the columns leave out (or a batch they
+    fail on) goes through `message_nodes`, so each still fails alone and with its own reason."""
+    out: list[list[Node] | Exception] = [[] for _ in payloads]
     suspect = list(range(len(payloads)))
     columnar = COLUMNAR_DECODERS.get(decode)
     if columnar is not None and payloads:
         try:
             batch = columnar(payloads)
-            columns = normalize_columns(batch, policy)
+            nodes = normalize_columns(batch, policy)
         except Exception:  # then each message on its own says what is wrong with it
             pass
         else:
             bounds = np.searchsorted(batch.message, np.arange(len(payloads) + 1)).tolist()
-            out = [SpanRows(columns, bounds[i], bounds[i + 1]) for i in range(len(payloads))]
+            out = [nodes[bounds[i] : bounds[i + 1]] for i in range(len(payloads))]
             suspect = batch.suspect
-    made: dict[int, list[Node]] = {}
     for index in suspect:
         try:
-            made[index] = message_nodes(payloads[index], decode, policy)
+            out[index] = message_nodes(payloads[index], decode, policy)
         except Exception as error:  # whatever one message makes fail stays with that message
             out[index] = error
-    if made:
-        columns = SpanColumns.from_nodes([node for nodes in made.values() for node in nodes])
-        start = 0
-        for index, nodes in made.items():
-            out[index] = SpanRows(columns, start, start + len(nodes))
-            start += len(nodes)
     return out
-
-
-_NO_SPANS = SpanColumns.from_nodes([])
 
 
 def dead_letter_reason(error: Exception) -> str:
@@ -168,38 +148,13 @@ def feedback_key(feedback: Feedback) -> str:
     return f"feedback/{feedback.trace_id}/{span}/{feedback.source}/{feedback.outcome}/{digest}"
 
 
-class _FlushSpans:
-    """The spans a flush stores, gathered into one table: an event's payload gets its stretch of
-    rows (its "nodes") when all are in (`gather`)."""
-
-    def __init__(self) -> None:
-        self._rows: list[RowRef] = []
-        self._node_ids: list[str] = []
-        self._payloads: list[tuple[dict[str, Any], int, int]] = []
-
-    def add(self, payload: dict[str, Any], rows: list[RowRef], node_ids: list[str]) -> dict[str, Any]:
-        """The payload, whose "nodes" will be these rows (in this order, with these node ids)."""
-        start = len(self._rows)
-        self._rows.extend(rows)
-        self._node_ids.extend(node_ids)
-        self._payloads.append((payload, start, len(self._rows)))
-        return payload
-
-    def gather(self) -> None:
-        if not self._rows:
-            return
-        table = gather(self._rows, self._node_ids)
-        for payload, start, stop in self._payloads:
-            payload["nodes"] = SpanRows(table, start, stop)
-
-
 class PipelineNeedsReset(RuntimeError):
     """A flush failed: what is in memory may disagree with the store until `reset()` succeeds."""
 
 
 @dataclass(slots=True)
 class _Late:
-    rows: dict[str, RowRef] = field(default_factory=dict)  # span id -> its row
+    nodes: dict[str, Node] = field(default_factory=dict)
     messages: set[MessageRef] = field(default_factory=set)
 
 
@@ -282,7 +237,7 @@ class IngestPipeline:
             for m in fresh
             if m.topic != self.feedback_topic and not (self.logs_topic and m.topic == self.logs_topic)
         ]
-        decoded = iter(batch_spans([m.value for m in spans], self.decode, self.policy))
+        decoded = iter(batch_nodes([m.value for m in spans], self.decode, self.policy))
         try:
             for message in fresh:  # the rest: redeliveries of what is stored (e.g. after a rebalance)
                 taken[message.topic] += 1
@@ -329,26 +284,25 @@ class IngestPipeline:
         recorded.update((event.type, event.key) for event in self._events)
         return recorded
 
-    def _spans(self, message: InMessage, spans: SpanRows | Exception, now: float) -> str | None:
-        """Take one spans message (its rows, or why it has none); returns the reason when it must go to
+    def _spans(self, message: InMessage, nodes: list[Node] | Exception, now: float) -> str | None:
+        """Take one spans message (its nodes, or why it has none); returns the reason when it must go to
         the dead-letter topic."""
-        if isinstance(spans, Exception):
-            return dead_letter_reason(spans)
-        self.metrics.spans.inc(len(spans))
-        fresh: list[TraceRows] = []
+        if isinstance(nodes, Exception):
+            return dead_letter_reason(nodes)
+        self.metrics.spans.inc(len(nodes))
+        fresh: list[Node] = []
         holds = 0
-        for trace_id, rows in spans.by_trace():
-            if trace_id in self._recent and not self.assembler.is_open(trace_id):
-                late = self._late.setdefault(trace_id, _Late())
-                span_ids = spans.columns.column("span_id")
-                late.rows.update((span_ids[row], (spans.columns, row)) for row in rows)
+        for node in nodes:
+            if node.trace_id in self._recent and not self.assembler.is_open(node.trace_id):
+                late = self._late.setdefault(node.trace_id, _Late())
+                late.nodes[node.span_id] = node
                 if message.ref not in late.messages:
                     late.messages.add(message.ref)
                     holds += 1
             else:
-                fresh.append((trace_id, rows))
+                fresh.append(node)
         if fresh:
-            new_holds, evicted = self.assembler.add(spans.columns, fresh, message.ref, now)
+            new_holds, evicted = self.assembler.add(fresh, message.ref, now)
             holds += new_holds
             if evicted:
                 self._forced_out.extend(evicted)
@@ -426,29 +380,25 @@ class IngestPipeline:
         stored = self.store.stored_spans(self._stored_traces.maybe(candidates))
         events = self._events
         self._events = []
-        spans = _FlushSpans()
         for assembled in done:
-            if not assembled.rows:  # only log records came, never a span: nothing to store
+            if not assembled.nodes:  # only log records came, never a span: nothing to store
                 self.pending.released(assembled.messages)
                 continue
             known = stored.get(assembled.trace_id)
             if known is None:
                 # Evicted, reopened by later spans and out again before this flush: the second
                 # one must amend the first, not become a second execution.
-                stored[assembled.trace_id] = set(assembled.span_ids)
-                places = [(o, p) for topic, p, o in assembled.messages if topic == self.spans_topic]
-                offset, partition = max(places, default=(-1, 0))
-                first = min((o for o, p in places if p == partition), default=-1)
+                stored[assembled.trace_id] = {node.span_id for node in assembled.nodes}
+                spans = [(o, p) for topic, p, o in assembled.messages if topic == self.spans_topic]
+                offset, partition = max(spans, default=(-1, 0))
+                first = min((o for o, p in spans if p == partition), default=-1)
                 events.append(
                     Event(
                         EXECUTION_COMPLETED,
                         assembled.trace_id,
-                        spans.add(
-                            {"trace_id": assembled.trace_id, "complete": assembled.complete,
-                             "reason": assembled.reason, "partition": partition, "offset": offset,
-                             "first_offset": first},
-                            assembled.rows, assembled.node_ids,
-                        ),
+                        {"trace_id": assembled.trace_id, "complete": assembled.complete,
+                         "reason": assembled.reason, "partition": partition, "offset": offset,
+                         "first_offset": first, "nodes": assembled.nodes},
                     )
                 )  # fmt: skip
                 if assembled.complete:
@@ -456,19 +406,13 @@ class IngestPipeline:
                 else:
                     result.incomplete += 1
             else:
-                rows = zip(assembled.rows, assembled.span_ids, assembled.node_ids, strict=True)
-                result.amended += self._amend(events, spans, assembled.trace_id, list(rows), known)
+                result.amended += self._amend(events, assembled.trace_id, assembled.nodes, known)
             self.pending.released(assembled.messages)
         for trace_id, pending in late.items():
-            late_rows = [
-                ((columns, row), span_id, columns.column("node_id")[row])
-                for span_id, (columns, row) in pending.rows.items()
-            ]
             result.amended += self._amend(
-                events, spans, trace_id, late_rows, stored.setdefault(trace_id, set())
+                events, trace_id, list(pending.nodes.values()), stored.setdefault(trace_id, set())
             )
             self.pending.released(pending.messages)
-        spans.gather()
         offsets = self.pending.committable()
         report = self._progress(offsets, read)
         if report is not None:
@@ -476,10 +420,10 @@ class IngestPipeline:
         with self.metrics.commit_seconds.time():
             self.store.append(events, offsets)
         self._stored.update(offsets)
-        self._stored_traces.add(a.trace_id for a in done if a.rows)
+        self._stored_traces.add(a.trace_id for a in done if a.nodes)
         self._recorded_messages.add(event.key for event in events if event.type in MESSAGE_EVENTS)
         for assembled in done:
-            if assembled.rows:
+            if assembled.nodes:
                 self._remember(assembled.trace_id)
         # once per flush, not per trace: a labelled counter costs microseconds a call
         self.metrics.log_records.labels("joined").inc(sum(a.joined_logs for a in done))
@@ -552,23 +496,14 @@ class IngestPipeline:
             return {}
         return {int(p): (at, done) for p, (at, done) in orjson.loads(rows[0][0])["progress"].items()}
 
-    def _amend(
-        self,
-        events: list[Event],
-        spans: _FlushSpans,
-        trace_id: str,
-        rows: list[tuple[RowRef, str, str]],
-        known: set[str],
-    ) -> int:
-        """Append the spans not `known` yet ((row, span id, node id) each) as an amendment; they are
-        `known` afterwards."""
-        new = [(ref, node_id) for ref, span_id, node_id in rows if span_id not in known]
-        self.metrics.duplicate_spans.inc(len(rows) - len(new))
+    def _amend(self, events: list[Event], trace_id: str, nodes: list[Node], known: set[str]) -> int:
+        """Append the spans not `known` yet as an amendment; they are `known` afterwards."""
+        new = [node for node in nodes if node.span_id not in known]
+        self.metrics.duplicate_spans.inc(len(nodes) - len(new))
         if not new:
             return 0
-        known.update(span_id for _, span_id, _ in rows)
-        payload = spans.add({"trace_id": trace_id}, [ref for ref, _ in new], [node_id for _, node_id in new])
-        events.append(Event(EXECUTION_AMENDED, trace_id, payload))
+        known.update(node.span_id for node in new)
+        events.append(Event(EXECUTION_AMENDED, trace_id, {"trace_id": trace_id, "nodes": new}))
         return 1
 
     def _remember(self, trace_id: str) -> None:

@@ -28,7 +28,7 @@ def test_holds_the_newest_within_its_bound_and_hands_each_out_once(sizes, bound)
     assert len(carried) <= bound
     found, missing = carried.take(range(len(sizes)))
     assert sorted([*found, *missing]) == list(range(len(sizes)))
-    assert all(found[seq] == nodes for seq, nodes in added if seq in found)
+    assert all(found[seq] is nodes for seq, nodes in added if seq in found)
     kept = len(found)
     assert set(found) == set(range(len(sizes) - kept, len(sizes)))  # the newest
     assert sum(sizes[len(sizes) - kept :]) <= bound

@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from otel_traces import encode, make_traces
 
 from cegraph.connectors.otlp.codec import decode_proto
-from cegraph.daemon.ingest.assembly import Assembled, MessageRef, PendingOffsets, TraceAssembler
+from cegraph.daemon.ingest.assembly import PendingOffsets, TraceAssembler
 from cegraph.daemon.ingest.normalize import TextPolicy, normalize
-from cegraph.daemon.span_table import SpanColumns, SpanRows
 from cegraph.daemon.spans import Node
 
 IDLE, MAX_AGE = 5.0, 60.0
@@ -30,12 +29,6 @@ def nodes_of(index: int) -> list[Node]:
 def root_of(nodes: list[Node]) -> Node:
     [root] = [n for n in nodes if not n.parent_span_id]
     return root
-
-
-def add(a: TraceAssembler, nodes: list[Node], message: MessageRef, now: float) -> tuple[int, list[Assembled]]:
-    """One message of these nodes, as ingest hands it over: its rows of a batch's columns, by trace."""
-    columns = SpanColumns.from_nodes(nodes)
-    return a.add(columns, SpanRows(columns, 0, len(columns)).by_trace(), message, now)
 
 
 def assembler(max_open: int = 100) -> TraceAssembler:
@@ -52,7 +45,7 @@ def test_out_of_order_spans_children_before_root():
     children = [n for n in nodes if n is not root]
     random.Random(1).shuffle(children)
     a = assembler()
-    holds, evicted = add(a, [*children, root], ref(0), now=100.0)
+    holds, evicted = a.add([*children, root], ref(0), now=100.0)
     assert (holds, evicted) == (1, [])
     assert a.poll(100.0 + IDLE - 0.01) == []
     [done] = a.poll(100.0 + IDLE)
@@ -69,7 +62,7 @@ def test_spans_of_one_trace_over_several_messages():
     parts = [nodes[:2], nodes[2:4], nodes[4:]]
     a = assembler()
     for offset, (part, now) in enumerate(zip(parts, (0.0, 3.0, 6.0), strict=True)):
-        holds, _ = add(a, part, ref(offset), now=now)
+        holds, _ = a.add(part, ref(offset), now=now)
         assert holds == 1
         assert a.poll(now) == []
     # The idle clock restarts with every arrival: 5 s after the first message is not enough.
@@ -84,9 +77,9 @@ def test_completion_needs_the_root_ended_and_the_idle_timeout():
     root = root_of(nodes)
     children = [n for n in nodes if n is not root]
     a = assembler()
-    add(a, children, ref(0), now=0.0)
+    a.add(children, ref(0), now=0.0)
     assert a.poll(IDLE * 3) == [], "idle, but the root has not been seen"
-    add(a, [root], ref(1), now=20.0)
+    a.add([root], ref(1), now=20.0)
     assert a.poll(20.0 + IDLE / 2) == [], "the root ended, but not idle long enough"
     [done] = a.poll(20.0 + IDLE)
     assert done.complete and len(done.nodes) == len(nodes)
@@ -97,9 +90,9 @@ def test_an_unended_root_does_not_complete_the_trace():
     root = root_of(nodes)
     open_root = dataclasses.replace(root, end_ns=0)
     a = assembler()
-    add(a, [open_root, *[n for n in nodes if n is not root]], ref(0), now=0.0)
+    a.add([open_root, *[n for n in nodes if n is not root]], ref(0), now=0.0)
     assert a.poll(IDLE * 2) == []
-    add(a, [root], ref(1), now=IDLE * 2)  # the ended root arrives (the exporter sends ended spans)
+    a.add([root], ref(1), now=IDLE * 2)  # the ended root arrives (the exporter sends ended spans)
     [done] = a.poll(IDLE * 3)
     assert done.complete
 
@@ -107,9 +100,9 @@ def test_an_unended_root_does_not_complete_the_trace():
 def test_max_age_completes_a_rootless_trace_as_incomplete():
     nodes = [n for n in nodes_of(4) if n.parent_span_id]
     a = assembler()
-    add(a, nodes[:1], ref(0), now=0.0)
+    a.add(nodes[:1], ref(0), now=0.0)
     for step in range(1, 12):  # keeps arriving, so it is never idle
-        add(a, nodes[step % len(nodes) : step % len(nodes) + 1], ref(step), now=step * 5.0)
+        a.add(nodes[step % len(nodes) : step % len(nodes) + 1], ref(step), now=step * 5.0)
         assert a.poll(step * 5.0) == []
     [done] = a.poll(MAX_AGE)
     assert (done.complete, done.reason) == (False, "max-age")
@@ -121,7 +114,7 @@ def test_max_age_completes_a_busy_trace_with_its_root_as_complete():
     nodes = nodes_of(5)
     a = assembler()
     for step in range(13):
-        add(a, nodes, ref(step), now=step * 5.0)
+        a.add(nodes, ref(step), now=step * 5.0)
     [done] = a.poll(MAX_AGE)
     assert (done.complete, done.reason) == (True, "max-age")
 
@@ -133,12 +126,12 @@ def test_the_age_bookkeeping_stays_proportional_to_the_open_traces():
     busy = [n for n in nodes_of(6) if n.parent_span_id]
     template = nodes_of(7)
     a = assembler(max_open=100_000)
-    add(a, busy[:1], ref(0), now=0.0)
+    a.add(busy[:1], ref(0), now=0.0)
     for step in range(1, 5_001):
         now = step * 0.01
         trace_id = f"{step:032x}"
-        add(a, [dataclasses.replace(n, trace_id=trace_id) for n in template], ref(step), now=now)
-        add(a, busy[step % len(busy) : step % len(busy) + 1], ref(step), now=now)  # never idle
+        a.add([dataclasses.replace(n, trace_id=trace_id) for n in template], ref(step), now=now)
+        a.add(busy[step % len(busy) : step % len(busy) + 1], ref(step), now=now)  # never idle
         completed = a.poll(now)
         assert all(done.reason == "root-ended" for done in completed)
         assert len(a._by_age) <= 2 * len(a) + 1024
@@ -149,10 +142,10 @@ def test_the_age_bookkeeping_stays_proportional_to_the_open_traces():
 def test_max_open_evicts_the_least_recently_updated_trace():
     first, second, third = nodes_of(0), nodes_of(1), nodes_of(2)
     a = assembler(max_open=2)
-    assert add(a, first[:1], ref(0), now=0.0) == (1, [])
-    assert add(a, second[:1], ref(1), now=1.0) == (1, [])
-    add(a, first[1:2], ref(2), now=2.0)  # the first trace is now the most recently updated
-    holds, [evicted] = add(a, third, ref(3), now=3.0)
+    assert a.add(first[:1], ref(0), now=0.0) == (1, [])
+    assert a.add(second[:1], ref(1), now=1.0) == (1, [])
+    a.add(first[1:2], ref(2), now=2.0)  # the first trace is now the most recently updated
+    holds, [evicted] = a.add(third, ref(3), now=3.0)
     assert holds == 1
     assert (evicted.trace_id, evicted.complete, evicted.reason) == (TRACES[1].trace_id, False, "evicted")
     assert [n.span_id for n in evicted.nodes] == [second[0].span_id]
@@ -164,9 +157,9 @@ def test_holds_count_traces_per_message_once():
     mixed = nodes_of(0) + nodes_of(1) + nodes_of(2)
     random.Random(3).shuffle(mixed)
     a = assembler()
-    assert add(a, mixed, ref(0), now=0.0)[0] == 3
-    assert add(a, mixed, ref(0), now=0.5)[0] == 0, "the same message again holds nothing new"
-    assert add(a, nodes_of(0)[:1], ref(1), now=1.0)[0] == 1
+    assert a.add(mixed, ref(0), now=0.0)[0] == 3
+    assert a.add(mixed, ref(0), now=0.5)[0] == 0, "the same message again holds nothing new"
+    assert a.add(nodes_of(0)[:1], ref(1), now=1.0)[0] == 1
     done = a.poll(1.0 + IDLE)
     assert {d.trace_id for d in done} == {t.trace_id for t in TRACES[:3]}
     assert sum(len(d.nodes) for d in done) == sum(t.span_count for t in TRACES[:3]), "no span twice"
@@ -174,8 +167,8 @@ def test_holds_count_traces_per_message_once():
 
 def test_drain_hands_out_everything_open():
     a = assembler()
-    add(a, nodes_of(6), ref(0), now=0.0)
-    add(a, [n for n in nodes_of(7) if n.parent_span_id], ref(1), now=0.0)
+    a.add(nodes_of(6), ref(0), now=0.0)
+    a.add([n for n in nodes_of(7) if n.parent_span_id], ref(1), now=0.0)
     drained = {d.trace_id: d for d in a.drain()}
     assert drained[TRACES[6].trace_id].complete and not drained[TRACES[7].trace_id].complete
     assert len(a) == 0
@@ -258,7 +251,7 @@ def test_pending_offsets_through_the_assembler():
     t0, t1 = nodes_of(0), nodes_of(1)
     messages = [(ref(0), t0[:2]), (ref(1), t1), (ref(2), t0[2:])]
     for message, nodes in messages:
-        pending.consumed(message, add(a, nodes, message, now=0.0)[0])
+        pending.consumed(message, a.add(nodes, message, now=0.0)[0])
     pending.consumed(ref(3), 0)  # e.g. a dead letter: nothing to wait for
     assert pending.committable() == {("spans", 0): 0}
     for done in a.poll(IDLE):
