@@ -22,7 +22,7 @@ from pipeline_fixtures import Clock, reference_decode
 
 from cegraph.connectors.otlp.codec import decode_proto
 from cegraph.daemon.ingest.normalize import EVENT_KEYS, RESOURCE_KEYS, SPAN_KEYS, TextPolicy
-from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_spans, message_nodes
+from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_nodes, message_nodes
 from cegraph.daemon.settings import IngestSettings
 from cegraph.daemon.spans import Node
 from cegraph.daemon.store import EventStore
@@ -152,7 +152,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module")
 @given(batches())
 def test_the_columnar_path_makes_the_reference_nodes(batch):
     payloads, policy = batch
-    columnar = [outcome(result) for result in batch_spans(payloads, decode_proto, policy)]
+    columnar = [outcome(result) for result in batch_nodes(payloads, decode_proto, policy)]
     assert columnar == [reference(payload, policy) for payload in payloads]
 
 
