@@ -396,7 +396,8 @@ class _Traffic:
     def __init__(self, setup: Setup, exporter: CallbackSpanExporter) -> None:
         self.setup, self.exporter = setup, exporter
         self._sent: dict[bytes, list[tuple[bytes | None, bytes]]] = {}  # trace id -> its messages
-        provider = TracerProvider(id_generator=ExecutionIds())
+        # without the SDK's atexit hook, which would keep this and its seed's `Setup` alive to the end
+        provider = TracerProvider(id_generator=ExecutionIds(), shutdown_on_exit=False)
         provider.add_span_processor(
             SimpleSpanProcessor(CallbackSpanExporter(self._keep, partition_by_trace=True))
         )
