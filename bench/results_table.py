@@ -73,15 +73,16 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
             )
         )
     if density := results.get("density"):
-        last = density["bounded_state"][-1]
+        first, last = density["bounded_state"][0], density["bounded_state"][-1]
         found.append(
             (
                 density["command"],
                 f"failures/s through featurizer and tracker, {last['signatures']:,} failures",
-                f"{last['failures_per_s']:,.0f}; {last['micro_clusters']} micro-clusters; "
-                f"max RSS {last['max_rss_mb']:.0f} MB",
-                "bake-off in results.json",
-                "",
+                f"{last['failures_per_s']:,.0f}; {last['micro_clusters']} micro-clusters, "
+                f"{last['modes']} modes; max RSS {last['max_rss_mb']:.0f} MB",
+                f"at {first['signatures']:,}: {first['micro_clusters']} micro-clusters, "
+                f"max RSS {first['max_rss_mb']:.0f} MB",
+                "5,000 failures/s; state flat",
             )
         )
     if detection := results.get("detection"):

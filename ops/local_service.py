@@ -1,5 +1,6 @@
-"""What the local services of tests and manual use share (ops/kafka/local_kafka.py, ops/llm/local_llm.py):
-a free port, a child that dies with its parent, stopping by PID, and the state file of a detached one.
+"""What the local services of tests and manual use share (ops/kafka/local_kafka.py, ops/llm/local_llm.py,
+ops/otel-collector/local_collector.py): a free port, a child that dies with its parent, waiting until
+it answers, stopping by PID, and the `up --detach` / `down` of a detached one and its state file.
 
 A service started by a Python process dies with that process, even when it is killed (Linux
 `PR_SET_PDEATHSIG`); one started detached (its own session) records its PID in a state file that
@@ -16,9 +17,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 
 def free_port() -> int:
@@ -83,13 +86,48 @@ def stop_recorded(state_file: Path) -> dict[str, Any] | None:
 
 class LocalProcess:
     """A service run as a child process with a work folder of its own (its config and logs): stopped
-    by PID, the folder removed unless asked to keep it. Subclasses start it."""
+    by PID, the folder removed unless asked to keep it. Subclasses start it and say what it is."""
 
+    name: ClassVar[str]  # how errors name it: "the broker"
+    start_error: ClassVar[type[RuntimeError]]
     workdir: Path | None
     process: subprocess.Popen[bytes] | None
+    startup_timeout_s: float
 
-    def start(self) -> object:
+    def start(self) -> str:
+        """Start it and return its address once it answers."""
         raise NotImplementedError
+
+    def log_tail(self, lines: int = 40) -> str:
+        raise NotImplementedError
+
+    def wait_ready(
+        self,
+        answers: Callable[[], bool],
+        *,
+        retry_on: tuple[type[BaseException], ...],
+        unanswered: str,
+        interval_s: float = 0.5,
+    ) -> None:
+        """Ready means `answers()` said so (a real request answered, not an open port). A process that
+        exits, or one that has not answered within the start-up time, is a `start_error` with its log."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise self.start_error(
+                    f"{self.name} exited with code {self.process.returncode}; log:\n{self.log_tail()}"
+                )
+            try:
+                if answers():
+                    return
+            except retry_on as error:
+                last = str(error)
+            time.sleep(interval_s)
+        raise self.start_error(
+            f"{self.name} {unanswered} within {self.startup_timeout_s:g}s ({last}); log:\n{self.log_tail()}"
+        )
 
     def stop(self, *, keep_logs: bool = False) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -105,3 +143,41 @@ class LocalProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_up(service: LocalProcess, state_file: Path, *, detach: bool, tool: str, down: str) -> int:
+    """`up`: print the address of the running detached service, or start one. Detached, it outlives
+    this process and its state file says how `down` finds it; else it runs until Ctrl-C."""
+    if state := running(state_file):
+        print(state["address"])
+        print(f"{tool}: already running (pid {state['pid']})", file=sys.stderr)
+        return 0
+    address = service.start()
+    assert service.process is not None and service.workdir is not None
+    pid = service.process.pid
+    state_file.write_text(json.dumps({"pid": pid, "address": address, "workdir": str(service.workdir)}))
+    print(address, flush=True)
+    if detach:
+        print(f"{tool}: {service.name} is pid {pid} (logs in {service.workdir}); stop it with `{down}`",
+              file=sys.stderr)  # fmt: skip
+        return 0
+    print(f"{tool}: running in the foreground, Ctrl-C stops it", file=sys.stderr)
+    try:
+        service.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+        state_file.unlink(missing_ok=True)
+    return 0
+
+
+def run_down(state_file: Path, *, tool: str, name: str) -> int:
+    """`down`: stop the detached service by PID and remove its work folder."""
+    state = stop_recorded(state_file)
+    if state is None:
+        print(f"{tool}: {name} is not running", file=sys.stderr)
+        return 0
+    shutil.rmtree(state["workdir"], ignore_errors=True)
+    print(f"{tool}: stopped {name}, pid {state['pid']}", file=sys.stderr)
+    return 0

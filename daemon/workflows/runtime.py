@@ -21,7 +21,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider, set_span_in_context
 from pydantic import BaseModel, Field, ValidationError
@@ -192,6 +192,17 @@ def check_output(text: str, check: OutputCheck) -> str | None:
     return f"the JSON object lacks the keys {missing}" if missing else None
 
 
+_Known = TypeVar("_Known")
+
+
+def _per_spec(cache: dict[str, _Known], spec: WorkflowSpec, compute: Callable[[], _Known]) -> _Known:
+    """What a spec's content determines (its input model, its levels), computed once per content:
+    shadow replays run the same few candidate specs thousands of times."""
+    if (known := cache.get(spec.content_hash)) is None:
+        known = cache[spec.content_hash] = compute()
+    return known
+
+
 def _messages_json(messages: Sequence[Message]) -> str:
     return json.dumps(
         [
@@ -276,7 +287,7 @@ class WorkflowRuntime:
         self.sandbox = sandbox or Sandbox()
         self._tracer = tracer_provider.get_tracer(TRACER_NAME)
         self._input_models: dict[str, type[BaseModel]] = {}
-        self._levels: dict[str, list[list[str]]] = {}  # per spec content, as `_input_models`
+        self._levels: dict[str, list[list[str]]] = {}
         self._handlers: dict[str, Callable[[_NodeCall, dict[str, str]], Awaitable[str]]] = {
             "llm": self._llm, "ensemble": self._ensemble, "programmer": self._programmer,
             "review": self._review, "revise": self._revise, "format": self._format, "verify": self._verify,
@@ -310,8 +321,7 @@ class WorkflowRuntime:
         """Run the spec on one input; raises only for a bad spec or input, never for a failing node."""
         self.check(spec)
         assert spec.content_hash is not None
-        model = self._input_models.get(spec.content_hash) or spec.input_model()
-        self._input_models[spec.content_hash] = model
+        model = _per_spec(self._input_models, spec, spec.input_model)
         task = model.model_validate(dict(task_input)).model_dump(exclude_none=True)
         common = {
             "cegraph.workflow.id": spec.id,
@@ -332,8 +342,7 @@ class WorkflowRuntime:
         runs: dict[str, NodeRun] = {}
         spans: dict[str, tuple[Span, int]] = {}
         try:
-            levels = self._levels.get(spec.content_hash) or spec.topological_levels()
-            self._levels[spec.content_hash] = levels
+            levels = _per_spec(self._levels, spec, spec.topological_levels)
             for level in levels:
                 ready = [node_id for node_id in level if self._should_run(spec, node_id, runs)]
                 for node_id in level:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -36,9 +34,9 @@ from local_service import (  # noqa: E402
     alive,
     die_with_parent,
     free_port,
-    running,
+    run_down,
+    run_up,
     stop_pid,
-    stop_recorded,
 )
 
 POM = HERE / "pom.xml"
@@ -110,6 +108,9 @@ def random_cluster_id() -> str:
 
 class LocalKafka(LocalProcess):
     """One broker+controller process; `start()` returns once it answers metadata requests."""
+
+    name = "the broker"
+    start_error = KafkaStartError
 
     def __init__(self, *, detach: bool = False, startup_timeout_s: float = 90.0) -> None:
         self.detach = detach
@@ -207,34 +208,21 @@ class LocalKafka(LocalProcess):
         )
 
     def _wait_ready(self) -> None:
-        """Ready means a metadata request answered, not an open port."""
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaConfigurationError, KafkaError
 
-        deadline = time.monotonic() + self.startup_timeout_s
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise KafkaStartError(
-                    f"the broker exited with code {self.process.returncode}; log:\n{self.log_tail()}"
-                )
+        def answers() -> bool:
             try:
                 admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000)
-                try:
-                    brokers = admin.describe_cluster().get("brokers", [])
-                finally:
-                    admin.close()
-                if brokers:
-                    return
-            except KafkaConfigurationError:
-                raise
-            except (KafkaError, OSError) as error:
-                last_error = error
-            time.sleep(0.5)
-        raise KafkaStartError(
-            f"the broker did not answer a metadata request within {self.startup_timeout_s:.0f}s "
-            f"({last_error}); log:\n{self.log_tail()}"
+            except KafkaConfigurationError as error:  # no broker will fix a bad client config
+                raise KafkaStartError(str(error)) from error
+            try:
+                return bool(admin.describe_cluster().get("brokers"))
+            finally:
+                admin.close()
+
+        self.wait_ready(
+            answers, retry_on=(KafkaError, OSError), unanswered="did not answer a metadata request"
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -256,50 +244,6 @@ def sweep_stale_workdirs() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _up(detach: bool) -> int:
-    if state := running(STATE_FILE):
-        print(state["bootstrap_servers"])
-        print(f"local_kafka: already running (pid {state['pid']})", file=sys.stderr)
-        return 0
-    broker = LocalKafka(detach=detach)
-    broker.start()
-    assert broker.process is not None and broker.workdir is not None
-    STATE_FILE.write_text(
-        json.dumps(
-            {
-                "pid": broker.process.pid,
-                "bootstrap_servers": broker.bootstrap_servers,
-                "workdir": str(broker.workdir),
-            }
-        )
-    )
-    print(broker.bootstrap_servers, flush=True)
-    if detach:
-        print(
-            f"local_kafka: broker pid {broker.process.pid}, stop it with `make kafka-down`", file=sys.stderr
-        )
-        return 0
-    print("local_kafka: running in the foreground, Ctrl-C stops it", file=sys.stderr)
-    try:
-        broker.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        broker.stop()
-        STATE_FILE.unlink(missing_ok=True)
-    return 0
-
-
-def _down() -> int:
-    state = stop_recorded(STATE_FILE)
-    if state is None:
-        print("local_kafka: no broker is running", file=sys.stderr)
-        return 0
-    shutil.rmtree(state["workdir"], ignore_errors=True)
-    print(f"local_kafka: stopped broker pid {state['pid']}", file=sys.stderr)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            return _up(args.detach)
+            return run_up(LocalKafka(detach=args.detach), STATE_FILE, detach=args.detach, tool="local_kafka",
+                      down="make kafka-down")  # fmt: skip
         if args.command == "down":
-            return _down()
+            return run_down(STATE_FILE, tool="local_kafka", name="the broker")
         print(ensure_jars())
         return 0
     except KafkaStartError as error:

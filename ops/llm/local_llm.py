@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ops/: what the local services share
 
-from local_service import die_with_parent, free_port, running, stop_pid, stop_recorded  # noqa: E402
+from local_service import LocalProcess, die_with_parent, free_port, run_down, run_up  # noqa: E402
 
 REPO = HERE.parents[1]
 LLAMA_CPP = "llama-cpp-python==0.3.36"
@@ -151,14 +150,17 @@ def gguf_path(python: Path) -> Path:
     return Path(result.stdout.strip())
 
 
-class LocalLLM:
+class LocalLLM(LocalProcess):
     """One model server process; `start()` returns its base URL once it has answered a completion."""
+
+    name = "the model server"
+    start_error = LLMStartError
 
     def __init__(self, *, detach: bool = False, startup_timeout_s: float = 300.0) -> None:
         self.detach = detach
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path: Path | None = None
+        self.workdir: Path | None = None
         self.base_url = ""
 
     def start(self) -> str:
@@ -168,14 +170,13 @@ class LocalLLM:
         model = gguf_path(python)
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}/v1"
-        handle, log = tempfile.mkstemp(prefix="cegraph-llm-", suffix=".log")
-        self.log_path = Path(log)
+        self.workdir = Path(tempfile.mkdtemp(prefix="cegraph-llm-"))
         command = [
             str(python), "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL_ALIAS,
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(N_CTX),
             "--n_threads", "1", "--n_threads_batch", "1",
         ]  # fmt: skip
-        with os.fdopen(handle, "ab") as stdout:
+        with (self.workdir / "server.log").open("ab") as stdout:
             self.process = subprocess.Popen(
                 command,
                 stdout=stdout,
@@ -187,97 +188,34 @@ class LocalLLM:
         try:
             self._wait_ready()
         except BaseException:
-            self.stop(keep_log=True)
+            self.stop(keep_logs=True)
             raise
         return self.base_url
 
     def _wait_ready(self) -> None:
-        """Ready means a chat completion answered, not an open port (the model loads after binding)."""
+        """The model loads after the port is bound: ready is a chat completion answered."""
         body = json.dumps(
             {"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
         ).encode()
-        deadline = time.monotonic() + self.startup_timeout_s
-        last = ""
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise LLMStartError(
-                    f"the model server exited with code {self.process.returncode}; log:\n{self.log_tail()}"
-                )
+
+        def answers() -> bool:
             request = urllib.request.Request(
                 f"{self.base_url}/chat/completions", body, {"Content-Type": "application/json"}
             )
-            try:
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    if json.load(response).get("choices"):
-                        return
-            except (urllib.error.URLError, OSError, ValueError) as error:
-                last = str(error)
-            time.sleep(0.5)
-        raise LLMStartError(
-            f"the model server answered no completion within {self.startup_timeout_s:.0f}s ({last}); "
-            f"log:\n{self.log_tail()}"
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return bool(json.load(response).get("choices"))
+
+        self.wait_ready(
+            answers,
+            retry_on=(urllib.error.URLError, OSError, ValueError),
+            unanswered="answered no completion",
         )
 
     def log_tail(self, lines: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
+        log = self.workdir / "server.log" if self.workdir is not None else None
+        if log is None or not log.exists():
             return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, *, keep_log: bool = False) -> None:
-        if self.process is not None and self.process.poll() is None:
-            stop_pid(self.process.pid)
-            self.process.wait(timeout=30)
-        self.process = None
-        if self.log_path is not None and not keep_log:
-            self.log_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> LocalLLM:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _up(detach: bool) -> int:
-    if state := running(STATE_FILE):
-        print(state["base_url"])
-        print(f"local_llm: already running (pid {state['pid']})", file=sys.stderr)
-        return 0
-    server = LocalLLM(detach=detach)
-    server.start()
-    assert server.process is not None
-    STATE_FILE.write_text(
-        json.dumps({"pid": server.process.pid, "base_url": server.base_url, "log": str(server.log_path)})
-    )
-    print(server.base_url, flush=True)
-    if detach:
-        print(
-            f"local_llm: server pid {server.process.pid} (model {MODEL_ALIAS}, log {server.log_path}); "
-            "stop it with `make llm-down`",
-            file=sys.stderr,
-        )
-        return 0
-    print("local_llm: running in the foreground, Ctrl-C stops it", file=sys.stderr)
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        STATE_FILE.unlink(missing_ok=True)
-    return 0
-
-
-def _down() -> int:
-    state = stop_recorded(STATE_FILE)
-    if state is None:
-        print("local_llm: no server is running", file=sys.stderr)
-        return 0
-    Path(state["log"]).unlink(missing_ok=True)
-    print(f"local_llm: stopped server pid {state['pid']}", file=sys.stderr)
-    return 0
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             print(setup())
             return 0
         if args.command == "up":
-            return _up(args.detach)
-        return _down()
+            return run_up(LocalLLM(detach=args.detach), STATE_FILE, detach=args.detach, tool="local_llm",
+                          down="make llm-down")  # fmt: skip
+        return run_down(STATE_FILE, tool="local_llm", name="the model server")
     except LLMStartError as error:
         print(f"local_llm: {error}", file=sys.stderr)
         return 1

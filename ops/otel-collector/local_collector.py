@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -128,12 +127,16 @@ def validate(config: Path) -> None:
 
 
 class LocalCollector(LocalProcess):
-    """One Collector process running the config text given; `start()` returns once it is healthy.
+    """One Collector process running the config text given; `start()` returns its OTLP/gRPC endpoint
+    once it is healthy.
 
     The config may use `${env:VAR}` placeholders; `start()` sets `OTLP_GRPC_ENDPOINT` and
     `OTLP_HTTP_ENDPOINT` to free 127.0.0.1 addresses and `TELEMETRY_PORT` (the Collector's own
     Prometheus metrics) to a free port, with any extra variables given.
     """
+
+    name = "the Collector"
+    start_error = CollectorError
 
     def __init__(
         self, config_text: str, *, env: dict[str, str] | None = None, startup_timeout_s: float = 60.0
@@ -147,7 +150,7 @@ class LocalCollector(LocalProcess):
         self.http_endpoint = ""
         self.telemetry_port = 0
 
-    def start(self) -> None:
+    def start(self) -> str:
         binary = ensure_binary()
         self.workdir = Path(tempfile.mkdtemp(prefix="cegraph-otelcol-"))
         config = self.workdir / "collector.yaml"
@@ -176,32 +179,24 @@ class LocalCollector(LocalProcess):
         except BaseException:
             self.stop(keep_logs=True)
             raise
+        return self.grpc_endpoint
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise CollectorError(
-                    f"the Collector exited with code {self.process.returncode}:\n{self.log_tail()}"
-                )
-            if READY_LINE in self.log_text():
-                empty_export = urllib.request.Request(
-                    f"http://{self.http_endpoint}/v1/traces",
-                    data=b"",
-                    headers={"Content-Type": "application/x-protobuf"},
-                )
-                try:
-                    with urllib.request.urlopen(empty_export, timeout=5) as response:
-                        if response.status == 200:
-                            return
-                except (urllib.error.URLError, OSError) as error:
-                    last_error = error
-            time.sleep(0.2)
-        raise CollectorError(
-            f"the Collector was not ready within {self.startup_timeout_s:.0f}s ({last_error}):\n"
-            f"{self.log_tail()}"
+        """Ready is the log's ready line and then an (empty) OTLP/HTTP export answered 200."""
+
+        def answers() -> bool:
+            if READY_LINE not in self.log_text():
+                return False
+            empty_export = urllib.request.Request(
+                f"http://{self.http_endpoint}/v1/traces",
+                data=b"",
+                headers={"Content-Type": "application/x-protobuf"},
+            )
+            with urllib.request.urlopen(empty_export, timeout=5) as response:
+                return response.status == 200
+
+        self.wait_ready(
+            answers, retry_on=(urllib.error.URLError, OSError), unanswered="was not ready", interval_s=0.2
         )
 
     def metrics_text(self) -> str:

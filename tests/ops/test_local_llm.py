@@ -74,13 +74,13 @@ def test_up_detach_leaves_a_server_that_down_stops_by_pid(model_env, tmp_path):
     assert up.returncode == 0, up.stderr
     state = json.loads((tmp_path / "state.json").read_text())
     try:
-        assert up.stdout.strip() == state["base_url"]
-        usage = _complete(state["base_url"])["usage"]
+        assert up.stdout.strip() == state["address"]
+        usage = _complete(state["address"])["usage"]
         assert usage["completion_tokens"] >= 1 and usage["prompt_tokens"] >= 1
         again = subprocess.run(
             [sys.executable, str(RUNNER), "up", "--detach"], capture_output=True, text=True, env=env
         )
-        assert again.stdout.strip() == state["base_url"] and "already running" in again.stderr
+        assert again.stdout.strip() == state["address"] and "already running" in again.stderr
     finally:
         down = subprocess.run([sys.executable, str(RUNNER), "down"], capture_output=True, text=True, env=env)
     assert down.returncode == 0 and f"pid {state['pid']}" in down.stderr
