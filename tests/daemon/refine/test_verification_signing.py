@@ -82,13 +82,6 @@ def plain_bootstrap(base, candidate, *, confidence=0.95, resamples=2_000, seed=0
 outcomes = st.floats(-5, 5, allow_nan=False) | st.sampled_from([0.0, 1.0])
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(st.tuples(outcomes, outcomes), min_size=1, max_size=150),
-    st.integers(0, 2**32 - 1),
-    st.integers(1, 300),
-    st.sampled_from([0.8, 0.9, 0.95, 0.99]),
-)
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(0, 16), st.integers(0, 16), st.floats(0.001, 0.2), st.integers(1, 8),
@@ -114,6 +107,13 @@ def test_the_fewest_target_failures_that_can_show_a_drop():
     assert not can_show_a_drop(0, 0.5)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(outcomes, outcomes), min_size=1, max_size=150),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 300),
+    st.sampled_from([0.8, 0.9, 0.95, 0.99]),
+)
 def test_paired_bootstrap_draws_the_plain_loops_resamples_and_its_numbers(pairs, seed, resamples, level):
     base, candidate = [b for b, _ in pairs], [c for _, c in pairs]
     fast = paired_bootstrap(base, candidate, confidence=level, resamples=resamples, seed=seed)
