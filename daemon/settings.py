@@ -182,7 +182,9 @@ class IngestSettings(_Group):
 class DetectorSettings(_Group):
     """Failure modes and when their mass triggers a refinement."""
 
-    mass_threshold: float = Field(0.05, gt=0, lt=1, description="Mode mass that triggers a refinement.")
+    mass_threshold: float = Field(
+        0.05, gt=0, lt=1, description="Mode mass that triggers a refinement (also a node's modes' together)."
+    )
     min_support: int = Field(20, ge=1, description="Failures a mode needs before it can trigger.")
     hysteresis: float = Field(
         0.8, gt=0, le=1, description="A triggered mode re-arms when mass < threshold * hysteresis."
