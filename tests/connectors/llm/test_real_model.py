@@ -259,7 +259,8 @@ def test_cegraph_simulate_runs_on_the_real_endpoint_by_configuration_alone(llm_s
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     # the summary table's row; a slow run also prints progress lines naming the same track
-    row = next(line for line in done.stdout.splitlines() if line.lstrip().startswith("│") and "stable" in line)
+    rows = [line for line in done.stdout.splitlines() if line.lstrip().startswith("│")]
+    row = next(line for line in rows if "stable" in line)
     cells = [cell.strip() for cell in row.replace("│", "|").split("|") if cell.strip()]
     assert cells[:3] == ["stable", "1.0.0", "2"] and cells[-1] == "0", done.stdout  # two runs, no errors
     assert 0 <= int(cells[3]) <= 2

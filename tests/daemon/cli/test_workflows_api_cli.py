@@ -225,9 +225,10 @@ def serving(tmp_path) -> Iterator[tuple[EventStore, int]]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # a bound for a server that never starts, not a pace
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert server.started, "the registry API did not start"
     yield store, port
     server.should_exit = True
     thread.join(timeout=10)

@@ -11,11 +11,10 @@ import time
 import httpx
 from canary_fixtures import SEED, WORSE
 from daemon_proc import Scenario
-from kafka import KafkaConsumer
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from cegraph.connectors.kafka.client import ensure_topics
+from cegraph.connectors.kafka.client import ensure_topics, read_topic
 from cegraph.connectors.kafka.otlp_exporter import OtlpKafkaSpanExporter
 from cegraph.daemon.settings import KafkaSettings
 from cegraph.daemon.sim import SimWorld
@@ -60,19 +59,10 @@ def send_traffic(bootstrap: str, topic: str, executions: int) -> list[str]:
     return roots.trace_ids
 
 
-def decisions_on(bootstrap: str, topic: str, wait_s: float) -> list[tuple[bytes, RolloutDecision]]:
-    consumer = KafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    found: list[tuple[bytes, RolloutDecision]] = []
-    deadline = time.monotonic() + wait_s
-    try:
-        while time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                found += [(r.key, RolloutDecision.model_validate_json(r.value)) for r in records]
-    finally:
-        consumer.close()
-    return found
+def decisions_on(bootstrap: str, topic: str) -> list[tuple[bytes, RolloutDecision]]:
+    """Every decision the topic holds now (read to its end offsets: no wait that a slow machine outruns)."""
+    records = read_topic(KafkaSettings(bootstrap_servers=bootstrap), topic)
+    return [(r.key, RolloutDecision.model_validate_json(r.value)) for r in records]
 
 
 def get(url: str, **kwargs) -> httpx.Response:
@@ -112,7 +102,7 @@ def test_a_worse_canary_is_rolled_back_on_the_rollouts_topic(kafka_bootstrap, tm
         )
         assert canary["published"]["topic"] == rollouts
 
-        [(key, decision)] = decisions_on(kafka_bootstrap, rollouts, wait_s=3)
+        [(key, decision)] = decisions_on(kafka_bootstrap, rollouts)
         assert key == b"arithmetic"
         assert (decision.version, decision.decision, decision.stable_version) == (
             "1.1.0",
@@ -129,7 +119,7 @@ def test_a_worse_canary_is_rolled_back_on_the_rollouts_topic(kafka_bootstrap, tm
             assert f"\n{name}{{" in metrics, name
         assert "faststream_received_messages_total" in metrics
         lag = f'cegraph_consumer_lag{{topic="{scenario.spans_topic}"}} 0.0'
-        deadline = time.monotonic() + 20  # measured every 5 s: everything sent is stored by now
+        deadline = time.monotonic() + 120  # measured every 5 s; a loaded machine stores what was sent later
         while lag not in get(f"{daemon.url}/metrics").text and time.monotonic() < deadline:
             time.sleep(0.5)
         assert lag in get(f"{daemon.url}/metrics").text
@@ -145,7 +135,7 @@ def test_a_worse_canary_is_rolled_back_on_the_rollouts_topic(kafka_bootstrap, tm
         daemon.stop()  # a restart finds the decision marked as published: nothing is sent again
         daemon.start()
         time.sleep(2)
-        assert len(decisions_on(kafka_bootstrap, rollouts, wait_s=2)) == 1
+        assert len(decisions_on(kafka_bootstrap, rollouts)) == 1
         assert 'cegraph_canary_verdict{workflow="arithmetic"} -1.0' in get(f"{daemon.url}/metrics").text
     finally:
         daemon.stop()
