@@ -75,6 +75,12 @@ class KafkaSettings(_Group):
         le=300_000,
         description="Consumer group session timeout: how soon a dead member is replaced.",
     )
+    max_partition_fetch_bytes: int = Field(
+        8 << 20,
+        ge=1 << 16,
+        le=1 << 30,
+        description="Most bytes a fetch takes of a partition: a batch's worth or more, so batches wait less.",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Passed to the Kafka clients as is."
     )
