@@ -44,7 +44,7 @@ from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest.normalize import TextPolicy  # noqa: E402
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage, batch_nodes  # noqa: E402
 from cegraph.daemon.runner import Backpressure, StageRunner  # noqa: E402
-from cegraph.daemon.settings import IngestSettings, Settings  # noqa: E402
+from cegraph.daemon.settings import IngestSettings, KafkaSettings, Settings  # noqa: E402
 from cegraph.daemon.store import EventStore  # noqa: E402
 
 
@@ -116,35 +116,104 @@ def best(one: Timing, other: Timing) -> Timing:
     return other[0], min(one[1], other[1]), min(one[2], other[2])
 
 
-async def plain_aiokafka(bootstrap_servers: str, topic: str, expected: int, batch: int) -> float:
-    """Seconds for aiokafka's batched `getmany` (the client under cegraph's source) to fetch and decode
-    `expected` spans: the reference beside kafka-python's iterator, whichever is faster."""
+# What every consumer of the broker part is given, as cegraph's source has it: a consumer group of
+# its own to join (the plain consumers too, so each clock covers a join), the same fetch size.
+FETCH = {
+    "auto_offset_reset": "earliest",
+    "max_partition_fetch_bytes": KafkaSettings().max_partition_fetch_bytes,
+}
+QUIET_S = 5.0  # a plain consumer that fetched nothing for this long has lost spans: an error, not a figure
+
+
+def plain_kafka_python(bootstrap_servers: str, topic: str, expected: int) -> Timing:
+    """kafka-python's `poll`, from before the consumer connects until it decoded all `expected` spans."""
+    from kafka import KafkaConsumer
+
+    started, cpu, seen = time.perf_counter(), time.process_time(), 0
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap_servers, group_id=uuid.uuid4().hex, **FETCH)
+    try:
+        quiet_since = time.perf_counter()
+        while seen < expected:
+            fetched = consumer.poll(timeout_ms=1_000)
+            seen += sum(ceiling([r.value for r in records]) for records in fetched.values())
+            if fetched:
+                quiet_since = time.perf_counter()
+            elif time.perf_counter() - quiet_since > QUIET_S:
+                raise RuntimeError(f"kafka-python fetched nothing for {QUIET_S} s at {seen} of {expected}")
+        assert seen == expected, (seen, expected)
+        return seen, time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        consumer.close()
+
+
+async def plain_aiokafka(bootstrap_servers: str, topic: str, expected: int, batch: int) -> Timing:
+    """aiokafka's batched `getmany` (the client under cegraph's source), from before the consumer
+    starts until it decoded all `expected` spans."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        auto_offset_reset="earliest",
-        group_id=None,
-        max_partition_fetch_bytes=8 << 20,
-    )
+    started, cpu, seen = time.perf_counter(), time.process_time(), 0
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap_servers, group_id=uuid.uuid4().hex,
+                                **FETCH)  # fmt: skip
     await consumer.start()
     try:
-        started, seen = time.perf_counter(), 0
         while seen < expected:
-            fetched = await consumer.getmany(timeout_ms=5_000, max_records=batch)
+            fetched = await consumer.getmany(timeout_ms=int(QUIET_S * 1000), max_records=batch)
             if not fetched:
-                raise RuntimeError(f"aiokafka fetched nothing for 5 s at {seen} of {expected} spans")
+                raise RuntimeError(f"aiokafka fetched nothing for {QUIET_S} s at {seen} of {expected} spans")
             seen += sum(ceiling([r.value for r in records]) for records in fetched.values())
-        return time.perf_counter() - started
+        assert seen == expected, (seen, expected)
+        return seen, time.perf_counter() - started, time.process_time() - cpu
     finally:
         await consumer.stop()
 
 
-def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
-    from kafka import KafkaConsumer, KafkaProducer
-
+def cegraph_source(bootstrap_servers: str, topic: str, messages: int, batch: int, store_path: Path) -> Timing:
+    """The daemon's own Kafka source with the detector behind it, as `cegraph run` has them (the
+    detector on a thread of its own, ingest held back by it), from before the source starts until
+    every message is stored and the detector has caught up."""
     from cegraph.connectors.kafka.source import KafkaIngestSource
+
+    settings = Settings(
+        kafka={"bootstrap_servers": bootstrap_servers, "spans_topic": topic,
+               "feedback_topic": f"{topic}-feedback", "group_id": uuid.uuid4().hex},
+        store={"path": store_path},
+        ingest={"idle_timeout_s": 0.05, "batch_size": batch},
+    )  # fmt: skip
+    store = EventStore.configured(settings.store)
+    pipeline = IngestPipeline(store, decode_proto, settings.ingest, spans_topic=topic,
+                              feedback_topic=f"{topic}-feedback")  # fmt: skip
+    detect = StageRunner(store, build_detector_stage(settings, store, CollectorRegistry()))
+    backpressure = Backpressure([detect], settings.ingest.max_detector_lag)
+
+    async def run() -> Timing:
+        source = KafkaIngestSource(settings, pipeline, after_flush=detect.wake,
+                                   backpressure=backpressure.wait)  # fmt: skip
+        detect.open()
+        detect.start()
+        started, cpu = time.perf_counter(), time.process_time()
+        await source.start()
+        # done when the stored offset reaches the topic's end (it passes a message only once its
+        # trace is stored); read in a worker thread, as the source reads the store, not on its loop
+        while (await asyncio.to_thread(pipeline.stored_offsets)).get((topic, 0), 0) < messages:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(detect.wait_until_within, 0, threading.Event())
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        backpressure.release()
+        await source.stop()
+        detect.stop()
+        return store.stats()["spans"], elapsed, cpu
+
+    try:
+        return asyncio.run(run())
+    finally:
+        store.close()
+
+
+def kafka_part(payloads: list[bytes], batch: int, workdir: Path, repeat: int) -> dict:
+    """The three consumers of one topic in turn, `repeat` times (the best of each kept): each reads
+    all of it from the start in a consumer group of its own."""
+    from kafka import KafkaProducer
+
     from local_kafka import LocalKafka
 
     broker = LocalKafka()
@@ -158,64 +227,27 @@ def kafka_part(payloads: list[bytes], batch: int, workdir: Path) -> dict:
         producer.flush()
         producer.close()
         expected = ceiling(payloads)
-
-        consumer = KafkaConsumer(
-            topic,
-            bootstrap_servers=broker.bootstrap_servers,
-            auto_offset_reset="earliest",
-            group_id=None,
-            consumer_timeout_ms=5_000,
-            max_partition_fetch_bytes=8 << 20,
-        )
-        started, seen = time.perf_counter(), 0
-        for record in consumer:
-            seen += ceiling([record.value])
-            if seen >= expected:
-                break
-        raw_seconds = time.perf_counter() - started
-        consumer.close()
-        aiokafka_seconds = asyncio.run(plain_aiokafka(broker.bootstrap_servers, topic, expected, batch))
-
-        settings = Settings(
-            kafka={"bootstrap_servers": broker.bootstrap_servers, "spans_topic": topic,
-                   "feedback_topic": f"{topic}-feedback", "group_id": topic},
-            store={"path": workdir / "kafka.duckdb"},
-            ingest={"idle_timeout_s": 0.05, "batch_size": batch},
-        )  # fmt: skip
-        store = EventStore.configured(settings.store)
-        pipeline = IngestPipeline(store, decode_proto, settings.ingest, spans_topic=topic,
-                                  feedback_topic=f"{topic}-feedback")  # fmt: skip
-        detect = StageRunner(store, build_detector_stage(settings, store, CollectorRegistry()))
-        backpressure = Backpressure([detect], settings.ingest.max_detector_lag)
-
-        async def run() -> float:
-            # as `cegraph run` has them: the detector on a thread of its own, ingest held back by it
-            source = KafkaIngestSource(
-                settings, pipeline, after_flush=detect.wake, backpressure=backpressure.wait
-            )
-            detect.open()
-            detect.start()
-            await source.start()
-            started = time.perf_counter()
-            while store.stats()["spans"] < expected:
-                await asyncio.sleep(0.05)
-            # the detector's share of the last flush
-            await asyncio.to_thread(detect.wait_until_within, 0, threading.Event())
-            elapsed = time.perf_counter() - started
-            backpressure.release()
-            await source.stop()
-            detect.stop()
-            return elapsed
-
-        e2e_seconds = asyncio.run(run())
-        store.close()
-        plain = {"kafka-python": expected / raw_seconds, "aiokafka": expected / aiokafka_seconds}
+        runs: dict[str, Timing] = {}
+        for run in range(repeat):
+            for name, measure in {
+                "kafka-python": lambda: plain_kafka_python(broker.bootstrap_servers, topic, expected),
+                "aiokafka": lambda: asyncio.run(
+                    plain_aiokafka(broker.bootstrap_servers, topic, expected, batch)
+                ),
+                "cegraph": lambda run=run: cegraph_source(
+                    broker.bootstrap_servers, topic, len(payloads), batch, workdir / f"kafka-{run}.duckdb"
+                ),
+            }.items():
+                runs[name] = best(runs.get(name, UNTIMED), measure())
+        assert {spans for spans, _, _ in runs.values()} == {expected}, (runs, expected)
+        plain = {name: expected / runs[name][1] for name in ("kafka-python", "aiokafka")}
         return {
             "spans": expected,
             "plain_consumer_spans_per_s": plain,
             "ceiling_client": max(plain, key=plain.__getitem__),
             "ceiling_spans_per_s": max(plain.values()),
-            "end_to_end_spans_per_s": expected / e2e_seconds,
+            "end_to_end_spans_per_s": expected / runs["cegraph"][1],
+            "cpu_us_per_span": {name: cpu / expected * 1e6 for name, (_, _, cpu) in runs.items()},
         }
     finally:
         broker.stop()
@@ -306,7 +338,7 @@ def main() -> dict:
             result["in_process"]["end_to_end_spans_per_s"] / result["in_process"]["ceiling_spans_per_s"]
         )
         if args.kafka:
-            result["kafka"] = kafka_part(payloads, args.batch, Path(tmp))
+            result["kafka"] = kafka_part(payloads, args.batch, Path(tmp), args.repeat)
             result["kafka"]["ratio_to_ceiling"] = (
                 result["kafka"]["end_to_end_spans_per_s"] / result["kafka"]["ceiling_spans_per_s"]
             )

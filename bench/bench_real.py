@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_server import model_server
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from refinement_methods import candidate_edits
@@ -56,8 +56,6 @@ from cegraph.daemon.workflows.llm import LLMBackend
 from cegraph.daemon.workflows.registry import apply_patch
 from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Scorer:
@@ -196,18 +194,8 @@ def main() -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     options = dict(option.split("=", 1) for option in args.options.split(",") if option)
-    server = None
-    if args.url is None:
-        sys.path.insert(0, str(ROOT / "ops" / "llm"))
-        from local_llm import LocalLLM
-
-        server = LocalLLM()
-        args.url = server.start()
-    try:
-        return run(args, options, server_local=server is not None)
-    finally:
-        if server is not None:
-            server.stop()
+    with model_server(args.url, "bench_real") as (args.url, local):
+        return run(args, options, server_local=local)
 
 
 def run(args: argparse.Namespace, options: dict[str, str], *, server_local: bool) -> dict:

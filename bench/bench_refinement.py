@@ -29,16 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_server import model_server
 from refinement_methods import Curve, Setup, aflow, failure_driven, random_edits
 from results_file import report
 from scipy.stats import t as student_t
 
+from cegraph.connectors.llm.openai import OpenAIChatBackend
 from cegraph.daemon.demo.scenario import PHASES, WORKFLOW
 from cegraph.daemon.refine.operators import Edit, apply_edit
 from cegraph.daemon.sim import SimWorld
@@ -49,6 +52,7 @@ from cegraph.daemon.sim.traffic import Phase, TaskMix
 from cegraph.schemas.workflow import WorkflowSpec, example_spec
 
 BUDGETS = (1_000, 2_000, 5_000, 10_000, 20_000)
+REAL_KEY = "refinement_aflow_real"  # results.json: the run whose AFlow-style search has a real optimizer
 TEST_OFFSET = 1_000_000  # held-out tasks: indices no method ever runs
 
 
@@ -96,10 +100,32 @@ METHODS: dict[str, Callable[[Setup, int], Curve]] = {
 }
 
 
-def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int):
+@dataclass(frozen=True)
+class RealOptimizer:
+    """The real model that proposes the AFlow-style search's expansions (`--aflow-model real`): each
+    answered request is a call of the budget, an answer that is no fresh edit a rejected expansion."""
+
+    url: str  # OpenAI-compatible, ending in /v1
+    model: str
+    max_tokens: int  # a cap on each answer
+    max_calls: int  # the search stops after this many answered requests (a real call takes seconds)
+
+    def method(self) -> Callable[[Setup, int], Curve]:
+        backend = OpenAIChatBackend(
+            self.url, model=self.model, max_tokens=self.max_tokens, timeout_s=1_800, max_retries=1
+        )
+        return lambda s, b: aflow(s, b, optimizer=backend, fallback=False, max_optimizer_calls=self.max_calls)
+
+
+def run_seed(
+    scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, validation: int, test: int,
+    optimizer: RealOptimizer | None = None,
+):  # fmt: skip
     """One scenario and seed: per method, the spec held at each budget and its held-out figures, and
-    the CPU seconds the seed took in its process (`cpu_s`: what a full run's length follows)."""
+    the CPU seconds the seed took in its process (`cpu_s`: what a full run's length follows);
+    `optimizer` replaces the AFlow-style search's simulated optimizer by a real model."""
     cpu = time.process_time()
+    methods = METHODS if optimizer is None else METHODS | {"aflow": optimizer.method()}
     plan = SCENARIOS[scenario]
     world = SimWorld(seed, judging=plan.judging, sandbox=PureProgramSandbox())
     base = plan.base(world)
@@ -118,7 +144,7 @@ def run_seed(scenario: str, seed: int, budgets: tuple[int, ...], recorded: int, 
         return scored[spec.content_hash]
 
     row = {"base": score(base), "methods": {}}
-    for name, method in METHODS.items():
+    for name, method in methods.items():
         started = time.perf_counter()
         curve = method(setup, max(budgets))
         points = {}
@@ -226,14 +252,28 @@ def main() -> dict:
         "--add", action="store_true", help="keep the other scenarios' figures already in --out"
     )
     parser.add_argument("--plot", type=Path, help="PNG of the curves")
+    parser.add_argument(
+        "--aflow-model", choices=("sim", "real"), default="sim",
+        help="the AFlow-style search's optimizer: the simulated refiner model, or a real model (figures "
+        f"under `{REAL_KEY}`)",
+    )  # fmt: skip
+    parser.add_argument("--url", help="the real model's base URL (default: start the local SmolLM2)")
+    parser.add_argument("--model", default="smollm2-135m", help="the real model's name")
+    parser.add_argument("--aflow-max-tokens", type=int, default=256, help="cap on each real optimizer answer")
+    parser.add_argument("--aflow-max-calls", type=int, default=40, help="real optimizer calls per seed")
     args = parser.parse_args()
-    return run(args)
+    if args.aflow_model == "sim":
+        return run(args)
+    with model_server(args.url, "bench_refinement") as (url, local):
+        endpoint = "local llama.cpp server, 1 thread" if local else url
+        optimizer = RealOptimizer(url, args.model, args.aflow_max_tokens, args.aflow_max_calls)
+        return run(args, optimizer, endpoint)
 
 
-def kept(args: argparse.Namespace, budgets: tuple[int, ...]) -> dict:
+def kept(args: argparse.Namespace, budgets: tuple[int, ...], key: str) -> dict:
     """The refinement figures already in `--out`, which `--add` keeps for the scenarios it does not
     run; refused when they were measured under other settings (their rows would not compare)."""
-    earlier = json.loads(args.out.read_text()).get("refinement", {}) if args.out and args.out.exists() else {}
+    earlier = json.loads(args.out.read_text()).get(key, {}) if args.out and args.out.exists() else {}
     settings = (list(budgets), args.recorded, args.validation, args.test)
     found = tuple(earlier.get(k) for k in ("budgets_llm_calls", "recorded_executions", "validation_tasks",
                                            "test_tasks"))  # fmt: skip
@@ -242,13 +282,14 @@ def kept(args: argparse.Namespace, budgets: tuple[int, ...]) -> dict:
     return earlier or {"per_seed": {}}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, optimizer: RealOptimizer | None = None, endpoint: str = "") -> dict:
     started = time.perf_counter()
     budgets = tuple(int(b) for b in args.budgets.split(","))
     scenarios = args.scenarios.split(",")
-    earlier = kept(args, budgets) if args.add else None  # refused before the work, not after
+    key = "refinement" if optimizer is None else REAL_KEY
+    earlier = kept(args, budgets, key) if args.add else None  # refused before the work, not after
     work = [
-        (s, seed, budgets, args.recorded, args.validation, args.test)
+        (s, seed, budgets, args.recorded, args.validation, args.test, optimizer)
         for s in scenarios
         for seed in range(args.seeds)
     ]
@@ -266,15 +307,20 @@ def run(args: argparse.Namespace) -> dict:
         runs = earlier.get("runs", []) + runs
     summaries = {s: summarize(seeds, budgets) for s, seeds in by_scenario.items()}
     result = {
-        "command": "make bench BENCH=refinement",
+        "command": "make bench BENCH=refinement" if optimizer is None else " ".join(["python", *sys.argv]),
         "budgets_llm_calls": list(budgets), "recorded_executions": args.recorded,
         "validation_tasks": args.validation, "test_tasks": args.test,
         "summary": summaries, "tables": {s: table(summary, budgets) for s, summary in summaries.items()},
         "per_seed": by_scenario, "runs": runs, "wall_s": sum(r["wall_s"] for r in runs),
     }  # fmt: skip
+    if optimizer is not None:
+        result["aflow_optimizer"] = {
+            "model": optimizer.model, "endpoint": endpoint, "max_tokens": optimizer.max_tokens,
+            "max_calls_per_seed": optimizer.max_calls,
+        }  # fmt: skip
     if args.plot is not None:
         plot(summaries, budgets, args.plot)
-    report(result, "refinement", args.out)
+    report(result, key, args.out)
     for scenario, text in result["tables"].items():
         print(f"\n{scenario}\n{text}")
     return result

@@ -51,6 +51,7 @@ from cegraph.daemon.settings import load_settings
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.sim.core import Task
 from cegraph.daemon.sim.traffic import ExecutionIds, derive_ids_for
+from cegraph.daemon.workflows.llm import LLMBackend
 from cegraph.daemon.workflows.registry import apply_patch
 from cegraph.daemon.workflows.runtime import ExecutionResult, WorkflowRuntime
 from cegraph.schemas.workflow import WorkflowSpec
@@ -59,6 +60,9 @@ AFLOW_SAMPLE = 4  # specs the parent is drawn from (AFlow's `--sample`), the ini
 AFLOW_ALPHA, AFLOW_LAMBDA = 0.2, 0.3  # AFlow's `_compute_probabilities` defaults (scores in percent)
 AFLOW_REPEATS = 5  # AFlow's validation rounds: each spec is scored this many times
 AFLOW_LOGS = 3  # failure logs shown to the optimizer (AFlow's `load_log` samples three)
+REPEATED = "repeats an edit already expanded from this parent"
+MAX_REASON = 160  # characters of a rejection's reason kept in the notes
+AFLOW_SHOWN, MAX_SHOWN = 3, 400  # rejected answers kept in the notes, as examples, and their length
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +236,22 @@ def select(rounds: Sequence[_Round], rng: random.Random) -> _Round:
     return rng.choices(top, weights=mixed)[0]
 
 
-def aflow(setup: Setup, budget: int, *, repeats: int = AFLOW_REPEATS) -> Curve:
+def aflow(
+    setup: Setup, budget: int, *, repeats: int = AFLOW_REPEATS, optimizer: LLMBackend | None = None,
+    fallback: bool = True, max_optimizer_calls: int | None = None,
+) -> Curve:  # fmt: skip
+    """AFlow's search; its expansions are proposed by `optimizer` (default: the setup's LLM, whose
+    simulated refiner model cegraph's LLM proposer also uses), every answered request a call.
+
+    An answer that yields no fresh edit of the grammar (not the JSON asked for, an edit the grammar
+    or the parent refuses, a repeat of an edit already expanded from that parent) is a rejected
+    expansion, counted with its reasons. With `fallback` an untried edit of the failing node is taken
+    in its place (the simulated model answers the same prompt the same way, so asking again would
+    repeat it); without, the search asks again, from a newly drawn parent and logs, as AFlow's loop
+    does. A request the optimizer does not answer ends the search (noted in `stopped`), as does
+    `max_optimizer_calls` answered requests."""
     rng = random.Random(f"aflow/{setup.seed}")
-    proposer = LLMProposer(setup.llm, model=setup.base.model or "sim-1")
+    proposer = LLMProposer(optimizer or setup.llm, model=setup.base.model or "sim-1")
     spent = 0
 
     def score(spec: WorkflowSpec, first: list[Run] | None = None) -> list[Run]:
@@ -247,8 +264,13 @@ def aflow(setup: Setup, budget: int, *, repeats: int = AFLOW_REPEATS) -> Curve:
         return runs
 
     rounds = [_Round(setup.base, score(setup.base, setup.runs(setup.base, setup.validation)))]
-    curve, expansions, from_llm = Curve([(0, setup.base)]), 0, 0
+    curve, expansions, from_llm, asked, rejected = Curve([(0, setup.base)]), 0, 0, 0, 0
+    reasons: Counter[str] = Counter()  # why answers (or entries of answers) were refused
+    answers: list[str] = []  # the first rejected answers, as the optimizer gave them
     while spent < budget:
+        if max_optimizer_calls is not None and asked >= max_optimizer_calls:
+            curve.notes["stopped"] = f"{asked} optimizer calls, the cap"
+            break
         parent = select(rounds, rng)
         failures = [run for run in parent.runs if run.failed]
         node = blamed_node(failures) or parent.spec.output
@@ -258,11 +280,21 @@ def aflow(setup: Setup, budget: int, *, repeats: int = AFLOW_REPEATS) -> Curve:
             [Counterexample(f"log-{run.index}", run.node or node, run.log) for run in logs], setup.retrievers,
         )  # fmt: skip
         proposals = asyncio.run(proposer.propose(context))
-        spent += proposals.llm_calls
+        if proposals.llm_calls == 0:  # the request failed: no answer, no call
+            curve.notes["stopped"] = proposals.rejections[0].reason[:MAX_REASON]
+            break
+        spent, asked = spent + proposals.llm_calls, asked + proposals.llm_calls
+        reasons.update(r.reason[:MAX_REASON] for r in proposals.rejections)
         fresh = [p.edit for p in proposals.proposals if p.edit.model_dump_json() not in parent.tried]
-        if fresh:
-            edit, from_llm = fresh[0], from_llm + 1
-        else:  # the optimizer repeated itself: an untried edit of the failing node instead
+        reasons.update([REPEATED] * (len(proposals.proposals) - len(fresh)))
+        edit = fresh[0] if fresh else None
+        if edit is None:
+            rejected += 1
+            if len(answers) < AFLOW_SHOWN:
+                first = proposals.rejections[0].excerpt if proposals.rejections else REPEATED
+                answers.append(first[:MAX_SHOWN])
+            if not fallback:
+                continue
             untried = [
                 e for e in candidate_edits(parent.spec, setup.retrievers, node)
                 if e.model_dump_json() not in parent.tried
@@ -276,14 +308,21 @@ def aflow(setup: Setup, budget: int, *, repeats: int = AFLOW_REPEATS) -> Curve:
         parent.tried.add(edit.model_dump_json())
         try:
             child, _ = apply_edit(parent.spec, edit, f"1.{len(rounds)}.0")
-        except EditRefused:
+        except EditRefused as error:
+            reasons[f"refused when applied: {error}"[:MAX_REASON]] += 1
+            rejected += bool(fresh)  # an answer whose edit does not apply is a rejected expansion
             continue
+        from_llm += bool(fresh)
         expansions += 1
         rounds.append(_Round(child, score(child)))
         best = max(rounds, key=lambda r: r.score)
         if spent <= budget:
             curve.add(spent, best.spec)
-    curve.notes |= {"expansions": expansions, "expansions_from_llm": from_llm}
+    curve.notes |= {
+        "expansions": expansions, "expansions_from_llm": from_llm, "optimizer_calls": asked,
+        "rejected_expansions": rejected, "rejections": dict(reasons.most_common()),
+        "rejected_answers": answers,
+    }  # fmt: skip
     return curve
 
 
@@ -357,7 +396,8 @@ class _Traffic:
     def __init__(self, setup: Setup, exporter: CallbackSpanExporter) -> None:
         self.setup, self.exporter = setup, exporter
         self._sent: dict[bytes, list[tuple[bytes | None, bytes]]] = {}  # trace id -> its messages
-        provider = TracerProvider(id_generator=ExecutionIds())
+        # without the SDK's atexit hook, which would keep this and its seed's `Setup` alive to the end
+        provider = TracerProvider(id_generator=ExecutionIds(), shutdown_on_exit=False)
         provider.add_span_processor(
             SimpleSpanProcessor(CallbackSpanExporter(self._keep, partition_by_trace=True))
         )

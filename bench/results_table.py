@@ -116,6 +116,24 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                     "below AFlow-style and random edits, intervals apart",
                 )
             )
+    if aflow_real := results.get("refinement_aflow_real"):
+        seeds = [row for rows in aflow_real["per_seed"].values() for row in rows.values()]
+        notes = [row["methods"]["aflow"]["notes"] for row in seeds]
+        valid, asked = (sum(n[k] for n in notes) for k in ("expansions_from_llm", "optimizer_calls"))
+        last = str(aflow_real["budgets_llm_calls"][-1])
+        after = [row["methods"]["aflow"]["budgets"][last]["failure_rate"] for row in seeds]
+        before = [row["base"]["failure_rate"] for row in seeds]
+        found.append(
+            (
+                "bench_refinement.py --aflow-model real",
+                f"AFlow-style search, {aflow_real['aflow_optimizer']['model']} as its optimizer "
+                f"({', '.join(aflow_real['per_seed'])}; {len(seeds)} seeds): answers parsed into valid edits",
+                f"{valid} of {asked}",
+                f"held-out failure rate {sum(before) / len(before):.3f} -> {sum(after) / len(after):.3f} "
+                f"at {int(last):,} calls (mean over seeds)",
+                "",
+            )
+        )
     if real := results.get("real"):
 
         def mass(name: str) -> str:

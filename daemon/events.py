@@ -228,6 +228,9 @@ class MassObservedPayload(Payload):
     support: int
     efm: float
     description: dict[str, Any]
+    # a node's crossing: the other modes of its node joined to `mode` (mass and support are theirs
+    # together); empty for one mode's crossing
+    joined: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,7 @@ class RefinementStartedPayload(Payload):
     until_seq: int
     mass: float | None
     description: dict[str, Any]
+    joined: list[str] = field(default_factory=list)  # modes targeted with `mode` (a node's crossing)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,12 @@ class KafkaSettings(_Group):
         le=300_000,
         description="Consumer group session timeout: how soon a dead member is replaced.",
     )
+    max_partition_fetch_bytes: int = Field(
+        8 << 20,
+        ge=1 << 16,
+        le=1 << 30,
+        description="Most bytes a fetch takes of a partition: a batch's worth or more, so batches wait less.",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Passed to the Kafka clients as is."
     )
@@ -182,7 +188,9 @@ class IngestSettings(_Group):
 class DetectorSettings(_Group):
     """Failure modes and when their mass triggers a refinement."""
 
-    mass_threshold: float = Field(0.05, gt=0, lt=1, description="Mode mass that triggers a refinement.")
+    mass_threshold: float = Field(
+        0.05, gt=0, lt=1, description="Mode mass that triggers a refinement (also a node's modes' together)."
+    )
     min_support: int = Field(20, ge=1, description="Failures a mode needs before it can trigger.")
     hysteresis: float = Field(
         0.8, gt=0, le=1, description="A triggered mode re-arms when mass < threshold * hysteresis."

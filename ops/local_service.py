@@ -178,6 +178,7 @@ def run_down(state_file: Path, *, tool: str, name: str) -> int:
     if state is None:
         print(f"{tool}: {name} is not running", file=sys.stderr)
         return 0
-    shutil.rmtree(state["workdir"], ignore_errors=True)
+    if "workdir" in state:  # a state file written before the services had one has none
+        shutil.rmtree(state["workdir"], ignore_errors=True)
     print(f"{tool}: stopped {name}, pid {state['pid']}", file=sys.stderr)
     return 0

@@ -192,6 +192,7 @@ class KafkaIngestSource:
             group_id=kafka.group_id,
             auto_offset_reset="earliest",
             max_records=ingest.batch_size,
+            max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
             batch_timeout_ms=ingest.batch_timeout_ms,
             listener=_HandOver(self),
             decoder=raw_body,
@@ -260,7 +261,8 @@ class KafkaIngestSource:
                 for r in await self._current(records)
             ]
             try:
-                dead = self.pipeline.handle(batch)
+                # off the event loop, which meanwhile takes in the fetches of the next batches
+                dead = await asyncio.to_thread(self.pipeline.handle, batch)
                 for letter in dead:
                     await self.broker.publish(
                         letter.message.value,

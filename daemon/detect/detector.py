@@ -27,7 +27,7 @@ from cegraph.daemon.detect.density import (
 from cegraph.daemon.detect.failures import Failure, FeedbackSignal, label_failures
 from cegraph.daemon.detect.mass import MassTracker
 from cegraph.daemon.detect.signature import SignatureFeaturizer, SignatureParts, TextEmbedder
-from cegraph.daemon.detect.trigger import DriftWatch, MassTrigger
+from cegraph.daemon.detect.trigger import DriftWatch, MassTrigger, Observed, node_groups
 from cegraph.daemon.events import (
     MODE_DRIFTED,
     MODE_EMERGED,
@@ -124,6 +124,11 @@ class ModeDescription:
         name, count = self.categories.most_common(1)[0]
         return name if count / self.failures >= CATEGORY_CONFIDENCE else None
 
+    @property
+    def node(self) -> str:
+        """Where most of its failures are (`workflow/node`), or "" before any."""
+        return self.nodes.most_common(1)[0][0] if self.nodes else ""
+
     def label(self) -> str:
         """A short human label: the node, what it raised (or how it failed), the top terms."""
         if not self.nodes:
@@ -139,7 +144,7 @@ class ModeDescription:
             "mode": self.mode,
             "label": self.label(),
             "failures": self.failures,
-            "node": self.nodes.most_common(1)[0][0] if self.nodes else "",
+            "node": self.node,
             "nodes": dict(self.nodes.most_common(3)),
             "errors": dict(self.errors.most_common(3)),
             "terms": [term for term, _ in self.terms.most_common(TOP_TERMS)],
@@ -362,6 +367,31 @@ class FailureDetector:
             events.append(observed.event(mode))
             if self.trigger.observe(workflow, version, mode, mass, support, now) is not None:
                 events.append(Event(MODE_MASS_CROSSED, mode, asdict(observed)))
+        for workflow, version in sorted({(w, v) for w, v, _ in touched}):
+            events.extend(self._group_crossings(workflow, version, now))
+        return events
+
+    def _group_crossings(self, workflow: str, version: str, now: float) -> list[Event]:
+        """A node's modes that cross the threshold together (`node_groups`): one trigger, the heaviest
+        mode the target with the others joined to it."""
+        key = (workflow, version)
+        observed = [
+            Observed(mode, self.descriptions[mode].node, mass, self.mass.support(key, mode))
+            for mode, mass in sorted(self.mass.masses(key).items())
+            if self.mode_workflow.get(mode) == workflow and mode in self.descriptions
+        ]
+        events = []
+        for group in node_groups(observed, self.settings.mass_threshold):
+            mass, support = sum(item.mass for item in group), sum(item.support for item in group)
+            if self.trigger.observe(workflow, version, f"node:{group[0].node}", mass, support, now) is None:
+                continue
+            lead = group[0].mode
+            crossed = MassObservedPayload(
+                workflow_id=workflow, workflow_version=version, mode=lead, mass=mass, support=support,
+                efm=self.mass.expected_failure_mass(key), description=self.descriptions[lead].as_dict(),
+                joined=[item.mode for item in group[1:]],
+            )  # fmt: skip
+            events.append(Event(MODE_MASS_CROSSED, lead, asdict(crossed)))
         return events
 
     def frozen(self, workflow: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ that arrives after it adds feedback failures to the already counted execution.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -91,6 +91,11 @@ def merged_modes(store: EventStore, mode: str, *, forward: bool) -> list[str]:
         source, target = (key, into) if forward else (into, key)
         edges.setdefault(source, []).append(target)
     return sorted(reachable(mode, edges))
+
+
+def target_modes(store: EventStore, mode: str, joined: Sequence[str] = ()) -> list[str]:
+    """A job's target: the mode, the modes joined to it, and every mode merged into any of them."""
+    return sorted({m for one in (mode, *joined) for m in merged_modes(store, one, forward=False)})
 
 
 def stored_modes(store: EventStore) -> list[dict[str, Any]]:

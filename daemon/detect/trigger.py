@@ -4,6 +4,12 @@
 quiet until the mass has fallen below `threshold * hysteresis` (re-armed), and never fires for the
 same workflow within `cooldown_s` of its last firing: one event per crossing, not a storm.
 
+`node_groups` finds the failures the detector cut into several modes that each stay under the
+threshold while together they are over it: the same mechanism split by what its failures talk
+about (one entity's hallucinations apart from another's). The modes below the threshold that fail
+at one node are one group; a group is observed by the same trigger under the key `node:<node>`, so
+its crossing, too, fires once and re-arms below `threshold * hysteresis`.
+
 `DriftWatch` runs River's ADWIN on each mode's per-execution failure indicator and reports a change
 of its rate either way.
 """
@@ -52,6 +58,29 @@ class MassTrigger:
 
     def forget(self, mode: str) -> None:
         self._disarmed = {key for key in self._disarmed if key[2] != mode}
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    mode: str
+    node: str  # where most of the mode's failures are
+    mass: float
+    support: int
+
+
+def node_groups(observed: list[Observed], threshold: float) -> list[list[Observed]]:
+    """Per node, its modes under `threshold` (heaviest first) when they are two or more and their
+    mass together reaches it; a mode at the threshold has a crossing of its own."""
+    by_node: dict[str, list[Observed]] = {}
+    for item in observed:
+        if item.mass < threshold and item.node:
+            by_node.setdefault(item.node, []).append(item)
+    groups = []
+    for node in sorted(by_node):
+        modes = sorted(by_node[node], key=lambda item: (-item.mass, item.mode))
+        if len(modes) > 1 and sum(item.mass for item in modes) >= threshold:
+            groups.append(modes)
+    return groups
 
 
 @dataclass(slots=True)

@@ -117,7 +117,7 @@ def read_job(message: bytes) -> tuple[Job, JobInputs, dict[str, Any]]:
             versions=raw["versions"],
             missing=raw["missing"],
         )
-        return Job(**data["job"]), inputs, _arrays(data["modes"])
+        return _job(data["job"]), inputs, _arrays(data["modes"])
     except (KeyError, TypeError, ValueError) as error:
         raise JobMessageError(f"malformed job message: {type(error).__name__}: {error}") from None
 
@@ -126,7 +126,7 @@ def unreadable_job(message: bytes) -> Job | None:
     """The job of a message `read_job` refused, when at least that can be read: it is answered with
     a failed end rather than left to wait for ever."""
     try:
-        return Job(**_unpack(message)["job"])
+        return _job(_unpack(message)["job"])
     except (JobMessageError, KeyError, TypeError):
         return None
 
@@ -150,3 +150,8 @@ def read_end(message: bytes) -> EndedJob:
         return EndedJob(data["job_id"], steps, JobEnd(data["finished"], patch, spec))
     except (KeyError, TypeError, ValueError) as error:
         raise JobMessageError(f"malformed job end message: {type(error).__name__}: {error}") from None
+
+
+def _job(fields: dict[str, Any]) -> Job:
+    """A job from its message (lists come back where the job has tuples)."""
+    return Job(**{**fields, "joined": tuple(fields.get("joined") or ())})

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import orjson
 
 from cegraph.daemon.detect.detector import ModeClassifier
-from cegraph.daemon.detect.stage import detected_until, merged_modes
+from cegraph.daemon.detect.stage import detected_until, target_modes
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
@@ -129,7 +129,7 @@ ORDER BY seq LIMIT 1 OFFSET $5 - 1
 def _job(payload: dict[str, Any]) -> Job:
     return Job(
         payload["job_id"], payload["workflow_id"], payload["workflow_version"], payload["mode"],
-        payload["until_seq"], payload.get("description") or {},
+        payload["until_seq"], payload.get("description") or {}, tuple(payload.get("joined") or ()),
     )  # fmt: skip
 
 
@@ -336,7 +336,7 @@ class RefinementStage:
                     job_id=f"job-{trigger['seq']}", trigger_seq=trigger["seq"],
                     workflow_id=trigger["workflow_id"], workflow_version=trigger["workflow_version"],
                     mode=trigger["mode"], until_seq=detected_until(self.store), mass=trigger.get("mass"),
-                    description=trigger.get("description") or {},
+                    description=trigger.get("description") or {}, joined=trigger.get("joined") or [],
                 ).event(trigger["workflow_id"])  # fmt: skip
                 self.running[started.payload["job_id"]] = started.payload
                 self._gauge()
@@ -351,7 +351,7 @@ class RefinementStage:
         by the last of them (so its job gets an id of its own)."""
         for key, deferred in list(self.deferred.items()):
             trigger = deferred["trigger"]
-            family = merged_modes(self.store, trigger["mode"], forward=False)
+            family = target_modes(self.store, trigger["mode"], trigger.get("joined") or ())
             found = self.store.query(
                 NTH_FAILURE, trigger["workflow_id"], trigger["workflow_version"], family,
                 deferred["after_seq"], deferred["failures"],
@@ -372,8 +372,8 @@ class RefinementStage:
         started = self.running.pop(job_id)
         self.sent.discard(job_id)
         if end.finished["outcome"] == "waiting":
-            fields = ("workflow_id", "workflow_version", "mode", "mass", "description")
-            trigger = {name: started[name] for name in fields}
+            fields = ("workflow_id", "workflow_version", "mode", "mass", "description", "joined")
+            trigger = {name: started.get(name) for name in fields}
             waits = {"after_seq": started["until_seq"], "failures": end.finished["waiting_for"]}
             self.deferred[_key(trigger)] = {"trigger": trigger, **waits}
         self._gauge()

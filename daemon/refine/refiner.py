@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from cegraph.daemon.detect.detector import ModeClassifier
-from cegraph.daemon.detect.stage import merged_modes
+from cegraph.daemon.detect.stage import target_modes
 from cegraph.daemon.events import (
     CANDIDATE_VERIFIED,
     FAILURE_OBSERVED,
@@ -50,7 +50,7 @@ from cegraph.daemon.refine.proposers import (
 from cegraph.daemon.refine.replay import ReplaySample, ReplayStore, needed
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
 from cegraph.daemon.refine.text_policy import screen_edit
-from cegraph.daemon.refine.verification import Verdict, compare, per_candidate_alpha
+from cegraph.daemon.refine.verification import Verdict, can_show_a_drop, compare, per_candidate_alpha
 from cegraph.daemon.settings import RefinerSettings
 from cegraph.daemon.spans import Evaluation
 from cegraph.daemon.store import EventStore
@@ -97,6 +97,7 @@ class Job:
     mode: str
     until_seq: int  # the detector had seen the log up to here when the job started
     description: dict[str, Any]
+    joined: tuple[str, ...] = ()  # modes targeted with `mode`: a node's crossing (`node_groups`)
 
 
 Record = Callable[[list[Event]], None]
@@ -137,10 +138,10 @@ class JobReader:
         self.sample_size = sample
 
     def read(self, job: Job) -> JobInputs:
+        target = target_modes(self.store, job.mode, job.joined)
         sample, fresh = self.replay.samples(
-            job.workflow_id, job.workflow_version, job.mode, self.sample_size, until_seq=job.until_seq
+            job.workflow_id, job.workflow_version, target, self.sample_size, until_seq=job.until_seq
         )
-        target = merged_modes(self.store, job.mode, forward=False)
         versions = {v.version: v.content_hash for v in self.registry.versions(job.workflow_id)}
         try:
             base, missing = self.registry.get(job.workflow_id, job.workflow_version).spec, ""
@@ -257,8 +258,12 @@ class Refiner:
         current, current_outcomes, steps = base, baseline, []
         examples = inputs.counterexamples
         for round_ in range(1, self.settings.max_rounds + 1):
-            if not any(outcome.modes & target for outcome in current_outcomes):
+            failing = sum(1 for outcome in current_outcomes if outcome.modes & target)
+            if not failing:
                 stop = "the target mode is gone from the replayed inputs"
+                break
+            if not can_show_a_drop(failing, self.settings.significance):
+                stop = f"{failing} replayed input(s) left in the target mode: too few to show a drop"
                 break
             context = ModeContext(
                 current,
@@ -355,6 +360,8 @@ class Refiner:
         best: _Step | None = None
         candidates = self._candidates(job, round_, current, proposals, spent)
         alpha = per_candidate_alpha(self.settings.significance, len(candidates))
+        if not can_show_a_drop(sum(1 for o in current_outcomes if o.modes & target), alpha):
+            return None, False  # at this multiplicity no candidate could pass: none is run
         for proposal, candidate in candidates:
             run_cost = per_item + cost(proposal.edit)
             # the winner's confirmation on the fresh sample (the base spec and the winner) is reserved

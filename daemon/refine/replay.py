@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import orjson
 
-from cegraph.daemon.detect.stage import merged_modes
 from cegraph.daemon.events import (
     FAILURE_OBSERVED,
     FEEDBACK_RECEIVED,
@@ -101,15 +100,15 @@ class ReplayStore:
         self.retention = retention
 
     def samples(
-        self, workflow_id: str, version: str, mode: str, size: int, *, until_seq: int, seed: int = 0
+        self, workflow_id: str, version: str, target: list[str], size: int, *, until_seq: int, seed: int = 0
     ) -> tuple[ReplaySample, ReplaySample]:
         """The selection and the confirmation sample, up to `size` items each from their parts of
-        each stratum: half the mode's counterexamples, the rest control in proportion to successes and
-        other failures (at least one of each when there are any)."""
+        each stratum: half the counterexamples of the `target` modes (`target_modes`), the rest
+        control in proportion to successes and other failures (at least one of each when there are
+        any)."""
         rows = self.store.query_dicts(
             REPLAYABLE,
-            workflow_id, version, until_seq, self.retention, merged_modes(self.store, mode, forward=False),
-            f"/{seed}",
+            workflow_id, version, until_seq, self.retention, target, f"/{seed}",
         )  # fmt: skip
         strata: dict[str, list[dict[str, Any]]] = {"target": [], "other": [], "success": []}
         unreplayable = 0

@@ -142,6 +142,13 @@ def per_candidate_alpha(alpha: float, candidates: int) -> float:
     return alpha / max(candidates, 1)
 
 
+def can_show_a_drop(failing: int, alpha: float) -> bool:
+    """Whether `failing` paired inputs that fail in the target mode could show a significant drop at
+    `alpha` at all: the smallest p the exact McNemar test gives them (every one fixed, none broken) is
+    2^-failing. When it cannot, no candidate can pass, and running them would be spent for nothing."""
+    return _binomial_tail(failing, failing) < alpha
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     accepted: bool

@@ -4,7 +4,8 @@ It reads what the workflow actually gives it: the task in the messages (recogniz
 families), retrieved facts in the context, the instructions in the system prompt, the purpose of the
 call (the node kind it is called as), earlier attempts and feedback in the conversation, temperature
 and max_tokens. Everything random comes from the call's seed, so results repeat per seed, and a
-completion is a function of the call's arguments (`RememberingSimLLM` answers each distinct call once).
+completion is a function of the call's arguments (`RememberingSimLLM` answers a distinct call once, up to
+its capacity).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -110,15 +112,20 @@ class SimLLM:
 
 
 class RememberingSimLLM(SimLLM):
-    """`SimLLM`, with every completion remembered by the call's arguments. A benchmark asks the same
+    """`SimLLM`, with its completions remembered by the call's arguments. A benchmark asks the same
     question with the same seed many times (the same candidate on the same validation inputs, a
     node an edit left alone, three variants reading the same recorded traffic) and learns nothing
     from the second answer: it is the first one, since the simulated model reads nothing else. The
-    caller still counts every call it makes."""
+    caller still counts every call it makes.
 
-    def __init__(self, world: SimWorld) -> None:
+    At most `capacity` completions are kept, the least recently asked dropped first: a dropped one is
+    computed again, and comes out the same, so the bound costs time, never a different answer (a
+    refinement benchmark seed asks about 30,000 distinct calls)."""
+
+    def __init__(self, world: SimWorld, *, capacity: int = 100_000) -> None:
         super().__init__(world)
-        self._answers: dict[tuple, Completion] = {}
+        self.capacity = capacity
+        self._answers: OrderedDict[tuple, Completion] = OrderedDict()
 
     async def complete(
         self,
@@ -132,10 +139,13 @@ class RememberingSimLLM(SimLLM):
     ) -> Completion:
         key = (tuple((m.role, m.content) for m in messages), model, temperature, max_tokens, seed, context)
         known = self._answers.get(key)
-        if known is None:
-            known = await super().complete(
-                messages, model=model, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                context=context,
-            )  # fmt: skip
-            self._answers[key] = known
+        if known is not None:
+            self._answers.move_to_end(key)
+            return known
+        known = await super().complete(
+            messages, model=model, temperature=temperature, max_tokens=max_tokens, seed=seed, context=context
+        )
+        self._answers[key] = known
+        if len(self._answers) > self.capacity:
+            self._answers.popitem(last=False)
         return known

@@ -13,25 +13,29 @@ from sklearn.metrics import adjusted_mutual_info_score
 from cegraph.daemon.detect.density import NOISE, ModeTracker
 from cegraph.daemon.detect.detector import ExecutionInput, FailureDetector
 from cegraph.daemon.detect.mass import MassTracker
-from cegraph.daemon.detect.trigger import MassTrigger
+from cegraph.daemon.detect.trigger import MassTrigger, Observed, node_groups
 from cegraph.daemon.events import FAILURE_OBSERVED, MODE_EMERGED, MODE_FADED, MODE_MASS_CROSSED
 from cegraph.daemon.settings import DetectorSettings
 
 
-def execution(index: int, mode: str | None, rng: random.Random) -> tuple[ExecutionInput, str | None]:
+def execution(
+    index: int, mode: str | None, rng: random.Random, at: str | None = None
+) -> tuple[ExecutionInput, str | None]:
+    """An execution failing in `mode` (at its planted node, or at node `at`), or not at all."""
     trace = f"{index:032x}"
     nodes = [replace(node(1, None, "root", "workflow", 0), trace_id=trace)]
     nodes += [replace(node(2 + i, 1, f"step{i}", "llm", 1 + i), trace_id=trace) for i in range(3)]
     if mode is not None:
         planted = planted_failure(mode, rng, 10)
         failed = replace(planted.node, trace_id=trace, span_id=f"{99:016x}", parent_span_id=f"{1:016x}")
+        failed = replace(failed, node_id=at) if at is not None else failed
         if planted.source == "evaluation":  # the judge's verdict travels on the span, as in a trace
             failed = replace(failed, evaluations=[verdict(False, planted.critique)], eval_failed=True)
         nodes.append(replace(failed, start_ns=50))
     return ExecutionInput(trace, "wf", "1.0.0", nodes), mode
 
 
-def stream(count: int, start: int, rates: dict[str, float], seed: int):
+def stream(count: int, start: int, rates: dict[str, float], seed: int, at: str | None = None):
     rng = random.Random(seed)
     out = []
     for index in range(start, start + count):
@@ -41,7 +45,7 @@ def stream(count: int, start: int, rates: dict[str, float], seed: int):
             if roll < acc:
                 mode = name
                 break
-        out.append(execution(index, mode, rng))
+        out.append(execution(index, mode, rng, at))
     return out
 
 
@@ -128,6 +132,36 @@ def test_trigger_fires_once_per_crossing_with_hysteresis_and_cooldown():
     assert trigger.observe("wf", "1", "m1", 0.2, 9, now=104) is not None  # re-armed
     assert trigger.observe("wf", "1", "m2", 0.5, 9, now=110) is None  # the workflow's cooldown
     assert trigger.observe("wf", "1", "m2", 0.5, 9, now=200) is not None
+
+
+def test_a_node_whose_modes_cross_together_triggers_once_with_the_modes_joined():
+    """Two mechanisms at one node, each under the threshold, over it together: one crossing of the
+    heavier mode with the other joined, mass and support theirs together; at another threshold
+    that one of them reaches alone, that mode crosses by itself and no group does."""
+    executions = stream(4_000, 0, {"calc": 0.035, "search": 0.03}, seed=11, at="tool")
+    events, assigned, truth = run(FailureDetector(settings(min_support=20)), executions)
+    modes = {
+        t: {m for m, t2 in zip(assigned, truth, strict=True) if t2 == t} - {NOISE} for t in ("calc", "search")
+    }
+    assert len(modes["calc"]) == 1 and len(modes["search"]) == 1 and modes["calc"] != modes["search"]
+    crossings = [e.payload for e in events if e.type == MODE_MASS_CROSSED]
+    assert len(crossings) == 1
+    [crossed] = crossings
+    assert {crossed["mode"], *crossed["joined"]} == modes["calc"] | modes["search"]
+    assert crossed["mass"] >= 0.05 and crossed["support"] >= 20
+    alone = [e.payload for e in run(FailureDetector(settings(mass_threshold=0.025)), executions)[0]
+             if e.type == MODE_MASS_CROSSED]  # fmt: skip
+    assert alone and all(c["joined"] == [] for c in alone)
+
+
+def test_node_groups_join_the_modes_under_the_threshold_at_one_node():
+    observed = [
+        Observed("a", "wf/x", 0.03, 30), Observed("b", "wf/x", 0.025, 20), Observed("c", "wf/x", 0.2, 90),
+        Observed("d", "wf/y", 0.04, 40), Observed("e", "wf/z", 0.02, 5), Observed("f", "wf/z", 0.02, 5),
+    ]  # fmt: skip
+    groups = node_groups(observed, threshold=0.05)
+    # x: a and b together (c crosses on its own); y: one mode is no group; z: 0.04 together
+    assert [[item.mode for item in group] for group in groups] == [["a", "b"]]
 
 
 def test_two_workflows_with_the_same_failures_get_modes_of_their_own():

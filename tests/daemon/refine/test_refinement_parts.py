@@ -21,11 +21,13 @@ from cegraph.connectors.shadow.http import HttpShadowTarget, shadow_endpoint
 from cegraph.connectors.shadow.runtime import RuntimeShadowTarget, sim_evaluator_for
 from cegraph.daemon.demo.process import free_port
 from cegraph.daemon.detect.detector import FailureDetector
+from cegraph.daemon.detect.stage import target_modes
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import (
     CANARY_DECIDED,
     CANARY_STARTED,
     MODE_MASS_CROSSED,
+    MODE_MERGED,
     REFINEMENT_STARTED,
     Event,
     FailureObservedPayload,
@@ -35,6 +37,7 @@ from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage
 from cegraph.daemon.refine.jobs import RefinementScheduler, RefinementStage
 from cegraph.daemon.refine.operators import OPERATORS, Edit, apply_edit
 from cegraph.daemon.refine.proposers import parse_edits
+from cegraph.daemon.refine.refiner import JobEnd
 from cegraph.daemon.refine.replay import ReplayItem, ReplayStore, needed, split
 from cegraph.daemon.refine.shadow import ShadowRunner
 from cegraph.daemon.runner import StageRunner
@@ -177,6 +180,45 @@ def test_a_job_with_too_few_counterexamples_waits_and_is_tried_again_after_that_
         store.close()
 
 
+class KeepsJobs(EndsAtOnce):
+    def __init__(self, now: list[float]) -> None:
+        super().__init__(now)
+        self.jobs: list = []
+
+    def submit(self, job) -> JobEnd:
+        self.jobs.append(job)
+        return super().submit(job)
+
+
+def test_a_nodes_crossing_targets_its_joined_modes_in_the_job_and_in_its_wait(tmp_path):
+    """A crossing of a node's modes together starts one job whose target is them all (and what was
+    merged into them); a wait for counterexamples counts the failures of any of them."""
+    store = EventStore(tmp_path / "s.duckdb")
+    now = [1_000.0]
+    refiner = KeepsJobs(now)
+    refiner.outcome, refiner.waiting_for = "waiting", 3
+    try:
+        store.append([Event(MODE_MERGED, "m4", {"mode": "m4", "into": "m3", "workflow_id": "a"})])
+        payload = {"workflow_id": "a", "workflow_version": "1.0.0", "mode": "m1", "mass": 0.06,
+                   "joined": ["m2", "m3"]}  # fmt: skip
+        store.append([Event(MODE_MASS_CROSSED, "m1", payload)])
+        runner = refine_stage(store, refiner, now)
+        assert started(runner) == "a/m1/job-2"
+        assert started(runner) is None
+        [job] = refiner.jobs
+        assert job.joined == ("m2", "m3")
+        assert target_modes(store, job.mode, job.joined) == ["m1", "m2", "m3", "m4"]
+        failed(store, "a", "m2", 1)
+        failed(store, "a", "m4", 1)  # merged into a joined mode: its failures are the target's
+        failed(store, "a", "m9", 5)  # not in the target
+        assert started(runner) is None
+        refiner.outcome = "no_patch"
+        failed(store, "a", "m1", 1)
+        assert started(runner) is not None and refiner.jobs[-1].joined == ("m2", "m3")
+    finally:
+        store.close()
+
+
 def test_a_skipped_job_sets_no_cooldown_so_the_next_mode_of_its_workflow_starts_at_once(tmp_path):
     # the real refine stage and refiner, with an hour's cooldown on the wall clock: the workflow's
     # version is not registered, so each job ends as soon as it has read its inputs
@@ -218,9 +260,9 @@ def test_a_replay_sample_is_half_counterexamples_and_weights_stand_for_the_traff
     daemon, mode = slipping_daemon(tmp_path)
     try:
         replay = ReplayStore(daemon.store, retention=10_000)
-        sample, fresh = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
-        again = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor)
-        other = replay.samples("arithmetic-slip", "1.0.0", mode, 40, until_seq=daemon.stage.cursor, seed=1)
+        sample, fresh = replay.samples("arithmetic-slip", "1.0.0", [mode], 40, until_seq=daemon.stage.cursor)
+        again = replay.samples("arithmetic-slip", "1.0.0", [mode], 40, until_seq=daemon.stage.cursor)
+        other = replay.samples("arithmetic-slip", "1.0.0", [mode], 40, until_seq=daemon.stage.cursor, seed=1)
         failed = dict(daemon.store.query("SELECT trace_id, hard_failed OR eval_failed FROM executions"))
         seeds = dict(daemon.store.query("SELECT trace_id, seed FROM event_spans WHERE seed IS NOT NULL"))
     finally:
@@ -248,7 +290,7 @@ def test_scarce_counterexamples_are_split_between_the_two_samples_not_all_taken_
     daemon, mode = slipping_daemon(tmp_path)
     try:
         sample, fresh = ReplayStore(daemon.store, retention=10_000).samples(
-            "arithmetic-slip", "1.0.0", mode, 400, until_seq=daemon.stage.cursor
+            "arithmetic-slip", "1.0.0", [mode], 400, until_seq=daemon.stage.cursor
         )
     finally:
         daemon.close()
@@ -353,7 +395,7 @@ def test_a_replayed_input_carries_the_latest_expected_output_its_feedback_gave(t
         daemon.pipeline.handle(messages)
         daemon.pipeline.flush(drain=True)
         samples = ReplayStore(daemon.store, retention=10_000).samples(
-            "arithmetic-slip", "1.0.0", mode, 120, until_seq=daemon.stage.cursor
+            "arithmetic-slip", "1.0.0", [mode], 120, until_seq=daemon.stage.cursor
         )
     finally:
         daemon.close()

@@ -16,6 +16,7 @@ from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.refine.signing import sign, signed_only, verify_signature
 from cegraph.daemon.refine.verification import (
     Interval,
+    can_show_a_drop,
     compare,
     judge,
     mcnemar,
@@ -79,6 +80,31 @@ def plain_bootstrap(base, candidate, *, confidence=0.95, resamples=2_000, seed=0
 
 
 outcomes = st.floats(-5, 5, allow_nan=False) | st.sampled_from([0.0, 1.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 16), st.integers(0, 16), st.floats(0.001, 0.2), st.integers(1, 8),
+    st.lists(st.booleans(), min_size=32, max_size=32), st.lists(st.booleans(), min_size=32, max_size=32),
+)  # fmt: skip
+def test_a_round_is_skipped_only_when_no_candidate_could_show_a_drop(
+    failing, others, alpha, m, fixes, breaks
+):
+    """With `failing` inputs in the target mode, no outcome of a candidate (any of them fixed, any of
+    the others broken) reaches p < alpha / m exactly when `can_show_a_drop` says so."""
+    level = per_candidate_alpha(alpha, m)
+    base = [True] * failing + [False] * others
+    candidate = [not fixes[i] for i in range(failing)] + breaks[:others]
+    if not can_show_a_drop(failing, level):
+        assert mcnemar(base, candidate).p_better >= level
+    else:
+        assert mcnemar(base, [False] * (failing + others)).p_better < level
+
+
+def test_the_fewest_target_failures_that_can_show_a_drop():
+    assert not can_show_a_drop(4, 0.05) and can_show_a_drop(5, 0.05)  # 2^-4 = 0.0625, 2^-5 = 0.031
+    assert not can_show_a_drop(7, 0.05 / 8) and can_show_a_drop(8, 0.05 / 8)
+    assert not can_show_a_drop(0, 0.5)
 
 
 @settings(max_examples=150, deadline=None)

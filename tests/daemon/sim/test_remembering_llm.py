@@ -54,3 +54,17 @@ def test_remembered_answers_are_simllms_and_a_repeated_call_is_not_computed_agai
     ]
     assert calls == sum(sum(node.llm_calls for node in r.nodes) for r in first) > 0  # none remembered yet
     assert len(computed) == calls  # the second pass computed nothing
+
+
+def test_a_bounded_memory_keeps_its_capacity_and_answers_what_simllm_answers():
+    world = SimWorld(4)
+    base = example_spec("qa", tools=list(world.tools()))
+    hot, _ = apply_edit(base, Edit(node="answer", operator="ensemble", samples=3), "1.1.0")
+    tasks = world.tasks("qa", 8)
+    plain = executions(SimLLM(world), world, [base, hot, base], tasks)
+    small = RememberingSimLLM(world, capacity=5)  # far fewer than the distinct calls: most are dropped
+    bounded = executions(small, world, [base, hot, base], tasks)
+    assert [r.model_dump(exclude={"trace_id"}) for r in bounded] == [
+        r.model_dump(exclude={"trace_id"}) for r in plain
+    ]
+    assert len(small._answers) == small.capacity
