@@ -83,7 +83,11 @@ def test_interrupted_test_run_stops_its_broker(tmp_path):
         java_pids = [int(pid) for pid in children.stdout.split()]
         assert java_pids, "the inner run did not start a broker"
         run.send_signal(signal.SIGINT)
-        run.wait(timeout=300)  # a bound for a run that never ends; a loaded machine stops a JVM slowly
+        try:  # read what it prints while it stops: a full pipe would hold it
+            rest, _ = run.communicate(timeout=300)
+        except subprocess.TimeoutExpired as expired:
+            raise AssertionError(f"the interrupted run did not end; it printed:\n{expired.output}") from None
+        assert run.returncode != 0, rest
         assert all(wait_gone(pid) for pid in java_pids)
     finally:
         run.kill()
