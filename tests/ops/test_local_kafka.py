@@ -74,6 +74,9 @@ def test_interrupted_test_run_stops_its_broker(tmp_path):
         text=True,
         env=env,
         cwd=tmp_path,
+        # Ctrl-C's signal as a terminal delivers it: a run started in the background (`make test &`)
+        # inherits SIGINT ignored, and Python then raises no KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in run.stdout:
