@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,13 @@ class ToyError(RuntimeError):
 
 
 class Toy(LocalProcess):
-    """A Python child that prints a line, then sleeps, or exits with a code."""
+    """A Python child that prints a line, then sleeps, or exits with a code. The start-up bound is
+    long: only the test of a child that never answers waits it out."""
 
     name = "the toy"
     start_error = ToyError
 
-    def __init__(self, code: str, *, answers: bool, startup_timeout_s: float = 2.0) -> None:
+    def __init__(self, code: str, *, answers: bool, startup_timeout_s: float = 120.0) -> None:
         self.code, self.answering = code, answers
         self.startup_timeout_s = startup_timeout_s
         self.workdir: Path | None = None
@@ -37,6 +39,8 @@ class Toy(LocalProcess):
             self.process = subprocess.Popen(
                 [sys.executable, "-c", self.code], stdout=log, start_new_session=True
             )
+        while not self.log_tail() and self.process.poll() is None:  # its first line, however slow the start
+            time.sleep(0.01)
         try:
             self.wait_ready(self._answers, retry_on=(OSError,), unanswered="did not answer", interval_s=0.05)
         except BaseException:
