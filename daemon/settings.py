@@ -310,6 +310,13 @@ class RefinerSettings(_Group):
         3, ge=1, le=20, description="Greedy rounds: edits combined into one patch at most."
     )
     max_candidates: int = Field(8, ge=1, le=100, description="Candidates verified per round at most.")
+    max_cost_ratio: float | None = Field(
+        1.2,
+        ge=1,
+        description="Most inference cost (LLM calls per execution, measured on the replays) a workflow "
+        "may reach through cegraph's patches, as a multiple of its cost before them; a candidate above "
+        "it is refused. Unset: no cap.",
+    )
     concurrency: int = Field(8, ge=1, le=256, description="Shadow executions in flight at once.")
     cooldown_s: float = Field(
         300.0,

@@ -78,6 +78,10 @@ class Verification(BaseModel):
     efm_change_high: float
     worst_other: str = Field("", description="The other outcome closest to a significant rise.")
     worst_other_p: float = Field(1.0, ge=0, le=1, description="Its McNemar p that it rose.")
+    calls_before: float = Field(
+        0.0, ge=0, description="LLM calls per execution of the current spec (0: not measured)."
+    )
+    calls_after: float = Field(0.0, ge=0, description="The same for the patched spec.")
 
 
 class Rationale(BaseModel):

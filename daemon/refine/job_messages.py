@@ -83,6 +83,7 @@ def job_message(job: Job, inputs: JobInputs, frozen: dict[str, Any]) -> bytes:
             "counterexamples": [asdict(example) for example in inputs.counterexamples],
             "versions": inputs.versions,
             "missing": inputs.missing,
+            "cost_so_far": inputs.cost_so_far,
         },
         "modes": _plain(frozen),  # only here: arrays are never read back out of traced text
     })  # fmt: skip
@@ -116,6 +117,7 @@ def read_job(message: bytes) -> tuple[Job, JobInputs, dict[str, Any]]:
             ],
             versions=raw["versions"],
             missing=raw["missing"],
+            cost_so_far=float(raw.get("cost_so_far", 1.0)),  # absent in messages of earlier versions
         )
         return _job(data["job"]), inputs, _arrays(data["modes"])
     except (KeyError, TypeError, ValueError) as error:

@@ -32,8 +32,10 @@ from cegraph.daemon.detect.stage import target_modes
 from cegraph.daemon.events import (
     CANDIDATE_VERIFIED,
     FAILURE_OBSERVED,
+    PATCH_CREATED,
     Event,
     FailureObservedPayload,
+    PatchCreatedPayload,
     ProposalRejectedPayload,
     RefinementFinishedPayload,
 )
@@ -50,7 +52,13 @@ from cegraph.daemon.refine.proposers import (
 from cegraph.daemon.refine.replay import ReplaySample, ReplayStore, needed
 from cegraph.daemon.refine.shadow import ShadowOutcome, ShadowRunner
 from cegraph.daemon.refine.text_policy import screen_edit
-from cegraph.daemon.refine.verification import Verdict, can_show_a_drop, compare, per_candidate_alpha
+from cegraph.daemon.refine.verification import (
+    Verdict,
+    can_show_a_drop,
+    compare,
+    per_candidate_alpha,
+    weighted_mean,
+)
 from cegraph.daemon.settings import RefinerSettings
 from cegraph.daemon.spans import Evaluation
 from cegraph.daemon.store import EventStore
@@ -87,6 +95,7 @@ class JobInputs:
     versions: dict[str, str]  # the workflow's registered versions and their content hashes
     fresh: ReplaySample  # disjoint from `sample`: where the winner's effect is confirmed and reported
     missing: str = ""
+    cost_so_far: float = 1.0  # the base's inference cost over its cost before cegraph's patches
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,22 @@ class JobReader:
             base, missing = None, f"{error}: register the spec (`cegraph workflows register`) to refine it"
         failures = self._failures(sample, target)
         examples = self._counterexamples(failures, base)
-        return JobInputs(base, sample, target, failures, examples, versions, fresh, missing)
+        so_far = lineage_cost(self.patch_costs(job.workflow_id), job.workflow_version)
+        return JobInputs(base, sample, target, failures, examples, versions, fresh, missing, so_far)
+
+    def patch_costs(self, workflow_id: str) -> dict[str, tuple[str, float, float]]:
+        """Each patched version of the workflow: its base version and the calls per execution its
+        confirmation measured before and after."""
+        patch = PatchCreatedPayload.json("patch")
+        verification = f"{patch}->'rationale'->'verification'"
+        rows = self.store.query(
+            f"SELECT {patch}->>'new_version', {patch}->>'base_version', "
+            f"coalesce(({verification}->>'calls_before')::DOUBLE, 0), "
+            f"coalesce(({verification}->>'calls_after')::DOUBLE, 0) "
+            "FROM events WHERE type = ? AND key = ? ORDER BY seq",
+            PATCH_CREATED, workflow_id,
+        )  # fmt: skip
+        return {new: (base, before, after) for new, base, before, after in rows}
 
     def _failures(self, sample: ReplaySample, target: list[str]) -> list[tuple[str, str]]:
         traces = [item.trace_id for item in sample.of("target")]
@@ -255,6 +279,8 @@ class Refiner:
         baseline = await self.runner.run(base, items, classifier)
         spent.add_runs(baseline)
         base_per_item = sum(o.llm_calls for o in baseline) / len(items)
+        weights = [item.weight for item in items]
+        max_calls = self._max_calls([o.llm_calls for o in baseline], weights, inputs.cost_so_far)
         current, current_outcomes, steps = base, baseline, []
         examples = inputs.counterexamples
         for round_ in range(1, self.settings.max_rounds + 1):
@@ -276,7 +302,7 @@ class Refiner:
             proposals = await self._propose(job, round_, context, spent)
             best, over_budget = await self._round(
                 job, round_, current, current_outcomes, proposals, items, classifier, target, spent,
-                (len(fresh), base_per_item),
+                (len(fresh), base_per_item), max_calls,
             )  # fmt: skip
             if best is not None:
                 steps.append(best)
@@ -292,7 +318,9 @@ class Refiner:
             stop = f"{self.settings.max_rounds} rounds"
         if not steps:
             return finish("no_patch", stop)
-        report, verdict = await self._confirm(base, current, inputs.fresh, classifier, target, spent)
+        report, verdict = await self._confirm(
+            base, current, inputs.fresh, classifier, target, spent, inputs.cost_so_far
+        )
         if not verdict.accepted:
             return finish(
                 "no_patch", f"{len(steps)} edit(s) not confirmed on fresh replays: {verdict.reason}"
@@ -339,22 +367,47 @@ class Refiner:
         )
         return JobEnd(finished.event(job.workflow_id).payload, patch, spec)
 
-    async def _confirm(self, base, spec, fresh, classifier, target, spent) -> tuple[Verification, Verdict]:
+    async def _confirm(
+        self, base, spec, fresh, classifier, target, spent, cost_so_far
+    ) -> tuple[Verification, Verdict]:
         """The patch re-tested against the base spec on the fresh sample: one pre-planned test at
-        alpha, on inputs that chose nothing, so its figures are not inflated by the selection."""
+        alpha, on inputs that chose nothing, so its figures are not inflated by the selection; its
+        cost is capped on this sample too, since the patch's record of it is this sample's."""
         before = await self.runner.run(base, fresh.items, classifier)
         spent.add_runs(before)
         after = await self.runner.run(spec, fresh.items, classifier)
         spent.add_runs(after)
         weights = [item.weight for item in fresh.items]
-        return self._compare(before, after, weights, target, spent.calls, self.settings.significance)
+        max_calls = self._max_calls([o.llm_calls for o in before], weights, cost_so_far)
+        return self._compare(
+            before, after, weights, target, spent.calls, self.settings.significance, max_calls
+        )
+
+    def _max_calls(self, base_calls: list[int], weights: list[float], cost_so_far: float) -> float | None:
+        """The most calls per execution a candidate may cost: the cap over the cost before cegraph's
+        patches, of which the base has used `cost_so_far`."""
+        if self.settings.max_cost_ratio is None:
+            return None
+        return weighted_mean(base_calls, weights) * self.settings.max_cost_ratio / cost_so_far
 
     async def _round(
-        self, job, round_, current, current_outcomes, proposals, items, classifier, target, spent, confirm
+        self,
+        job,
+        round_,
+        current,
+        current_outcomes,
+        proposals,
+        items,
+        classifier,
+        target,
+        spent,
+        confirm,
+        max_calls,
     ):
         """Verify the round's candidates against `current`; the best accepted one, and whether the
         budget stopped the round. `confirm`: the fresh sample's size and the base spec's calls per item,
-        to keep the winner's confirmation within the budget."""
+        to keep the winner's confirmation within the budget; `max_calls`: the cost cap (on the whole
+        sample: the counterexamples alone do not say what a candidate costs the traffic)."""
         weights = [item.weight for item in items]
         per_item = sum(o.llm_calls for o in current_outcomes) / max(len(items), 1)
         best: _Step | None = None
@@ -385,7 +438,7 @@ class Refiner:
                 placed = dict(zip(first, early, strict=True)) | dict(zip(rest, late, strict=True))
                 outcomes = [placed[i] for i in range(len(items))]
                 report, verdict = self._compare(
-                    current_outcomes, outcomes, weights, target, spent.calls, alpha
+                    current_outcomes, outcomes, weights, target, spent.calls, alpha, max_calls
                 )
             spent.record(
                 [
@@ -434,7 +487,7 @@ class Refiner:
                 found.append((proposal, candidate))
         return found
 
-    def _compare(self, base, candidate, weights, target, calls, alpha):
+    def _compare(self, base, candidate, weights, target, calls, alpha, max_calls=None):
         pairs = [
             (b, c, w) for b, c, w in zip(base, candidate, weights, strict=True) if not (b.error or c.error)
         ]
@@ -446,6 +499,7 @@ class Refiner:
             alpha=alpha,
             calls=calls,
             budget=self.settings.max_llm_calls,
+            max_calls=max_calls,
         )
 
     async def _propose(self, job: Job, round_: int, context: ModeContext, spent: _Spent) -> list[Proposal]:
@@ -518,6 +572,18 @@ class Refiner:
             rationale=rationale,
         )
         return spec, patch
+
+
+def lineage_cost(patches: dict[str, tuple[str, float, float]], version: str) -> float:
+    """`version`'s inference cost over that of the first version up its patch chain that no patch made:
+    the product of each patch's after / before (a patch that did not measure them counts 1)."""
+    ratio, seen = 1.0, set()
+    while version in patches and version not in seen:
+        seen.add(version)
+        version, before, after = patches[version]
+        if before > 0:
+            ratio *= after / before
+    return ratio
 
 
 def _failing_node(failures: list[tuple[str, str]], spec: WorkflowSpec) -> str:

@@ -13,6 +13,9 @@ The accept rule (`judge`) and what it guarantees, as the refiner uses it:
   8), no other outcome (failing at all, each other mode) rises with p < alpha / m / (their number),
   and the job's call budget held. The refiner applies it twice per candidate, on the
   counterexamples alone and then on the whole sample; both must pass.
+- Inference cost is a cap, not a test: a candidate whose LLM calls per execution (on the sample,
+  weighted to the traffic) are above `max_calls` is refused whatever it fixes. The refiner sets the
+  cap from `CEGRAPH_REFINER__MAX_COST_RATIO` and the cost the workflow's earlier patches added.
 - A round in which no candidate has an effect accepts one with probability at most alpha, whatever
   the candidates' dependence (Bonferroni; the exact test is conservative besides: simulated with 8
   null candidates on 40 pairs each, 3.8% of rounds accept one, against 23% uncorrected). The price
@@ -156,14 +159,26 @@ class Verdict:
 
 
 def judge(
-    target: PairedResult, others: dict[str, PairedResult], *, alpha: float, calls: int, budget: int
+    target: PairedResult,
+    others: dict[str, PairedResult],
+    *,
+    alpha: float,
+    calls: int,
+    budget: int,
+    cost: float = 0.0,
+    max_cost: float | None = None,
 ) -> Verdict:
     """Accept only when the target mode drops significantly, nothing else rises significantly (each
-    other outcome at `alpha` divided by their number, Bonferroni), and the budget held."""
+    other outcome at `alpha` divided by their number, Bonferroni), the budget held and the candidate's
+    inference cost (`cost`, calls per execution) is within `max_cost`."""
     if calls > budget:
         return Verdict(False, f"over budget: {calls} LLM calls > {budget}")
     if target.p_better >= alpha:
         return Verdict(False, f"the target mode did not drop significantly (p={target.p_better:.3g})")
+    if max_cost is not None and cost > max_cost * (1 + 1e-9):  # a weighted mean's rounding is not a cost
+        return Verdict(
+            False, f"inference cost {cost:.2f} LLM calls per execution is over the cap of {max_cost:.2f}"
+        )
     bound = alpha / max(len(others), 1)
     for name, result in others.items():
         if result.p_worse < bound:
@@ -184,10 +199,17 @@ class Outcome(Protocol):
     @property
     def modes(self) -> frozenset[str]: ...
 
+    @property
+    def llm_calls(self) -> int: ...
+
 
 def weighted_rate(values: Sequence[bool], weights: Sequence[float]) -> float:
+    return weighted_mean([float(v) for v in values], weights)
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     total = sum(weights)
-    return sum(w for v, w in zip(values, weights, strict=True) if v) / total if total else 0.0
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else 0.0
 
 
 def compare(
@@ -200,6 +222,7 @@ def compare(
     calls: int,
     budget: int,
     unassigned: str = "",
+    max_calls: float | None = None,
 ) -> tuple[Verification, Verdict]:
     """The evidence that `candidate` beats `base` on the target modes, paired input by input, and
     the verdict: the target must drop significantly (an input of the target that still fails, in
@@ -229,7 +252,11 @@ def compare(
                 for b, c in zip(base, candidate, strict=True)
             ],
         )
-    verdict = judge(target_result, others, alpha=alpha, calls=calls, budget=budget)
+    calls_before = weighted_mean([o.llm_calls for o in base], weights)
+    calls_after = weighted_mean([o.llm_calls for o in candidate], weights)
+    verdict = judge(
+        target_result, others, alpha=alpha, calls=calls, budget=budget, cost=calls_after, max_cost=max_calls
+    )
     n = len(base)
     scale = [w * n / sum(weights) for w in weights] if n else []
     efm = (
@@ -250,5 +277,7 @@ def compare(
         efm_change_high=efm.high,
         worst_other=worst[0],
         worst_other_p=worst[1].p_worse,
+        calls_before=calls_before,
+        calls_after=calls_after,
     )
     return report, verdict

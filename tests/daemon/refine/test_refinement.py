@@ -18,6 +18,7 @@ from cegraph.daemon.demo.process import CEGRAPH, free_port
 from cegraph.daemon.embedded import EmbeddedDaemon
 from cegraph.daemon.events import CANDIDATE_VERIFIED, FAILURE_OBSERVED, PROPOSAL_REJECTED
 from cegraph.daemon.refine.operators import Edit, apply_edit
+from cegraph.daemon.refine.refiner import JobReader
 from cegraph.daemon.refine.shadow import ShadowOutcome
 from cegraph.daemon.refine.signing import verify_signature
 from cegraph.daemon.refine.verification import compare
@@ -65,6 +66,13 @@ def test_the_daemon_patches_a_planted_arithmetic_slip_mode_with_a_programmer_nod
         patched = apply_patch(ARITHMETIC_SLIP, patch)  # the announced version and content hash
         assert patched.nodes["solve"].kind == "programmer"
         assert daemon.registry.get(patch.workflow_id, patch.new_version).spec == patched
+        # its inference cost, measured on the fresh replays, is what the next job's cost cap reads
+        verification = patch.rationale.verification
+        assert verification.calls_before > 0 and verification.calls_after > 0
+        reader = JobReader(daemon.store, daemon.registry, None, sample=1)
+        assert reader.patch_costs(patch.workflow_id) == {
+            patch.new_version: (patch.base_version, verification.calls_before, verification.calls_after)
+        }
         rationale = patch.rationale
         assert rationale is not None and rationale.mode == finished[0]["mode"]
         assert rationale.cost.llm_calls > 0 and rationale.cost.tokens > 0 and rationale.cost.wall_s > 0

@@ -247,3 +247,25 @@ def test_a_service_with_the_key_runs_only_patches_signed_with_it():
     assert apply(good) and applied == [good]
     assert not apply(patch_for("another key")) and not apply(good.model_copy(update={"signature": None}))
     assert applied == [good]
+
+
+def test_a_candidate_over_the_cost_cap_is_refused_by_its_cost_weighted_to_the_traffic():
+    """16 counterexamples (weight 1) fixed by a candidate that doubles their calls; 34 controls stand
+    for 10 executions each and cost what they did. Weighted: (32 + 340) / 356 = 1.04 calls per
+    execution; unweighted it would be 1.32."""
+    fixed = [ShadowOutcome(o.trace_id, False, frozenset(), 2, 0) for o in FAILING_BASE[:16]]
+    candidate = fixed + FAILING_BASE[16:]
+    weights = [1.0] * 16 + [10.0] * 34
+    report, verdict = compare(
+        FAILING_BASE, candidate, weights, TARGET, alpha=0.05, calls=10, budget=100, max_calls=1.2
+    )
+    assert verdict.accepted, verdict.reason
+    assert report.calls_before == 1.0 and report.calls_after == pytest.approx(372 / 356)
+    _, refused = compare(
+        FAILING_BASE, candidate, weights, TARGET, alpha=0.05, calls=10, budget=100, max_calls=1.03
+    )
+    assert not refused.accepted and "inference cost 1.04 LLM calls per execution" in refused.reason
+    _, equal = compare(
+        FAILING_BASE, candidate, weights, TARGET, alpha=0.05, calls=10, budget=100, max_calls=372 / 356
+    )
+    assert equal.accepted, "a cost at the cap is within it"
