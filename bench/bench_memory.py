@@ -5,7 +5,8 @@ Executions go through ingest and the detector stage in one process, as `cegraph 
 batches of `--batch` messages with a flush and a detector catch-up after each. The payloads are
 `--pool` distinct OTLP traces from the SDK (tests/fixtures/otel_traces.py: a support-bot workflow, about a
 third failing), each sent again with a fresh trace id written over its id bytes, so a million
-executions cost no SDK time. RSS is the resident set now (not the peak), after a garbage
+executions cost no SDK time. The garbage collector is set as `cegraph run` sets it
+(`daemon/gc_policy.py`). RSS is the resident set now (not the peak), after a garbage
 collection; `duckdb_buffers_mb` is what DuckDB itself holds of it (`duckdb_memory()`: cached blocks,
 buffers), with its parts by tag.
 
@@ -29,6 +30,7 @@ from otel_traces import make_traces, to_messages  # noqa: E402
 from results_file import report  # noqa: E402
 
 from cegraph.connectors.otlp.codec import decode_proto  # noqa: E402
+from cegraph.daemon import gc_policy  # noqa: E402
 from cegraph.daemon.app import build_detector_stage  # noqa: E402
 from cegraph.daemon.ingest.pipeline import IngestPipeline, InMessage  # noqa: E402
 from cegraph.daemon.metrics import IngestMetrics  # noqa: E402
@@ -88,6 +90,7 @@ def main() -> dict:
         )
         stage = build_detector_stage(settings, store, metrics.registry)
         detect = StageRunner(store, stage)
+        gc_policy.settle()  # the collector as `cegraph run` sets it once started
         started = time.perf_counter()
         sent, done = 0, set()
         try:

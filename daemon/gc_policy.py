@@ -6,7 +6,7 @@ and young collections run every 700 allocations: measured on stage 1 of `make be
 collections took about a fifth of its CPU time. Freezing what start-up made takes it out of every later
 collection (it is never garbage), and a larger first threshold makes young collections rarer.
 Objects without cycles are freed by reference counting either way; garbage in cycles waits longer
-(`make bench BENCH=memory` has not been rerun with these settings).
+(`make bench BENCH=memory` runs with them).
 """
 
 from __future__ import annotations

@@ -318,9 +318,7 @@ class Refiner:
             stop = f"{self.settings.max_rounds} rounds"
         if not steps:
             return finish("no_patch", stop)
-        report, verdict = await self._confirm(
-            base, current, inputs.fresh, classifier, target, spent, inputs.cost_so_far
-        )
+        report, verdict = await self._confirm(base, current, inputs.fresh, classifier, target, spent)
         if not verdict.accepted:
             return finish(
                 "no_patch", f"{len(steps)} edit(s) not confirmed on fresh replays: {verdict.reason}"
@@ -367,28 +365,26 @@ class Refiner:
         )
         return JobEnd(finished.event(job.workflow_id).payload, patch, spec)
 
-    async def _confirm(
-        self, base, spec, fresh, classifier, target, spent, cost_so_far
-    ) -> tuple[Verification, Verdict]:
+    async def _confirm(self, base, spec, fresh, classifier, target, spent) -> tuple[Verification, Verdict]:
         """The patch re-tested against the base spec on the fresh sample: one pre-planned test at
-        alpha, on inputs that chose nothing, so its figures are not inflated by the selection; its
-        cost is capped on this sample too, since the patch's record of it is this sample's."""
+        alpha, on inputs that chose nothing, so its figures are not inflated by the selection. Its
+        cost is measured here, not capped again: the next job's cap reads this measurement
+        (`lineage_cost`), so a patch that came out a little over corrects the next one."""
         before = await self.runner.run(base, fresh.items, classifier)
         spent.add_runs(before)
         after = await self.runner.run(spec, fresh.items, classifier)
         spent.add_runs(after)
         weights = [item.weight for item in fresh.items]
-        max_calls = self._max_calls([o.llm_calls for o in before], weights, cost_so_far)
-        return self._compare(
-            before, after, weights, target, spent.calls, self.settings.significance, max_calls
-        )
+        return self._compare(before, after, weights, target, spent.calls, self.settings.significance)
 
     def _max_calls(self, base_calls: list[int], weights: list[float], cost_so_far: float) -> float | None:
         """The most calls per execution a candidate may cost: the cap over the cost before cegraph's
-        patches, of which the base has used `cost_so_far`."""
+        patches, of which the base has used `cost_so_far`, and never less than the base's own (an edit
+        that adds no cost is not refused for a cost its predecessors reached)."""
         if self.settings.max_cost_ratio is None:
             return None
-        return weighted_mean(base_calls, weights) * self.settings.max_cost_ratio / cost_so_far
+        allowed = max(1.0, self.settings.max_cost_ratio / cost_so_far)
+        return weighted_mean(base_calls, weights) * allowed
 
     async def _round(
         self,
@@ -431,11 +427,15 @@ class Refiner:
                 [current_outcomes[i] for i in first], early, [weights[i] for i in first], target,
                 spent.calls, alpha,
             )  # fmt: skip
-            outcomes = None
+            outcomes, placed = None, dict(zip(first, early, strict=True))
+            if verdict.accepted:
+                verdict = _cost_first(
+                    verdict, proposal.edit.node, placed, current_outcomes, weights, max_calls
+                )
             if verdict.accepted:
                 late = await self.runner.run(candidate, [items[i] for i in rest], classifier)
                 spent.add_runs(late)
-                placed = dict(zip(first, early, strict=True)) | dict(zip(rest, late, strict=True))
+                placed |= dict(zip(rest, late, strict=True))
                 outcomes = [placed[i] for i in range(len(items))]
                 report, verdict = self._compare(
                     current_outcomes, outcomes, weights, target, spent.calls, alpha, max_calls
@@ -572,6 +572,29 @@ class Refiner:
             rationale=rationale,
         )
         return spec, patch
+
+
+def _cost_first(verdict, node: str, early: dict[int, ShadowOutcome], current, weights, max_calls) -> Verdict:
+    """Refuse a candidate whose cost the counterexamples already show to be over the cap, before its
+    controls run: each control that ran the edited node is given the least extra calls a counterexample
+    that ran it showed (an ensemble, a reviewer or a verifier adds the same calls to every run of its
+    node; an edit whose extra calls vary, like a retry, shows a least of 0 and is run in full)."""
+    if max_calls is None:
+        return verdict
+    extra = [early[i].llm_calls - current[i].llm_calls for i in early if node in current[i].nodes]
+    least = min(extra, default=0)
+    calls = [
+        early[i].llm_calls if i in early else outcome.llm_calls + (least if node in outcome.nodes else 0)
+        for i, outcome in enumerate(current)
+    ]
+    predicted = weighted_mean(calls, weights)
+    if least <= 0 or predicted <= max_calls * (1 + 1e-9):
+        return verdict
+    return Verdict(
+        False,
+        f"inference cost {predicted:.2f} LLM calls per execution (predicted from the counterexamples: "
+        f"{least} more per run of {node}) is over the cap of {max_calls:.2f}",
+    )
 
 
 def lineage_cost(patches: dict[str, tuple[str, float, float]], version: str) -> float:

@@ -48,6 +48,7 @@ class ShadowOutcome:
     llm_calls: int
     tokens: int
     error: str | None = None  # the target could not run it
+    nodes: frozenset[str] = frozenset()  # the node ids it ran, as ingest names them
 
 
 def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifier, policy: TextPolicy):
@@ -63,7 +64,10 @@ def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifie
             if event.name == EVALUATION_EVENT:
                 calls += int(event.attributes.get("cegraph.evaluation.llm_calls", 0))
                 tokens += int(event.attributes.get("cegraph.evaluation.tokens", 0))
-    return ShadowOutcome(trace_id, bool(failures), frozenset(mode for _, mode in failures), calls, tokens)
+    modes = frozenset(mode for _, mode in failures)
+    return ShadowOutcome(
+        trace_id, bool(failures), modes, calls, tokens, nodes=frozenset(n.node_id for n in nodes)
+    )
 
 
 class ShadowRunner:

@@ -1,10 +1,11 @@
 """The inference-cost cap (`CEGRAPH_REFINER__MAX_COST_RATIO`): a candidate that fixes the mode but
-makes the workflow cost more than the cap allows over its cost before cegraph's patches is refused,
-in a job's rounds and in its confirmation, and the cost earlier patches added counts against it."""
+makes the workflow cost more than the cap allows over its cost before cegraph's patches is refused
+in a job's rounds, and the cost earlier patches added counts against it."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
 from refinement_fixtures import ARITHMETIC_SLIP
@@ -24,10 +25,15 @@ COST = {"llm": 1, "programmer": 1, "ensemble": 5}  # calls per input of `solve` 
 
 class KindRunner:
     """The shadow runs of a world where any change of `solve`'s kind fixes the target mode's inputs,
-    and each input costs what the node kind costs (an ensemble its five samples)."""
+    and each input costs what the node kind costs (an ensemble its five samples). `runs` counts the
+    inputs each kind was run on, by stratum."""
+
+    def __init__(self) -> None:
+        self.runs: Counter[tuple[str, str]] = Counter()
 
     async def run(self, spec, items, classifier) -> list[ShadowOutcome]:
         kind = spec.nodes["solve"].kind
+        self.runs.update((kind, item.stratum) for item in items)
         return [
             ShadowOutcome(
                 item.trace_id,
@@ -35,6 +41,7 @@ class KindRunner:
                 frozenset({TARGET}) if failed else frozenset(),
                 COST[kind],
                 0,
+                nodes=frozenset({"solve"}),
             )
             for item in items
         ]
@@ -60,7 +67,8 @@ def sample(prefix: str, target: int, control: int) -> ReplaySample:
 
 
 def run_job(*edits: Edit, cost_so_far: float = 1.0, ratio: float | None = 1.2) -> dict:
-    refiner = Refiner(KindRunner(), [Fixed(*edits)], RefinerSettings(max_cost_ratio=ratio))
+    runner = KindRunner()
+    refiner = Refiner(runner, [Fixed(*edits)], RefinerSettings(max_cost_ratio=ratio))
     job = Job("job-1", ARITHMETIC_SLIP.id, ARITHMETIC_SLIP.version, TARGET, 0, {})
     inputs = JobInputs(
         ARITHMETIC_SLIP, sample("a", 20, 20), [TARGET], [], [], {ARITHMETIC_SLIP.version: "x"},
@@ -69,14 +77,17 @@ def run_job(*edits: Edit, cost_so_far: float = 1.0, ratio: float | None = 1.2) -
     recorded = []
     end = asyncio.run(refiner.run(job, inputs, None, recorded.extend))
     verified = [e.payload for e in recorded if e.type == "CandidateVerified"]
-    return {"end": end, "verified": {v["edit"]["operator"]: v for v in verified}}
+    return {"end": end, "verified": {v["edit"]["operator"]: v for v in verified}, "runs": runner.runs}
 
 
 def test_a_fix_that_costs_five_times_as_much_is_refused_and_one_at_the_same_cost_is_patched():
     result = run_job(ENSEMBLE, PROGRAMMER)
     ensemble = result["verified"]["ensemble"]
     assert not ensemble["accepted"]
-    assert "inference cost 5.00 LLM calls per execution is over the cap of 1.20" in ensemble["reason"]
+    # predicted from its counterexamples (4 more calls per run of `solve`), so its controls never ran
+    assert "inference cost 5.00 LLM calls per execution (predicted" in ensemble["reason"]
+    assert "over the cap of 1.20" in ensemble["reason"]
+    assert result["runs"]["ensemble", "target"] == 20 and result["runs"]["ensemble", "control"] == 0
     assert result["end"].finished["outcome"] == "patched"
     assert result["end"].spec.nodes["solve"].kind == "programmer"
     verification = result["end"].patch.rationale.verification
@@ -90,12 +101,13 @@ def test_without_a_cap_the_first_fix_found_is_taken_whatever_it_costs():
     assert result["end"].patch.rationale.verification.calls_after == 5.0
 
 
-def test_the_cost_earlier_patches_added_counts_against_the_cap():
-    """The base already costs 1.5 times its version before cegraph's patches: with a cap of 1.2 even
-    a fix at the same cost is over it."""
-    result = run_job(PROGRAMMER, cost_so_far=1.5)
-    assert result["end"].finished["outcome"] == "no_patch"
-    assert "over the cap of 0.80" in result["verified"]["programmer"]["reason"]
+def test_the_cost_earlier_patches_added_counts_against_the_cap_but_a_fix_at_no_extra_cost_passes():
+    """The base already costs 1.5 times its version before cegraph's patches, over the cap of 1.2: a
+    candidate that adds any cost is refused, one at the base's cost is not."""
+    result = run_job(ENSEMBLE, PROGRAMMER, cost_so_far=1.5)
+    assert "over the cap of 1.00" in result["verified"]["ensemble"]["reason"]
+    assert result["end"].finished["outcome"] == "patched"
+    assert result["end"].spec.nodes["solve"].kind == "programmer"
 
 
 def test_lineage_cost_multiplies_each_patchs_measured_cost_up_to_a_version_no_patch_made():
