@@ -4,7 +4,8 @@ A job replays a stratified sample of recorded executions (the mode's counterexam
 through the current spec once, then, round by round: the proposers suggest edits, each admissible
 candidate runs on the same inputs and seeds, the paired comparison against the current spec decides
 (`verification.compare`: the target mode must drop significantly, nothing else may rise
-significantly, the call budget must hold), and the best accepted candidate becomes the current spec
+significantly, the call budget must hold, the candidate's inference cost must stay within
+`CEGRAPH_REFINER__MAX_COST_RATIO`), and the best accepted candidate becomes the current spec
 of the next round. It stops when no candidate helps, after `max_rounds`, or when the budget would
 be exceeded. Every step is an event; the accepted edits become one patch, signed and written to the
 outbox (`PatchCreated`) together with the job's end and the refine stage's checkpoint in one
@@ -56,6 +57,7 @@ from cegraph.daemon.refine.verification import (
     Verdict,
     can_show_a_drop,
     compare,
+    over_cap,
     per_candidate_alpha,
     weighted_mean,
 )
@@ -574,21 +576,28 @@ class Refiner:
         return spec, patch
 
 
-def _cost_first(verdict, node: str, early: dict[int, ShadowOutcome], current, weights, max_calls) -> Verdict:
+def _cost_first(
+    verdict: Verdict,
+    node: str,
+    early: dict[int, ShadowOutcome],
+    current: list[ShadowOutcome],
+    weights: list[float],
+    max_calls: float | None,
+) -> Verdict:
     """Refuse a candidate whose cost the counterexamples already show to be over the cap, before its
     controls run: each control that ran the edited node is given the least extra calls a counterexample
     that ran it showed (an ensemble, a reviewer or a verifier adds the same calls to every run of its
     node; an edit whose extra calls vary, like a retry, shows a least of 0 and is run in full)."""
-    if max_calls is None:
-        return verdict
     extra = [early[i].llm_calls - current[i].llm_calls for i in early if node in current[i].nodes]
     least = min(extra, default=0)
+    if max_calls is None or least <= 0:
+        return verdict
     calls = [
         early[i].llm_calls if i in early else outcome.llm_calls + (least if node in outcome.nodes else 0)
         for i, outcome in enumerate(current)
     ]
     predicted = weighted_mean(calls, weights)
-    if least <= 0 or predicted <= max_calls * (1 + 1e-9):
+    if not over_cap(predicted, max_calls):
         return verdict
     return Verdict(
         False,

@@ -158,6 +158,11 @@ class Verdict:
     reason: str
 
 
+def over_cap(cost: float, cap: float) -> bool:
+    """Whether a cost (calls per execution) is over its cap; a weighted mean's rounding is not a cost."""
+    return cost > cap * (1 + 1e-9)
+
+
 def judge(
     target: PairedResult,
     others: dict[str, PairedResult],
@@ -175,7 +180,7 @@ def judge(
         return Verdict(False, f"over budget: {calls} LLM calls > {budget}")
     if target.p_better >= alpha:
         return Verdict(False, f"the target mode did not drop significantly (p={target.p_better:.3g})")
-    if max_cost is not None and cost > max_cost * (1 + 1e-9):  # a weighted mean's rounding is not a cost
+    if max_cost is not None and over_cap(cost, max_cost):
         return Verdict(
             False, f"inference cost {cost:.2f} LLM calls per execution is over the cap of {max_cost:.2f}"
         )
