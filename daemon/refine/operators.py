@@ -3,9 +3,10 @@
 An `Edit` names an operator, the node it targets and the operator's few arguments; nothing else can
 be expressed, so a proposer (rules, an LLM, the prompt editor) can only ever choose among these.
 Each operator has a precondition (`refusal` says why an edit does not apply), the RFC 6902
-operations it makes on the spec's canonical JSON, and a cost estimate (extra LLM calls per
-execution). `apply_edit` applies the operations and validates the result as a spec, so an edit that
-would break the graph is refused, never published.
+operations it makes on the spec's canonical JSON, a cost estimate (extra LLM calls per execution)
+and the fewest calls its structure adds to each run of its node (what the cost cap refuses a
+candidate on before it runs). `apply_edit` applies the operations and validates the result as a
+spec, so an edit that would break the graph is refused, never published.
 
 Graph surgery follows the spec's conventions (schemas/workflow.py): nodes are addressed by JSON
 pointer `/nodes/<id>`, edges are rewired with a guarded `test` + `replace` on `/edges/<i>`, and a
@@ -16,6 +17,7 @@ the workflow's output, the output.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import jsonpatch
@@ -234,19 +236,33 @@ def _downstream_kinds(doc: dict[str, Any], node: str) -> set[str]:
     return {doc["nodes"][e["target"]]["kind"] for e in doc["edges"] if e["source"] == node}
 
 
-# (operations, precondition -> refusal reason or None, extra LLM calls per execution)
-Rule = tuple[
-    Callable[[dict[str, Any], Edit], Operations], Callable[[dict[str, Any], Edit], str | None], float
-]
+@dataclass(frozen=True, slots=True)
+class Operator:
+    operations: Callable[[dict[str, Any], Edit], Operations]
+    precondition: Callable[[dict[str, Any], Edit], str | None]  # why the edit does not apply, or None
+    extra_calls: float  # LLM calls per execution it adds on average: the job budget's estimate
+    # the fewest LLM calls it adds to every run of its node that completes, from its structure alone
+    # (a verifier's one verdict, a reviewer's review and revision): what a candidate's cost is
+    # predicted from before it runs; 0 for edits whose extra calls depend on what the node answers
+    least_calls: Callable[[dict[str, Any], Edit], int] = lambda doc, edit: 0
 
 
 def _needs(kinds: frozenset[str] | set[str]) -> Callable[[dict[str, Any], Edit], str | None]:
     return lambda doc, edit: None if _kind(doc, edit) in kinds else f"needs a node of kind {sorted(kinds)}"
 
 
-OPERATORS: dict[str, Rule] = {
-    "custom_generate": (_custom_generate, _needs(GENERATING_KINDS), 1.0),
-    "format": (
+def _calls(n: int) -> Callable[[dict[str, Any], Edit], int]:
+    return lambda doc, edit: n
+
+
+def _ensemble_least(doc: dict[str, Any], edit: Edit) -> int:
+    """Its samples, less the most calls the node made before (one, and its retries)."""
+    return max(0, (edit.samples or 5) - 1 - doc["nodes"][edit.node]["params"].get("retries", 0))
+
+
+OPERATORS: dict[str, Operator] = {
+    "custom_generate": Operator(_custom_generate, _needs(GENERATING_KINDS), 1.0, _calls(1)),
+    "format": Operator(
         _format,
         lambda d, e: (
             "already formatted"
@@ -254,15 +270,17 @@ OPERATORS: dict[str, Rule] = {
             else _needs(GENERATING_KINDS)(d, e)
         ),
         1.0,
+        _calls(1),
     ),
-    "review_revise": (_review_revise, _needs(GENERATING_KINDS), 2.0),
-    "ensemble": (
+    "review_revise": Operator(_review_revise, _needs(GENERATING_KINDS), 2.0, _calls(2)),
+    "ensemble": Operator(
         _ensemble,
         lambda d, e: _needs({"llm"})(d, e) or ("needs 3 to 9 samples" if e.samples is None else None),
         4.0,
+        _ensemble_least,
     ),
-    "programmer": (_programmer, _needs({"llm"}), 0.5),
-    "test": (
+    "programmer": Operator(_programmer, _needs({"llm"}), 0.5),
+    "test": Operator(
         _test,
         lambda d, e: (
             _needs({"programmer", "llm"})(d, e)
@@ -270,15 +288,15 @@ OPERATORS: dict[str, Rule] = {
         ),
         1.0,
     ),
-    "insert_verifier": (_insert_verifier, _needs(GENERATING_KINDS), 1.5),
-    "add_retrieval": (
+    "insert_verifier": Operator(_insert_verifier, _needs(GENERATING_KINDS), 1.5, _calls(1)),
+    "add_retrieval": Operator(
         _add_retrieval,
         lambda d, e: _needs(GENERATING_KINDS)(d, e) or (None if e.retriever else "needs a retriever name"),
         0.0,
     ),
-    "retry_with_validation": (_retry_with_validation, _needs(GENERATING_KINDS | {"format"}), 0.5),
-    "validate_tool_arguments": (_validate_tool_arguments, _needs({"tool"}), 0.5),
-    "adjust_parameter": (
+    "retry_with_validation": Operator(_retry_with_validation, _needs(GENERATING_KINDS | {"format"}), 0.5),
+    "validate_tool_arguments": Operator(_validate_tool_arguments, _needs({"tool"}), 0.5),
+    "adjust_parameter": Operator(
         _adjust_parameter,
         lambda d, e: (
             _needs(LLM_KINDS)(d, e)
@@ -287,7 +305,7 @@ OPERATORS: dict[str, Rule] = {
         ),
         0.0,
     ),
-    "edit_prompt": (
+    "edit_prompt": Operator(
         _edit_prompt,
         lambda d, e: _needs(LLM_KINDS)(d, e) or (None if e.instruction else "needs the new instruction"),
         0.0,
@@ -300,7 +318,7 @@ def refusal(spec: WorkflowSpec, edit: Edit) -> str | None:
     doc = spec.canonical()
     if edit.node not in doc["nodes"]:
         return f"no node {edit.node!r} in {spec.id}@{spec.version}"
-    return OPERATORS[edit.operator][1](doc, edit)
+    return OPERATORS[edit.operator].precondition(doc, edit)
 
 
 def operations(spec: WorkflowSpec, edit: Edit, new_version: str) -> Operations:
@@ -310,14 +328,19 @@ def operations(spec: WorkflowSpec, edit: Edit, new_version: str) -> Operations:
         raise EditRefused(f"{edit.operator} on {edit.node}: {reason}")
     doc = spec.canonical()
     return [
-        *OPERATORS[edit.operator][0](doc, edit),
+        *OPERATORS[edit.operator].operations(doc, edit),
         {"op": "replace", "path": "/version", "value": new_version},
     ]
 
 
 def cost(edit: Edit) -> float:
     """Extra LLM calls per execution the edit adds (0 for changes of parameters or prompts)."""
-    return OPERATORS[edit.operator][2]
+    return OPERATORS[edit.operator].extra_calls
+
+
+def least_calls(spec: WorkflowSpec, edit: Edit) -> int:
+    """The fewest LLM calls `edit` adds to each run of its node that completes (`Operator.least_calls`)."""
+    return OPERATORS[edit.operator].least_calls(spec.canonical(), edit)
 
 
 def apply_edit(

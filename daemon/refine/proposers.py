@@ -280,10 +280,10 @@ class RuleProposer:
 
 def _operator_guide() -> str:
     lines = []
-    for name, (_, _, calls) in OPERATORS.items():
+    for name, operator in OPERATORS.items():
         fields = {f for f, info in Edit.model_fields.items() if info.description and name in info.description}
         extra = f" (fields: {', '.join(sorted(fields))})" if fields else ""
-        lines.append(f"- {name}{extra}: about {calls:g} extra LLM calls per execution")
+        lines.append(f"- {name}{extra}: about {operator.extra_calls:g} extra LLM calls per execution")
     return "\n".join(lines)
 
 

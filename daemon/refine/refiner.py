@@ -40,7 +40,7 @@ from cegraph.daemon.events import (
     ProposalRejectedPayload,
     RefinementFinishedPayload,
 )
-from cegraph.daemon.refine.operators import EditRefused, apply_edit, cost
+from cegraph.daemon.refine.operators import Edit, EditRefused, apply_edit, cost, least_calls
 from cegraph.daemon.refine.proposers import (
     MAX_EXCERPT,
     Counterexample,
@@ -409,7 +409,9 @@ class Refiner:
         weights = [item.weight for item in items]
         per_item = sum(o.llm_calls for o in current_outcomes) / max(len(items), 1)
         best: _Step | None = None
-        candidates = self._candidates(job, round_, current, proposals, spent)
+        candidates = self._candidates(
+            job, round_, current, proposals, spent, (current_outcomes, weights, max_calls)
+        )
         alpha = per_candidate_alpha(self.settings.significance, len(candidates))
         if not can_show_a_drop(sum(1 for o in current_outcomes if o.modes & target), alpha):
             return None, False  # at this multiplicity no candidate could pass: none is run
@@ -431,8 +433,9 @@ class Refiner:
             )  # fmt: skip
             outcomes, placed = None, dict(zip(first, early, strict=True))
             if verdict.accepted:
+                floor = least_calls(current, proposal.edit)
                 verdict = _cost_first(
-                    verdict, proposal.edit.node, placed, current_outcomes, weights, max_calls
+                    verdict, proposal.edit, floor, placed, current_outcomes, weights, max_calls
                 )
             if verdict.accepted:
                 late = await self.runner.run(candidate, [items[i] for i in rest], classifier)
@@ -469,21 +472,30 @@ class Refiner:
                     break  # first good enough: verifying the rest would rarely pay for itself
         return best, False
 
-    def _candidates(self, job, round_, current, proposals, spent) -> list[tuple[Proposal, WorkflowSpec]]:
+    def _candidates(self, job, round_, current, proposals, spent, cap) -> list[tuple[Proposal, WorkflowSpec]]:
         """The round's distinct candidate specs, at most `max_candidates`, fixed before any is tested
-        (their number is the round's multiplicity)."""
+        (their number is the round's multiplicity). `cap`: the current spec's outcomes on the sample,
+        their weights and the cost cap; an edit whose structure alone puts it over the cap is refused
+        here, before it costs a call or a share of the round's alpha."""
+        outcomes, weights, max_calls = cap
         found: list[tuple[Proposal, WorkflowSpec]] = []
         tried: set[str | None] = {current.content_hash}
         for proposal in proposals:
             if len(found) >= self.settings.max_candidates:
                 break
+            edit = proposal.edit
             try:
-                candidate, _ = apply_edit(current, proposal.edit, current.version)
+                candidate, _ = apply_edit(current, edit, current.version)
             except EditRefused as error:
-                self._reject(
-                    job, round_, spent, proposal.proposer, str(error), proposal.edit.model_dump_json()
-                )
+                self._reject(job, round_, spent, proposal.proposer, str(error), edit.model_dump_json())
                 continue
+            floor = least_calls(current, edit)
+            if max_calls is not None and floor > 0:
+                predicted = predicted_calls(outcomes, weights, edit.node, floor)
+                if over_cap(predicted, max_calls):
+                    reason = _over_cap(predicted, "its structure", floor, edit.node, max_calls)
+                    self._reject(job, round_, spent, proposal.proposer, reason, edit.model_dump_json())
+                    continue
             if candidate.content_hash not in tried:
                 tried.add(candidate.content_hash)
                 found.append((proposal, candidate))
@@ -578,31 +590,50 @@ class Refiner:
 
 def _cost_first(
     verdict: Verdict,
-    node: str,
+    edit: Edit,
+    floor: int,
     early: dict[int, ShadowOutcome],
     current: list[ShadowOutcome],
     weights: list[float],
     max_calls: float | None,
 ) -> Verdict:
     """Refuse a candidate whose cost the counterexamples already show to be over the cap, before its
-    controls run: each control that ran the edited node is given the least extra calls a counterexample
-    that ran it showed (an ensemble, a reviewer or a verifier adds the same calls to every run of its
-    node; an edit whose extra calls vary, like a retry, shows a least of 0 and is run in full)."""
-    extra = [early[i].llm_calls - current[i].llm_calls for i in early if node in current[i].nodes]
-    least = min(extra, default=0)
+    controls run: each control where the edited node completed is given the least extra calls a
+    counterexample where it completed showed, and never less than the operator's own `floor` (an
+    ensemble, a reviewer or a verifier adds the same calls to every run of its node; an edit whose
+    extra calls vary, like a retry, shows a least of 0 and is run in full)."""
+    node = edit.node
+    extra = [early[i].llm_calls - current[i].llm_calls for i in early if node in current[i].completed]
+    least = max(floor, min(extra, default=0))
     if max_calls is None or least <= 0:
         return verdict
-    calls = [
-        early[i].llm_calls if i in early else outcome.llm_calls + (least if node in outcome.nodes else 0)
-        for i, outcome in enumerate(current)
-    ]
-    predicted = weighted_mean(calls, weights)
+    predicted = predicted_calls(current, weights, node, least, early)
     if not over_cap(predicted, max_calls):
         return verdict
-    return Verdict(
-        False,
-        f"inference cost {predicted:.2f} LLM calls per execution (predicted from the counterexamples: "
-        f"{least} more per run of {node}) is over the cap of {max_calls:.2f}",
+    return Verdict(False, _over_cap(predicted, "the counterexamples", least, node, max_calls))
+
+
+def predicted_calls(
+    current: list[ShadowOutcome],
+    weights: list[float],
+    node: str,
+    least: int,
+    measured: dict[int, ShadowOutcome] | None = None,
+) -> float:
+    """A candidate's calls per execution on the sample, predicted from the current spec's: what
+    `measured` (by input index) shows, else `least` more wherever `node` completed."""
+    measured = measured or {}
+    calls = [
+        measured[i].llm_calls if i in measured else o.llm_calls + (least if node in o.completed else 0)
+        for i, o in enumerate(current)
+    ]
+    return weighted_mean(calls, weights)
+
+
+def _over_cap(predicted: float, source: str, least: int, node: str, max_calls: float) -> str:
+    return (
+        f"inference cost {predicted:.2f} LLM calls per execution (predicted from {source}: "
+        f"{least} more per run of {node}) is over the cap of {max_calls:.2f}"
     )
 
 

@@ -48,7 +48,9 @@ class ShadowOutcome:
     llm_calls: int
     tokens: int
     error: str | None = None  # the target could not run it
-    nodes: frozenset[str] = frozenset()  # the node ids it ran, as ingest names them
+    # the node ids it ran to the end without an error (what the nodes after them need to run), named
+    # as ingest names them: where a cost prediction adds an edit's calls
+    completed: frozenset[str] = frozenset()
 
 
 def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifier, policy: TextPolicy):
@@ -66,8 +68,9 @@ def outcome_of(trace_id: str, spans: list[SpanRecord], classifier: ModeClassifie
                 tokens += int(event.attributes.get("cegraph.evaluation.tokens", 0))
     modes = frozenset(mode for _, mode in failures)
     return ShadowOutcome(
-        trace_id, bool(failures), modes, calls, tokens, nodes=frozenset(n.node_id for n in nodes)
-    )
+        trace_id, bool(failures), modes, calls, tokens,
+        completed=frozenset(n.node_id for n in nodes if n.status != "error"),
+    )  # fmt: skip
 
 
 class ShadowRunner:

@@ -25,10 +25,11 @@ COST = {"llm": 1, "programmer": 1, "ensemble": 5}  # calls per input of `solve` 
 
 class KindRunner:
     """The shadow runs of a world where any change of `solve`'s kind fixes the target mode's inputs,
-    and each input costs what the node kind costs (an ensemble its five samples). `runs` counts the
-    inputs each kind was run on, by stratum."""
+    and each input costs what the node kind costs (`cost`, by default an ensemble its five samples).
+    `runs` counts the inputs each kind was run on, by stratum."""
 
-    def __init__(self) -> None:
+    def __init__(self, cost: dict[str, int] = COST) -> None:
+        self.cost = cost
         self.runs: Counter[tuple[str, str]] = Counter()
 
     async def run(self, spec, items, classifier) -> list[ShadowOutcome]:
@@ -39,9 +40,9 @@ class KindRunner:
                 item.trace_id,
                 failed := (item.stratum == "target" and kind == "llm"),
                 frozenset({TARGET}) if failed else frozenset(),
-                COST[kind],
+                self.cost[kind],
                 0,
-                nodes=frozenset({"solve"}),
+                completed=frozenset({"solve"}),
             )
             for item in items
         ]
@@ -66,8 +67,8 @@ def sample(prefix: str, target: int, control: int) -> ReplaySample:
     return ReplaySample(items, {"target": target * 2, "control": control * 2}, 0)
 
 
-def run_job(*edits: Edit, cost_so_far: float = 1.0, ratio: float | None = 1.2) -> dict:
-    runner = KindRunner()
+def run_job(*edits: Edit, cost_so_far: float = 1.0, ratio: float | None = 1.2, cost=COST) -> dict:
+    runner = KindRunner(cost)
     refiner = Refiner(runner, [Fixed(*edits)], RefinerSettings(max_cost_ratio=ratio))
     job = Job("job-1", ARITHMETIC_SLIP.id, ARITHMETIC_SLIP.version, TARGET, 0, {})
     inputs = JobInputs(
@@ -77,21 +78,41 @@ def run_job(*edits: Edit, cost_so_far: float = 1.0, ratio: float | None = 1.2) -
     recorded = []
     end = asyncio.run(refiner.run(job, inputs, None, recorded.extend))
     verified = [e.payload for e in recorded if e.type == "CandidateVerified"]
-    return {"end": end, "verified": {v["edit"]["operator"]: v for v in verified}, "runs": runner.runs}
+    rejected = [e.payload for e in recorded if e.type == "ProposalRejected"]
+    return {
+        "end": end, "verified": {v["edit"]["operator"]: v for v in verified}, "runs": runner.runs,
+        "rejected": rejected,
+    }  # fmt: skip
 
 
-def test_a_fix_that_costs_five_times_as_much_is_refused_and_one_at_the_same_cost_is_patched():
+def test_a_fix_that_costs_five_times_as_much_is_refused_before_it_runs_and_one_at_the_same_cost_is_patched():
     result = run_job(ENSEMBLE, PROGRAMMER)
-    ensemble = result["verified"]["ensemble"]
-    assert not ensemble["accepted"]
-    # predicted from its counterexamples (4 more calls per run of `solve`), so its controls never ran
-    assert "inference cost 5.00 LLM calls per execution (predicted" in ensemble["reason"]
-    assert "over the cap of 1.20" in ensemble["reason"]
-    assert result["runs"]["ensemble", "target"] == 20 and result["runs"]["ensemble", "control"] == 0
+    # an ensemble of five adds four calls to every run of `solve`: over the cap from its structure, so
+    # it is not run at all and takes no share of the round's alpha
+    assert "ensemble" not in result["verified"] and not result["runs"]["ensemble", "target"]
+    [rejected] = result["rejected"]
+    assert "inference cost 5.00 LLM calls per execution (predicted from its structure" in rejected["reason"]
+    assert "over the cap of 1.20" in rejected["reason"]
+    assert result["verified"]["programmer"]["candidates"] == 1
     assert result["end"].finished["outcome"] == "patched"
+    assert result["end"].finished["rejected"] == {"fixed": 1}
     assert result["end"].spec.nodes["solve"].kind == "programmer"
     verification = result["end"].patch.rationale.verification
     assert verification.calls_before == verification.calls_after == 1.0
+
+
+def test_a_fix_whose_extra_calls_only_its_runs_show_is_refused_before_its_controls_run():
+    """A programmer's calls depend on its answers (no structural floor); its counterexamples show
+    two more per run of `solve`, which predicts the whole sample over the cap."""
+    result = run_job(PROGRAMMER, cost=COST | {"programmer": 3})
+    programmer = result["verified"]["programmer"]
+    assert not programmer["accepted"] and not result["rejected"]
+    assert (
+        "inference cost 3.00 LLM calls per execution (predicted from the counterexamples: 2 more"
+        in (programmer["reason"])
+    )
+    assert result["runs"]["programmer", "target"] == 20 and result["runs"]["programmer", "control"] == 0
+    assert result["end"].finished["outcome"] == "no_patch"
 
 
 def test_without_a_cap_the_first_fix_found_is_taken_whatever_it_costs():
@@ -105,7 +126,7 @@ def test_the_cost_earlier_patches_added_counts_against_the_cap_but_a_fix_at_no_e
     """The base already costs 1.5 times its version before cegraph's patches, over the cap of 1.2: a
     candidate that adds any cost is refused, one at the base's cost is not."""
     result = run_job(ENSEMBLE, PROGRAMMER, cost_so_far=1.5)
-    assert "over the cap of 1.00" in result["verified"]["ensemble"]["reason"]
+    assert "over the cap of 1.00" in result["rejected"][0]["reason"]
     assert result["end"].finished["outcome"] == "patched"
     assert result["end"].spec.nodes["solve"].kind == "programmer"
 

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
 
-from cegraph.daemon.refine.operators import OPERATORS, Edit, EditRefused, apply_edit, cost, refusal
+from cegraph.daemon.refine.operators import (
+    OPERATORS,
+    Edit,
+    EditRefused,
+    apply_edit,
+    cost,
+    least_calls,
+    refusal,
+)
 from cegraph.daemon.sim import SimWorld
 from cegraph.daemon.workflows.runtime import WorkflowRuntime
 from cegraph.schemas.workflow import example_spec
@@ -71,6 +79,43 @@ def test_each_operator_makes_a_valid_spec_that_runs(example, edit, family):
     assert jsonpatch.apply_patch(base.canonical(), ops) == spec.canonical()  # the operations are the edit
     assert cost(edit) >= 0
     run_once(spec, family)
+
+
+@pytest.mark.parametrize(("example", "edit", "family"), CASES, ids=[edit.operator for _, edit, _ in CASES])
+def test_an_edits_least_calls_are_what_it_adds_at_least_to_each_run_where_its_node_completed(
+    example, edit, family
+):
+    """The cost cap refuses a candidate on `least_calls` before running it, so it must never be more
+    than the edit adds: the same tasks and seeds on the base spec and the edited one."""
+    base = example_spec(example, tools=TOOLS)
+    spec, _ = apply_edit(base, edit, "1.1.0", tools=TOOLS)
+    world = SimWorld(3)
+    runtime = WorkflowRuntime(world.llm(), TracerProvider(), tools=world.tools())
+
+    async def calls(spec, task, seed) -> tuple[int, bool]:
+        result = await runtime.execute(spec, task.input, seed=seed, evaluator=world.evaluator(task))
+        completed = any(n.node_id == edit.node and n.status == "ok" for n in result.nodes)
+        return sum(node.llm_calls for node in result.nodes), completed
+
+    least, compared = least_calls(base, edit), 0
+    for seed, task in enumerate(world.tasks(family, 6)):
+        (before, completed), (after, _) = (
+            asyncio.run(calls(base, task, seed)),
+            asyncio.run(calls(spec, task, seed)),
+        )
+        if completed:
+            assert after - before >= least, (seed, before, after)
+            compared += 1
+    assert compared > 0
+    structural = {"custom_generate": 1, "format": 1, "review_revise": 2, "ensemble": 4, "insert_verifier": 1}
+    assert least == structural.get(edit.operator, 0)
+
+
+def test_an_ensemble_of_a_node_that_retries_adds_its_samples_less_the_retries_it_replaces():
+    base = example_spec("arithmetic", tools=TOOLS)
+    retrying = apply_edit(base, Edit(operator="retry_with_validation", node="solve"), "1.1.0")[0]
+    ensemble = Edit(operator="ensemble", node="solve", samples=7)
+    assert least_calls(base, ensemble) == 6 and least_calls(retrying, ensemble) == 4
 
 
 def test_insertion_after_rewires_successors_references_and_output():
