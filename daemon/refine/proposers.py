@@ -46,6 +46,7 @@ class Facts:
     evaluators: Sequence[str] = ()  # names of the evaluations that failed it
     after_router: bool = False  # a route node decides whether the failing node runs
     retried: bool = False  # the failing span is a retry of its node
+    hot: bool = False  # the failing node samples at `HOT_TEMPERATURE` or above (its spec says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,7 @@ TOOL_ERRORS = frozenset({"ToolArgumentError", "ToolError", "ToolException", "Typ
 
 def failure_features(facts: Facts, evaluator_kinds: dict[str, str]) -> set[str]:
     """The rule keys one failure carries: `evaluator=<declared kind>`, `error=<family>`,
-    `finish=<reason>`, `node=<kind>`, `after=route`, `retried`."""
+    `finish=<reason>`, `node=<kind>`, `after=route`, `retried`, `sampling=hot`."""
     features = {f"node={facts.node_kind}"}
     features |= {f"evaluator={evaluator_kinds.get(name, 'undeclared')}" for name in facts.evaluators}
     features |= {
@@ -171,6 +172,8 @@ def failure_features(facts: Facts, evaluator_kinds: dict[str, str]) -> set[str]:
         features.add("after=route")
     if facts.retried:
         features.add("retried")
+    if facts.hot:
+        features.add("sampling=hot")
     return features
 
 
@@ -214,12 +217,16 @@ RULES: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
     # the step runs only on the router's say: an answer that fits a different route is caught by
     # a verifier (the grammar has no operator on a route node itself)
     ("after=route", ({"operator": "insert_verifier"},)),
+    # a node that samples hot answers differently each time: sample it cold (it costs no call); after
+    # the fixes of what the failures say, since heat is the node's trait, not its failures'
+    ("sampling=hot", ({"operator": "adjust_parameter", "parameter": "temperature", "value": 0.0},)),
 )  # fmt: skip
 FALLBACK: tuple[dict[str, Any], ...] = (
     {"operator": "review_revise"},
     {"operator": "insert_verifier"},
     {"operator": "ensemble", "samples": 5},
 )
+HOT_TEMPERATURE = 0.5  # a sampling temperature at which answers vary from call to call
 # a failure that already came after retries is not fixed by one more retry
 NOT_AFTER_RETRIES = frozenset({"retry_with_validation"})
 

@@ -42,6 +42,7 @@ from cegraph.daemon.events import (
 )
 from cegraph.daemon.refine.operators import Edit, EditRefused, apply_edit, cost, least_calls
 from cegraph.daemon.refine.proposers import (
+    HOT_TEMPERATURE,
     MAX_EXCERPT,
     Counterexample,
     Facts,
@@ -214,7 +215,8 @@ class JobReader:
 def _facts(
     spec: WorkflowSpec | None, node: str, kind: str, error: str, finish, evaluations: str, retry: bool
 ) -> Facts:
-    """A failing span's signature facts: its kind in the spec, whether a router is upstream of it."""
+    """A failing span's signature facts: its kind in the spec, whether a router is upstream of it, whether
+    the spec has it sample hot."""
     failed = [Evaluation(**e) for e in orjson.loads(evaluations or "[]")]
     upstream: set[str] = set()
     todo = [node]
@@ -224,6 +226,7 @@ def _facts(
                 upstream.add(source)
                 todo.append(source)
     nodes = spec.nodes if spec is not None else {}
+    temperature = getattr(getattr(nodes.get(node), "params", None), "temperature", None)
     return Facts(
         node_kind=nodes[node].kind if node in nodes else kind or "",
         error=error or "",
@@ -231,6 +234,7 @@ def _facts(
         evaluators=tuple(e.name for e in failed if e.failed),
         after_router=any(nodes[n].kind == "route" for n in upstream if n in nodes),
         retried=bool(retry),
+        hot=isinstance(temperature, int | float) and temperature >= HOT_TEMPERATURE,
     )
 
 

@@ -58,6 +58,24 @@ def test_each_fact_of_a_failure_becomes_its_feature():
     assert {"after=route", "retried"} <= failure_features(
         Facts("llm", after_router=True, retried=True), KINDS
     )
+    assert "sampling=hot" in failure_features(Facts("llm", hot=True), KINDS)
+    assert "sampling=hot" not in failure_features(Facts("llm"), KINDS)
+
+
+def test_a_failure_on_a_node_that_samples_hot_is_also_sampled_cold_at_no_extra_cost():
+    """The service's `extract` samples at 0.7, its `answer` at 0.2 (`HOT_TEMPERATURE` is 0.5); what
+    the failures say comes first, the node's heat after it."""
+    judged = '[{"name": "qa.exact_match", "score": 0.0, "label": "fail", "explanation": "x"}]'
+    hot = _facts(SERVICE, "extract", "llm", "", [], judged, False)
+    assert hot.hot and not _facts(SERVICE, "answer", "llm", "", [], judged, False).hot
+    chosen = rule_arguments(SERVICE, [hot])
+    cool = ({"operator": "adjust_parameter", "parameter": "temperature", "value": 0.0}, "sampling=hot")
+    features = [feature for _, feature in chosen]
+    assert cool in chosen and chosen.index(cool) > max(
+        i for i, f in enumerate(features) if f == "evaluator=exact"
+    )
+    cold = [a for a, _ in rule_arguments(SERVICE, [_facts(SERVICE, "answer", "llm", "", [], judged, False)])]
+    assert all(a.get("parameter") != "temperature" for a in cold)
 
 
 def test_a_features_share_is_the_share_of_the_modes_failures_that_carry_it():
@@ -128,7 +146,7 @@ def test_a_failing_span_knows_its_kind_in_the_spec_and_the_router_above_it():
 
 def test_every_rule_key_is_one_a_failure_can_carry():
     keys = {feature for feature, _ in RULES}
-    prefixes = ("error=", "finish=", "evaluator=", "after=")
+    prefixes = ("error=", "finish=", "evaluator=", "after=", "sampling=")
     assert all(key.startswith(prefixes) for key in keys) and len(keys) == len(RULES)
 
 
