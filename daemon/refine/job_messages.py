@@ -119,7 +119,7 @@ def read_job(message: bytes) -> tuple[Job, JobInputs, dict[str, Any]]:
             missing=raw["missing"],
             cost_so_far=float(raw.get("cost_so_far", 1.0)),  # absent in messages of earlier versions
         )
-        return _job(data["job"]), inputs, _arrays(data["modes"])
+        return Job.of(data["job"]), inputs, _arrays(data["modes"])
     except (KeyError, TypeError, ValueError) as error:
         raise JobMessageError(f"malformed job message: {type(error).__name__}: {error}") from None
 
@@ -128,7 +128,7 @@ def unreadable_job(message: bytes) -> Job | None:
     """The job of a message `read_job` refused, when at least that can be read: it is answered with
     a failed end rather than left to wait for ever."""
     try:
-        return _job(_unpack(message)["job"])
+        return Job.of(_unpack(message)["job"])
     except (JobMessageError, KeyError, TypeError):
         return None
 
@@ -152,8 +152,3 @@ def read_end(message: bytes) -> EndedJob:
         return EndedJob(data["job_id"], steps, JobEnd(data["finished"], patch, spec))
     except (KeyError, TypeError, ValueError) as error:
         raise JobMessageError(f"malformed job end message: {type(error).__name__}: {error}") from None
-
-
-def _job(fields: dict[str, Any]) -> Job:
-    """A job from its message (lists come back where the job has tuples)."""
-    return Job(**{**fields, "joined": tuple(fields.get("joined") or ())})

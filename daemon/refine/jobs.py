@@ -126,13 +126,6 @@ ORDER BY seq LIMIT 1 OFFSET $5 - 1
 """
 
 
-def _job(payload: dict[str, Any]) -> Job:
-    return Job(
-        payload["job_id"], payload["workflow_id"], payload["workflow_version"], payload["mode"],
-        payload["until_seq"], payload.get("description") or {}, tuple(payload.get("joined") or ()),
-    )  # fmt: skip
-
-
 class RefinementScheduler:
     """When a waiting trigger may start, from the log alone."""
 
@@ -306,7 +299,7 @@ class RefinementStage:
         for job_id, payload in self.running.items():
             if job_id in self.sent:
                 continue
-            end = self.jobs.submit(_job(payload))
+            end = self.jobs.submit(Job.of(payload))
             if end is None:
                 self.sent.add(job_id)
                 return Step([], self._checkpoint())

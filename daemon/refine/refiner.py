@@ -111,6 +111,15 @@ class Job:
     description: dict[str, Any]
     joined: tuple[str, ...] = ()  # modes targeted with `mode`: a node's crossing (`node_groups`)
 
+    @classmethod
+    def of(cls, fields: dict[str, Any]) -> Job:
+        """A job from its `RefinementStarted` payload (which has more keys) or its job message (lists
+        come back where the job has tuples)."""
+        return cls(
+            fields["job_id"], fields["workflow_id"], fields["workflow_version"], fields["mode"],
+            fields["until_seq"], fields.get("description") or {}, tuple(fields.get("joined") or ()),
+        )  # fmt: skip
+
 
 Record = Callable[[list[Event]], None]
 
