@@ -40,7 +40,7 @@ from cegraph.daemon.events import (
     ProposalRejectedPayload,
     RefinementFinishedPayload,
 )
-from cegraph.daemon.refine.operators import Edit, EditRefused, apply_edit, cost, least_calls
+from cegraph.daemon.refine.operators import EditRefused, apply_edit, cost, least_calls
 from cegraph.daemon.refine.proposers import (
     HOT_TEMPERATURE,
     MAX_EXCERPT,
@@ -448,7 +448,7 @@ class Refiner:
             if verdict.accepted:
                 floor = least_calls(current, proposal.edit)
                 verdict = _cost_first(
-                    verdict, proposal.edit, floor, placed, current_outcomes, weights, max_calls
+                    verdict, proposal.edit.node, floor, placed, current_outcomes, weights, max_calls
                 )
             if verdict.accepted:
                 late = await self.runner.run(candidate, [items[i] for i in rest], classifier)
@@ -603,7 +603,7 @@ class Refiner:
 
 def _cost_first(
     verdict: Verdict,
-    edit: Edit,
+    node: str,
     floor: int,
     early: dict[int, ShadowOutcome],
     current: list[ShadowOutcome],
@@ -615,7 +615,6 @@ def _cost_first(
     counterexample where it completed showed, and never less than the operator's own `floor` (an
     ensemble, a reviewer or a verifier adds the same calls to every run of its node; an edit whose
     extra calls vary, like a retry, shows a least of 0 and is run in full)."""
-    node = edit.node
     extra = [early[i].llm_calls - current[i].llm_calls for i in early if node in current[i].completed]
     least = max(floor, min(extra, default=0))
     if max_calls is None or least <= 0:
