@@ -238,6 +238,8 @@ def _downstream_kinds(doc: dict[str, Any], node: str) -> set[str]:
 
 @dataclass(frozen=True, slots=True)
 class Operator:
+    """One word of the grammar: what it changes, when it applies, and what it costs."""
+
     operations: Callable[[dict[str, Any], Edit], Operations]
     precondition: Callable[[dict[str, Any], Edit], str | None]  # why the edit does not apply, or None
     extra_calls: float  # LLM calls per execution it adds on average: the job budget's estimate
