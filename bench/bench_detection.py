@@ -73,7 +73,8 @@ def run_seed(seed: int, executions: int, batch: int) -> dict[str, dict]:
         daemon = EmbeddedDaemon(settings)
         world = SimWorld(seed)
         spec = example_spec(WORKFLOW, tools=list(world.tools()))
-        provider = TracerProvider(id_generator=ExecutionIds())
+        # without the SDK's atexit hook, which would keep this seed's daemon alive to the end of the run
+        provider = TracerProvider(id_generator=ExecutionIds(), shutdown_on_exit=False)
         provider.add_span_processor(SimpleSpanProcessor(daemon.exporter()))
         runtime = WorkflowRuntime(world.llm(), provider, tools=world.tools())
         mix = TaskMix(world, PHASES, seed=seed)
