@@ -428,7 +428,7 @@ class Refiner:
         alpha = per_candidate_alpha(self.settings.significance, len(candidates))
         if not can_show_a_drop(sum(1 for o in current_outcomes if o.modes & target), alpha):
             return None, False  # at this multiplicity no candidate could pass: none is run
-        for proposal, candidate in candidates:
+        for proposal, candidate, floor in candidates:
             run_cost = per_item + cost(proposal.edit)
             # the winner's confirmation on the fresh sample (the base spec and the winner) is reserved
             reserve = confirm[0] * (confirm[1] + run_cost)
@@ -446,7 +446,6 @@ class Refiner:
             )  # fmt: skip
             outcomes, placed = None, dict(zip(first, early, strict=True))
             if verdict.accepted:
-                floor = least_calls(current, proposal.edit)
                 verdict = _cost_first(
                     verdict, proposal.edit.node, floor, placed, current_outcomes, weights, max_calls
                 )
@@ -485,13 +484,16 @@ class Refiner:
                     break  # first good enough: verifying the rest would rarely pay for itself
         return best, False
 
-    def _candidates(self, job, round_, current, proposals, spent, cap) -> list[tuple[Proposal, WorkflowSpec]]:
-        """The round's distinct candidate specs, at most `max_candidates`, fixed before any is tested
-        (their number is the round's multiplicity). `cap`: the current spec's outcomes on the sample,
-        their weights and the cost cap; an edit whose structure alone puts it over the cap is refused
-        here, before it costs a call or a share of the round's alpha."""
+    def _candidates(
+        self, job, round_, current, proposals, spent, cap
+    ) -> list[tuple[Proposal, WorkflowSpec, int]]:
+        """The round's distinct candidate specs with their edits' `least_calls`, at most
+        `max_candidates`, fixed before any is tested (their number is the round's multiplicity).
+        `cap`: the current spec's outcomes on the sample, their weights and the cost cap; an edit
+        whose structure alone puts it over the cap is refused here, before it costs a call or a
+        share of the round's alpha."""
         outcomes, weights, max_calls = cap
-        found: list[tuple[Proposal, WorkflowSpec]] = []
+        found: list[tuple[Proposal, WorkflowSpec, int]] = []
         tried: set[str | None] = {current.content_hash}
         for proposal in proposals:
             if len(found) >= self.settings.max_candidates:
@@ -504,14 +506,14 @@ class Refiner:
                 continue
             floor = least_calls(current, edit)
             if max_calls is not None and floor > 0:
-                predicted = predicted_calls(outcomes, weights, edit.node, floor)
+                predicted = _predicted_calls(outcomes, weights, edit.node, floor)
                 if over_cap(predicted, max_calls):
                     reason = _over_cap(predicted, "its structure", floor, edit.node, max_calls)
                     self._reject(job, round_, spent, proposal.proposer, reason, edit.model_dump_json())
                     continue
             if candidate.content_hash not in tried:
                 tried.add(candidate.content_hash)
-                found.append((proposal, candidate))
+                found.append((proposal, candidate, floor))
         return found
 
     def _compare(self, base, candidate, weights, target, calls, alpha, max_calls=None):
@@ -619,13 +621,13 @@ def _cost_first(
     least = max(floor, min(extra, default=0))
     if max_calls is None or least <= 0:
         return verdict
-    predicted = predicted_calls(current, weights, node, least, early)
+    predicted = _predicted_calls(current, weights, node, least, early)
     if not over_cap(predicted, max_calls):
         return verdict
     return Verdict(False, _over_cap(predicted, "the counterexamples", least, node, max_calls))
 
 
-def predicted_calls(
+def _predicted_calls(
     current: list[ShadowOutcome],
     weights: list[float],
     node: str,
